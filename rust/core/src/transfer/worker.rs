@@ -1,0 +1,163 @@
+//! The worker threads: take parts from the lanes, move their bytes, finish transfers.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_utils::sync::Parker;
+
+use crate::error::CoreError;
+use crate::transfer::completion::{Completion, Status};
+use crate::transfer::task::{Op, PartDone, Transfer};
+use crate::transfer::Shared;
+
+/// One queued part of a transfer.
+#[derive(Debug)]
+pub(crate) struct Job {
+    pub(crate) transfer: Arc<Transfer>,
+    pub(crate) part: u32,
+}
+
+/// Main loop of worker `index`: runs parts until shutdown and empty lanes.
+pub(crate) fn run(shared: Arc<Shared>, index: usize, parker: Parker) {
+    loop {
+        if let Some((_, job)) = shared.lanes.pop() {
+            execute(&shared, job);
+            continue;
+        }
+        // Parts of transfers that already started are still run after shutdown
+        // (close cancels only unstarted transfers), so exit only on empty lanes.
+        if shared.shutdown.load(Ordering::Acquire) && shared.lanes.is_empty() {
+            return;
+        }
+        shared.doorbell.idle(index, &parker, || {
+            !shared.lanes.is_empty() || shared.shutdown.load(Ordering::Acquire)
+        });
+    }
+}
+
+fn execute(shared: &Shared, job: Job) {
+    let transfer = &job.transfer;
+    if !transfer.claim(job.part) {
+        return;
+    }
+    let begin = Instant::now();
+    let outcome = if transfer.has_failed() {
+        // Another part failed: the transfer fails anyway, skip the I/O.
+        Ok(PartDone {
+            part: job.part,
+            bytes: 0,
+            direct_bytes: 0,
+            crc: None,
+        })
+    } else {
+        catch_unwind(AssertUnwindSafe(|| run_part(shared, transfer, job.part))).unwrap_or_else(
+            |_| {
+                Err(CoreError::Transfer {
+                    op: "transfer",
+                    path: None,
+                    errno: None,
+                    offset: None,
+                    length: Some(transfer.length),
+                    message: "internal error: a worker panicked while running this part".into(),
+                })
+            },
+        )
+    };
+    let stats = &shared.stats;
+    stats
+        .busy_nanos
+        .fetch_add(begin.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    if let Ok(done) = &outcome {
+        stats.bytes.fetch_add(done.bytes, Ordering::Relaxed);
+        stats
+            .direct_bytes
+            .fetch_add(done.direct_bytes, Ordering::Relaxed);
+    }
+    if transfer.finish_part(outcome) {
+        shared.finish(transfer, transfer.finalize());
+    }
+}
+
+fn run_part(shared: &Shared, transfer: &Transfer, part: u32) -> Result<PartDone, CoreError> {
+    let (start, end) = transfer.part_range(part);
+    let len = end - start;
+    let dst = (transfer.dst + start) as *mut u8;
+    match &transfer.op {
+        Op::Read {
+            file,
+            file_offset,
+            direct_len,
+            expect_crc32,
+        } => {
+            let direct_here = direct_len.saturating_sub(start).min(len) as usize;
+            let at = file_offset + start;
+            // SAFETY: the destination block is pinned (so neither freed nor handed out
+            // again) and this part's byte range is written by this worker only.
+            let read = unsafe { file.read_at(dst, len as usize, at, direct_here) };
+            let (got, direct_bytes) = read.map_err(|errno| {
+                CoreError::io("read", Some(&file.path), errno, Some(at), Some(len))
+            })?;
+            if (got as u64) < len {
+                let fallback = start + got as u64;
+                let file_size = file.size().unwrap_or(file_offset + fallback);
+                return Err(CoreError::ShortRead {
+                    path: file.path.clone(),
+                    offset: *file_offset,
+                    length: transfer.length,
+                    got: file_size.saturating_sub(*file_offset).min(transfer.length),
+                });
+            }
+            let crc = expect_crc32.map(|_| {
+                // SAFETY: the range was just filled by this worker and is still pinned.
+                crc32fast::hash(unsafe { std::slice::from_raw_parts(dst, len as usize) })
+            });
+            Ok(PartDone {
+                part,
+                bytes: len,
+                direct_bytes: direct_bytes as u64,
+                crc,
+            })
+        }
+        Op::HostCopy { src } => {
+            // SAFETY: both blocks are pinned and live in host arenas; distinct blocks
+            // never overlap and overlapping ranges of one block are refused at
+            // submission; this part's range is written by this worker only.
+            unsafe {
+                std::ptr::copy_nonoverlapping((src + start) as *const u8, dst, len as usize);
+            }
+            Ok(PartDone {
+                part,
+                bytes: len,
+                direct_bytes: 0,
+                crc: None,
+            })
+        }
+        Op::Device { kind, src, stream } => {
+            // SAFETY: both blocks are pinned until this transfer finalizes, which
+            // happens only after the event below has completed.
+            let event =
+                Arc::new(unsafe { stream.copy_async(*kind, transfer.dst, *src, len as usize) }?);
+            let _ = transfer.event.set(event.clone());
+            shared.completions.post(Completion {
+                id: transfer.id,
+                status: Status::Issued,
+                bytes: 0,
+                nanos: 0,
+                queued_nanos: 0,
+                direct: false,
+                tag: transfer.tag,
+                event: Some(event.clone()),
+                error: None,
+            });
+            event.synchronize()?;
+            Ok(PartDone {
+                part,
+                bytes: len,
+                direct_bytes: 0,
+                crc: None,
+            })
+        }
+    }
+}
