@@ -1,0 +1,32 @@
+"""Architecture families: how a Hugging Face checkpoint maps onto attention, router and experts."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from moeflow.errors import UnsupportedModel
+from moeflow.models import deepseek, mixtral, olmoe, qwen_moe
+from moeflow.models.base import Arch, ConfigReader
+from moeflow.models.checkpoint import Checkpoint
+
+_FAMILIES: tuple[ModuleType, ...] = (mixtral, qwen_moe, olmoe, deepseek)
+FAMILIES: dict[str, ModuleType] = {t: m for m in _FAMILIES for t in m.MODEL_TYPES}
+
+__all__ = ["FAMILIES", "Arch", "Checkpoint", "parse_arch"]
+
+
+def parse_arch(checkpoint: Checkpoint) -> Arch:
+    """The normalized architecture of a checkpoint; UnsupportedModel names what is not supported."""
+    cfg = ConfigReader(checkpoint.config, checkpoint.path)
+    model_type = cfg.req("model_type", str)
+    family = FAMILIES.get(model_type)
+    if family is None:
+        archs = checkpoint.config.get("architectures") or [model_type]
+        raise UnsupportedModel(
+            f"{checkpoint.path / 'config.json'}: unsupported architecture {archs[0]!r} (model_type {model_type!r}); "
+            f"supported model types: {', '.join(sorted(FAMILIES))}",
+            path=str(checkpoint.path / "config.json"),
+            field="model_type",
+        )
+    arch: Arch = family.parse(cfg)
+    return arch

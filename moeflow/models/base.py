@@ -1,0 +1,247 @@
+"""The normalized description of an MoE architecture, built from a family's config.json."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moeflow.errors import CheckpointError, UnsupportedModel
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """Rotary embedding: which scaling, over how many dims, and pair layout."""
+
+    kind: str  # default | linear | llama3 | yarn
+    theta: float
+    dim: int
+    interleaved: bool = False  # DeepSeek pairs (x0, x1), (x2, x3) instead of halves
+    params: dict[str, float] = field(default_factory=dict)
+    max_position_embeddings: int = 4096
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    kind: str  # "gqa" | "mla"
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int  # query/key head dim (MLA: nope + rope)
+    v_head_dim: int
+    scaling: float
+    rope: RopeSpec
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: str | None = None  # None | "head" (Qwen3) | "proj" (OLMoE, over the whole projection)
+    clip_qkv: float | None = None
+    sliding_window: tuple[int | None, ...] = ()
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    num_experts: int
+    top_k: int
+    scoring: str = "softmax"  # softmax | sigmoid
+    topk_method: str = "greedy"  # greedy | group_limited_greedy | noaux_tc
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    correction_bias: bool = False
+    fp32_logits: bool = False  # DeepSeek computes router logits in float32
+    keep_fp32_weights: bool = False  # Mixtral combines with float32 routing weights
+
+
+@dataclass(frozen=True)
+class SharedExpertSpec:
+    intermediate: int
+    gated: bool  # Qwen2-MoE: output scaled by sigmoid(shared_expert_gate(x))
+
+
+@dataclass(frozen=True)
+class Naming:
+    """Checkpoint tensor names of one family (format strings over layer and expert)."""
+
+    moe_prefix: str  # e.g. "model.layers.{layer}.mlp"
+    expert_gate: str
+    expert_up: str
+    expert_down: str
+    router: str
+    shared_prefix: str | None = None
+    shared_gate: str | None = None
+    correction_bias: str | None = None
+
+    def expert(self, layer: int, expert: int) -> tuple[str, str, str]:
+        """(gate, up, down) tensor names of one expert."""
+        prefix = self.moe_prefix.format(layer=layer)
+        return tuple(  # type: ignore[return-value]
+            f"{prefix}.experts.{expert}.{name}.weight" for name in (self.expert_gate, self.expert_up, self.expert_down)
+        )
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Everything the runtime needs to know about a checkpoint's architecture."""
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    rms_norm_eps: float
+    dense_intermediate: int
+    expert_intermediate: int
+    sparse: tuple[bool, ...]
+    attention: AttentionSpec
+    router: RouterSpec
+    naming: Naming
+    shared: SharedExpertSpec | None
+    dtype: torch.dtype
+    tie_word_embeddings: bool
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None
+    max_position_embeddings: int
+
+    @property
+    def num_experts(self) -> int:
+        return self.router.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.router.top_k
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(i for i, s in enumerate(self.sparse) if s)
+
+
+class ConfigReader:
+    """Typed access to config.json fields; errors name the field and the file."""
+
+    def __init__(self, config: dict[str, Any], path: Path) -> None:
+        self.config = config
+        self.path = path
+
+    def _where(self) -> str:
+        return str(self.path / "config.json")
+
+    def req(self, name: str, kind: type = int) -> Any:
+        if name not in self.config or self.config[name] is None:
+            raise CheckpointError(f"{self._where()}: missing required field {name!r}", path=self._where(), field=name)
+        return self._cast(name, self.config[name], kind)
+
+    def opt(self, name: str, default: Any, kind: type = int) -> Any:
+        value = self.config.get(name, default)
+        return default if value is None else self._cast(name, value, kind)
+
+    def _cast(self, name: str, value: Any, kind: type) -> Any:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+        elif kind is int:
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                return value
+        elif kind is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+        elif isinstance(value, kind):
+            return value
+        raise CheckpointError(
+            f"{self._where()}: field {name!r} has bad value {value!r} (expected {kind.__name__})",
+            path=self._where(),
+            field=name,
+        )
+
+    def positive(self, name: str, *aliases: str) -> int:
+        """A required positive integer; `aliases` are other names the field goes by."""
+        for alias in aliases:
+            if self.config.get(name) is None and self.config.get(alias) is not None:
+                name = alias
+        value = self.req(name)
+        if value <= 0:
+            raise CheckpointError(f"{self._where()}: field {name!r} must be > 0, got {value}", field=name)
+        return int(value)
+
+    def refuse(self, option: str, value: Any, why: str = "") -> None:
+        raise UnsupportedModel(
+            f"{self._where()}: unsupported config option {option}={value!r}{': ' + why if why else ''}",
+            path=self._where(),
+            field=option,
+        )
+
+    def silu(self) -> None:
+        act = self.opt("hidden_act", "silu", str)
+        if act != "silu":
+            self.refuse("hidden_act", act, "only silu experts are supported")
+
+    def no_quantization(self) -> None:
+        if self.config.get("quantization_config"):
+            method = self.config["quantization_config"].get("quant_method", "?")
+            self.refuse("quantization_config", method, "load the unquantized checkpoint; moeflow quantizes experts itself")
+
+    def dtype(self) -> torch.dtype:
+        name = self.config.get("dtype") or self.config.get("torch_dtype") or "float32"
+        if name not in _DTYPES:
+            self.refuse("dtype", name)
+        return _DTYPES[name]
+
+    def eos_ids(self) -> tuple[int, ...]:
+        eos = self.config.get("eos_token_id")
+        if eos is None:
+            return ()
+        ids = eos if isinstance(eos, list) else [eos]
+        return tuple(int(i) for i in ids if isinstance(i, int) and not isinstance(i, bool))
+
+    def rope(self, dim: int, *, interleaved: bool = False) -> RopeSpec:
+        """Normalize old (rope_theta + rope_scaling) and new (rope_parameters) layouts."""
+        params = dict(self.config.get("rope_parameters") or {})
+        if not params:
+            params = dict(self.config.get("rope_scaling") or {})
+        if "rope_theta" not in params:
+            params["rope_theta"] = self.opt("rope_theta", 10000.0, float)
+        kind = str(params.get("rope_type", params.get("type", "default")))
+        if kind not in ("default", "linear", "llama3", "yarn"):
+            self.refuse("rope_type", kind, "supported: default, linear, llama3, yarn")
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            self.refuse("partial_rotary_factor", params["partial_rotary_factor"])
+        max_pos = self.opt("max_position_embeddings", 4096)
+        if kind in ("llama3", "yarn"):
+            params.setdefault(
+                "original_max_position_embeddings", self.opt("original_max_position_embeddings", max_pos)
+            )
+        numeric = {k: float(v) for k, v in params.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if kind == "yarn" and "factor" not in numeric:
+            numeric["factor"] = max_pos / numeric["original_max_position_embeddings"]
+        if kind in ("linear", "llama3") and "factor" not in numeric:
+            self.refuse("rope_scaling", params, "factor is required")
+        if kind == "yarn":
+            numeric["truncate"] = float(params.get("truncate", True))
+        return RopeSpec(kind, float(params["rope_theta"]), dim, interleaved, numeric, max_pos)
+
+    def sliding(self, num_layers: int, *, use_flag: str | None) -> tuple[int | None, ...]:
+        window = self.config.get("sliding_window")
+        if use_flag is not None and not self.config.get(use_flag, False):
+            window = None
+        if not window:
+            return (None,) * num_layers
+        layer_types = self.config.get("layer_types")
+        if isinstance(layer_types, list) and len(layer_types) == num_layers:
+            return tuple(int(window) if t == "sliding_attention" else None for t in layer_types)
+        max_window_layers = self.config.get("max_window_layers")
+        if use_flag is not None and isinstance(max_window_layers, int):
+            return tuple(int(window) if i >= max_window_layers else None for i in range(num_layers))
+        return (int(window),) * num_layers

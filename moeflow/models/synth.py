@@ -1,0 +1,188 @@
+"""`moeflow synth`: write a Hub-format checkpoint of any supported family with random weights."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
+
+from moeflow import corpus
+from moeflow.errors import ConfigError
+from moeflow.models import FAMILIES, Checkpoint
+from moeflow.models.base import Arch, ConfigReader
+from moeflow.models.tensors import dense_tensors, expert_tensors
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2
+BOS, EOS = 1, 2
+
+_COMMON = {"bos_token_id": BOS, "eos_token_id": EOS, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
+
+# (family, size) -> config.json fields beyond _COMMON. "small" has about 1 GB or more of bf16 experts.
+CONFIGS: dict[tuple[str, str], dict[str, Any]] = {
+    ("mixtral", "tiny"): dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, vocab_size=512),
+    ("mixtral", "small"): dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=8, num_attention_heads=16,
+                               num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000),
+    ("qwen2_moe", "tiny"): dict(hidden_size=64, intermediate_size=192, moe_intermediate_size=64,
+                                shared_expert_intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                                num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, mlp_only_layers=[1],
+                                decoder_sparse_step=1, norm_topk_prob=False, vocab_size=512),
+    ("qwen2_moe", "small"): dict(hidden_size=1024, intermediate_size=2816, moe_intermediate_size=1408,
+                                 shared_expert_intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,
+                                 num_key_value_heads=16, num_experts=16, num_experts_per_tok=4, mlp_only_layers=[],
+                                 decoder_sparse_step=1, norm_topk_prob=False, vocab_size=32000),
+    ("qwen3_moe", "tiny"): dict(hidden_size=64, intermediate_size=192, moe_intermediate_size=64, head_dim=32,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=8,
+                                num_experts_per_tok=2, norm_topk_prob=True, vocab_size=512),
+    ("qwen3_moe", "small"): dict(hidden_size=1024, intermediate_size=3072, moe_intermediate_size=768, head_dim=128,
+                                 num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4, num_experts=32,
+                                 num_experts_per_tok=4, norm_topk_prob=True, vocab_size=32000),
+    ("olmoe", "tiny"): dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=4, num_experts=8, num_experts_per_tok=2, vocab_size=512),
+    ("olmoe", "small"): dict(hidden_size=1024, intermediate_size=512, num_hidden_layers=8, num_attention_heads=16,
+                             num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, vocab_size=32000),
+    ("deepseek_v2", "tiny"): dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+                                  n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2,
+                                  first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=16,
+                                  qk_nope_head_dim=16, v_head_dim=16, n_group=2, topk_group=1,
+                                  topk_method="group_limited_greedy", routed_scaling_factor=1.0, vocab_size=512),
+    ("deepseek_v2", "small"): dict(hidden_size=1024, intermediate_size=2816, moe_intermediate_size=704,
+                                   num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16,
+                                   n_routed_experts=32, n_shared_experts=2, num_experts_per_tok=6,
+                                   first_k_dense_replace=1, kv_lora_rank=256, q_lora_rank=None,
+                                   qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64, n_group=1, topk_group=1,
+                                   topk_method="greedy", routed_scaling_factor=1.0, vocab_size=32000),
+    ("deepseek_v3", "tiny"): dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+                                  n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                                  first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=16,
+                                  qk_nope_head_dim=16, v_head_dim=16, n_group=4, topk_group=2,
+                                  topk_method="noaux_tc", routed_scaling_factor=2.5, norm_topk_prob=True,
+                                  vocab_size=512),
+    ("deepseek_v3", "small"): dict(hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512,
+                                   num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16,
+                                   n_routed_experts=64, n_shared_experts=1, num_experts_per_tok=8,
+                                   first_k_dense_replace=1, kv_lora_rank=256, q_lora_rank=384,
+                                   qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64, n_group=8,
+                                   topk_group=4, topk_method="noaux_tc", routed_scaling_factor=2.5,
+                                   norm_topk_prob=True, vocab_size=32000),
+}
+ARCHITECTURES = {
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+}
+ALIASES = {"qwen2-moe": "qwen2_moe", "qwen3-moe": "qwen3_moe", "deepseek-v2": "deepseek_v2", "deepseek-v3": "deepseek_v3"}
+SHARD_BYTES = 1 << 30
+
+
+def family_name(arch: str) -> str:
+    name = ALIASES.get(arch, arch)
+    if name not in ARCHITECTURES:
+        raise ConfigError(f"--arch {arch!r}: expected one of {', '.join(sorted(ARCHITECTURES))}")
+    return name
+
+
+def synth_config(arch: str, size: str, dtype: torch.dtype, **overrides: Any) -> dict[str, Any]:
+    family = family_name(arch)
+    if (family, size) not in CONFIGS:
+        raise ConfigError(f"--size {size!r}: expected tiny or small")
+    cfg = {"architectures": [ARCHITECTURES[family]], "model_type": family, **_COMMON, **CONFIGS[(family, size)]}
+    cfg["dtype"] = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+    cfg["max_position_embeddings"] = 4096
+    cfg["rope_theta"] = 10000.0
+    if family == "mixtral":
+        cfg["rope_theta"] = 1e6
+    cfg.update(overrides)
+    return cfg
+
+
+def train_tokenizer(vocab_size: int, max_bytes: int = 8 << 20) -> Tokenizer:
+    """A byte-level BPE trained on the standard library's sources (deterministic)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus.documents("train", max_bytes), trainer)
+    return tok
+
+
+def _tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator, std: float) -> torch.Tensor:
+    if name.endswith("norm.weight") or "layernorm" in name:
+        return torch.ones(shape, dtype=dtype)
+    if name.endswith(".bias") or name.endswith("e_score_correction_bias"):
+        return torch.zeros(shape, dtype=torch.float32 if "e_score" in name else dtype)
+    return (torch.randn(shape, generator=gen) * std).to(dtype)
+
+
+def _shards(names: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype) -> Iterator[list[tuple[str, tuple[int, ...]]]]:
+    shard: list[tuple[str, tuple[int, ...]]] = []
+    size = 0
+    for name, shape in names:
+        n = dtype.itemsize
+        for d in shape:
+            n *= d
+        if shard and size + n > SHARD_BYTES:
+            yield shard
+            shard, size = [], 0
+        shard.append((name, shape))
+        size += n
+    if shard:
+        yield shard
+
+
+def synthesize(out: str | os.PathLike[str], arch: str, size: str, *, dtype: torch.dtype | None = None,
+               seed: int = 0, progress: bool = True, **overrides: Any) -> Arch:
+    """Write config.json, generation_config.json, tokenizer.json and safetensors shards into `out`."""
+    dtype = dtype or (torch.float32 if size == "tiny" else torch.bfloat16)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = synth_config(arch, size, dtype, **overrides)
+    spec = parse_arch_from_config(cfg, out_dir)
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    (out_dir / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": BOS, "eos_token_id": EOS, "do_sample": False}, indent=2)
+    )
+    train_tokenizer(spec.vocab_size).save(str(out_dir / "tokenizer.json"))
+    names = dense_tensors(spec) + expert_tensors(spec)
+    gen = torch.Generator().manual_seed(seed)
+    shards = list(_shards(names, dtype))
+    weight_map: dict[str, str] = {}
+    total_size = 0
+    bar = tqdm(total=len(names), desc="writing weights", unit="tensor", disable=not progress)
+    for i, shard in enumerate(shards):
+        file = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for name, shape in shard:
+            tensors[name] = _tensor(name, shape, dtype, gen, 0.02)
+            total_size += tensors[name].nbytes
+            weight_map[name] = file
+            bar.update(1)
+        save_file(tensors, str(out_dir / file), metadata={"format": "pt"})
+    bar.close()
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    Checkpoint(out_dir)  # validates what was written
+    return spec
+
+
+def parse_arch_from_config(cfg: dict[str, Any], where: Path) -> Arch:
+    return FAMILIES[cfg["model_type"]].parse(ConfigReader(cfg, where))

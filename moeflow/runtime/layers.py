@@ -1,0 +1,168 @@
+"""Dense building blocks: RMSNorm, GQA and MLA attention with their KV caches, the SiLU MLP."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moeflow.models.base import AttentionSpec
+from moeflow.runtime.rope import Rotary
+
+# Shape legend: T = new tokens, S = cached + new tokens, H = hidden, N = heads, D = head dim.
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm: normalize in float32, cast back, then scale."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def silu_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)) with gate and up stacked in one [2I, H] matrix."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, down)
+
+
+class KVCache:
+    """One sequence's cache for one layer: preallocated [.., capacity, ..] buffers grown by doubling."""
+
+    def __init__(self, shapes: tuple[tuple[int, ...], ...], dtype: torch.dtype, seq_dim: int) -> None:
+        self.shapes = shapes
+        self.dtype = dtype
+        self.seq_dim = seq_dim
+        self.length = 0
+        self.buffers: list[torch.Tensor] = []
+
+    def append(self, *parts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Store parts (each with T new positions along seq_dim); return views of all S positions."""
+        t = parts[0].shape[self.seq_dim]
+        need = self.length + t
+        if not self.buffers or need > self.buffers[0].shape[self.seq_dim]:
+            self._grow(need)
+        for buf, part in zip(self.buffers, parts, strict=True):
+            buf.narrow(self.seq_dim, self.length, t).copy_(part)
+        self.length = need
+        return tuple(buf.narrow(self.seq_dim, 0, need) for buf in self.buffers)
+
+    def _grow(self, need: int) -> None:
+        capacity = max(need, 2 * (self.buffers[0].shape[self.seq_dim] if self.buffers else 0), 64)
+        grown = []
+        for i, shape in enumerate(self.shapes):
+            full = list(shape)
+            full.insert(self.seq_dim, capacity)
+            buf = torch.empty(full, dtype=self.dtype)
+            if self.buffers:
+                buf.narrow(self.seq_dim, 0, self.length).copy_(self.buffers[i].narrow(self.seq_dim, 0, self.length))
+            grown.append(buf)
+        self.buffers = grown
+
+    def truncate(self, length: int) -> None:
+        self.length = min(self.length, length)
+
+
+def attention_mask(start: int, t: int, window: int | None) -> torch.Tensor | None:
+    """Boolean [T, S] mask (True = attend) for queries at positions start..start+T-1; None when all attend."""
+    s = start + t
+    if t == 1 and (window is None or s <= window):
+        return None
+    q_pos = torch.arange(start, s)[:, None]
+    k_pos = torch.arange(s)[None, :]
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed &= (q_pos - k_pos) < window
+    return allowed
+
+
+class GQAAttention:
+    """Grouped-query attention (Mixtral, Qwen, OLMoE) with optional q/k norm and clipping."""
+
+    def __init__(self, spec: AttentionSpec, w: dict[str, torch.Tensor], rotary: Rotary, eps: float, window: int | None):
+        self.spec = spec
+        self.rotary = rotary
+        self.eps = eps
+        self.window = window
+        self.qkv = torch.cat([w["q_proj"], w["k_proj"], w["v_proj"]])
+        self.qkv_bias = torch.cat([w["q_bias"], w["k_bias"], w["v_bias"]]) if "q_bias" in w else None
+        self.o_proj = w["o_proj"]
+        self.o_bias = w.get("o_bias")
+        self.q_norm = w.get("q_norm")
+        self.k_norm = w.get("k_norm")
+        n, kv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.split = (n * d, kv * d, kv * d)
+
+    def new_cache(self, dtype: torch.dtype) -> KVCache:
+        s = self.spec
+        return KVCache(((s.num_kv_heads, s.head_dim), (s.num_kv_heads, s.head_dim)), dtype, seq_dim=1)
+
+    def __call__(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        s = self.spec
+        t = x.shape[0]
+        start = cache.length
+        q, k, v = F.linear(x, self.qkv, self.qkv_bias).split(self.split, dim=-1)  # [T, N*D], [T, KV*D] x2
+        if s.qk_norm == "proj":
+            assert self.q_norm is not None and self.k_norm is not None
+            q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
+        if s.clip_qkv is not None:
+            q, k, v = (z.clamp(-s.clip_qkv, s.clip_qkv) for z in (q, k, v))
+        q = q.view(t, s.num_heads, s.head_dim)
+        k = k.view(t, s.num_kv_heads, s.head_dim)
+        if s.qk_norm == "head":
+            assert self.q_norm is not None and self.k_norm is not None
+            q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
+        q, k = q.transpose(0, 1), k.transpose(0, 1)  # [N, T, D], [KV, T, D]
+        v = v.view(t, s.num_kv_heads, s.head_dim).transpose(0, 1)
+        cos, sin = self.rotary.tables(start, t)
+        q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
+        keys, values = cache.append(k, v)  # [KV, S, D]
+        out = F.scaled_dot_product_attention(
+            q,
+            keys,
+            values,
+            attn_mask=attention_mask(start, t, self.window),
+            scale=s.scaling,
+            enable_gqa=s.num_heads != s.num_kv_heads,
+        )  # [N, T, D]
+        return F.linear(out.transpose(0, 1).reshape(t, -1), self.o_proj, self.o_bias)
+
+
+class MLAAttention:
+    """DeepSeek multi-head latent attention; the cache keeps the compressed latent and the rope key."""
+
+    def __init__(self, spec: AttentionSpec, w: dict[str, torch.Tensor], rotary: Rotary, eps: float):
+        self.spec = spec
+        self.rotary = rotary
+        self.eps = eps
+        self.w = w
+
+    def new_cache(self, dtype: torch.dtype) -> KVCache:
+        s = self.spec
+        return KVCache(((s.kv_lora_rank,), (s.qk_rope_head_dim,)), dtype, seq_dim=0)
+
+    def __call__(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        s, w = self.spec, self.w
+        t = x.shape[0]
+        start = cache.length
+        if s.q_lora_rank is None:
+            q = F.linear(x, w["q_proj"])
+        else:
+            q_a = rms_norm(F.linear(x, w["q_a_proj"], w.get("q_a_bias")), w["q_a_layernorm"], 1e-6)
+            q = F.linear(q_a, w["q_b_proj"])
+        q = q.view(t, s.num_heads, s.head_dim).transpose(0, 1)  # [N, T, nope+rope]
+        q_nope, q_rot = q.split((s.qk_nope_head_dim, s.qk_rope_head_dim), dim=-1)
+        compressed = F.linear(x, w["kv_a_proj_with_mqa"], w.get("kv_a_bias"))
+        latent, k_rot = compressed.split((s.kv_lora_rank, s.qk_rope_head_dim), dim=-1)
+        latent = rms_norm(latent, w["kv_a_layernorm"], 1e-6)
+        cos, sin = self.rotary.tables(start, t)
+        q_rot = self.rotary.apply(q_rot, cos, sin)
+        k_rot = self.rotary.apply(k_rot, cos, sin)  # [T, rope]
+        latents, k_rots = cache.append(latent, k_rot)  # [S, rank], [S, rope]
+        total = latents.shape[0]
+        kv = F.linear(latents, w["kv_b_proj"]).view(total, s.num_heads, s.qk_nope_head_dim + s.v_head_dim)
+        k_nope, values = kv.transpose(0, 1).split((s.qk_nope_head_dim, s.v_head_dim), dim=-1)
+        keys = torch.cat((k_nope, k_rots.unsqueeze(0).expand(s.num_heads, -1, -1)), dim=-1)
+        query = torch.cat((q_nope, q_rot), dim=-1)
+        out = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=attention_mask(start, t, None), scale=s.scaling
+        )  # [N, T, v]
+        return F.linear(out.transpose(0, 1).reshape(t, -1), w["o_proj"], w.get("o_bias"))

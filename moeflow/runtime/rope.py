@@ -1,0 +1,102 @@
+"""Rotary position embeddings: default, linear, llama3 and yarn scaling, half or interleaved pairs."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from moeflow.models.base import RopeSpec
+
+
+def inverse_frequencies(spec: RopeSpec) -> tuple[torch.Tensor, float]:
+    """(inv_freq [dim/2], attention_factor) as transformers computes them for each rope type."""
+    dim, base, p = spec.dim, spec.theta, spec.params
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim))
+    if spec.kind == "default":
+        return inv_freq, 1.0
+    if spec.kind == "linear":
+        return inv_freq / p["factor"], 1.0
+    if spec.kind == "llama3":
+        return _llama3(inv_freq, p), 1.0
+    return _yarn(spec)
+
+
+def _llama3(inv_freq: torch.Tensor, p: dict[str, float]) -> torch.Tensor:
+    factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+    old_len = p["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn(spec: RopeSpec) -> tuple[torch.Tensor, float]:
+    dim, base, p = spec.dim, spec.theta, spec.params
+    factor = p["factor"]
+    original = p["original_max_position_embeddings"]
+    attention_factor = p.get("attention_factor")
+    if attention_factor is None:
+        if p.get("mscale") and p.get("mscale_all_dim"):
+            attention_factor = _yarn_mscale(factor, p["mscale"]) / _yarn_mscale(factor, p["mscale_all_dim"])
+        else:
+            attention_factor = _yarn_mscale(factor)
+    beta_fast = p.get("beta_fast") or 32.0
+    beta_slow = p.get("beta_slow") or 1.0
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if p.get("truncate", 1.0):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).to(torch.float) / dim)
+    extrapolation = 1.0 / pos_freqs
+    interpolation = 1.0 / (factor * pos_freqs)
+    extrapolation_factor = 1 - ramp
+    inv_freq = interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor
+    return inv_freq, float(attention_factor)
+
+
+class Rotary:
+    """cos/sin tables grown on demand; apply() rotates [heads, T, dim] tensors in place of copies."""
+
+    def __init__(self, spec: RopeSpec, dtype: torch.dtype) -> None:
+        self.spec = spec
+        self.dtype = dtype
+        self.inv_freq, self.attention_factor = inverse_frequencies(spec)
+        self._cos = torch.empty(0, spec.dim // 2, dtype=dtype)
+        self._sin = torch.empty(0, spec.dim // 2, dtype=dtype)
+
+    def _grow(self, length: int) -> None:
+        n = max(length, 2 * self._cos.shape[0], 64)
+        freqs = torch.arange(n, dtype=torch.float32)[:, None] * self.inv_freq[None, :].float()
+        self._cos = (freqs.cos() * self.attention_factor).to(self.dtype)
+        self._sin = (freqs.sin() * self.attention_factor).to(self.dtype)
+
+    def tables(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of positions [start, start+length), each [length, dim/2]."""
+        if start + length > self._cos.shape[0]:
+            self._grow(start + length)
+        return self._cos[start : start + length], self._sin[start : start + length]
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate x [..., T, dim]. Interleaved pairs come out de-interleaved (real parts, then
+        imaginary); q and k get the same permutation, so their dot products are unchanged."""
+        if self.spec.interleaved:
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+        else:
+            half = x.shape[-1] // 2
+            x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -1,0 +1,61 @@
+"""Router: gate logits -> (expert ids, combine weights) exactly as each family's reference computes them."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moeflow.models.base import RouterSpec
+
+# T = tokens, E = routed experts, K = experts per token, G = groups.
+
+
+class Router:
+    def __init__(self, spec: RouterSpec, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.spec = spec
+        self.weight = weight.float() if spec.fp32_logits else weight  # [E, H]
+        self.bias = bias.float() if bias is not None else None  # [E] (DeepSeek-V3 score correction)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Gate logits [T, E] (float32 for DeepSeek, the compute dtype otherwise)."""
+        return F.linear(x.float() if self.spec.fp32_logits else x, self.weight)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids [T, K] int64, weights [T, K]) for hidden states x [T, H]."""
+        return self.select(self.logits(x), x.dtype)
+
+    def select(self, logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.spec
+        if s.topk_method == "noaux_tc":
+            return self._noaux_tc(logits)
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+        if s.topk_method == "group_limited_greedy":
+            probs = probs.masked_fill(~self._group_mask(probs.view(-1, s.n_group, s.num_experts // s.n_group).amax(-1)), 0.0)
+        weights, ids = torch.topk(probs, s.top_k, dim=-1)
+        if s.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if s.routed_scaling_factor != 1.0:
+            weights = weights * s.routed_scaling_factor
+        if not s.keep_fp32_weights and not s.fp32_logits:
+            weights = weights.to(dtype)
+        return ids, weights
+
+    def _group_mask(self, group_scores: torch.Tensor) -> torch.Tensor:
+        """[T, E] bool: experts inside the topk_group best groups."""
+        s = self.spec
+        chosen = torch.topk(group_scores, s.topk_group, dim=-1, sorted=False)[1]
+        mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, chosen, True)  # [T, G]
+        return mask.repeat_interleave(s.num_experts // s.n_group, dim=-1)
+
+    def _noaux_tc(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.spec
+        scores = logits.sigmoid()
+        choice = scores + self.bias if self.bias is not None else scores
+        per_group = choice.view(-1, s.n_group, s.num_experts // s.n_group)
+        group_scores = per_group.topk(min(2, per_group.shape[-1]), dim=-1)[0].sum(-1)  # [T, G]
+        choice = choice.masked_fill(~self._group_mask(group_scores), float("-inf"))
+        ids = torch.topk(choice, s.top_k, dim=-1)[1]
+        weights = scores.gather(1, ids)
+        if s.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return ids, weights * s.routed_scaling_factor

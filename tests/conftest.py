@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny checkpoints written by transformers' own save_pretrained, GPU skipping."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def _has_gpu() -> bool:
+    try:
+        from moeflow import _core
+
+        return bool(_core.cuda_available() and torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _has_gpu():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU with CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> "HFCheckpoints":
+    return HFCheckpoints(tmp_path_factory.mktemp("hf"))
+
+
+class HFCheckpoints:
+    """Builds (once per session) a tiny random checkpoint per family with transformers."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @functools.cache
+    def path(self, family: str) -> Path:
+        from tests.hf_models import save_tiny
+
+        return save_tiny(family, self.root / family)

@@ -1,0 +1,57 @@
+"""Tiny random checkpoints of every supported family, saved by transformers itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+
+TINY: dict[str, dict[str, Any]] = {
+    "mixtral": dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, num_local_experts=6, num_experts_per_tok=2),
+    "qwen2_moe": dict(vocab_size=96, hidden_size=32, intermediate_size=64, moe_intermediate_size=24,
+                      shared_expert_intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, num_experts=6, num_experts_per_tok=2, mlp_only_layers=[1]),
+    "qwen3_moe": dict(vocab_size=96, hidden_size=32, intermediate_size=64, moe_intermediate_size=24,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=6,
+                      num_experts_per_tok=2, head_dim=16, norm_topk_prob=True),
+    "olmoe": dict(vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, num_experts=6, num_experts_per_tok=2,
+                  eos_token_id=2, pad_token_id=1),
+    "deepseek_v2": dict(vocab_size=96, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
+                        n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=16,
+                        q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_group=2,
+                        topk_group=1, topk_method="group_limited_greedy", routed_scaling_factor=1.5),
+    "deepseek_v3": dict(vocab_size=96, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
+                        n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=16,
+                        q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_group=4,
+                        topk_group=2, routed_scaling_factor=2.5),
+}
+
+
+def save_tiny(family: str, out: Path, seed: int = 0, **overrides: Any) -> Path:
+    """Random float32 model of `family`; norms and biases perturbed so those paths are exercised."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(family, **{**TINY[family], **overrides})
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or "bias" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+            elif "gate.weight" in name:
+                param.normal_(0, 0.5)  # spread the routing over experts
+    model.save_pretrained(out)
+    return out
+
+
+def load_hf(path: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
