@@ -1,0 +1,116 @@
+"""Expert encodings (precisions): the blob layout of each and how an expert's matrices become it.
+
+Dense codecs keep a float dtype. Quantized codecs (int8, int4, int2) store each matrix as packed
+codes plus float16 scale and zero per group of `group` input columns (HQQ-style asymmetric
+min-max; see runtime/reference.py for the exact formula).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from moeflow.errors import ConfigError
+from moeflow.runtime import reference
+from moeflow.store.layout import DTYPES, BlobLayout, dense_layout
+
+DEFAULT_GROUP = {8: 64, 4: 64, 2: 32}
+
+
+@dataclass(frozen=True)
+class DenseCodec:
+    """Unquantized experts in a float dtype."""
+
+    dtype: torch.dtype
+    bits = 16
+
+    @property
+    def precision(self) -> str:
+        return next(k for k, v in DTYPES.items() if v == self.dtype)
+
+    @property
+    def quantized(self) -> bool:
+        return False
+
+    def layout(self, hidden: int, intermediate: int) -> BlobLayout:
+        return dense_layout(self.dtype, hidden, intermediate)
+
+    def encode(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"gate_up": torch.cat([gate, up]).to(self.dtype), "down": down.to(self.dtype)}
+
+    def decode(self, views: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Float weights (gate_up, down) of one expert's blob, in `dtype`."""
+        return {"gate_up": views["gate_up"].to(dtype), "down": views["down"].to(dtype)}
+
+
+@dataclass(frozen=True)
+class QuantCodec:
+    """Group-wise min-max quantized experts: `bits` in (8, 4, 2), groups of `group` columns."""
+
+    bits: int
+    group: int
+
+    @property
+    def precision(self) -> str:
+        return f"int{self.bits}-g{self.group}"
+
+    @property
+    def quantized(self) -> bool:
+        return True
+
+    def _check(self, name: str, cols: int) -> None:
+        if cols % self.group:
+            raise ConfigError(
+                f"precision {self.precision}: {name} has {cols} input columns, not a multiple of group size {self.group}"
+            )
+
+    def layout(self, hidden: int, intermediate: int) -> BlobLayout:
+        self._check("gate/up", hidden)
+        self._check("down", intermediate)
+        per = 8 // self.bits
+        tensors = []
+        for name, rows, cols in (("gate_up", 2 * intermediate, hidden), ("down", hidden, intermediate)):
+            tensors += [
+                (f"{name}.q", "uint8", (rows, cols // per)),
+                (f"{name}.scale", "float16", (rows, cols // self.group)),
+                (f"{name}.zero", "float16", (rows, cols // self.group)),
+            ]
+        return BlobLayout.pack(self.precision, tensors, bits=self.bits, group=self.group)
+
+    def encode(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, w in (("gate_up", torch.cat([gate, up])), ("down", down)):
+            q, scale, zero = reference.quantize(w, self.bits, self.group)
+            out[f"{name}.q"], out[f"{name}.scale"], out[f"{name}.zero"] = q, scale, zero
+        return out
+
+    def decode(self, views: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        return {
+            name: reference.dequantize(
+                views[f"{name}.q"], views[f"{name}.scale"], views[f"{name}.zero"], self.bits, self.group, dtype
+            )
+            for name in ("gate_up", "down")
+        }
+
+
+Codec = DenseCodec | QuantCodec
+_QUANT = re.compile(r"^int(8|4|2)(?:-g(\d+))?$")
+
+
+def codec_for(precision: str, group: int | None = None) -> Codec:
+    """The codec of a precision name: 'bfloat16', 'float32', 'float16', 'int8', 'int4-g64', 'int2', ..."""
+    if precision in ("float32", "float16", "bfloat16"):
+        return DenseCodec(DTYPES[precision])
+    m = _QUANT.match(precision)
+    if m:
+        bits = int(m.group(1))
+        g = group or (int(m.group(2)) if m.group(2) else DEFAULT_GROUP[bits])
+        if g <= 0 or g % (8 // bits):
+            raise ConfigError(f"group size {g} for {precision}: must be a positive multiple of {8 // bits}")
+        return QuantCodec(bits, g)
+    raise ConfigError(
+        f"unknown expert precision {precision!r}; expected float32, float16, bfloat16, int8, int4 or int2 "
+        f"(optionally with a group size, e.g. int4-g64)"
+    )
