@@ -1,0 +1,355 @@
+"""The expert cache: which experts hold a block of the fast tier, loading, pinning and eviction."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import functools
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from moeflow import _core
+from moeflow.errors import ChecksumMismatch, StoreError, TransferError
+from moeflow.memory.aio import AsyncTransfers, DirectMode, TransferTicket
+from moeflow.memory.policies import EvictionPolicy, Evictable, ExpertKey
+from moeflow.memory.tiers import FastTier
+from moeflow.store.layout import ExpertView
+from moeflow.store.store import ExpertStore
+
+DEMAND = _core.PRIORITY_DEMAND
+PREFETCH = _core.PRIORITY_PREFETCH
+
+
+class EntryState(enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+
+
+@dataclass(eq=False)
+class Entry:
+    key: ExpertKey
+    handle: _core.BlockHandle
+    state: EntryState
+    ticket: TransferTicket | None = None
+    weights: ExpertView | None = None
+    pins: int = 0
+    prefetched: bool = False  # loaded ahead of need and not used yet
+    priority: int = DEMAND
+    submitted: float = 0.0
+
+
+@dataclass
+class CacheCounters:
+    hits: int = 0  # a layer found the expert resident
+    misses: int = 0  # a layer had to wait for (or start) its load
+    inflight_hits: int = 0  # misses whose load was already in flight (a late prefetch)
+    loads: int = 0
+    bytes_loaded: int = 0
+    load_seconds: float = 0.0  # sum of transfer durations
+    stall_seconds: float = 0.0  # time layers spent waiting for experts
+    evictions: int = 0
+    prefetch_issued: int = 0
+    prefetch_used: int = 0
+    prefetch_wasted: int = 0  # prefetched, then evicted or cancelled before any use
+    prefetch_cancelled: int = 0
+    load_errors: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class ExpertCache:
+    """Maps (layer, expert) to a block of the fast tier.
+
+    Invariants: an entry is in `entries` from the moment its block is allocated until it is
+    evicted; a pinned entry (pins > 0) is never evicted; a LOADING entry's block is owned by
+    its transfer, which frees it if the load fails or is cancelled.
+    """
+
+    def __init__(
+        self,
+        tier: FastTier,
+        store: ExpertStore,
+        transfers: AsyncTransfers,
+        policy: EvictionPolicy,
+        *,
+        direct: DirectMode = "auto",
+        verify_checksums: bool = True,
+    ) -> None:
+        self.tier = tier
+        self.store = store
+        self.transfers = transfers
+        self.policy = policy
+        self.direct = direct
+        self.verify = verify_checksums
+        self.size_class = tier.allocator.add_class(store.blob_size)
+        self.file_id = transfers.register_file(str(store.data_path))
+        self.entries: dict[ExpertKey, Entry] = {}
+        self.counters = CacheCounters()
+        self._changed = asyncio.Event()
+        self._views: dict[int, ExpertView] = {}
+        self.quotas: dict[int, int] = {}
+        self.layer_count: dict[int, int] = {}
+
+    # ---- queries -------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return self.tier.slots
+
+    def state(self, key: ExpertKey) -> EntryState | None:
+        entry = self.entries.get(key)
+        return entry.state if entry is not None else None
+
+    def resident(self) -> list[ExpertKey]:
+        return [k for k, e in self.entries.items() if e.state is EntryState.READY]
+
+    def loading(self) -> int:
+        return sum(1 for e in self.entries.values() if e.state is EntryState.LOADING)
+
+    def pinned_blocks(self) -> int:
+        return sum(1 for e in self.entries.values() if e.pins > 0)
+
+    # ---- hot path --------------------------------------------------------------------------
+    def try_acquire(self, key: ExpertKey) -> ExpertView | None:
+        """Pin and return a resident expert's weights (a hit); None, without waiting, otherwise."""
+        entry = self.entries.get(key)
+        if entry is None or entry.state is not EntryState.READY:
+            return None
+        return self.pin(entry, hit=True)
+
+    def pin(self, entry: Entry, *, hit: bool) -> ExpertView:
+        """Pin a READY entry for use by the current layer and count the use as a hit or a miss."""
+        assert entry.state is EntryState.READY and entry.weights is not None
+        entry.pins += 1
+        if hit:
+            self.counters.hits += 1
+        else:
+            self.counters.misses += 1
+        if entry.prefetched:
+            entry.prefetched = False
+            self.counters.prefetch_used += 1
+        self.policy.on_access(entry.key)
+        return entry.weights
+
+    async def ensure_loading(self, key: ExpertKey, protect: Iterable[ExpertKey] = ()) -> Entry:
+        """The entry of `key`, submitting a demand load (after making room) when absent;
+        an in-flight load is promoted to demand priority."""
+        while True:
+            entry = self.entries.get(key)
+            if entry is not None:
+                if entry.state is EntryState.LOADING:
+                    if entry.prefetched:
+                        self.counters.inflight_hits += 1
+                    self._promote(entry)
+                return entry
+            await self.make_room(protect_set(protect, key))
+            if key not in self.entries:
+                return self._submit(key, DEMAND, prefetched=False)
+
+    async def wait_ready(self, entry: Entry) -> None:
+        """Wait for a LOADING entry's transfer; raise its (described) error if it failed."""
+        ticket = entry.ticket
+        if entry.state is EntryState.READY or ticket is None:
+            return
+        await ticket.wait_done()
+        error = ticket.error()
+        if error is not None:
+            raise self.describe(entry.key, error) from error
+
+    async def acquire(self, key: ExpertKey, protect: Iterable[ExpertKey] = ()) -> ExpertView:
+        """Pin and return an expert's weights, loading it at demand priority when needed."""
+        weights = self.try_acquire(key)
+        if weights is not None:
+            return weights
+        started = time.perf_counter()
+        try:
+            while True:
+                entry = await self.ensure_loading(key, protect)
+                await self.wait_ready(entry)
+                if entry.state is EntryState.READY and self.entries.get(key) is entry:
+                    return self.pin(entry, hit=False)
+        finally:
+            self.counters.stall_seconds += time.perf_counter() - started
+
+    async def wait_change(self) -> None:
+        """Wait until a load finishes or fails, or an expert is released or evicted."""
+        self._changed.clear()
+        await self._changed.wait()
+
+    def release(self, key: ExpertKey) -> None:
+        entry = self.entries[key]
+        if entry.pins <= 0:
+            raise RuntimeError(f"expert {key} released more often than acquired")
+        entry.pins -= 1
+        if entry.pins == 0:
+            self._changed.set()
+
+    # ---- loading ---------------------------------------------------------------------------
+    def start_load(self, key: ExpertKey, priority: int, protect: Iterable[ExpertKey] = ()) -> bool:
+        """Begin loading `key` without waiting (prefetch or an early demand load).
+
+        Returns False when it is already present or no block can be had without evicting
+        a pinned or protected expert (a prefetch never does that)."""
+        if key in self.entries:
+            entry = self.entries[key]
+            if entry.state is EntryState.LOADING and priority < entry.priority:
+                self._promote(entry, priority)
+            return False
+        if not self._room_now(protect_set(protect, key)):
+            return False
+        self._submit(key, priority, prefetched=priority != DEMAND)
+        return True
+
+    def cancel_load(self, key: ExpertKey) -> bool:
+        """Cancel a queued load nobody is waiting for; True when it never ran and its block is free."""
+        entry = self.entries.get(key)
+        if entry is None or entry.state is not EntryState.LOADING or entry.pins or entry.ticket is None:
+            return False
+        if not self.transfers.cancel(entry.ticket):
+            return False
+        self._forget(key)
+        self.counters.prefetch_cancelled += 1
+        if entry.prefetched:
+            self.counters.prefetch_wasted += 1
+        self._changed.set()
+        return True
+
+    def _submit(self, key: ExpertKey, priority: int, *, prefetched: bool) -> Entry:
+        handle = self.tier.allocator.alloc(self.size_class)
+        layer, expert = key
+        try:
+            ticket = self.transfers.submit_read(
+                self.file_id,
+                self.store.offset(layer, expert),
+                self.store.blob_size,
+                self.tier.allocator,
+                handle,
+                priority=priority,
+                direct=self.direct,
+                expect_crc32=self.store.crc32(layer, expert) if self.verify else None,
+            )
+        except BaseException:
+            self.tier.allocator.free(handle)
+            raise
+        entry = Entry(key, handle, EntryState.LOADING, ticket, prefetched=prefetched, priority=priority)
+        entry.submitted = time.perf_counter()
+        self.entries[key] = entry
+        self.layer_count[key[0]] = self.layer_count.get(key[0], 0) + 1
+        if prefetched:
+            self.counters.prefetch_issued += 1
+        ticket.add_done_callback(functools.partial(self._on_loaded, entry))
+        return entry
+
+    def _on_loaded(self, entry: Entry, ticket: TransferTicket) -> None:
+        self._changed.set()
+        if self.entries.get(entry.key) is not entry:
+            return  # cancelled: the core already freed the block
+        error = ticket.error()
+        if error is not None:
+            # The transfer owned the block and freed it; forget the entry so a retry reloads.
+            self._forget(entry.key)
+            self.counters.load_errors += 1
+            return
+        completion = ticket.completion()
+        entry.state = EntryState.READY
+        entry.weights = self._weights(entry.handle)
+        self.counters.loads += 1
+        self.counters.bytes_loaded += completion.bytes
+        self.counters.load_seconds += completion.nanos * 1e-9
+        self.policy.on_insert(entry.key)
+
+    def describe(self, key: ExpertKey, error: BaseException) -> BaseException:
+        layer, expert = key
+        where = f"{self.store.data_path} (layer {layer}, expert {expert})"
+        if isinstance(error, ChecksumMismatch):
+            return StoreError(f"{where}: checksum mismatch, the store file changed on disk", path=str(self.store.path))
+        if isinstance(error, TransferError):
+            return StoreError(f"{where}: read failed: {error}", path=str(self.store.data_path))
+        return error
+
+    def _weights(self, handle: _core.BlockHandle) -> ExpertView:
+        view = self._views.get(handle.offset)
+        if view is None:
+            raw = torch.frombuffer(self.tier.allocator.view(handle), dtype=torch.uint8)
+            view = self._views[handle.offset] = self.store.layout.expert_view(raw)
+        return view
+
+    def _promote(self, entry: Entry, priority: int = DEMAND) -> None:
+        if entry.state is EntryState.LOADING and entry.ticket is not None and priority < entry.priority:
+            self.transfers.promote(entry.ticket, priority)
+            entry.priority = priority
+
+    # ---- room ----------------------------------------------------------------------------
+    def _evictable(self, protect: set[ExpertKey]) -> Evictable:
+        def check(key: ExpertKey) -> bool:
+            e = self.entries.get(key)
+            return e is not None and e.state is EntryState.READY and e.pins == 0 and key not in protect
+
+        return check
+
+    def _room_now(self, protect: set[ExpertKey]) -> bool:
+        """Make one block available without waiting: free space, or evict an unprotected resident."""
+        if len(self.entries) < self.capacity:
+            return True
+        victim = self._victim(protect)
+        if victim is None:
+            return False
+        self.evict(victim)
+        return True
+
+    def _victim(self, protect: set[ExpertKey]) -> ExpertKey | None:
+        evictable = self._evictable(protect)
+        if self.quotas:
+            # PLEC: take from a layer holding more than its share of the budget, if possible.
+            over = {layer for layer, n in self.layer_count.items() if n > self.quotas.get(layer, 0)}
+            if over:
+                victim = self.policy.victim(lambda k: k[0] in over and evictable(k))
+                if victim is not None:
+                    return victim
+        return self.policy.victim(evictable)
+
+    def set_quotas(self, quotas: dict[int, int]) -> None:
+        """Split the budget per layer (ExpertFlow PLEC); an empty dict pools it again."""
+        self.quotas = dict(quotas)
+
+    async def make_room(self, protect: set[ExpertKey]) -> None:
+        """Wait until one block is free: evict, or cancel an unneeded prefetch, or wait for change."""
+        while not self._room_now(protect):
+            for key, entry in list(self.entries.items()):
+                if entry.prefetched and key not in protect and self.cancel_load(key):
+                    return
+            await self.wait_change()
+
+    def _forget(self, key: ExpertKey) -> Entry | None:
+        entry = self.entries.pop(key, None)
+        if entry is not None:
+            self.layer_count[key[0]] -= 1
+        return entry
+
+    def evict(self, key: ExpertKey) -> None:
+        entry = self._forget(key)
+        assert entry is not None and entry.pins == 0 and entry.state is EntryState.READY
+        self.tier.allocator.free(entry.handle)
+        self.policy.on_evict(key)
+        self.counters.evictions += 1
+        if entry.prefetched:
+            self.counters.prefetch_wasted += 1
+
+    async def aclose(self) -> None:
+        """Drop every entry; in-flight loads are cancelled or awaited so no block stays allocated."""
+        for key, entry in list(self.entries.items()):
+            if entry.state is EntryState.LOADING and entry.ticket is not None:
+                if not self.transfers.cancel(entry.ticket):
+                    await entry.ticket.wait_done()
+            current = self._forget(key)
+            if current is not None and current.state is EntryState.READY:
+                self.tier.allocator.free(current.handle)
+        self._views.clear()
+        self.transfers.unregister_file(self.file_id)
+
+
+def protect_set(protect: Iterable[ExpertKey], key: ExpertKey) -> set[ExpertKey]:
+    s = set(protect)
+    s.add(key)
+    return s
