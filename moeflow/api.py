@@ -1,0 +1,251 @@
+"""The public engine: open a checkpoint under an expert budget, then logits / generate / stream."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import os
+import time
+from collections.abc import AsyncIterator, Generator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moeflow.analysis.traces import SequenceTrace
+from moeflow.config import EngineConfig, MemoryPlan
+from moeflow.errors import EngineClosed, InvalidRequest
+from moeflow.runtime.sampling import Sampler, SamplingParams
+from moeflow.session import Session, open_session
+from moeflow.stats import EngineStats, RequestStats
+
+__all__ = ["Engine", "EngineState", "GenerationResult"]
+
+
+class EngineState(enum.Enum):
+    CREATED = "created"
+    OPENING = "opening"
+    READY = "ready"
+    CLOSING = "closing"
+    CLOSED = "closed"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    tokens: list[int]  # generated token ids (the prompt excluded)
+    prompt_tokens: list[int]
+    text: str | None  # decoded tokens, when the checkpoint has a tokenizer
+    finish_reason: str  # "length" | "eos"
+    stats: RequestStats
+
+
+class Engine:
+    """A model opened under an expert budget. Use as `async with Engine.open(path, ...) as eng:`.
+
+    Several `generate` / `stream` calls may run concurrently: they take turns one step at a
+    time, each with its own KV cache and sampler, so each gets the result it would alone.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], config: EngineConfig) -> None:
+        self.path = Path(path)
+        self.config = config
+        self.state = EngineState.CREATED
+        self._session: Session | None = None
+        self._step_lock = asyncio.Lock()
+        self._requests = 0
+        self._active = 0
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], **options: Any) -> Engine:
+        """Validate options now (TypeError for unknown names, ConfigError for bad values);
+        the checkpoint is opened on `async with` or `await`."""
+        return cls(path, EngineConfig.from_user(**options))
+
+    async def start(self) -> Engine:
+        if self.state is not EngineState.CREATED:
+            raise EngineClosed(f"engine for {self.path} cannot start from state {self.state.value}")
+        self.state = EngineState.OPENING
+        try:
+            self._session = await open_session(self.path, self.config)
+        except BaseException:
+            self.state = EngineState.FAILED
+            raise
+        self.state = EngineState.READY
+        return self
+
+    def __await__(self) -> Generator[Any, None, Engine]:
+        return self.start().__await__()
+
+    async def __aenter__(self) -> Engine:
+        if self.state is EngineState.CREATED:
+            await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self.state in (EngineState.CLOSED, EngineState.CLOSING):
+            return
+        self.state = EngineState.CLOSING
+        try:
+            async with self._step_lock:
+                if self._session is not None:
+                    await self._session.aclose()
+        finally:
+            self.state = EngineState.CLOSED
+
+    @property
+    def session(self) -> Session:
+        if self.state is not EngineState.READY or self._session is None:
+            raise EngineClosed(f"engine for {self.path} is {self.state.value}, not ready")
+        return self._session
+
+    @property
+    def plan(self) -> MemoryPlan:
+        return self.session.plan
+
+    # ---- requests --------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        tok = self.session.tokenizer
+        if tok is None:
+            raise InvalidRequest(f"{self.path} has no tokenizer.json: pass token ids instead of text")
+        return list(tok.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Sequence[int]) -> str | None:
+        tok = self.session.tokenizer
+        return None if tok is None else tok.decode(list(ids))
+
+    def _prompt_ids(self, prompt: str | Sequence[int] | torch.Tensor) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.encode(prompt)
+            if not ids:
+                raise InvalidRequest("empty prompt: it encodes to no tokens")
+        else:
+            ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
+        if not ids:
+            raise InvalidRequest("empty prompt: give at least one token")
+        vocab = self.session.arch.vocab_size
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab:
+                raise InvalidRequest(f"token id {i!r} out of range [0, {vocab})")
+        return ids
+
+    async def logits(self, token_ids: str | Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Prefill logits [len, vocab] (float32) for a fresh sequence."""
+        ids = self._prompt_ids(token_ids)
+        session = self.session
+        seq = session.runner.new_sequence(ids)
+        try:
+            async with self._step_lock:
+                return await session.runner.forward(seq, torch.tensor(ids), all_logits=True)
+        finally:
+            seq.finish()
+
+    async def generate(
+        self,
+        prompt: str | Sequence[int] | torch.Tensor,
+        max_new_tokens: int = 32,
+        *,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop_at_eos: bool = True,
+    ) -> GenerationResult:
+        """Generate up to `max_new_tokens` tokens. Raises InvalidRequest for a bad prompt or length."""
+        tokens: list[int] = []
+        stream = self._stream(prompt, max_new_tokens, SamplingParams(temperature, top_k, top_p, seed), stop_at_eos)
+        request = await anext(stream)
+        async for tok in stream:
+            tokens.append(tok)
+        return GenerationResult(
+            tokens=tokens,
+            prompt_tokens=request.prompt,
+            text=self.decode(tokens),
+            finish_reason=request.finish_reason,
+            stats=request.stats.freeze(len(tokens)),
+        )
+
+    async def stream(
+        self,
+        prompt: str | Sequence[int] | torch.Tensor,
+        max_new_tokens: int = 32,
+        *,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop_at_eos: bool = True,
+    ) -> AsyncIterator[int]:
+        """Yield generated token ids one at a time."""
+        stream = self._stream(prompt, max_new_tokens, SamplingParams(temperature, top_k, top_p, seed), stop_at_eos)
+        await anext(stream)
+        async for tok in stream:
+            yield tok
+
+    async def _stream(
+        self,
+        prompt: str | Sequence[int] | torch.Tensor,
+        max_new_tokens: int,
+        params: SamplingParams,
+        stop: bool,
+        record: bool = False,
+    ) -> AsyncIterator[Any]:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+            raise InvalidRequest(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
+        ids = self._prompt_ids(prompt)
+        session = self.session
+        request = _Request(ids)
+        self._requests += 1
+        yield request
+        sampler = Sampler(params)
+        if self._active == 0:
+            session.cache.policy.on_request()
+        self._active += 1
+        seq = session.runner.new_sequence(ids, record=record)
+        eos = set(session.arch.eos_token_ids) if stop else set()
+        step_input = torch.tensor(ids)
+        try:
+            for _ in range(max_new_tokens):
+                async with self._step_lock:
+                    before = session.counters_snapshot()
+                    started = time.perf_counter()
+                    logits = await session.runner.forward(seq, step_input)
+                    request.stats.add_step(session.counters_snapshot(), before, time.perf_counter() - started)
+                token = sampler(logits[-1])
+                session.tokens_generated += 1
+                yield token
+                if token in eos:
+                    request.finish_reason = "eos"
+                    return
+                step_input = torch.tensor([token])
+        finally:
+            self._active -= 1
+            seq.finish()
+            request.trace = seq.trace
+
+    async def trace(self, prompt: str | Sequence[int] | torch.Tensor, max_new_tokens: int = 32) -> SequenceTrace:
+        """Greedy-generate and record the router's choices for every token (for predictors)."""
+        tokens: list[int] = []
+        stream = self._stream(prompt, max_new_tokens, SamplingParams(), True, record=True)
+        request = await anext(stream)
+        async for tok in stream:
+            tokens.append(tok)
+        return SequenceTrace.from_steps(request.prompt, tokens, request.trace or [])
+
+    # ---- introspection ---------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        """Counters since open: hits, misses, prefetches, bytes loaded, stall time, blocks in use, ..."""
+        return self.session.stats(requests=self._requests)
+
+
+class _Request:
+    def __init__(self, prompt: list[int]) -> None:
+        self.prompt = prompt
+        self.finish_reason = "length"
+        self.stats = RequestStats.builder()
+        self.trace: list[dict[int, torch.Tensor]] | None = None

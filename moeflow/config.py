@@ -1,0 +1,212 @@
+"""Engine configuration: validated once at the edge (EngineConfig), sizes derived once (MemoryPlan)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from moeflow.errors import ConfigError
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kb": 1000,
+    "kib": 1 << 10,
+    "m": 1 << 20,
+    "mb": 1000**2,
+    "mib": 1 << 20,
+    "g": 1 << 30,
+    "gb": 1000**3,
+    "gib": 1 << 30,
+    "t": 1 << 40,
+    "tb": 1000**4,
+    "tib": 1 << 40,
+}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+_PERCENT = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*%\s*$")
+
+DEVICES = ("cpu", "cuda", "auto")
+PREFETCHERS = ("auto", "predictor", "none", "last-token", "gate-lookahead", "eam", "expertflow")
+POLICIES = ("lru", "lfu", "mrs", "hobbit", "shallow", "predicted")
+BUDGET_SPLITS = ("pooled", "plec")
+DIRECT_IO = ("auto", "require", "never")
+STORE_MODES = ("auto", "never", "rebuild")
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """An expert budget: absolute bytes, or a fraction of all experts' bytes."""
+
+    bytes: int | None = None
+    fraction: float | None = None
+
+    def resolve(self, total_expert_bytes: int) -> int:
+        if self.bytes is not None:
+            return self.bytes
+        assert self.fraction is not None
+        return int(self.fraction * total_expert_bytes)
+
+    def __str__(self) -> str:
+        return f"{self.fraction * 100:g}%" if self.fraction is not None else format_bytes(self.bytes or 0)
+
+
+def parse_size(value: object, option: str = "size") -> int:
+    """Bytes from an int or a string such as '512MiB', '2GiB', '1.5GB', '4096'."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{option}={value!r}: expected a size such as '2GiB' or a number of bytes")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{option}={value!r}: a size cannot be negative")
+        return value
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if m and m.group(2).lower() in _UNITS:
+            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    raise ConfigError(f"{option}={value!r}: cannot parse as a size (examples: 4096, '512MiB', '2GiB', '1.5GB')")
+
+
+def parse_budget(value: object) -> Budget:
+    if value is None:
+        return Budget(fraction=1.0)
+    if isinstance(value, float) and not isinstance(value, bool):
+        if 0 < value <= 1:
+            return Budget(fraction=value)
+        raise ConfigError(f"expert_budget={value!r}: a float budget is a fraction in (0, 1]")
+    if isinstance(value, str):
+        m = _PERCENT.match(value)
+        if m:
+            fraction = float(m.group(1)) / 100
+            if not 0 < fraction <= 1:
+                raise ConfigError(f"expert_budget={value!r}: a percentage must be in (0, 100]")
+            return Budget(fraction=fraction)
+    size = parse_size(value, "expert_budget")
+    if size <= 0:
+        raise ConfigError(f"expert_budget={value!r}: the budget must be positive")
+    return Budget(bytes=size)
+
+
+def format_bytes(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _choice(option: str, value: object, allowed: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise ConfigError(f"{option}={value!r}: expected one of {', '.join(allowed)}")
+    return value
+
+
+def _positive_int(option: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{option}={value!r}: expected a positive integer")
+    return value
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything a user can set on an engine; build it with `EngineConfig.from_user(**kw)`."""
+
+    expert_budget: Budget = Budget(fraction=1.0)
+    device: str = "auto"
+    prefetch: str = "auto"  # auto: expertflow when a trained predictor is present, else gate-lookahead
+    policy: str = "lru"
+    prefetch_depth: int = 2  # MoE layers ahead
+    budget_split: str = "pooled"
+    predictor_dir: str | None = None  # where a trained routing predictor lives (default: the model dir)
+    dtype: torch.dtype | None = None  # compute dtype; None = the checkpoint's
+    direct_io: Literal["auto", "require", "never"] = "auto"
+    io_workers: int = 4
+    store_dir: str | None = None
+    store_mode: str = "auto"
+    verify_checksums: bool = True
+    progress: bool = False
+    threads: int | None = None
+
+    @classmethod
+    def from_user(cls, **kw: Any) -> EngineConfig:
+        """Validate user options. Unknown names raise TypeError; bad values raise ConfigError."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kw) - known)
+        if unknown:
+            raise TypeError(f"unknown engine option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        out: dict[str, Any] = {}
+        if "expert_budget" in kw:
+            out["expert_budget"] = parse_budget(kw["expert_budget"])
+        for name, allowed in (
+            ("device", DEVICES),
+            ("prefetch", PREFETCHERS),
+            ("policy", POLICIES),
+            ("direct_io", DIRECT_IO),
+            ("store_mode", STORE_MODES),
+            ("budget_split", BUDGET_SPLITS),
+        ):
+            if name in kw:
+                out[name] = _choice(name, kw[name], allowed)
+        if kw.get("dtype") is not None:
+            dtype = kw["dtype"]
+            if isinstance(dtype, str):
+                dtype = COMPUTE_DTYPES.get(dtype.replace("torch.", ""))
+            if dtype not in COMPUTE_DTYPES.values():
+                raise ConfigError(f"dtype={kw['dtype']!r}: expected one of {', '.join(COMPUTE_DTYPES)}")
+            out["dtype"] = dtype
+        if out.get("prefetch") == "predictor":
+            out["prefetch"] = "auto"
+        for name in ("io_workers", "prefetch_depth"):
+            if name in kw:
+                out[name] = _positive_int(name, kw[name])
+        if kw.get("threads") is not None:
+            out["threads"] = _positive_int("threads", kw["threads"])
+        for name in ("store_dir", "predictor_dir"):
+            if kw.get(name) is not None:
+                out[name] = os.fspath(kw[name])
+        for name in ("verify_checksums", "progress"):
+            if name in kw:
+                if not isinstance(kw[name], bool):
+                    raise ConfigError(f"{name}={kw[name]!r}: expected True or False")
+                out[name] = kw[name]
+        return cls(**out)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Sizes derived once from the config and the model: the fast tier's shape."""
+
+    block_bytes: int  # one expert in the store's precision, 4 KiB-aligned
+    experts_total: int  # routed experts over all MoE layers
+    top_k: int
+    budget_bytes: int  # as asked, resolved against the model
+    slots: int  # experts that fit in the fast tier
+
+    @property
+    def total_expert_bytes(self) -> int:
+        return self.block_bytes * self.experts_total
+
+    @property
+    def min_budget_bytes(self) -> int:
+        return self.block_bytes * self.top_k
+
+    @property
+    def arena_bytes(self) -> int:
+        return self.slots * self.block_bytes
+
+    @classmethod
+    def build(cls, budget: Budget, block_bytes: int, experts_total: int, top_k: int) -> MemoryPlan:
+        """Refuses (ConfigError) a budget below the top-k experts of one layer, naming the minimum."""
+        asked = budget.resolve(block_bytes * experts_total)
+        minimum = block_bytes * top_k
+        if asked < minimum:
+            raise ConfigError(
+                f"expert_budget={budget} ({asked} bytes) is below the minimum of {minimum} bytes "
+                f"({format_bytes(minimum)}: the top-{top_k} experts of one layer, {format_bytes(block_bytes)} each)"
+            )
+        slots = min(asked // block_bytes, experts_total)
+        return cls(block_bytes, experts_total, top_k, asked, slots)

@@ -1,0 +1,168 @@
+"""Opening a checkpoint into a running session: store, fast tier, transfers, cache, model runner."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+
+from moeflow import _core
+from moeflow.config import EngineConfig, MemoryPlan
+from moeflow.errors import CheckpointError, ConfigError, CudaUnavailable
+from moeflow.memory.aio import AsyncTransfers
+from moeflow.memory.cache import CacheCounters, ExpertCache
+from moeflow.memory.policies import PredictedPolicy, make_policy
+from moeflow.memory.tiers import FastTier
+from moeflow.models import Arch, Checkpoint, parse_arch
+from moeflow.runtime.engine import ModelRunner
+from moeflow.runtime.model import DenseModel, load_dense
+from moeflow.scheduling import Scheduler, make_predictor
+from moeflow.stats import EngineStats, counters_dict
+from moeflow.store import ExpertStore, codec_for, open_or_convert, store_root
+from moeflow.store.layout import DTYPE_NAMES
+
+
+@dataclass
+class Session:
+    """Everything an open engine owns; closed in reverse order of opening."""
+
+    config: EngineConfig
+    checkpoint: Checkpoint
+    arch: Arch
+    dtype: torch.dtype
+    device: str
+    store: ExpertStore
+    plan: MemoryPlan
+    model: DenseModel
+    tier: FastTier
+    transfers: AsyncTransfers
+    cache: ExpertCache
+    runner: ModelRunner
+    tokenizer: Tokenizer | None
+    scheduler: Scheduler
+    tokens_generated: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def counters_snapshot(self) -> CacheCounters:
+        c = self.cache.counters
+        return CacheCounters(**{k: v for k, v in vars(c).items() if k != "extra"})
+
+    def stats(self, *, requests: int) -> EngineStats:
+        alloc = self.tier.allocator
+        return EngineStats.build(
+            counters_dict(self.cache.counters),
+            tokens=self.tokens_generated,
+            requests=requests,
+            pinned_blocks=self.cache.pinned_blocks(),  # pinned by layers computing with them
+            transfer_pinned_blocks=alloc.pinned_blocks,  # pinned by loads in flight
+            loads_in_flight=self.cache.loading(),
+            blocks_in_use=alloc.live_blocks,
+            resident_experts=len(self.cache.resident()),
+            expert_slots=self.plan.slots,
+            budget_bytes=self.plan.budget_bytes,
+            block_bytes=self.plan.block_bytes,
+            experts_total=self.plan.experts_total,
+            arena_locked=self.tier.arena.locked,
+            device=self.device,
+            precision=self.store.precision,
+            policy=self.cache.policy.name,
+            prefetch=self.scheduler.predictor.name,
+            predictor_source=getattr(self.scheduler.predictor, "source", None),
+            prefetch_depth=self.scheduler.depth,
+            budget_split=self.config.budget_split,
+            overlap_fraction=overlap_fraction(self.cache.counters),
+            **self.scheduler.metrics.as_dict(),
+        )
+
+    async def aclose(self) -> None:
+        await self.cache.aclose()
+        await self.transfers.aclose()
+        self.checkpoint.close()
+
+
+def overlap_fraction(c: CacheCounters) -> float:
+    """Share of transfer time hidden under compute: 1 - (time layers stalled / time transfers ran)."""
+    if c.load_seconds <= 0:
+        return 1.0
+    return max(0.0, 1.0 - min(c.stall_seconds, c.load_seconds) / c.load_seconds)
+
+
+def _resolve_device(requested: str) -> str:
+    if requested == "cpu":
+        return "cpu"
+    available = _core.cuda_available() and torch.cuda.is_available()
+    if requested == "cuda" and not available:
+        raise CudaUnavailable("device='cuda' was requested but no CUDA device is available")
+    if available:
+        raise CudaUnavailable("the GPU tiers are not built yet; pass device='cpu'")
+    return "cpu"
+
+
+def _tokenizer(path: Path) -> Tokenizer | None:
+    file = path / "tokenizer.json"
+    if not file.is_file():
+        return None
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises a bare Exception subclass
+        raise CheckpointError(f"{file}: cannot load tokenizer ({e})", path=str(file)) from e
+
+
+async def open_session(path: Path, config: EngineConfig) -> Session:
+    """Open `path` under `config`: validate, convert or reuse the store, allocate the fast tier."""
+    device = _resolve_device(config.device)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    ckpt = await asyncio.to_thread(Checkpoint, path)
+    arch = parse_arch(ckpt)
+    dtype = config.dtype or arch.dtype
+    codec = codec_for(DTYPE_NAMES[dtype])
+    layout = codec.layout(arch.hidden_size, arch.expert_intermediate)
+    experts_total = len(arch.moe_layers) * arch.num_experts
+    if experts_total == 0:
+        raise ConfigError(f"{path}: the model has no MoE layers")
+    plan = MemoryPlan.build(config.expert_budget, layout.size, experts_total, arch.top_k)
+    root = store_root(path, config.store_dir)
+    store = await asyncio.to_thread(
+        open_or_convert, ckpt, arch, codec, root, mode=config.store_mode, progress=config.progress
+    )
+    model = await asyncio.to_thread(load_dense, ckpt, arch, dtype)
+    tokenizer = _tokenizer(path)
+    policy = make_policy(
+        config.policy, moe_layers=arch.moe_layers, num_layers=arch.num_layers, num_experts=arch.num_experts,
+        top_k=arch.top_k, slots=plan.slots,
+    )
+    predictor = make_predictor(
+        config.prefetch, model, config.prefetch_depth, Path(config.predictor_dir or path), model_signature(ckpt, arch)
+    )
+    tier = FastTier(plan)
+    transfers = AsyncTransfers(workers=config.io_workers)
+    try:
+        cache = ExpertCache(
+            tier, store, transfers, policy, direct=config.direct_io, verify_checksums=config.verify_checksums
+        )
+    except BaseException:
+        await transfers.aclose()
+        raise
+    scheduler = Scheduler(
+        predictor, cache, arch.moe_layers, arch.top_k, config.prefetch_depth, split_budget=config.budget_split == "plec"
+    )
+    if isinstance(policy, PredictedPolicy):
+        policy.upcoming = scheduler.upcoming
+    runner = ModelRunner(model, cache, scheduler)
+    return Session(
+        config, ckpt, arch, dtype, device, store, plan, model, tier, transfers, cache, runner, tokenizer, scheduler
+    )
+
+
+def model_signature(ckpt: Checkpoint, arch: Arch) -> str:
+    """Identifies a model's routing for predictors and traces: family and a hash of its config."""
+    digest = hashlib.sha256(json.dumps(ckpt.config, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{arch.family}:{digest}"
+

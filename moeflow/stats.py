@@ -1,0 +1,115 @@
+"""Statistics records: frozen, readable as attributes or as a mapping, convertible with as_dict()."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from moeflow.memory.cache import CacheCounters
+
+_COUNTERS = (
+    "hits",
+    "misses",
+    "inflight_hits",
+    "loads",
+    "bytes_loaded",
+    "load_seconds",
+    "stall_seconds",
+    "evictions",
+    "prefetch_issued",
+    "prefetch_used",
+    "prefetch_wasted",
+    "prefetch_cancelled",
+    "load_errors",
+)
+
+
+def counters_dict(c: CacheCounters) -> dict[str, Any]:
+    return {name: getattr(c, name) for name in _COUNTERS}
+
+
+class _Record(Mapping[str, Any]):
+    """A frozen mapping of named figures (stats()['hits'] and stats().hits both work)."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        object.__setattr__(self, "_data", dict(data))
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self._data[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is frozen")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self._data)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._data!r})"
+
+
+def _derived(d: dict[str, Any], tokens: int) -> dict[str, Any]:
+    uses = d["hits"] + d["misses"]
+    d["hit_rate"] = d["hits"] / uses if uses else 0.0
+    d["stall_seconds_per_token"] = d["stall_seconds"] / tokens if tokens else 0.0
+    d["bytes_loaded_per_token"] = d["bytes_loaded"] / tokens if tokens else 0.0
+    return d
+
+
+class EngineStats(_Record):
+    """Engine-wide figures since open."""
+
+    @classmethod
+    def build(cls, counters: dict[str, Any], *, tokens: int, **fields: Any) -> EngineStats:
+        d = dict(counters)
+        d["tokens"] = tokens
+        d.update(fields)
+        return cls(_derived(d, tokens))
+
+
+class RequestStats(_Record):
+    """Figures of one request (the steps it ran)."""
+
+    @staticmethod
+    def builder() -> _RequestStatsBuilder:
+        return _RequestStatsBuilder()
+
+
+@dataclass
+class _RequestStatsBuilder:
+    totals: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_COUNTERS, 0))
+    seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    steps: int = 0
+
+    def add_step(self, after: CacheCounters, before: CacheCounters, seconds: float) -> None:
+        for name in _COUNTERS:
+            self.totals[name] += getattr(after, name) - getattr(before, name)
+        if self.steps == 0:
+            self.prefill_seconds = seconds
+        self.seconds += seconds
+        self.steps += 1
+
+    def freeze(self, tokens: int) -> RequestStats:
+        d: dict[str, Any] = dict(self.totals)
+        d["tokens"] = tokens
+        d["seconds"] = self.seconds
+        d["prefill_seconds"] = self.prefill_seconds
+        decode = self.seconds - self.prefill_seconds
+        d["decode_seconds"] = decode
+        d["decode_tokens_per_second"] = (tokens - 1) / decode if tokens > 1 and decode > 0 else 0.0
+        return RequestStats(_derived(d, tokens))
