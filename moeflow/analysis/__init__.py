@@ -1,0 +1,1 @@
+"""Offline analysis of routing: locality metrics, traces, the budget advisor."""

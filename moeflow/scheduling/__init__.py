@@ -1,0 +1,43 @@
+"""Scheduling: predictors of coming experts, the prefetch scheduler, prediction metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from moeflow.errors import ConfigError, PredictorError
+from moeflow.runtime.model import DenseModel
+from moeflow.scheduling import expertflow
+from moeflow.scheduling.predictors import (
+    EAMPredictor,
+    GateLookaheadPredictor,
+    LastTokenPredictor,
+    NoPredictor,
+    Predictor,
+)
+from moeflow.scheduling.scheduler import Scheduler
+
+__all__ = ["Predictor", "Scheduler", "make_predictor"]
+
+
+def make_predictor(name: str, model: DenseModel, depth: int, predictor_dir: Path, signature: str) -> Predictor:
+    """The predictor called `name`; 'auto' is the trained routing predictor when one is saved
+    in `predictor_dir`, else the gate lookahead."""
+    if name == "none":
+        return NoPredictor()
+    if name == "last-token":
+        return LastTokenPredictor(model)
+    if name == "gate-lookahead":
+        return GateLookaheadPredictor(model, depth)
+    if name == "eam":
+        return EAMPredictor(model)
+    if name in ("expertflow", "auto"):
+        trained = expertflow.load(predictor_dir, signature)
+        if trained is not None:
+            return expertflow.ExpertFlowPredictor(trained, str(predictor_dir / expertflow.WEIGHTS))
+        if name == "auto":
+            return GateLookaheadPredictor(model, depth)
+        raise PredictorError(
+            f"{predictor_dir / expertflow.WEIGHTS}: no trained routing predictor; record traces with "
+            f"`moeflow trace` and train one with `moeflow train-predictor`"
+        )
+    raise ConfigError(f"prefetch={name!r}: unknown predictor")

@@ -1,0 +1,192 @@
+"""Expert predictors: from what is known now, which experts will coming layers (and tokens) use.
+
+A Predictor is shared by the engine; `track(prompt)` gives the per-sequence state that sees the
+sequence's steps. Predictions map a MoE layer to (expert, score) pairs, best first.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from moeflow.runtime.model import DenseModel
+
+Prediction = dict[int, list[tuple[int, float]]]  # layer -> [(expert, score)], best first
+
+
+class SequencePredictor(Protocol):
+    def begin_step(self, ids: list[int]) -> Prediction:
+        """The step's input tokens are known; predict any layers of this step (and beyond)."""
+
+    def after_route(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> Prediction:
+        """Layer `layer` routed its gate input x [T, H] to ids [T, K]; predict later layers."""
+
+
+class Predictor(Protocol):
+    name: str
+    wraps: bool  # predicts the next token's layers too (distance wraps around the layer stack)
+
+    def track(self, prompt: list[int]) -> SequencePredictor: ...
+
+
+class _Nothing:
+    def begin_step(self, ids: list[int]) -> Prediction:
+        return {}
+
+    def after_route(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> Prediction:
+        return {}
+
+
+class NoPredictor:
+    """prefetch='none': load on demand only."""
+
+    name = "none"
+    wraps = False
+
+    def track(self, prompt: list[int]) -> SequencePredictor:
+        return _Nothing()
+
+
+def _votes(ids: torch.Tensor, weights: torch.Tensor | None = None) -> list[tuple[int, float]]:
+    """Experts of a [T, K] selection ordered by how many tokens chose them (or summed weight)."""
+    flat = ids.reshape(-1)
+    w = weights.reshape(-1).float() if weights is not None else torch.ones(flat.numel())
+    scores = torch.zeros(int(flat.max()) + 1).index_add_(0, flat, w)
+    order = torch.argsort(scores, descending=True)
+    return [(int(e), float(scores[e])) for e in order if scores[e] > 0]
+
+
+class _LastToken:
+    def __init__(self, moe_layers: tuple[int, ...]) -> None:
+        self.moe_layers = moe_layers
+        self.last: dict[int, list[tuple[int, float]]] = {}
+
+    def begin_step(self, ids: list[int]) -> Prediction:
+        return dict(self.last)
+
+    def after_route(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> Prediction:
+        # The token(s) just routed predict the same experts for the next token at this layer.
+        self.last[layer] = _votes(ids[-1:])
+        return {}
+
+
+class LastTokenPredictor:
+    """prefetch='last-token': the next token uses the experts the previous token used at each layer."""
+
+    name = "last-token"
+    wraps = True
+
+    def __init__(self, model: DenseModel) -> None:
+        self.moe_layers = model.arch.moe_layers
+
+    def track(self, prompt: list[int]) -> SequencePredictor:
+        return _LastToken(self.moe_layers)
+
+
+class _GateLookahead:
+    def __init__(self, owner: GateLookaheadPredictor) -> None:
+        self.owner = owner
+
+    def begin_step(self, ids: list[int]) -> Prediction:
+        return {}
+
+    def after_route(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> Prediction:
+        o = self.owner
+        targets = o.next_layers.get(layer, ())
+        if not targets:
+            return {}
+        weight = o.stacked[layer]  # [d*E, H]: the next d routers in one matrix
+        logits = F.linear(x.to(weight.dtype), weight).float().view(x.shape[0], len(targets), -1)  # [T, d, E]
+        scores = torch.sigmoid(logits) if o.sigmoid else torch.softmax(logits, dim=-1)
+        top = torch.topk(scores, min(o.k + 1, scores.shape[-1]), dim=-1)
+        out: Prediction = {}
+        for i, target in enumerate(targets):
+            out[target] = _votes(top.indices[:, i], top.values[:, i])
+        return out
+
+
+class GateLookaheadPredictor:
+    """prefetch='gate-lookahead' (Fate / HOBBIT): apply the next layers' routers to this layer's
+    gate input, top-(k+1) per token, experts ordered by votes. No training."""
+
+    name = "gate-lookahead"
+    wraps = False
+
+    def __init__(self, model: DenseModel, depth: int) -> None:
+        arch = model.arch
+        self.k = arch.top_k
+        self.sigmoid = arch.router.scoring == "sigmoid"
+        moe = list(arch.moe_layers)
+        routers = {layer.index: layer.router for layer in model.layers if layer.router is not None}
+        self.next_layers: dict[int, tuple[int, ...]] = {}
+        self.stacked: dict[int, torch.Tensor] = {}
+        for pos, layer in enumerate(moe):
+            targets = tuple(moe[pos + 1 : pos + 1 + depth])
+            if targets:
+                self.next_layers[layer] = targets
+                self.stacked[layer] = torch.cat([routers[t].weight for t in targets]).to(model.dtype)
+
+    def track(self, prompt: list[int]) -> SequencePredictor:
+        return _GateLookahead(self)
+
+
+class _EAMTracker:
+    def __init__(self, owner: EAMPredictor) -> None:
+        self.owner = owner
+        self.matrix = torch.zeros(len(owner.moe_layers), owner.num_experts)
+
+    def begin_step(self, ids: list[int]) -> Prediction:
+        return self._predict(-1)
+
+    def after_route(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> Prediction:
+        row = self.owner.row[layer]
+        self.matrix[row].index_add_(0, ids.reshape(-1), torch.ones(ids.numel()))
+        return self._predict(row)
+
+    def _predict(self, row: int) -> Prediction:
+        o = self.owner
+        if not o.history:
+            return {}
+        current = self.matrix.flatten()
+        if current.sum() == 0:
+            best = torch.stack(list(o.history)).sum(0)  # no evidence yet: the pooled history
+        else:
+            stored = torch.stack(list(o.history))  # [N, L*E]
+            sims = F.cosine_similarity(stored, current[None], dim=-1)
+            best = stored[int(torch.argmax(sims))]
+        best = best.view(len(o.moe_layers), o.num_experts)
+        probs = best / best.sum(-1, keepdim=True).clamp(min=1)
+        n = len(o.moe_layers)
+        out: Prediction = {}
+        for i in range(1, n + 1):  # the layers after `row`, wrapping to the next token's
+            target = (row + i) % n
+            weight = 1 - i / (n + 1)
+            scores = (probs[target] + 1e-6) * weight
+            top = torch.topk(scores, o.k + 1)
+            out[o.moe_layers[target]] = [(int(e), float(s)) for e, s in zip(top.indices, top.values, strict=True)]
+        return out
+
+    def finish(self) -> None:
+        if self.matrix.sum() > 0:
+            self.owner.history.append(self.matrix.flatten().clone())
+
+
+class EAMPredictor:
+    """prefetch='eam' (MoE-Infinity): match the request's expert activation matrix (layers x
+    experts counts) against those of past requests by cosine similarity; predict by the match."""
+
+    name = "eam"
+    wraps = True
+
+    def __init__(self, model: DenseModel, capacity: int = 120) -> None:
+        self.moe_layers = model.arch.moe_layers
+        self.row = {layer: i for i, layer in enumerate(self.moe_layers)}
+        self.num_experts = model.arch.num_experts
+        self.k = model.arch.top_k
+        self.history: deque[torch.Tensor] = deque(maxlen=capacity)
+
+    def track(self, prompt: list[int]) -> _EAMTracker:
+        return _EAMTracker(self)

@@ -1,0 +1,182 @@
+"""The prefetch scheduler: turns predictions into prefetch requests, corrects them when routers disagree.
+
+While layer L computes, experts predicted for the next `depth` MoE layers are requested at
+prefetch priority (nearest layer and likeliest expert first). When L's router has chosen, L's
+prefetches that turned out useless are cancelled if still queued, and the misses are left to the
+layer's demand loads. A prefetch never evicts an expert the current layer needs nor one
+predicted for a nearer layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moeflow import _core
+from moeflow.memory.cache import EntryState, ExpertCache
+from moeflow.memory.policies import ExpertKey
+from moeflow.scheduling.metrics import PredictionMetrics
+from moeflow.scheduling.predictors import Prediction, Predictor, SequencePredictor
+
+
+@dataclass
+class _Pending:
+    """The latest prediction for one target layer, and how far ahead it was made."""
+
+    experts: list[tuple[int, float]]
+    distance: int
+    next_token: bool
+
+
+class Scheduler:
+    """Shared by all sequences of an engine; `track(prompt)` gives one sequence's schedule."""
+
+    def __init__(
+        self,
+        predictor: Predictor,
+        cache: ExpertCache,
+        moe_layers: tuple[int, ...],
+        top_k: int,
+        depth: int,
+        *,
+        split_budget: bool = False,
+    ) -> None:
+        self.predictor = predictor
+        self.cache = cache
+        self.moe_layers = moe_layers
+        self.position = {layer: i for i, layer in enumerate(moe_layers)}
+        self.top_k = top_k
+        self.depth = depth
+        self.metrics = PredictionMetrics(depth)
+        self.live: list[SequenceSchedule] = []
+        self.split_budget = split_budget
+        self.demand = dict.fromkeys(moe_layers, float(top_k))
+
+    def track(self, prompt: list[int]) -> SequenceSchedule:
+        schedule = SequenceSchedule(self, self.predictor.track(prompt))
+        self.live.append(schedule)
+        return schedule
+
+    def upcoming(self, key: ExpertKey) -> tuple[int, float] | None:
+        """(MoE layers until some live sequence is predicted to use `key`, its score), or None."""
+        best: tuple[int, float] | None = None
+        for schedule in self.live:
+            found = schedule.upcoming(key)
+            if found is not None and (best is None or found[0] < best[0] or (found[0] == best[0] and found[1] > best[1])):
+                best = found
+        return best
+
+    def observe_demand(self, layer: int, experts: int) -> None:
+        """PLEC: per-layer slots in proportion to (smoothed) demand, at least top_k each."""
+        if not self.split_budget:
+            return
+        self.demand[layer] = 0.9 * self.demand[layer] + 0.1 * experts
+        total = sum(self.demand.values())
+        slots = self.cache.capacity
+        self.cache.set_quotas(
+            {lay: max(self.top_k, round(slots * d / total)) for lay, d in self.demand.items()}
+        )
+
+
+class SequenceSchedule:
+    def __init__(self, scheduler: Scheduler, predictor: SequencePredictor) -> None:
+        self.s = scheduler
+        self.predictor = predictor
+        self.pending: dict[int, _Pending] = {}
+        self.prefetched: dict[int, set[int]] = {}  # target layer -> experts we asked for
+        self.position = -1  # MoE position of the last routed layer in this step (-1: step start)
+
+    # ---- hooks called by the runner ------------------------------------------------------------
+    def begin_step(self, ids: list[int]) -> None:
+        self.position = -1
+        for target in list(self.pending):
+            self.pending[target].next_token = True  # made during the previous token's step
+        self._merge(self.predictor.begin_step(ids), from_position=-1)
+        self._prefetch(current=None)
+
+    def on_route(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> None:
+        """Layer `layer` has routed (before its experts run)."""
+        s = self.s
+        actual = set(ids.reshape(-1).tolist())
+        pending = self.pending.pop(layer, None)
+        if pending is not None:
+            predicted = {e for e, _ in pending.experts[: s.top_k]}
+            s.metrics.record(pending.distance, pending.next_token, predicted, actual)
+        self._correct(layer, actual)
+        s.observe_demand(layer, len(actual))
+        self.position = s.position[layer]
+        self._merge(self.predictor.after_route(layer, x, ids), from_position=self.position)
+        self._prefetch(current=(layer, actual))
+
+    def upcoming(self, key: ExpertKey) -> tuple[int, float] | None:
+        pending = self.pending.get(key[0])
+        if pending is None:
+            return None
+        for e, score in pending.experts:
+            if e == key[1]:
+                return self._distance(self.position, key[0])[0], score
+        return None
+
+    def finish(self) -> None:
+        """The sequence ended: cancel what it alone still has queued."""
+        if self in self.s.live:
+            self.s.live.remove(self)
+        for layer, experts in self.prefetched.items():
+            for e in experts:
+                self.s.cache.cancel_load((layer, e))
+        self.prefetched.clear()
+        finish = getattr(self.predictor, "finish", None)
+        if finish is not None:
+            finish()
+
+    # ---- internals -------------------------------------------------------------------------
+    def _distance(self, from_position: int, target: int) -> tuple[int, bool]:
+        """MoE layers from `from_position` to `target`; wraps into the next token when needed."""
+        n = len(self.s.moe_layers)
+        p = self.s.position[target]
+        if p > from_position:
+            return p - from_position, False
+        return n - from_position + p, True
+
+    def _merge(self, prediction: Prediction, from_position: int) -> None:
+        for target, experts in prediction.items():
+            if not experts:
+                continue
+            distance, wraps = self._distance(from_position, target)
+            if wraps and not self.s.predictor.wraps:
+                continue
+            self.pending[target] = _Pending(experts, distance, False)
+
+    def _correct(self, layer: int, actual: set[int]) -> None:
+        """Drop this layer's useless prefetches that have not started."""
+        asked = self.prefetched.pop(layer, set())
+        for e in asked - actual:
+            entry = self.s.cache.entries.get((layer, e))
+            if entry is not None and entry.state is EntryState.LOADING and entry.prefetched:
+                self.s.cache.cancel_load((layer, e))
+
+    def _prefetch(self, current: tuple[int, set[int]] | None) -> None:
+        s = self.s
+        n = len(s.moe_layers)
+        protect: set[ExpertKey] = set()
+        if current is not None:
+            protect.update((current[0], e) for e in current[1])
+        start = self.position
+        for step in range(1, s.depth + 1):
+            pos = start + step
+            if pos >= n and not s.predictor.wraps:
+                break
+            target = s.moe_layers[pos % n]
+            pending = self.pending.get(target)
+            if pending is None:
+                continue
+            priority = _core.PRIORITY_PREFETCH if step == 1 else _core.PRIORITY_BACKGROUND
+            asked = self.prefetched.setdefault(target, set())
+            for e, _score in pending.experts[: max(s.top_k + 1, len(pending.experts) if step == 1 else 0)]:
+                key = (target, e)
+                protect.add(key)
+                if s.cache.start_load(key, priority, protect):
+                    asked.add(e)
+                elif s.cache.state(key) is None:
+                    return  # no room without evicting something nearer: stop
