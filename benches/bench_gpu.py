@@ -1,0 +1,54 @@
+"""GPU benchmark and kernel compile check.
+
+    python benches/bench_gpu.py --check-compile
+        compiles every kernel for sm_80 and sm_90 with NVRTC (no GPU needed) and prints
+        {"kernels_compiled": N, "failed": M}; exits 1 if any failed. CI runs this.
+
+    python benches/bench_gpu.py [--quick]
+        on a machine with an NVIDIA GPU: one JSON line per configuration (see run_gpu below).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def check_compile(archs: tuple[str, ...]) -> int:
+    from moeflow.runtime import kernels
+
+    compiled = failed = 0
+    failures = []
+    for result in kernels.compile_check(archs):
+        n = len(kernels.entry_points(result.source))
+        if result.ok:
+            compiled += n
+        else:
+            failed += n
+            failures.append({"source": result.source, "arch": result.arch, "log": result.log[-2000:]})
+    line: dict[str, object] = {"kernels_compiled": compiled, "failed": failed, "archs": list(archs)}
+    if failures:
+        line["failures"] = failures
+    print(json.dumps(line))
+    return 1 if failed else 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--check-compile", action="store_true", help="NVRTC-compile every kernel, no GPU needed")
+    ap.add_argument("--archs", default="sm_80,sm_90")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if args.check_compile:
+        return check_compile(tuple(a.strip() for a in args.archs.split(",")))
+    from benches.gpu_runs import run_gpu  # the GPU measurements live beside this script
+
+    return run_gpu(quick=args.quick)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
