@@ -1,0 +1,33 @@
+# Two entry points on a fresh machine (Rust toolchain + Python >= 3.11):
+#   make demo   install moeflow into .venv, synthesize a small MoE checkpoint, generate with 25% of its experts
+#   make test   install with test dependencies, then run cargo test, pytest and the stub/kernel checks
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DEMO   ?= .artifacts/demo-mixtral
+
+.PHONY: demo test install install-test rust-test py-test
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+
+install-test: $(BIN)/python
+	$(BIN)/pip install --quiet -e ".[test,plot]"
+
+demo: install
+	$(BIN)/moeflow synth --arch mixtral --size tiny --out $(DEMO)
+	$(BIN)/moeflow run $(DEMO) --prompt "def fibonacci(n):" --max-new-tokens 32 --expert-budget 25%
+
+rust-test:
+	cargo test --workspace --quiet
+
+py-test: install-test
+	$(BIN)/python -m mypy.stubtest moeflow._core
+	$(BIN)/python benches/bench_gpu.py --check-compile
+	$(BIN)/python -m pytest -q
+
+test: rust-test py-test
