@@ -70,7 +70,7 @@ class Session:
             experts_total=self.plan.experts_total,
             arena_locked=self.tier.arena.locked,
             device=self.device,
-            precision=self.store.precision,
+            expert_precision=self.store.precision,
             policy=self.cache.policy.name,
             prefetch=self.scheduler.predictor.name,
             predictor_source=getattr(self.scheduler.predictor, "source", None),

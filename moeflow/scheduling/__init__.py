@@ -25,7 +25,7 @@ def make_predictor(name: str, model: DenseModel, depth: int, predictor_dir: Path
     if name == "none":
         return NoPredictor()
     if name == "last-token":
-        return LastTokenPredictor(model)
+        return LastTokenPredictor()
     if name == "gate-lookahead":
         return GateLookaheadPredictor(model, depth)
     if name == "eam":

@@ -53,25 +53,26 @@ class RoutingPathModel(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos = nn.Embedding(max(cfg.max_prompt, cfg.window), cfg.d_model)
-        self.core = nn.Transformer(
-            d_model=cfg.d_model, nhead=cfg.heads, num_encoder_layers=cfg.encoder_layers,
-            num_decoder_layers=cfg.decoder_layers, dim_feedforward=cfg.d_ff, dropout=0.1,
-            batch_first=True, norm_first=True,
+        shape = dict(d_model=cfg.d_model, nhead=cfg.heads, dim_feedforward=cfg.d_ff, dropout=0.1,
+                     batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(**shape), cfg.encoder_layers, enable_nested_tensor=False  # type: ignore[arg-type]
         )
+        self.decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(**shape), cfg.decoder_layers)  # type: ignore[arg-type]
         self.head = nn.Linear(cfg.d_model, len(cfg.moe_layers) * cfg.num_experts)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed(ids) + self.pos(torch.arange(ids.shape[1]))[None]
 
     def encode(self, prompt: torch.Tensor, prompt_pad: torch.Tensor | None = None) -> torch.Tensor:
-        return self.core.encoder(self._embed(prompt), src_key_padding_mask=prompt_pad)
+        return self.encoder(self._embed(prompt), src_key_padding_mask=prompt_pad)
 
     def decode(self, memory: torch.Tensor, tokens: torch.Tensor, prompt_pad: torch.Tensor | None = None,
                token_pad: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, L, E] for decoder tokens [B, T] given encoder memory."""
         t = tokens.shape[1]
-        causal = torch.triu(torch.full((t, t), float("-inf")), diagonal=1)
-        out = self.core.decoder(self._embed(tokens), memory, tgt_mask=causal, tgt_key_padding_mask=token_pad,
+        causal = torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)  # True: may not attend
+        out = self.decoder(self._embed(tokens), memory, tgt_mask=causal, tgt_key_padding_mask=token_pad,
                                 memory_key_padding_mask=prompt_pad)
         return self.head(out).view(*tokens.shape, len(self.cfg.moe_layers), self.cfg.num_experts)
 

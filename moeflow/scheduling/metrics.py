@@ -33,11 +33,14 @@ class PredictionMetrics:
     by_distance: dict[int, _Tally] = field(default_factory=dict)
     next_token: _Tally = field(default_factory=_Tally)
 
-    def record(self, distance: int, next_token: bool, predicted: set[int], actual: set[int]) -> None:
-        if next_token:
-            self.next_token.add(predicted, actual)
+    def record(self, distance: int, predicted: set[int], actual: set[int]) -> None:
+        """A prediction made `distance` MoE layers before the layer routed."""
         if 1 <= distance <= self.depth:
             self.by_distance.setdefault(distance, _Tally()).add(predicted, actual)
+
+    def record_next_token(self, predicted: set[int], actual: set[int]) -> None:
+        """A prediction made while the previous token was computed."""
+        self.next_token.add(predicted, actual)
 
     def as_dict(self) -> dict[str, float]:
         out: dict[str, float] = {}

@@ -60,17 +60,13 @@ def _votes(ids: torch.Tensor, weights: torch.Tensor | None = None) -> list[tuple
 
 
 class _LastToken:
-    def __init__(self, moe_layers: tuple[int, ...]) -> None:
-        self.moe_layers = moe_layers
-        self.last: dict[int, list[tuple[int, float]]] = {}
-
     def begin_step(self, ids: list[int]) -> Prediction:
-        return dict(self.last)
+        return {}
 
     def after_route(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> Prediction:
-        # The token(s) just routed predict the same experts for the next token at this layer.
-        self.last[layer] = _votes(ids[-1:])
-        return {}
+        # The token just routed predicts the same experts for the next token at this layer
+        # (one whole layer stack ahead).
+        return {layer: _votes(ids[-1:])}
 
 
 class LastTokenPredictor:
@@ -79,11 +75,8 @@ class LastTokenPredictor:
     name = "last-token"
     wraps = True
 
-    def __init__(self, model: DenseModel) -> None:
-        self.moe_layers = model.arch.moe_layers
-
     def track(self, prompt: list[int]) -> SequencePredictor:
-        return _LastToken(self.moe_layers)
+        return _LastToken()
 
 
 class _GateLookahead:

@@ -9,7 +9,7 @@ predicted for a nearer layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,11 +22,13 @@ from moeflow.scheduling.predictors import Prediction, Predictor, SequencePredict
 
 @dataclass
 class _Pending:
-    """The latest prediction for one target layer, and how far ahead it was made."""
+    """Predictions for one target layer: the latest (what prefetching uses) and, for the
+    metrics, the top-k predicted at each distance and during the previous token."""
 
     experts: list[tuple[int, float]]
     distance: int
-    next_token: bool
+    history: dict[int, set[int]] = field(default_factory=dict)
+    next_token: set[int] | None = None
 
 
 class Scheduler:
@@ -90,8 +92,8 @@ class SequenceSchedule:
     # ---- hooks called by the runner ------------------------------------------------------------
     def begin_step(self, ids: list[int]) -> None:
         self.position = -1
-        for target in list(self.pending):
-            self.pending[target].next_token = True  # made during the previous token's step
+        for pending in self.pending.values():  # what is left was predicted during the previous token
+            pending.next_token = {e for e, _ in pending.experts[: self.s.top_k]}
         self._merge(self.predictor.begin_step(ids), from_position=-1)
         self._prefetch(current=None)
 
@@ -100,9 +102,11 @@ class SequenceSchedule:
         s = self.s
         actual = set(ids.reshape(-1).tolist())
         pending = self.pending.pop(layer, None)
-        if pending is not None:
-            predicted = {e for e, _ in pending.experts[: s.top_k]}
-            s.metrics.record(pending.distance, pending.next_token, predicted, actual)
+        if pending is not None and ids.shape[0] == 1:  # per-token metrics: decode steps only
+            for distance, predicted in pending.history.items():
+                s.metrics.record(distance, predicted, actual)
+            if pending.next_token is not None:
+                s.metrics.record_next_token(pending.next_token, actual)
         self._correct(layer, actual)
         s.observe_demand(layer, len(actual))
         self.position = s.position[layer]
@@ -146,7 +150,11 @@ class SequenceSchedule:
             distance, wraps = self._distance(from_position, target)
             if wraps and not self.s.predictor.wraps:
                 continue
-            self.pending[target] = _Pending(experts, distance, False)
+            pending = self.pending.get(target)
+            if pending is None:
+                pending = self.pending[target] = _Pending(experts, distance)
+            pending.experts, pending.distance = experts, distance
+            pending.history[distance] = {e for e, _ in experts[: self.s.top_k]}
 
     def _correct(self, layer: int, actual: set[int]) -> None:
         """Drop this layer's useless prefetches that have not started."""

@@ -1,0 +1,128 @@
+"""The prefetch scheduler: overlap, correction, protection, metrics, and a free event loop."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeflow import Engine, _core as core
+from moeflow.errors import PredictorError
+from moeflow.scheduling.scheduler import _Pending
+from moeflow.memory.cache import EntryState
+from tests.scheduling.conftest import PROMPTS
+
+
+@pytest.mark.asyncio
+async def test_waiting_for_an_expert_leaves_the_event_loop_free(trained_model: Path) -> None:
+    async with Engine.open(trained_model, device="cpu", expert_budget="20%", prefetch="none") as eng:
+        ticks = 0
+        running = True
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while running:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(ticker())
+        before = ticks
+        res = await eng.generate(eng.encode(PROMPTS[0]), 12, stop_at_eos=False)
+        running = False
+        await task
+        assert res.stats["misses"] > 0
+        # Each miss awaited a transfer; the ticker ran while the step waited.
+        assert ticks - before >= res.stats["misses"] // 2
+
+
+@pytest.mark.asyncio
+async def test_gate_lookahead_predicts_well_and_reports_metrics(trained_model: Path) -> None:
+    async with Engine.open(trained_model, device="cpu", expert_budget="50%", prefetch="gate-lookahead") as eng:
+        for p in PROMPTS[:4]:
+            await eng.generate(eng.encode(p), 16, stop_at_eos=False)
+        s = eng.stats()
+        assert 0.0 < s["precision_1_ahead"] <= 1.0 and 0.0 < s["recall_1_ahead"] <= 1.0
+        assert s["recall_1_ahead"] >= s["recall_2_ahead"] - 0.05  # nearer layers predict better
+        assert s["prefetch_used"] > 0 and 0.0 <= s["overlap_fraction"] <= 1.0
+
+
+@pytest.mark.asyncio
+async def test_last_token_and_eam_predict_the_next_token(trained_model: Path) -> None:
+    for name in ("last-token", "eam"):
+        async with Engine.open(trained_model, device="cpu", expert_budget="50%", prefetch=name) as eng:
+            for p in PROMPTS[:4]:
+                await eng.generate(eng.encode(p), 12, stop_at_eos=False)
+            s = eng.stats()
+            assert s["recall_next_token"] > 0.0, name
+
+
+@pytest.mark.asyncio
+async def test_trained_predictor_is_loaded_and_named_in_stats(predictor_model: Path) -> None:
+    async with Engine.open(predictor_model, device="cpu", expert_budget="50%") as eng:  # prefetch="auto"
+        await eng.generate(eng.encode(PROMPTS[0]), 8, stop_at_eos=False)
+        s = eng.stats()
+        assert s["prefetch"] == "expertflow"
+        assert str(s["predictor_source"]).endswith("routing_predictor.safetensors")
+        assert s["recall_1_ahead"] > 0.0
+
+
+@pytest.mark.asyncio
+async def test_expertflow_without_a_trained_predictor_is_a_clear_error(hf_checkpoints) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(PredictorError, match="moeflow train-predictor"):
+        await Engine.open(hf_checkpoints.path("olmoe"), device="cpu", prefetch="expertflow")
+
+
+@pytest.mark.asyncio
+async def test_predictor_trained_for_another_model_is_refused(predictor_model: Path, hf_checkpoints) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(PredictorError, match="trained for model"):
+        await Engine.open(hf_checkpoints.path("olmoe"), device="cpu", prefetch="expertflow",
+                          predictor_dir=predictor_model)
+
+
+@pytest.mark.asyncio
+async def test_prefetch_never_evicts_pinned_or_protected_experts(trained_model: Path) -> None:
+    async with Engine.open(trained_model, device="cpu", expert_budget="20%", prefetch="none") as eng:
+        cache = eng.session.cache
+        slots = cache.capacity
+        keys = [(layer, e) for layer in eng.session.arch.moe_layers for e in range(16)][: slots + 2]
+        for key in keys[:slots]:
+            await cache.acquire(key)  # pinned, cache full
+        assert not cache.start_load(keys[slots], 1)  # everything pinned: no room, nothing evicted
+        for key in keys[:slots]:
+            cache.release(key)
+        protect = set(keys[:slots])
+        assert not cache.start_load(keys[slots], 1, protect)  # all protected (nearer predictions)
+        assert cache.start_load(keys[slots], 1, set(keys[1:slots]))  # one unprotected victim
+        assert keys[0] not in cache.entries and all(k in cache.entries for k in keys[1:slots])
+        await cache.acquire(keys[slots])
+        cache.release(keys[slots])
+
+
+@pytest.mark.asyncio
+async def test_wrong_prefetches_for_a_layer_are_cancelled_when_it_routes(trained_model: Path, tmp_path: Path) -> None:
+    """With the single I/O worker busy, prefetches queue; the router's choice cancels the useless ones."""
+    async with Engine.open(trained_model, device="cpu", expert_budget="50%", prefetch="none", io_workers=1) as eng:
+        s = eng.session
+        blocker = tmp_path / "busy.bin"
+        blocker.write_bytes(b"\0" * (256 << 20))
+        big = s.transfers.register_file(str(blocker))
+        arena = core.HostArena(256 << 20)
+        own = core.SlabAllocator(arena, 256 << 20, slab_size=256 << 20)
+        handle = own.alloc(own.add_class(256 << 20))
+        busy = s.transfers.submit_read(big, 0, 256 << 20, own, handle, priority=0, direct="never")
+        schedule = s.scheduler.track([1, 2, 3])
+        layer = s.arch.moe_layers[1]
+        wrong = [(e, 1.0) for e in range(4)]
+        schedule.pending[layer] = _Pending(wrong, 1)
+        schedule.position = 0
+        schedule._prefetch(current=None)
+        queued = [k for k, e in s.cache.entries.items() if e.state is EntryState.LOADING]
+        assert {k[1] for k in queued} == {0, 1, 2, 3}
+        schedule.on_route(layer, torch.zeros(1, s.arch.hidden_size, dtype=s.dtype), torch.tensor([[8, 9]]))
+        assert s.cache.counters.prefetch_cancelled == 4
+        assert all((layer, e) not in s.cache.entries for e in range(4))
+        await busy
+        own.free(handle)
+        schedule.finish()
