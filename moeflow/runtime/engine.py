@@ -9,6 +9,7 @@ from moeflow.memory.cache import ExpertCache
 from moeflow.runtime.layers import KVCache, rms_norm, silu_mlp
 from moeflow.runtime.model import DenseModel
 from moeflow.runtime.moe import Routing, run_moe
+from moeflow.runtime.threads import ThreadPlan
 from moeflow.scheduling.scheduler import Scheduler, SequenceSchedule
 
 # T = new tokens, H = hidden, V = vocabulary, K = experts per token.
@@ -41,6 +42,7 @@ class ModelRunner:
         self.cache = cache
         self.scheduler = scheduler
         self.eps = model.arch.rms_norm_eps
+        self.threads = ThreadPlan()
 
     def new_sequence(self, prompt: list[int], *, record: bool = False) -> Sequence:
         schedule = self.scheduler.track(prompt) if self.scheduler is not None else None
@@ -48,7 +50,16 @@ class ModelRunner:
 
     async def forward(self, seq: Sequence, ids: torch.Tensor, *, all_logits: bool = False) -> torch.Tensor:
         """Logits (float32) for the new token ids [T]: [T, V] if all_logits else [1, V] (the last)."""
+        if ids.shape[0] == 1:
+            self.threads.narrow()  # decode: see runtime/threads.py
+        try:
+            return await self._forward(seq, ids, all_logits)
+        finally:
+            self.threads.restore()
+
+    async def _forward(self, seq: Sequence, ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
         m = self.model
+        wide = self.threads.wide
         schedule = seq.schedule
         policy = self.cache.policy
         policy.on_token()
@@ -61,7 +72,8 @@ class ModelRunner:
             x = rms_norm(h, layer.post_norm, self.eps)
             if layer.router is None:
                 assert layer.mlp is not None
-                h = h + silu_mlp(x, layer.mlp.gate_up, layer.mlp.down)
+                with wide():
+                    h = h + silu_mlp(x, layer.mlp.gate_up, layer.mlp.down)
                 continue
             logits = layer.router.logits(x)  # [T, E]
             expert_ids, weights = layer.router.select(logits, x.dtype)  # [T, K]
@@ -70,9 +82,10 @@ class ModelRunner:
                 schedule.on_route(layer.index, x, expert_ids)
             if routes is not None:
                 routes[layer.index] = expert_ids
-            h = h + await run_moe(layer, x, Routing.group(expert_ids, weights), self.cache)
+            h = h + await run_moe(layer, x, Routing.group(expert_ids, weights), self.cache, wide)
         if routes is not None and seq.trace is not None:
             seq.trace.append(routes)
         if not all_logits:
             h = h[-1:]
-        return F.linear(rms_norm(h, m.final_norm, self.eps), m.lm_head).float()
+        with wide():
+            return F.linear(rms_norm(h, m.final_norm, self.eps), m.lm_head).float()

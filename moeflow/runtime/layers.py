@@ -61,6 +61,33 @@ class KVCache:
         self.length = min(self.length, length)
 
 
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+           scale: float) -> torch.Tensor:
+    """Attention of q [N, T, D] over keys/values [KV, S, D*] (N a multiple of KV: query head h
+    reads kv head h // (N / KV)); returns [N, T, Dv]. One query token with no mask (decode)
+    takes a plain matmul-softmax-matmul path: CPU SDPA costs ~4x more for bf16 at that size."""
+    n, t, _ = q.shape
+    kv = keys.shape[0]
+    out_dtype = q.dtype
+    if q.device.type == "cpu":
+        # Small attention products in bf16/fp16 go through oneDNN, which builds a new primitive
+        # for every new key length (every decode step): ~1 ms each. fp32 takes the BLAS path.
+        q, keys, values = q.float(), keys.float(), values.float()
+    if t == 1 and mask is None:
+        grouped = q.view(kv, n // kv, q.shape[-1])  # [KV, G, D]
+        scores = torch.matmul(grouped, keys.transpose(1, 2)) * scale  # [KV, G, S]
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        return torch.matmul(probs, values).view(n, 1, values.shape[-1]).to(out_dtype)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=n != kv)
+    return out.to(out_dtype)
+
+
+def cache_dtype(dtype: torch.dtype, device: str = "cpu") -> torch.dtype:
+    """KV caches on the CPU hold float32 (the same bf16/fp16-rounded values, exactly), so decode
+    attention never converts the whole cache per step (see `attend`)."""
+    return torch.float32 if device == "cpu" else dtype
+
+
 def attention_mask(start: int, t: int, window: int | None) -> torch.Tensor | None:
     """Boolean [T, S] mask (True = attend) for queries at positions start..start+T-1; None when all attend."""
     s = start + t
@@ -93,7 +120,7 @@ class GQAAttention:
 
     def new_cache(self, dtype: torch.dtype) -> KVCache:
         s = self.spec
-        return KVCache(((s.num_kv_heads, s.head_dim), (s.num_kv_heads, s.head_dim)), dtype, seq_dim=1)
+        return KVCache(((s.num_kv_heads, s.head_dim), (s.num_kv_heads, s.head_dim)), cache_dtype(dtype), seq_dim=1)
 
     def __call__(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
         s = self.spec
@@ -115,14 +142,7 @@ class GQAAttention:
         cos, sin = self.rotary.tables(start, t)
         q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
         keys, values = cache.append(k, v)  # [KV, S, D]
-        out = F.scaled_dot_product_attention(
-            q,
-            keys,
-            values,
-            attn_mask=attention_mask(start, t, self.window),
-            scale=s.scaling,
-            enable_gqa=s.num_heads != s.num_kv_heads,
-        )  # [N, T, D]
+        out = attend(q, keys, values, attention_mask(start, t, self.window), s.scaling)  # [N, T, D]
         return F.linear(out.transpose(0, 1).reshape(t, -1), self.o_proj, self.o_bias)
 
 
@@ -162,7 +182,5 @@ class MLAAttention:
         k_nope, values = kv.transpose(0, 1).split((s.qk_nope_head_dim, s.v_head_dim), dim=-1)
         keys = torch.cat((k_nope, k_rots.unsqueeze(0).expand(s.num_heads, -1, -1)), dim=-1)
         query = torch.cat((q_nope, q_rot), dim=-1)
-        out = F.scaled_dot_product_attention(
-            query, keys, values, attn_mask=attention_mask(start, t, None), scale=s.scaling
-        )  # [N, T, v]
+        out = attend(query, keys, values, attention_mask(start, t, None), s.scaling)  # [N, T, v]
         return F.linear(out.transpose(0, 1).reshape(t, -1), w["o_proj"], w.get("o_bias"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -63,7 +65,13 @@ def expert_ffn(weights: ExpertView, x: torch.Tensor) -> torch.Tensor:
     return reference.quantized_expert_ffn(x, weights.tensors, weights.bits, weights.group)
 
 
-async def run_moe(layer: Layer, x: torch.Tensor, routing: Routing, cache: ExpertCache) -> torch.Tensor:
+async def run_moe(
+    layer: Layer,
+    x: torch.Tensor,
+    routing: Routing,
+    cache: ExpertCache,
+    wide: Callable[[], AbstractContextManager[None]] = nullcontext,
+) -> torch.Tensor:
     """The routed-experts output of `layer` for x [T, H] (plus its shared expert).
 
     Experts run in whatever order they become available, but their outputs are summed in
@@ -76,7 +84,9 @@ async def run_moe(layer: Layer, x: torch.Tensor, routing: Routing, cache: Expert
             e, weights = item
             idx = routing.tokens[e]
             w = routing.weights[idx, routing.slots[e], None]  # [n, 1]
-            outputs[e] = (expert_ffn(weights, x[idx]) * w).to(x.dtype)
+            with wide():
+                out = expert_ffn(weights, x[idx])
+            outputs[e] = (out * w).to(x.dtype)
             fetch.release(e)
     finally:
         fetch.close()
@@ -88,5 +98,6 @@ async def run_moe(layer: Layer, x: torch.Tensor, routing: Routing, cache: Expert
         for e in routing.experts:
             out.index_add_(0, routing.tokens[e], outputs[e])
     if layer.mlp is not None:
-        out = out + shared_mlp(layer.mlp, x)
+        with wide():
+            out = out + shared_mlp(layer.mlp, x)
     return out

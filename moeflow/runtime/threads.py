@@ -1,0 +1,43 @@
+"""CPU thread plan of a decode step: small ops on one thread, weight streams on all of them.
+
+On a machine with few cores (often hyperthread siblings), an OpenMP worker that spin-waits
+between tiny ops slows the thread doing the work; decode is hundreds of tiny ops around a few
+large matrix-vector products. So a decode step runs narrow (one thread) and widens only for the
+products that stream a whole weight matrix (experts, dense MLPs, lm_head), where a second
+thread adds memory bandwidth. torch.set_num_threads costs well under a microsecond.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+
+class ThreadPlan:
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads or torch.get_num_threads()
+        self.narrowed = False
+
+    def narrow(self) -> None:
+        if self.threads > 1:
+            torch.set_num_threads(1)
+            self.narrowed = True
+
+    def restore(self) -> None:
+        if self.narrowed:
+            torch.set_num_threads(self.threads)
+            self.narrowed = False
+
+    @contextmanager
+    def wide(self) -> Iterator[None]:
+        """All threads for the enclosed weight-streaming product, if the step is narrowed."""
+        if not self.narrowed:
+            yield
+            return
+        torch.set_num_threads(self.threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(1)
