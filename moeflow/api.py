@@ -145,6 +145,24 @@ class Engine:
         finally:
             seq.finish()
 
+    async def score(self, token_ids: str | Sequence[int] | torch.Tensor, *, stepwise: bool = False) -> torch.Tensor:
+        """Teacher-forced logits [len, vocab] (float32) of a fresh sequence: position i holds the
+        prediction of token i + 1. stepwise=True feeds one token per step, as decoding does (so
+        misses, prefetches and low-precision fallbacks happen as they would while generating)."""
+        if not stepwise:
+            return await self.logits(token_ids)
+        ids = self._prompt_ids(token_ids)
+        session = self.session
+        seq = session.runner.new_sequence(ids[:1])
+        rows = []
+        try:
+            for tok in ids:
+                async with self._step_lock:
+                    rows.append(await session.runner.forward(seq, torch.tensor([tok])))
+        finally:
+            seq.finish()
+        return torch.cat(rows)
+
     async def generate(
         self,
         prompt: str | Sequence[int] | torch.Tensor,

@@ -24,6 +24,8 @@ def _common_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--direct-io", default="auto", choices=("auto", "require", "never"), help="O_DIRECT store reads")
     p.add_argument("--store-dir", default=None, help="where the expert store lives (default DIR/.moeflow)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--precision", default=None, help="run experts from this store precision (e.g. int4)")
+    p.add_argument("--miss-precision", default=None, help="HOBBIT: low-precision copies on unimportant misses")
 
 
 def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -36,6 +38,8 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "direct_io": args.direct_io,
         "store_dir": args.store_dir,
         "threads": args.threads,
+        "precision": args.precision,
+        "miss_precision": args.miss_precision,
         "progress": not getattr(args, "json", False),
     }
 
@@ -75,7 +79,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     for precision in precisions:
         started = time.perf_counter()
         store = open_or_convert(
-            ckpt, arch, codec_for(precision.strip()), root, mode="rebuild" if args.force else "auto", progress=True
+            ckpt, arch, codec_for(precision.strip(), args.group_size), root,
+            mode="rebuild" if args.force else "auto", progress=True,
         )
         print(f"{store.path}: {len(store.manifest.crc32)} experts, {store.blob_size} bytes each "
               f"({time.perf_counter() - started:.1f}s)")
@@ -251,7 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="build (or check) the expert store of a checkpoint")
     p.add_argument("model")
-    p.add_argument("--precision", default=None, help="comma-separated store precisions (default: checkpoint dtype)")
+    p.add_argument("--precision", default=None,
+                   help="comma-separated store precisions: bfloat16, float16, float32, int8, int4, int2 "
+                        "(a group size may be given as int4-g64; default: the checkpoint's dtype)")
+    p.add_argument("--group-size", type=int, default=None, help="quantization group size (default 64; int2: 32)")
     p.add_argument("--store-dir", default=None)
     p.add_argument("--force", action="store_true", help="rebuild even when a valid store exists")
     p.set_defaults(func=cmd_convert)

@@ -130,6 +130,11 @@ class EngineConfig:
     verify_checksums: bool = True
     progress: bool = False
     threads: int | None = None
+    precision: str | None = None  # expert store precision: None = the compute dtype; 'int8', 'int4-g64', ...
+    group_size: int | None = None  # quantization group size (default per precision)
+    miss_precision: str | None = None  # HOBBIT: a low-precision copy for unimportant misses (off: exact)
+    miss_thresholds: tuple[float, float] = (0.6, 0.9)  # (T1, T2) on the cumulative gate weight
+    low_precision_share: float = 0.25  # share of expert_budget given to the low-precision cache
 
     @classmethod
     def from_user(cls, **kw: Any) -> EngineConfig:
@@ -168,6 +173,29 @@ class EngineConfig:
         for name in ("store_dir", "predictor_dir"):
             if kw.get(name) is not None:
                 out[name] = os.fspath(kw[name])
+        for name in ("precision", "miss_precision"):
+            if kw.get(name) is not None:
+                from moeflow.store.codecs import codec_for
+
+                codec_for(str(kw[name]), kw.get("group_size"))  # raises ConfigError naming the value
+                out[name] = str(kw[name])
+        if kw.get("group_size") is not None:
+            out["group_size"] = _positive_int("group_size", kw["group_size"])
+        if "miss_thresholds" in kw:
+            t = kw["miss_thresholds"]
+            if (
+                not isinstance(t, (tuple, list))
+                or len(t) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in t)
+                or not 0 <= t[0] <= t[1] <= 1
+            ):
+                raise ConfigError(f"miss_thresholds={t!r}: expected (T1, T2) with 0 <= T1 <= T2 <= 1")
+            out["miss_thresholds"] = (float(t[0]), float(t[1]))
+        if "low_precision_share" in kw:
+            share = kw["low_precision_share"]
+            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1:
+                raise ConfigError(f"low_precision_share={share!r}: expected a fraction in (0, 1)")
+            out["low_precision_share"] = float(share)
         for name in ("verify_checksums", "progress"):
             if name in kw:
                 if not isinstance(kw[name], bool):

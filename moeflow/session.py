@@ -13,18 +13,19 @@ import torch
 from tokenizers import Tokenizer
 
 from moeflow import _core
-from moeflow.config import EngineConfig, MemoryPlan
+from moeflow.config import Budget, EngineConfig, MemoryPlan
 from moeflow.errors import CheckpointError, ConfigError, CudaUnavailable
 from moeflow.memory.aio import AsyncTransfers
 from moeflow.memory.cache import CacheCounters, ExpertCache
-from moeflow.memory.policies import PredictedPolicy, make_policy
+from moeflow.memory.policies import LRUPolicy, PredictedPolicy, make_policy
 from moeflow.memory.tiers import FastTier
 from moeflow.models import Arch, Checkpoint, parse_arch
 from moeflow.runtime.engine import ModelRunner
+from moeflow.runtime.moe import MissPrecision
 from moeflow.runtime.model import DenseModel, load_dense
 from moeflow.scheduling import Scheduler, make_predictor
 from moeflow.stats import EngineStats, counters_dict
-from moeflow.store import ExpertStore, codec_for, open_or_convert, store_root
+from moeflow.store import Codec, ExpertStore, codec_for, open_or_convert, store_root
 from moeflow.store.layout import DTYPE_NAMES
 
 
@@ -46,6 +47,7 @@ class Session:
     runner: ModelRunner
     tokenizer: Tokenizer | None
     scheduler: Scheduler
+    low_cache: ExpertCache | None = None
     tokens_generated: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -59,7 +61,7 @@ class Session:
             counters_dict(self.cache.counters),
             tokens=self.tokens_generated,
             requests=requests,
-            pinned_blocks=self.cache.pinned_blocks(),  # pinned by layers computing with them
+            pinned_blocks=self.cache.pinned_blocks() + (self.low_cache.pinned_blocks() if self.low_cache else 0),
             transfer_pinned_blocks=alloc.pinned_blocks,  # pinned by loads in flight
             loads_in_flight=self.cache.loading(),
             blocks_in_use=alloc.live_blocks,
@@ -77,11 +79,17 @@ class Session:
             prefetch_depth=self.scheduler.depth,
             budget_split=self.config.budget_split,
             overlap_fraction=overlap_fraction(self.cache.counters),
+            low_precision_uses=self.runner.precision_counters.low_precision_uses,
+            skipped_experts=self.runner.precision_counters.skipped_experts,
+            low_precision_bytes_loaded=self.low_cache.counters.bytes_loaded if self.low_cache else 0,
+            miss_precision=self.config.miss_precision,
             **self.scheduler.metrics.as_dict(),
         )
 
     async def aclose(self) -> None:
         await self.cache.aclose()
+        if self.low_cache is not None:
+            await self.low_cache.aclose()
         await self.transfers.aclose()
         self.checkpoint.close()
 
@@ -122,16 +130,21 @@ async def open_session(path: Path, config: EngineConfig) -> Session:
     ckpt = await asyncio.to_thread(Checkpoint, path)
     arch = parse_arch(ckpt)
     dtype = config.dtype or arch.dtype
-    codec = codec_for(DTYPE_NAMES[dtype])
+    codec = codec_for(config.precision or DTYPE_NAMES[dtype], config.group_size)
     layout = codec.layout(arch.hidden_size, arch.expert_intermediate)
     experts_total = len(arch.moe_layers) * arch.num_experts
     if experts_total == 0:
         raise ConfigError(f"{path}: the model has no MoE layers")
-    plan = MemoryPlan.build(config.expert_budget, layout.size, experts_total, arch.top_k)
+    plan, low_plan, low_codec = _plans(config, codec, arch, experts_total)
     root = store_root(path, config.store_dir)
     store = await asyncio.to_thread(
         open_or_convert, ckpt, arch, codec, root, mode=config.store_mode, progress=config.progress
     )
+    low_store = None
+    if low_codec is not None:
+        low_store = await asyncio.to_thread(
+            open_or_convert, ckpt, arch, low_codec, root, mode=config.store_mode, progress=config.progress
+        )
     model = await asyncio.to_thread(load_dense, ckpt, arch, dtype)
     tokenizer = _tokenizer(path)
     policy = make_policy(
@@ -143,10 +156,16 @@ async def open_session(path: Path, config: EngineConfig) -> Session:
     )
     tier = FastTier(plan)
     transfers = AsyncTransfers(workers=config.io_workers)
+    low_cache = None
     try:
         cache = ExpertCache(
             tier, store, transfers, policy, direct=config.direct_io, verify_checksums=config.verify_checksums
         )
+        if low_plan is not None and low_store is not None:
+            low_cache = ExpertCache(
+                FastTier(low_plan), low_store, transfers, LRUPolicy(), direct=config.direct_io,
+                verify_checksums=config.verify_checksums,
+            )
     except BaseException:
         await transfers.aclose()
         raise
@@ -155,10 +174,37 @@ async def open_session(path: Path, config: EngineConfig) -> Session:
     )
     if isinstance(policy, PredictedPolicy):
         policy.upcoming = scheduler.upcoming
-    runner = ModelRunner(model, cache, scheduler)
+    miss = None
+    if low_cache is not None:
+        miss = MissPrecision(config.miss_thresholds[0], config.miss_thresholds[1], low_cache)
+    runner = ModelRunner(model, cache, scheduler, miss)
     return Session(
-        config, ckpt, arch, dtype, device, store, plan, model, tier, transfers, cache, runner, tokenizer, scheduler
+        config, ckpt, arch, dtype, device, store, plan, model, tier, transfers, cache, runner, tokenizer, scheduler,
+        low_cache,
     )
+
+
+def _plans(
+    config: EngineConfig, codec: Codec, arch: Arch, experts_total: int
+) -> tuple[MemoryPlan, MemoryPlan | None, Codec | None]:
+    """The fast tier's plan; with miss_precision, the budget split between the high- and the
+    low-precision caches (each must hold the top-k experts of one layer)."""
+    block = codec.layout(arch.hidden_size, arch.expert_intermediate).size
+    if config.miss_precision is None:
+        return MemoryPlan.build(config.expert_budget, block, experts_total, arch.top_k), None, None
+    low_codec = codec_for(config.miss_precision, config.group_size)
+    low_block = low_codec.layout(arch.hidden_size, arch.expert_intermediate).size
+    total = config.expert_budget.resolve(block * experts_total)
+    low_bytes = int(total * config.low_precision_share)
+    try:
+        plan = MemoryPlan.build(Budget(bytes=total - low_bytes), block, experts_total, arch.top_k)
+        low_plan = MemoryPlan.build(Budget(bytes=low_bytes), low_block, experts_total, arch.top_k)
+    except ConfigError as e:
+        raise ConfigError(
+            f"expert_budget={config.expert_budget} split {1 - config.low_precision_share:.0%} high / "
+            f"{config.low_precision_share:.0%} low precision ({config.miss_precision}): {e}"
+        ) from e
+    return plan, low_plan, low_codec
 
 
 def model_signature(ckpt: Checkpoint, arch: Arch) -> str:

@@ -21,6 +21,10 @@ from moeflow.store.store import ExpertStore
 
 DEMAND = _core.PRIORITY_DEMAND
 PREFETCH = _core.PRIORITY_PREFETCH
+# A speculative load may only evict an expert idle for this many steps (not used by the step
+# running nor the one before): recent experts are the likeliest to be needed again, and
+# trading them for a guess thrashes a small cache.
+SPECULATIVE_MIN_IDLE_STEPS = 2
 
 
 class EntryState(enum.Enum):
@@ -39,6 +43,7 @@ class Entry:
     prefetched: bool = False  # loaded ahead of need and not used yet
     priority: int = DEMAND
     submitted: float = 0.0
+    last_step: int = -1  # the step that last used (or loaded) it
 
 
 @dataclass
@@ -91,6 +96,7 @@ class ExpertCache:
         self._views: dict[int, ExpertView] = {}
         self.quotas: dict[int, int] = {}
         self.layer_count: dict[int, int] = {}
+        self.step = 0
 
     # ---- queries -------------------------------------------------------------------------
     @property
@@ -103,6 +109,10 @@ class ExpertCache:
 
     def resident(self) -> list[ExpertKey]:
         return [k for k, e in self.entries.items() if e.state is EntryState.READY]
+
+    def begin_step(self) -> None:
+        """A forward step begins (for the recency of speculative evictions)."""
+        self.step += 1
 
     def loading(self) -> int:
         return sum(1 for e in self.entries.values() if e.state is EntryState.LOADING)
@@ -122,6 +132,7 @@ class ExpertCache:
         """Pin a READY entry for use by the current layer and count the use as a hit or a miss."""
         assert entry.state is EntryState.READY and entry.weights is not None
         entry.pins += 1
+        entry.last_step = self.step
         if hit:
             self.counters.hits += 1
         else:
@@ -196,9 +207,11 @@ class ExpertCache:
             if entry.state is EntryState.LOADING and priority < entry.priority:
                 self._promote(entry, priority)
             return False
-        if not self._room_now(protect_set(protect, key)):
+        speculative = priority != DEMAND
+        min_idle = SPECULATIVE_MIN_IDLE_STEPS if speculative else 0
+        if not self._room_now(protect_set(protect, key), min_idle):
             return False
-        self._submit(key, priority, prefetched=priority != DEMAND)
+        self._submit(key, priority, prefetched=speculative)
         return True
 
     def cancel_load(self, key: ExpertKey) -> bool:
@@ -253,6 +266,7 @@ class ExpertCache:
             return
         completion = ticket.completion()
         entry.state = EntryState.READY
+        entry.last_step = self.step
         entry.weights = self._weights(entry.handle)
         self.counters.loads += 1
         self.counters.bytes_loaded += completion.bytes
@@ -281,25 +295,32 @@ class ExpertCache:
             entry.priority = priority
 
     # ---- room ----------------------------------------------------------------------------
-    def _evictable(self, protect: set[ExpertKey]) -> Evictable:
+    def _evictable(self, protect: set[ExpertKey], min_idle: int = 0) -> Evictable:
         def check(key: ExpertKey) -> bool:
             e = self.entries.get(key)
-            return e is not None and e.state is EntryState.READY and e.pins == 0 and key not in protect
+            return (
+                e is not None
+                and e.state is EntryState.READY
+                and e.pins == 0
+                and key not in protect
+                and self.step - e.last_step >= min_idle
+            )
 
         return check
 
-    def _room_now(self, protect: set[ExpertKey]) -> bool:
-        """Make one block available without waiting: free space, or evict an unprotected resident."""
+    def _room_now(self, protect: set[ExpertKey], min_idle: int = 0) -> bool:
+        """Make one block available without waiting: free space, or evict an unprotected
+        resident idle for at least `min_idle` steps."""
         if len(self.entries) < self.capacity:
             return True
-        victim = self._victim(protect)
+        victim = self._victim(protect, min_idle)
         if victim is None:
             return False
         self.evict(victim)
         return True
 
-    def _victim(self, protect: set[ExpertKey]) -> ExpertKey | None:
-        evictable = self._evictable(protect)
+    def _victim(self, protect: set[ExpertKey], min_idle: int = 0) -> ExpertKey | None:
+        evictable = self._evictable(protect, min_idle)
         if self.quotas:
             # PLEC: take from a layer holding more than its share of the budget, if possible.
             over = {layer for layer, n in self.layer_count.items() if n > self.quotas.get(layer, 0)}

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from moeflow.memory.cache import ExpertCache
 from moeflow.runtime.layers import KVCache, rms_norm, silu_mlp
 from moeflow.runtime.model import DenseModel
-from moeflow.runtime.moe import Routing, run_moe
+from moeflow.runtime.moe import MissPrecision, PrecisionCounters, Routing, run_moe
 from moeflow.runtime.threads import ThreadPlan
 from moeflow.scheduling.scheduler import Scheduler, SequenceSchedule
 
@@ -37,10 +37,18 @@ class Sequence:
 class ModelRunner:
     """Executes forward steps; experts come from the cache, everything else is resident."""
 
-    def __init__(self, model: DenseModel, cache: ExpertCache, scheduler: Scheduler | None = None) -> None:
+    def __init__(
+        self,
+        model: DenseModel,
+        cache: ExpertCache,
+        scheduler: Scheduler | None = None,
+        miss: MissPrecision | None = None,
+    ) -> None:
         self.model = model
         self.cache = cache
         self.scheduler = scheduler
+        self.miss = miss
+        self.precision_counters = PrecisionCounters()
         self.eps = model.arch.rms_norm_eps
         self.threads = ThreadPlan()
 
@@ -63,6 +71,7 @@ class ModelRunner:
         schedule = seq.schedule
         policy = self.cache.policy
         policy.on_token()
+        self.cache.begin_step()
         if schedule is not None:
             schedule.begin_step(ids.tolist())
         routes: dict[int, torch.Tensor] | None = {} if seq.trace is not None else None
@@ -72,7 +81,7 @@ class ModelRunner:
             x = rms_norm(h, layer.post_norm, self.eps)
             if layer.router is None:
                 assert layer.mlp is not None
-                with wide():
+                with wide(layer.mlp.nbytes):
                     h = h + silu_mlp(x, layer.mlp.gate_up, layer.mlp.down)
                 continue
             logits = layer.router.logits(x)  # [T, E]
@@ -82,10 +91,11 @@ class ModelRunner:
                 schedule.on_route(layer.index, x, expert_ids)
             if routes is not None:
                 routes[layer.index] = expert_ids
-            h = h + await run_moe(layer, x, Routing.group(expert_ids, weights), self.cache, wide)
+            routing = Routing.group(expert_ids, weights)
+            h = h + await run_moe(layer, x, routing, self.cache, wide, self.miss, self.precision_counters)
         if routes is not None and seq.trace is not None:
             seq.trace.append(routes)
         if not all_logits:
             h = h[-1:]
-        with wide():
+        with wide(m.lm_head.nbytes):
             return F.linear(rms_norm(h, m.final_norm, self.eps), m.lm_head).float()

@@ -21,6 +21,10 @@ class SharedMLP:
     down: torch.Tensor  # [H, I]
     gate: torch.Tensor | None = None  # [1, H]: Qwen2-MoE scales the output by sigmoid(x @ gate)
 
+    @property
+    def nbytes(self) -> int:
+        return self.gate_up.nbytes + self.down.nbytes
+
 
 @dataclass
 class Layer:

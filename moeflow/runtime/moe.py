@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moeflow.memory.cache import ExpertCache
+from moeflow.memory.cache import EntryState, ExpertCache
 from moeflow.memory.fetch import LayerFetch
 from moeflow.runtime import reference
 from moeflow.runtime.layers import silu_mlp
@@ -17,6 +17,9 @@ from moeflow.runtime.model import Layer, SharedMLP
 from moeflow.store.layout import ExpertView
 
 # T = tokens of the step, K = experts per token, H = hidden, E = experts in the layer.
+
+
+_SLOTS = [torch.tensor([i]) for i in range(64)]  # index tensors of one-token steps, made once
 
 
 @dataclass(frozen=True)
@@ -34,10 +37,9 @@ class Routing:
         t, k = ids.shape
         if t == 1:
             chosen = ids[0].tolist()
-            zero = torch.zeros(1, dtype=torch.long)
-            experts = sorted(set(chosen))
-            slots = {e: torch.tensor([chosen.index(e)]) for e in experts}
-            return Routing(ids, weights, experts, {e: zero for e in experts}, slots)
+            experts = sorted(chosen)
+            slots = {e: _SLOTS[chosen.index(e)] for e in experts}
+            return Routing(ids, weights, experts, {e: _SLOTS[0] for e in experts}, slots)
         flat = ids.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=int(flat.max()) + 1).tolist()
@@ -65,39 +67,111 @@ def expert_ffn(weights: ExpertView, x: torch.Tensor) -> torch.Tensor:
     return reference.quantized_expert_ffn(x, weights.tensors, weights.bits, weights.group)
 
 
-async def run_moe(
-    layer: Layer,
+@dataclass(frozen=True)
+class MissPrecision:
+    """HOBBIT: on a miss, an expert whose unimportance s (the summed normalized gate weight of
+    the token's experts ranked above it) is <= t1 is loaded in high precision, t1 < s <= t2 runs
+    a low-precision copy, s > t2 is skipped. The top-1 expert (s = 0) is always high precision."""
+
+    t1: float
+    t2: float
+    low_cache: ExpertCache
+
+
+@dataclass
+class PrecisionCounters:
+    low_precision_uses: int = 0
+    skipped_experts: int = 0
+
+
+def unimportance(routing: Routing) -> dict[int, float]:
+    """Per expert, the smallest HOBBIT unimportance over the tokens routed to it."""
+    w = routing.weights.float()
+    w = w / w.sum(-1, keepdim=True).clamp(min=1e-20)  # [T, K]
+    order = torch.argsort(w, dim=-1, descending=True)
+    ranked = w.gather(-1, order)
+    s = torch.empty_like(w).scatter_(-1, order, torch.cumsum(ranked, -1) - ranked)
+    return {e: float(s[routing.tokens[e], routing.slots[e]].min()) for e in routing.experts}
+
+
+def _split_by_precision(
+    layer: int, routing: Routing, cache: ExpertCache, miss: MissPrecision
+) -> tuple[list[int], list[int], list[int]]:
+    """(high, low, skipped) experts of a layer; only misses are ever degraded."""
+    s = unimportance(routing)
+    high, low, skipped = [], [], []
+    for e in routing.experts:
+        key = (layer, e)
+        if cache.state(key) is EntryState.READY or s[e] <= miss.t1:
+            high.append(e)
+        elif miss.low_cache.state(key) is EntryState.READY or s[e] <= miss.t2:
+            low.append(e)
+        else:
+            skipped.append(e)
+    return high, low, skipped
+
+
+async def _run_fetch(
+    fetch: LayerFetch,
     x: torch.Tensor,
     routing: Routing,
-    cache: ExpertCache,
-    wide: Callable[[], AbstractContextManager[None]] = nullcontext,
-) -> torch.Tensor:
-    """The routed-experts output of `layer` for x [T, H] (plus its shared expert).
-
-    Experts run in whatever order they become available, but their outputs are summed in
-    ascending expert order, so the result is the same bits at every budget and prefetch."""
-    outputs: dict[int, torch.Tensor] = {}
-    fetch = LayerFetch(cache, layer.index, routing.experts)
+    outputs: dict[int, torch.Tensor],
+    wide: Callable[[int], AbstractContextManager[None]],
+) -> None:
     fetch.start()
     try:
         while (item := await fetch.next()) is not None:
             e, weights = item
             idx = routing.tokens[e]
             w = routing.weights[idx, routing.slots[e], None]  # [n, 1]
-            with wide():
+            with wide(weights.nbytes):
                 out = expert_ffn(weights, x[idx])
             outputs[e] = (out * w).to(x.dtype)
             fetch.release(e)
     finally:
         fetch.close()
+
+
+async def run_moe(
+    layer: Layer,
+    x: torch.Tensor,
+    routing: Routing,
+    cache: ExpertCache,
+    wide: Callable[[int], AbstractContextManager[None]] = lambda nbytes: nullcontext(),
+    miss: MissPrecision | None = None,
+    counters: PrecisionCounters | None = None,
+) -> torch.Tensor:
+    """The routed-experts output of `layer` for x [T, H] (plus its shared expert).
+
+    Experts run in whatever order they become available, but their outputs are summed in
+    ascending expert order, so the result is the same bits at every budget and prefetch
+    (unless `miss` allows low-precision copies and skips)."""
+    outputs: dict[int, torch.Tensor] = {}
+    if miss is None:
+        await _run_fetch(LayerFetch(cache, layer.index, routing.experts), x, routing, outputs, wide)
+    else:
+        high, low, skipped = _split_by_precision(layer.index, routing, cache, miss)
+        high_fetch = LayerFetch(cache, layer.index, high)
+        low_fetch = LayerFetch(miss.low_cache, layer.index, low)
+        low_fetch.start()  # low copies load while the high-precision experts run
+        try:
+            await _run_fetch(high_fetch, x, routing, outputs, wide)
+            await _run_fetch(low_fetch, x, routing, outputs, wide)
+        finally:
+            low_fetch.close()
+        if counters is not None:
+            counters.low_precision_uses += len(low)
+            counters.skipped_experts += len(skipped)
     out = torch.zeros_like(x)
     if x.shape[0] == 1:
         for e in routing.experts:
-            out += outputs[e]
+            if e in outputs:
+                out += outputs[e]
     else:
         for e in routing.experts:
-            out.index_add_(0, routing.tokens[e], outputs[e])
+            if e in outputs:
+                out.index_add_(0, routing.tokens[e], outputs[e])
     if layer.mlp is not None:
-        with wide():
+        with wide(layer.mlp.nbytes):
             out = out + shared_mlp(layer.mlp, x)
     return out

@@ -15,6 +15,10 @@ from contextlib import contextmanager
 import torch
 
 
+# Below this many weight bytes a product is over before a second thread helps.
+WIDE_MIN_BYTES = 2 << 20
+
+
 class ThreadPlan:
     def __init__(self, threads: int | None = None) -> None:
         self.threads = threads or torch.get_num_threads()
@@ -31,9 +35,10 @@ class ThreadPlan:
             self.narrowed = False
 
     @contextmanager
-    def wide(self) -> Iterator[None]:
-        """All threads for the enclosed weight-streaming product, if the step is narrowed."""
-        if not self.narrowed:
+    def wide(self, weight_bytes: int = WIDE_MIN_BYTES) -> Iterator[None]:
+        """All threads for the enclosed product of `weight_bytes` of weights, if the step is
+        narrowed and the weights are large enough to gain from it."""
+        if not self.narrowed or weight_bytes < WIDE_MIN_BYTES:
             yield
             return
         torch.set_num_threads(self.threads)

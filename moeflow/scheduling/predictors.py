@@ -52,11 +52,14 @@ class NoPredictor:
 
 def _votes(ids: torch.Tensor, weights: torch.Tensor | None = None) -> list[tuple[int, float]]:
     """Experts of a [T, K] selection ordered by how many tokens chose them (or summed weight)."""
-    flat = ids.reshape(-1)
-    w = weights.reshape(-1).float() if weights is not None else torch.ones(flat.numel())
-    scores = torch.zeros(int(flat.max()) + 1).index_add_(0, flat, w)
-    order = torch.argsort(scores, descending=True)
-    return [(int(e), float(scores[e])) for e in order if scores[e] > 0]
+    if ids.shape[0] == 1:  # one token: its own ranking (the common decode case, kept cheap)
+        w = weights[0].tolist() if weights is not None else [1.0] * ids.shape[1]
+        return sorted(zip(ids[0].tolist(), w, strict=True), key=lambda p: -p[1])
+    scores: dict[int, float] = {}
+    flat_w = weights.reshape(-1).tolist() if weights is not None else None
+    for i, e in enumerate(ids.reshape(-1).tolist()):
+        scores[e] = scores.get(e, 0.0) + (flat_w[i] if flat_w is not None else 1.0)
+    return sorted(scores.items(), key=lambda p: -p[1])
 
 
 class _LastToken:

@@ -181,7 +181,8 @@ class SequenceSchedule:
                 continue
             priority = _core.PRIORITY_PREFETCH if step == 1 else _core.PRIORITY_BACKGROUND
             asked = self.prefetched.setdefault(target, set())
-            for e, _score in pending.experts[: max(s.top_k + 1, len(pending.experts) if step == 1 else 0)]:
+            # the next layer: the top-(k+1) guesses; farther layers: the top-k
+            for e, _score in pending.experts[: s.top_k + 1 if step == 1 else s.top_k]:
                 key = (target, e)
                 protect.add(key)
                 if s.cache.start_load(key, priority, protect):

@@ -59,6 +59,10 @@ class ExpertView:
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.tensors[name]
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
 
 @dataclass(frozen=True)
 class BlobLayout:
