@@ -120,11 +120,14 @@ class EngineConfig:
     prefetch: str = "auto"  # auto: expertflow when a trained predictor is present, else gate-lookahead
     policy: str = "lru"
     prefetch_depth: int = 2  # MoE layers ahead
+    prefetch_width: int | None = None  # guesses loaded for the next layer (default top_k)
+    max_speculative_loads: int | None = None  # speculative loads in flight at once (default top_k)
     budget_split: str = "pooled"
     predictor_dir: str | None = None  # where a trained routing predictor lives (default: the model dir)
     dtype: torch.dtype | None = None  # compute dtype; None = the checkpoint's
     direct_io: Literal["auto", "require", "never"] = "auto"
     io_workers: int = 4
+    io_chunk: int = 4 << 20  # largest part of one read: a demand read waits for at most one part
     store_dir: str | None = None
     store_mode: str = "auto"
     verify_checksums: bool = True
@@ -168,6 +171,14 @@ class EngineConfig:
         for name in ("io_workers", "prefetch_depth"):
             if name in kw:
                 out[name] = _positive_int(name, kw[name])
+        for name in ("prefetch_width", "max_speculative_loads"):
+            if kw.get(name) is not None:
+                out[name] = _positive_int(name, kw[name])
+        if "io_chunk" in kw:
+            chunk = parse_size(kw["io_chunk"], "io_chunk")
+            if chunk < 4096 or chunk % 4096:
+                raise ConfigError(f"io_chunk={kw['io_chunk']!r}: expected a positive multiple of 4 KiB")
+            out["io_chunk"] = chunk
         if kw.get("threads") is not None:
             out["threads"] = _positive_int("threads", kw["threads"])
         for name in ("store_dir", "predictor_dir"):

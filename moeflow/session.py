@@ -155,7 +155,7 @@ async def open_session(path: Path, config: EngineConfig) -> Session:
         config.prefetch, model, config.prefetch_depth, Path(config.predictor_dir or path), model_signature(ckpt, arch)
     )
     tier = FastTier(plan)
-    transfers = AsyncTransfers(workers=config.io_workers)
+    transfers = AsyncTransfers(workers=config.io_workers, chunk_size=config.io_chunk)
     low_cache = None
     try:
         cache = ExpertCache(
@@ -170,7 +170,14 @@ async def open_session(path: Path, config: EngineConfig) -> Session:
         await transfers.aclose()
         raise
     scheduler = Scheduler(
-        predictor, cache, arch.moe_layers, arch.top_k, config.prefetch_depth, split_budget=config.budget_split == "plec"
+        predictor,
+        cache,
+        arch.moe_layers,
+        arch.top_k,
+        config.prefetch_depth,
+        split_budget=config.budget_split == "plec",
+        next_width=config.prefetch_width or arch.top_k,
+        max_speculative=config.max_speculative_loads or arch.top_k,
     )
     if isinstance(policy, PredictedPolicy):
         policy.upcoming = scheduler.upcoming

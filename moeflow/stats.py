@@ -94,6 +94,7 @@ class _RequestStatsBuilder:
     totals: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_COUNTERS, 0))
     seconds: float = 0.0
     prefill_seconds: float = 0.0
+    prefill: dict[str, float] = field(default_factory=dict)
     steps: int = 0
 
     def add_step(self, after: CacheCounters, before: CacheCounters, seconds: float) -> None:
@@ -101,6 +102,7 @@ class _RequestStatsBuilder:
             self.totals[name] += getattr(after, name) - getattr(before, name)
         if self.steps == 0:
             self.prefill_seconds = seconds
+            self.prefill = dict(self.totals)
         self.seconds += seconds
         self.steps += 1
 
@@ -112,4 +114,12 @@ class _RequestStatsBuilder:
         decode = self.seconds - self.prefill_seconds
         d["decode_seconds"] = decode
         d["decode_tokens_per_second"] = (tokens - 1) / decode if tokens > 1 and decode > 0 else 0.0
+        # The decode steps alone (the prefill step loads most experts of every layer):
+        decoded = max(tokens - 1, 0)
+        for name in ("hits", "misses", "stall_seconds", "bytes_loaded"):
+            d[f"decode_{name}"] = d[name] - self.prefill.get(name, 0)
+        uses = d["decode_hits"] + d["decode_misses"]
+        d["decode_hit_rate"] = d["decode_hits"] / uses if uses else 0.0
+        d["decode_stall_seconds_per_token"] = d["decode_stall_seconds"] / decoded if decoded else 0.0
+        d["decode_bytes_loaded_per_token"] = d["decode_bytes_loaded"] / decoded if decoded else 0.0
         return RequestStats(_derived(d, tokens))

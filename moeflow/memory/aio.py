@@ -225,6 +225,12 @@ class AsyncTransfers:
         """Transfers submitted here whose completion has not arrived."""
         return len(self._tickets)
 
+    def poll(self) -> None:
+        """Resolve the completions that already arrived, without waiting for the loop to
+        notice the eventfd (a step about to wait checks first whether it needs to)."""
+        if self._tickets and self._loop is not None:
+            self._drain()
+
     def submit_read(
         self,
         file_id: int,

@@ -44,6 +44,7 @@ class Entry:
     priority: int = DEMAND
     submitted: float = 0.0
     last_step: int = -1  # the step that last used (or loaded) it
+    submitted_speculative: bool = False
 
 
 @dataclass
@@ -97,6 +98,7 @@ class ExpertCache:
         self.quotas: dict[int, int] = {}
         self.layer_count: dict[int, int] = {}
         self.step = 0
+        self._speculative = 0  # prefetched loads still in flight
 
     # ---- queries -------------------------------------------------------------------------
     @property
@@ -109,6 +111,9 @@ class ExpertCache:
 
     def resident(self) -> list[ExpertKey]:
         return [k for k, e in self.entries.items() if e.state is EntryState.READY]
+
+    def speculative_in_flight(self) -> int:
+        return self._speculative
 
     def begin_step(self) -> None:
         """A forward step begins (for the recency of speculative evictions)."""
@@ -245,17 +250,21 @@ class ExpertCache:
         except BaseException:
             self.tier.allocator.free(handle)
             raise
-        entry = Entry(key, handle, EntryState.LOADING, ticket, prefetched=prefetched, priority=priority)
+        entry = Entry(key, handle, EntryState.LOADING, ticket, prefetched=prefetched, priority=priority,
+                      submitted_speculative=prefetched)
         entry.submitted = time.perf_counter()
         self.entries[key] = entry
         self.layer_count[key[0]] = self.layer_count.get(key[0], 0) + 1
         if prefetched:
             self.counters.prefetch_issued += 1
+            self._speculative += 1
         ticket.add_done_callback(functools.partial(self._on_loaded, entry))
         return entry
 
     def _on_loaded(self, entry: Entry, ticket: TransferTicket) -> None:
         self._changed.set()
+        if entry.submitted_speculative:
+            self._speculative -= 1
         if self.entries.get(entry.key) is not entry:
             return  # cancelled: the core already freed the block
         error = ticket.error()

@@ -69,6 +69,10 @@ class LayerFetch:
         if ready is not None:
             return ready
         cache = self.cache
+        cache.transfers.poll()  # loads that finished while this layer computed
+        ready = self._take_ready()
+        if ready is not None:
+            return ready
         started = time.perf_counter()
         try:
             while True:

@@ -43,6 +43,8 @@ class Scheduler:
         depth: int,
         *,
         split_budget: bool = False,
+        next_width: int | None = None,
+        max_speculative: int | None = None,
     ) -> None:
         self.predictor = predictor
         self.cache = cache
@@ -54,6 +56,11 @@ class Scheduler:
         self.live: list[SequenceSchedule] = []
         self.split_budget = split_budget
         self.demand = dict.fromkeys(moe_layers, float(top_k))
+        self.next_width = next_width or top_k
+        # Speculative reads in flight delay the demand reads behind them on the disk; a few
+        # are enough to cover the next layers (measured: wider or deeper speculation costs
+        # more demand latency than it saves, see README's prefetch table).
+        self.max_speculative = max_speculative or top_k
 
     def track(self, prompt: list[int]) -> SequenceSchedule:
         schedule = SequenceSchedule(self, self.predictor.track(prompt))
@@ -95,7 +102,7 @@ class SequenceSchedule:
         for pending in self.pending.values():  # what is left was predicted during the previous token
             pending.next_token = {e for e, _ in pending.experts[: self.s.top_k]}
         self._merge(self.predictor.begin_step(ids), from_position=-1)
-        self._prefetch(current=None)
+        self._prefetch(current=None, tokens=len(ids))
 
     def on_route(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> None:
         """Layer `layer` has routed (before its experts run)."""
@@ -111,7 +118,7 @@ class SequenceSchedule:
         s.observe_demand(layer, len(actual))
         self.position = s.position[layer]
         self._merge(self.predictor.after_route(layer, x, ids), from_position=self.position)
-        self._prefetch(current=(layer, actual))
+        self._prefetch(current=(layer, actual), tokens=ids.shape[0])
 
     def upcoming(self, key: ExpertKey) -> tuple[int, float] | None:
         pending = self.pending.get(key[0])
@@ -164,7 +171,7 @@ class SequenceSchedule:
             if entry is not None and entry.state is EntryState.LOADING and entry.prefetched:
                 self.s.cache.cancel_load((layer, e))
 
-    def _prefetch(self, current: tuple[int, set[int]] | None) -> None:
+    def _prefetch(self, current: tuple[int, set[int]] | None, tokens: int = 1) -> None:
         s = self.s
         n = len(s.moe_layers)
         protect: set[ExpertKey] = set()
@@ -181,10 +188,17 @@ class SequenceSchedule:
                 continue
             priority = _core.PRIORITY_PREFETCH if step == 1 else _core.PRIORITY_BACKGROUND
             asked = self.prefetched.setdefault(target, set())
-            # the next layer: the top-(k+1) guesses; farther layers: the top-k
-            for e, _score in pending.experts[: s.top_k + 1 if step == 1 else s.top_k]:
+            # the next layer: `next_width` guesses (a prefill's: every expert its tokens
+            # vote for); farther layers: the top-k
+            if step == 1:
+                take = len(pending.experts) if tokens > 1 else s.next_width
+            else:
+                take = s.top_k
+            for e, _score in pending.experts[:take]:
                 key = (target, e)
                 protect.add(key)
+                if key not in s.cache.entries and s.cache.speculative_in_flight() >= s.max_speculative:
+                    return
                 if s.cache.start_load(key, priority, protect):
                     asked.add(e)
                 elif s.cache.state(key) is None:

@@ -27,14 +27,16 @@ async def test_every_predictor_and_policy_gives_the_full_budget_tokens(predictor
     reference, _ = await _tokens(predictor_model, expert_budget="100%", prefetch="none")
     async with Engine.open(predictor_model, device="cpu") as eng:
         smallest = eng.plan.min_budget_bytes
+    issued = dict.fromkeys(PREDICTORS, 0)
     for budget, predictor, policy in itertools.product((smallest, "25%", "50%"), PREDICTORS, POLICIES):
         got, stats = await _tokens(predictor_model, expert_budget=budget, prefetch=predictor, policy=policy)
         assert got == reference, f"budget={budget} prefetch={predictor} policy={policy}"
         assert stats["prefetch"] == predictor
-        # The smallest budget has no room beyond one layer; last-token's guesses (the previous
-        # token's experts) are still resident under most policies, so it rarely needs to load.
-        if predictor not in ("none", "last-token") and budget != smallest:
-            assert stats["prefetch_issued"] > 0, f"{predictor} never prefetched at {budget}"
+        issued[predictor] += stats["prefetch_issued"]
+    # Every predictor did load ahead somewhere in the sweep (so the runs above exercised it).
+    # last-token's guesses, the previous token's experts, are usually still resident.
+    assert issued["none"] == 0
+    assert all(issued[p] > 0 for p in ("gate-lookahead", "eam", "expertflow")), issued
 
 
 @pytest.mark.asyncio

@@ -117,15 +117,15 @@ async def test_wrong_prefetches_for_a_layer_are_cancelled_when_it_routes(trained
         busy = s.transfers.submit_read(big, 0, 256 << 20, own, handle, priority=0, direct="never")
         schedule = s.scheduler.track([1, 2, 3])
         layer = s.arch.moe_layers[1]
-        wrong = [(e, 1.0) for e in range(3)]  # the next layer's top-(k+1) guesses
+        wrong = [(e, 1.0) for e in range(2)]  # the next layer's guesses (prefetch_width = top_k)
         schedule.pending[layer] = _Pending(wrong, 1)
         schedule.position = 0
         schedule._prefetch(current=None)
         queued = [k for k, e in s.cache.entries.items() if e.state is EntryState.LOADING]
-        assert {k[1] for k in queued} == {0, 1, 2}
+        assert {k[1] for k in queued} == {0, 1}
         schedule.on_route(layer, torch.zeros(1, s.arch.hidden_size, dtype=s.dtype), torch.tensor([[8, 9]]))
-        assert s.cache.counters.prefetch_cancelled == 3
-        assert all((layer, e) not in s.cache.entries for e in range(3))
+        assert s.cache.counters.prefetch_cancelled == 2
+        assert all((layer, e) not in s.cache.entries for e in range(2))
         await busy
         own.free(handle)
         schedule.finish()
