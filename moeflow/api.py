@@ -141,7 +141,7 @@ class Engine:
         seq = session.runner.new_sequence(ids)
         try:
             async with self._step_lock:
-                return await session.runner.forward(seq, torch.tensor(ids), all_logits=True)
+                return (await session.runner.forward(seq, torch.tensor(ids), all_logits=True)).cpu()
         finally:
             seq.finish()
 
@@ -158,7 +158,7 @@ class Engine:
         try:
             for tok in ids:
                 async with self._step_lock:
-                    rows.append(await session.runner.forward(seq, torch.tensor([tok])))
+                    rows.append((await session.runner.forward(seq, torch.tensor([tok]))).cpu())
         finally:
             seq.finish()
         return torch.cat(rows)
@@ -234,7 +234,7 @@ class Engine:
                     started = time.perf_counter()
                     logits = await session.runner.forward(seq, step_input)
                     request.stats.add_step(session.counters_snapshot(), before, time.perf_counter() - started)
-                token = sampler(logits[-1])
+                token = sampler(logits[-1].cpu())  # on a GPU: the step's one read back
                 session.tokens_generated += 1
                 yield token
                 if token in eos:

@@ -116,6 +116,7 @@ class EngineConfig:
     """Everything a user can set on an engine; build it with `EngineConfig.from_user(**kw)`."""
 
     expert_budget: Budget = Budget(fraction=1.0)
+    host_budget: Budget | None = None  # GPU: pinned host memory for experts (default: all of them)
     device: str = "auto"
     prefetch: str = "auto"  # auto: expertflow when a trained predictor is present, else gate-lookahead
     policy: str = "lru"
@@ -149,6 +150,11 @@ class EngineConfig:
         out: dict[str, Any] = {}
         if "expert_budget" in kw:
             out["expert_budget"] = parse_budget(kw["expert_budget"])
+        if kw.get("host_budget") is not None:
+            try:
+                out["host_budget"] = parse_budget(kw["host_budget"])
+            except ConfigError as e:
+                raise ConfigError(str(e).replace("expert_budget", "host_budget")) from None
         for name, allowed in (
             ("device", DEVICES),
             ("prefetch", PREFETCHERS),

@@ -16,9 +16,9 @@ from moeflow import _core
 from moeflow.config import Budget, EngineConfig, MemoryPlan
 from moeflow.errors import CheckpointError, ConfigError, CudaUnavailable
 from moeflow.memory.aio import AsyncTransfers
-from moeflow.memory.cache import CacheCounters, ExpertCache
-from moeflow.memory.policies import LRUPolicy, PredictedPolicy, make_policy
-from moeflow.memory.tiers import FastTier
+from moeflow.memory.assembly import ExpertMemory, build_memory
+from moeflow.memory.cache import CacheCounters, ExpertCache, Tier
+from moeflow.memory.policies import PredictedPolicy, make_policy
 from moeflow.models import Arch, Checkpoint, parse_arch
 from moeflow.runtime.engine import ModelRunner
 from moeflow.runtime.moe import MissPrecision
@@ -41,15 +41,28 @@ class Session:
     store: ExpertStore
     plan: MemoryPlan
     model: DenseModel
-    tier: FastTier
-    transfers: AsyncTransfers
-    cache: ExpertCache
+    memory: ExpertMemory
     runner: ModelRunner
     tokenizer: Tokenizer | None
     scheduler: Scheduler
-    low_cache: ExpertCache | None = None
     tokens_generated: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cache(self) -> ExpertCache:
+        return self.memory.cache
+
+    @property
+    def low_cache(self) -> ExpertCache | None:
+        return self.memory.low_cache
+
+    @property
+    def transfers(self) -> AsyncTransfers:
+        return self.memory.transfers
+
+    @property
+    def tier(self) -> Tier:
+        return self.memory.cache.tier
 
     def counters_snapshot(self) -> CacheCounters:
         c = self.cache.counters
@@ -70,7 +83,7 @@ class Session:
             budget_bytes=self.plan.budget_bytes,
             block_bytes=self.plan.block_bytes,
             experts_total=self.plan.experts_total,
-            arena_locked=self.tier.arena.locked,
+            arena_locked=self.tier.locked,
             device=self.device,
             expert_precision=self.store.precision,
             policy=self.cache.policy.name,
@@ -87,11 +100,10 @@ class Session:
         )
 
     async def aclose(self) -> None:
-        await self.cache.aclose()
-        if self.low_cache is not None:
-            await self.low_cache.aclose()
-        await self.transfers.aclose()
-        self.checkpoint.close()
+        try:
+            await self.memory.aclose()
+        finally:
+            self.checkpoint.close()
 
 
 def overlap_fraction(c: CacheCounters) -> float:
@@ -102,14 +114,13 @@ def overlap_fraction(c: CacheCounters) -> float:
 
 
 def _resolve_device(requested: str) -> str:
+    """'auto' picks the GPU when the CUDA driver and torch both see one."""
     if requested == "cpu":
         return "cpu"
     available = _core.cuda_available() and torch.cuda.is_available()
     if requested == "cuda" and not available:
         raise CudaUnavailable("device='cuda' was requested but no CUDA device is available")
-    if available:
-        raise CudaUnavailable("the GPU tiers are not built yet; pass device='cpu'")
-    return "cpu"
+    return "cuda" if available else "cpu"
 
 
 def _tokenizer(path: Path) -> Tokenizer | None:
@@ -146,6 +157,8 @@ async def open_session(path: Path, config: EngineConfig) -> Session:
             open_or_convert, ckpt, arch, low_codec, root, mode=config.store_mode, progress=config.progress
         )
     model = await asyncio.to_thread(load_dense, ckpt, arch, dtype)
+    if device == "cuda":
+        model.to(torch.device("cuda"))
     tokenizer = _tokenizer(path)
     policy = make_policy(
         config.policy, moe_layers=arch.moe_layers, num_layers=arch.num_layers, num_experts=arch.num_experts,
@@ -154,21 +167,12 @@ async def open_session(path: Path, config: EngineConfig) -> Session:
     predictor = make_predictor(
         config.prefetch, model, config.prefetch_depth, Path(config.predictor_dir or path), model_signature(ckpt, arch)
     )
-    tier = FastTier(plan)
-    transfers = AsyncTransfers(workers=config.io_workers, chunk_size=config.io_chunk)
-    low_cache = None
-    try:
-        cache = ExpertCache(
-            tier, store, transfers, policy, direct=config.direct_io, verify_checksums=config.verify_checksums
-        )
-        if low_plan is not None and low_store is not None:
-            low_cache = ExpertCache(
-                FastTier(low_plan), low_store, transfers, LRUPolicy(), direct=config.direct_io,
-                verify_checksums=config.verify_checksums,
-            )
-    except BaseException:
-        await transfers.aclose()
-        raise
+    memory = await build_memory(
+        config, device, plan, store, policy,
+        (low_plan, low_store) if low_plan is not None and low_store is not None else None,
+        arch.moe_layers, arch.num_experts, arch.top_k,
+    )
+    cache, low_cache = memory.cache, memory.low_cache
     scheduler = Scheduler(
         predictor,
         cache,
@@ -185,10 +189,7 @@ async def open_session(path: Path, config: EngineConfig) -> Session:
     if low_cache is not None:
         miss = MissPrecision(config.miss_thresholds[0], config.miss_thresholds[1], low_cache)
     runner = ModelRunner(model, cache, scheduler, miss)
-    return Session(
-        config, ckpt, arch, dtype, device, store, plan, model, tier, transfers, cache, runner, tokenizer, scheduler,
-        low_cache,
-    )
+    return Session(config, ckpt, arch, dtype, device, store, plan, model, memory, runner, tokenizer, scheduler)
 
 
 def _plans(

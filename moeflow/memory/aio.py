@@ -24,6 +24,7 @@ from moeflow._core import (
     PRIORITY_PREFETCH,
     BlockHandle,
     Completion,
+    CudaEvent,
     SlabAllocator,
     TransferEngine,
 )
@@ -54,8 +55,10 @@ class TransferTicket:
         self._waiters: list[asyncio.Future[None]] = []
         self._consumer: asyncio.Future[None] | None = None
         self._callbacks: list[Callable[[TransferTicket], object]] = []
+        self._issued_callbacks: list[Callable[[TransferTicket], object]] = []
         self._abandoned = False
         self._cancel_requested = False
+        self.event: CudaEvent | None = None  # device copies: set when the copy is queued
 
     def done(self) -> bool:
         """True once the transfer's final completion arrived."""
@@ -95,6 +98,20 @@ class TransferTicket:
             self._transfers.bind_loop().call_soon(callback, self)
         else:
             self._callbacks.append(callback)
+
+    def add_issued_callback(self, callback: Callable[[TransferTicket], object]) -> None:
+        """Device copies: call `callback(ticket)` once the copy is queued on the copy stream
+        (`ticket.event` set: a compute stream may wait on it instead of the CPU waiting)."""
+        if self.event is not None:
+            self._transfers.bind_loop().call_soon(callback, self)
+        else:
+            self._issued_callbacks.append(callback)
+
+    def _issued(self, completion: Completion) -> None:
+        self.event = completion.event
+        callbacks, self._issued_callbacks = self._issued_callbacks, []
+        for callback in callbacks:
+            callback(self)
 
     async def wait_done(self) -> None:
         """Wait until the transfer finished, however it ended; cancelling the waiting
@@ -387,7 +404,11 @@ class AsyncTransfers:
     def _drain(self) -> None:
         for completion in self.engine.drain():
             if completion.status == "issued":
-                continue  # device copies: 'done' follows once the copy stream passed the event
+                # device copies: 'done' follows once the copy stream passed the event
+                issued = self._tickets.get(completion.id)
+                if issued is not None:
+                    issued._issued(completion)
+                continue
             ticket = self._tickets.pop(completion.id, None)
             if ticket is not None:
                 ticket._resolve(completion, self._loop)

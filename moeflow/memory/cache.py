@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 import torch
 
 from moeflow import _core
-from moeflow.errors import ChecksumMismatch, StoreError, TransferError
-from moeflow.memory.aio import AsyncTransfers, DirectMode, TransferTicket
+from moeflow.memory.aio import AsyncTransfers
 from moeflow.memory.policies import EvictionPolicy, Evictable, ExpertKey
-from moeflow.memory.tiers import FastTier
+from moeflow.memory.sources import Source, Ticket
+from moeflow.memory.tiers import DeviceTier, FastTier
 from moeflow.store.layout import ExpertView
-from moeflow.store.store import ExpertStore
+
+Tier = FastTier | DeviceTier
 
 DEMAND = _core.PRIORITY_DEMAND
 PREFETCH = _core.PRIORITY_PREFETCH
@@ -29,6 +30,7 @@ SPECULATIVE_MIN_IDLE_STEPS = 2
 
 class EntryState(enum.Enum):
     LOADING = "loading"
+    ISSUED = "issued"  # device copy queued: usable by a compute stream that waits on its event
     READY = "ready"
 
 
@@ -37,7 +39,7 @@ class Entry:
     key: ExpertKey
     handle: _core.BlockHandle
     state: EntryState
-    ticket: TransferTicket | None = None
+    ticket: Ticket | None = None
     weights: ExpertView | None = None
     pins: int = 0
     prefetched: bool = False  # loaded ahead of need and not used yet
@@ -73,24 +75,12 @@ class ExpertCache:
     its transfer, which frees it if the load fails or is cancelled.
     """
 
-    def __init__(
-        self,
-        tier: FastTier,
-        store: ExpertStore,
-        transfers: AsyncTransfers,
-        policy: EvictionPolicy,
-        *,
-        direct: DirectMode = "auto",
-        verify_checksums: bool = True,
-    ) -> None:
+    def __init__(self, tier: Tier, source: Source, transfers: AsyncTransfers, policy: EvictionPolicy) -> None:
         self.tier = tier
-        self.store = store
+        self.source = source
         self.transfers = transfers
         self.policy = policy
-        self.direct = direct
-        self.verify = verify_checksums
-        self.size_class = tier.allocator.add_class(store.blob_size)
-        self.file_id = transfers.register_file(str(store.data_path))
+        self.size_class = tier.allocator.add_class(source.layout.size)
         self.entries: dict[ExpertKey, Entry] = {}
         self.counters = CacheCounters()
         self._changed = asyncio.Event()
@@ -129,13 +119,16 @@ class ExpertCache:
     def try_acquire(self, key: ExpertKey) -> ExpertView | None:
         """Pin and return a resident expert's weights (a hit); None, without waiting, otherwise."""
         entry = self.entries.get(key)
-        if entry is None or entry.state is not EntryState.READY:
+        if entry is None or not usable(entry):
             return None
         return self.pin(entry, hit=True)
 
     def pin(self, entry: Entry, *, hit: bool) -> ExpertView:
-        """Pin a READY entry for use by the current layer and count the use as a hit or a miss."""
-        assert entry.state is EntryState.READY and entry.weights is not None
+        """Pin a usable entry for the current layer and count the use as a hit or a miss. An
+        ISSUED entry makes torch's current stream wait on its copy event: the CPU never waits."""
+        assert usable(entry) and entry.weights is not None
+        if entry.state is EntryState.ISSUED and entry.ticket is not None and entry.ticket.event is not None:
+            entry.ticket.event.wait_on(torch.cuda.current_stream().cuda_stream)
         entry.pins += 1
         entry.last_step = self.step
         if hit:
@@ -154,7 +147,7 @@ class ExpertCache:
         while True:
             entry = self.entries.get(key)
             if entry is not None:
-                if entry.state is EntryState.LOADING:
+                if entry.state is not EntryState.READY:
                     if entry.prefetched:
                         self.counters.inflight_hits += 1
                     self._promote(entry)
@@ -166,7 +159,7 @@ class ExpertCache:
     async def wait_ready(self, entry: Entry) -> None:
         """Wait for a LOADING entry's transfer; raise its (described) error if it failed."""
         ticket = entry.ticket
-        if entry.state is EntryState.READY or ticket is None:
+        if usable(entry) or ticket is None:
             return
         await ticket.wait_done()
         error = ticket.error()
@@ -183,7 +176,7 @@ class ExpertCache:
             while True:
                 entry = await self.ensure_loading(key, protect)
                 await self.wait_ready(entry)
-                if entry.state is EntryState.READY and self.entries.get(key) is entry:
+                if usable(entry) and self.entries.get(key) is entry:
                     return self.pin(entry, hit=False)
         finally:
             self.counters.stall_seconds += time.perf_counter() - started
@@ -224,7 +217,7 @@ class ExpertCache:
         entry = self.entries.get(key)
         if entry is None or entry.state is not EntryState.LOADING or entry.pins or entry.ticket is None:
             return False
-        if not self.transfers.cancel(entry.ticket):
+        if not self.source.cancel(entry.ticket):
             return False
         self._forget(key)
         self.counters.prefetch_cancelled += 1
@@ -235,18 +228,8 @@ class ExpertCache:
 
     def _submit(self, key: ExpertKey, priority: int, *, prefetched: bool) -> Entry:
         handle = self.tier.allocator.alloc(self.size_class)
-        layer, expert = key
         try:
-            ticket = self.transfers.submit_read(
-                self.file_id,
-                self.store.offset(layer, expert),
-                self.store.blob_size,
-                self.tier.allocator,
-                handle,
-                priority=priority,
-                direct=self.direct,
-                expect_crc32=self.store.crc32(layer, expert) if self.verify else None,
-            )
+            ticket = self.source.submit(key, self.tier.allocator, handle, priority)
         except BaseException:
             self.tier.allocator.free(handle)
             raise
@@ -259,9 +242,17 @@ class ExpertCache:
             self.counters.prefetch_issued += 1
             self._speculative += 1
         ticket.add_done_callback(functools.partial(self._on_loaded, entry))
+        if self.tier.kind == "device":
+            ticket.add_issued_callback(functools.partial(self._on_issued, entry))
         return entry
 
-    def _on_loaded(self, entry: Entry, ticket: TransferTicket) -> None:
+    def _on_issued(self, entry: Entry, ticket: Ticket) -> None:
+        if self.entries.get(entry.key) is entry and entry.state is EntryState.LOADING:
+            entry.state = EntryState.ISSUED
+            entry.weights = self._weights(entry.handle)
+            self._changed.set()
+
+    def _on_loaded(self, entry: Entry, ticket: Ticket) -> None:
         self._changed.set()
         if entry.submitted_speculative:
             self._speculative -= 1
@@ -283,24 +274,17 @@ class ExpertCache:
         self.policy.on_insert(entry.key)
 
     def describe(self, key: ExpertKey, error: BaseException) -> BaseException:
-        layer, expert = key
-        where = f"{self.store.data_path} (layer {layer}, expert {expert})"
-        if isinstance(error, ChecksumMismatch):
-            return StoreError(f"{where}: checksum mismatch, the store file changed on disk", path=str(self.store.path))
-        if isinstance(error, TransferError):
-            return StoreError(f"{where}: read failed: {error}", path=str(self.store.data_path))
-        return error
+        return self.source.describe(key, error)
 
     def _weights(self, handle: _core.BlockHandle) -> ExpertView:
         view = self._views.get(handle.offset)
         if view is None:
-            raw = torch.frombuffer(self.tier.allocator.view(handle), dtype=torch.uint8)
-            view = self._views[handle.offset] = self.store.layout.expert_view(raw)
+            view = self._views[handle.offset] = self.source.layout.expert_view(self.tier.raw(handle))
         return view
 
     def _promote(self, entry: Entry, priority: int = DEMAND) -> None:
         if entry.state is EntryState.LOADING and entry.ticket is not None and priority < entry.priority:
-            self.transfers.promote(entry.ticket, priority)
+            self.source.promote(entry.ticket, priority)
             entry.priority = priority
 
     # ---- room ----------------------------------------------------------------------------
@@ -369,14 +353,19 @@ class ExpertCache:
     async def aclose(self) -> None:
         """Drop every entry; in-flight loads are cancelled or awaited so no block stays allocated."""
         for key, entry in list(self.entries.items()):
-            if entry.state is EntryState.LOADING and entry.ticket is not None:
-                if not self.transfers.cancel(entry.ticket):
+            if entry.state is not EntryState.READY and entry.ticket is not None:
+                if not self.source.cancel(entry.ticket):
                     await entry.ticket.wait_done()
             current = self._forget(key)
             if current is not None and current.state is EntryState.READY:
                 self.tier.allocator.free(current.handle)
         self._views.clear()
-        self.transfers.unregister_file(self.file_id)
+        await self.source.aclose()
+
+
+def usable(entry: Entry) -> bool:
+    """Its bytes may be computed on: resident, or (device) its copy is queued before use."""
+    return entry.state is EntryState.READY or entry.state is EntryState.ISSUED
 
 
 def protect_set(protect: Iterable[ExpertKey], key: ExpertKey) -> set[ExpertKey]:

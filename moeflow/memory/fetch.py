@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import time
 
-from moeflow.memory.cache import DEMAND, Entry, EntryState, ExpertCache
+from moeflow.memory.cache import DEMAND, Entry, EntryState, ExpertCache, usable
+
+_USABLE = (EntryState.READY, EntryState.ISSUED)
 from moeflow.memory.policies import ExpertKey
 from moeflow.store.layout import ExpertView
 
@@ -36,7 +38,7 @@ class LayerFetch:
         cache = self.cache
         for e in self.pending:
             key = self._key(e)
-            if cache.state(key) is EntryState.READY:
+            if cache.state(key) in _USABLE:
                 continue
             self._missed.add(e)
             if not cache.start_load(key, DEMAND, self.keys) and cache.state(key) is None:
@@ -47,7 +49,7 @@ class LayerFetch:
         cache = self.cache
         for e in self.pending:
             entry = cache.entries.get(self._key(e))
-            if entry is not None and entry.state is EntryState.READY:
+            if entry is not None and usable(entry):
                 self.pending.remove(e)
                 self.held.append(e)
                 return e, cache.pin(entry, hit=e not in self._missed)

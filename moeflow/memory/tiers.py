@@ -1,13 +1,28 @@
-"""Memory tiers: the fast tier is an arena of the budget's size with a slab allocator over it."""
+"""Memory tiers: an arena with a slab allocator over it, and how a block looks as a tensor.
+
+CPU machine: the fast tier is host RAM (`FastTier`), experts come from the store on disk.
+GPU machine: the fast tier is device memory (`DeviceTier`); experts come from a pinned host
+home holding them all (`HostHome`), or from a pinned host cache with the disk behind it.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
 from moeflow import _core
 from moeflow.config import MemoryPlan
+from moeflow.memory.aio import AsyncTransfers
+from moeflow.memory.policies import ExpertKey
+from moeflow.store.store import ExpertStore
 
 
 class FastTier:
-    """Where experts are computed from: host RAM on a CPU machine (device memory on a GPU one)."""
+    """Host RAM: one page-aligned (mlocked, CUDA-registered when a GPU exists) arena."""
+
+    kind = "host"
 
     def __init__(self, plan: MemoryPlan, *, lock: bool = True) -> None:
         self.plan = plan
@@ -16,10 +31,87 @@ class FastTier:
         self.slots = plan.slots
 
     @property
-    def kind(self) -> str:
-        return "host"
+    def locked(self) -> bool:
+        return self.arena.locked
 
-    def stats(self) -> dict[str, object]:
-        s = dict(self.allocator.stats())
-        s["locked"] = self.arena.locked
-        return s
+    def raw(self, handle: _core.BlockHandle) -> torch.Tensor:
+        """The block as a uint8 CPU tensor (no copy; keeps the arena alive)."""
+        return torch.frombuffer(self.allocator.view(handle), dtype=torch.uint8)
+
+
+class _DeviceBlock:
+    """__cuda_array_interface__ of one device block, so torch can view it without a copy."""
+
+    def __init__(self, pointer: int, nbytes: int, owner: Any) -> None:
+        self.owner = owner  # the DeviceArena outlives every view of its memory
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,),
+            "typestr": "|u1",
+            "data": (pointer, False),
+            "version": 3,
+            "strides": None,
+            "stream": None,  # the caller orders access (stream waits on copy events)
+        }
+
+
+class DeviceTier:
+    """Device memory: one cuMemAlloc'd arena of the budget's size in the primary context."""
+
+    kind = "device"
+
+    def __init__(self, plan: MemoryPlan, device: int = 0) -> None:
+        self.plan = plan
+        self.device = device
+        self.arena = _core.DeviceArena(plan.arena_bytes, device=device)
+        self.allocator = _core.SlabAllocator(self.arena, plan.arena_bytes, slab_size=plan.block_bytes)
+        self.slots = plan.slots
+        self.locked = True
+
+    def raw(self, handle: _core.BlockHandle) -> torch.Tensor:
+        block = _DeviceBlock(self.allocator.address(handle), handle.size, self.arena)
+        return torch.as_tensor(block, device=f"cuda:{self.device}")
+
+
+class HostHome:
+    """Every expert of a store in pinned host memory (the slow tier of a GPU machine): loaded
+    once at open from the store on disk, then the source of every host -> device copy."""
+
+    def __init__(self, store: ExpertStore, layers: tuple[int, ...], num_experts: int) -> None:
+        self.store = store
+        total = store.blob_size * len(layers) * num_experts
+        self.arena = _core.HostArena(total, cuda_register=True)
+        self.allocator = _core.SlabAllocator(self.arena, total, slab_size=store.blob_size)
+        self.size_class = self.allocator.add_class(store.blob_size)
+        self.keys = [(layer, e) for layer in layers for e in range(num_experts)]
+        self.handles: dict[ExpertKey, _core.BlockHandle] = {}
+
+    def handle(self, key: ExpertKey) -> _core.BlockHandle:
+        return self.handles[key]
+
+    async def load(self, transfers: AsyncTransfers, *, direct: str, verify: bool, progress: bool) -> None:
+        """Read every blob from the store (in parallel, checksummed)."""
+        file_id = transfers.register_file(str(self.store.data_path))
+        try:
+            bar = tqdm(total=len(self.keys), desc="loading experts into pinned memory", unit="expert",
+                       disable=not progress)
+            pending = []
+            for key in self.keys:
+                handle = self.allocator.alloc(self.size_class)
+                self.handles[key] = handle
+                pending.append(transfers.submit_read(
+                    file_id, self.store.offset(*key), self.store.blob_size, self.allocator, handle,
+                    priority=_core.PRIORITY_DEMAND, direct=direct,  # type: ignore[arg-type]
+                    expect_crc32=self.store.crc32(*key) if verify else None, owned=False,
+                ))
+            for ticket in pending:
+                await ticket
+                bar.update(1)
+            bar.close()
+        finally:
+            transfers.unregister_file(file_id)
+
+    def close(self) -> None:
+        for handle in self.handles.values():
+            self.allocator.free(handle)
+        self.handles.clear()
+

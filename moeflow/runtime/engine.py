@@ -58,7 +58,8 @@ class ModelRunner:
 
     async def forward(self, seq: Sequence, ids: torch.Tensor, *, all_logits: bool = False) -> torch.Tensor:
         """Logits (float32) for the new token ids [T]: [T, V] if all_logits else [1, V] (the last)."""
-        if ids.shape[0] == 1:
+        ids = ids.to(self.model.device)
+        if ids.shape[0] == 1 and ids.device.type == "cpu":
             self.threads.narrow()  # decode: see runtime/threads.py
         try:
             return await self._forward(seq, ids, all_logits)

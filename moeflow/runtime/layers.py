@@ -27,9 +27,12 @@ def silu_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torc
 class KVCache:
     """One sequence's cache for one layer: preallocated [.., capacity, ..] buffers grown by doubling."""
 
-    def __init__(self, shapes: tuple[tuple[int, ...], ...], dtype: torch.dtype, seq_dim: int) -> None:
+    def __init__(
+        self, shapes: tuple[tuple[int, ...], ...], dtype: torch.dtype, seq_dim: int, device: torch.device | None = None
+    ) -> None:
         self.shapes = shapes
         self.dtype = dtype
+        self.device = device or torch.device("cpu")
         self.seq_dim = seq_dim
         self.length = 0
         self.buffers: list[torch.Tensor] = []
@@ -51,7 +54,7 @@ class KVCache:
         for i, shape in enumerate(self.shapes):
             full = list(shape)
             full.insert(self.seq_dim, capacity)
-            buf = torch.empty(full, dtype=self.dtype)
+            buf = torch.empty(full, dtype=self.dtype, device=self.device)
             if self.buffers:
                 buf.narrow(self.seq_dim, 0, self.length).copy_(self.buffers[i].narrow(self.seq_dim, 0, self.length))
             grown.append(buf)
@@ -82,10 +85,17 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
     return out.to(out_dtype)
 
 
-def cache_dtype(dtype: torch.dtype, device: str = "cpu") -> torch.dtype:
+def cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """KV caches on the CPU hold float32 (the same bf16/fp16-rounded values, exactly), so decode
     attention never converts the whole cache per step (see `attend`)."""
-    return torch.float32 if device == "cpu" else dtype
+    return torch.float32 if device.type == "cpu" else dtype
+
+
+def _move(obj: object, names: tuple[str, ...], device: torch.device) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, torch.Tensor):
+            setattr(obj, name, value.to(device))
 
 
 def attention_mask(start: int, t: int, window: int | None) -> torch.Tensor | None:
@@ -119,8 +129,13 @@ class GQAAttention:
         self.split = (n * d, kv * d, kv * d)
 
     def new_cache(self, dtype: torch.dtype) -> KVCache:
-        s = self.spec
-        return KVCache(((s.num_kv_heads, s.head_dim), (s.num_kv_heads, s.head_dim)), cache_dtype(dtype), seq_dim=1)
+        s, device = self.spec, self.o_proj.device
+        shapes = ((s.num_kv_heads, s.head_dim), (s.num_kv_heads, s.head_dim))
+        return KVCache(shapes, cache_dtype(dtype, device), seq_dim=1, device=device)
+
+    def to(self, device: torch.device) -> GQAAttention:
+        _move(self, ("qkv", "qkv_bias", "o_proj", "o_bias", "q_norm", "k_norm"), device)
+        return self
 
     def __call__(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
         s = self.spec
@@ -157,7 +172,11 @@ class MLAAttention:
 
     def new_cache(self, dtype: torch.dtype) -> KVCache:
         s = self.spec
-        return KVCache(((s.kv_lora_rank,), (s.qk_rope_head_dim,)), dtype, seq_dim=0)
+        return KVCache(((s.kv_lora_rank,), (s.qk_rope_head_dim,)), dtype, seq_dim=0, device=self.w["o_proj"].device)
+
+    def to(self, device: torch.device) -> MLAAttention:
+        self.w = {k: v.to(device) for k, v in self.w.items()}
+        return self
 
     def __call__(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
         s, w = self.spec, self.w

@@ -25,6 +25,11 @@ class SharedMLP:
     def nbytes(self) -> int:
         return self.gate_up.nbytes + self.down.nbytes
 
+    def to(self, device: torch.device) -> SharedMLP:
+        self.gate_up, self.down = self.gate_up.to(device), self.down.to(device)
+        self.gate = self.gate.to(device) if self.gate is not None else None
+        return self
+
 
 @dataclass
 class Layer:
@@ -48,6 +53,27 @@ class DenseModel:
     layers: list[Layer]
     final_norm: torch.Tensor
     lm_head: torch.Tensor  # [V, H]
+    rotary: Rotary | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    def to(self, device: torch.device) -> DenseModel:
+        """Move every resident weight (and the rope tables) to `device`."""
+        tied = self.lm_head is self.embed
+        self.embed, self.final_norm = self.embed.to(device), self.final_norm.to(device)
+        self.lm_head = self.embed if tied else self.lm_head.to(device)
+        if self.rotary is not None:
+            self.rotary.to(device)
+        for layer in self.layers:
+            layer.input_norm, layer.post_norm = layer.input_norm.to(device), layer.post_norm.to(device)
+            layer.attention.to(device)
+            if layer.mlp is not None:
+                layer.mlp.to(device)
+            if layer.router is not None:
+                layer.router.to(device)
+        return self
 
 
 class _Loader:
@@ -164,4 +190,4 @@ def load_dense(ckpt: Checkpoint, arch: Arch, dtype: torch.dtype) -> DenseModel:
         )
     embed = ld.get("model.embed_tokens.weight", (v, h))
     lm_head = embed if arch.tie_word_embeddings and not ckpt.has("lm_head.weight") else ld.get("lm_head.weight", (v, h))
-    return DenseModel(arch, dtype, embed, layers, ld.get("model.norm.weight", (h,)), lm_head)
+    return DenseModel(arch, dtype, embed, layers, ld.get("model.norm.weight", (h,)), lm_head, rotary)

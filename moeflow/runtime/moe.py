@@ -19,7 +19,15 @@ from moeflow.store.layout import ExpertView
 # T = tokens of the step, K = experts per token, H = hidden, E = experts in the layer.
 
 
-_SLOTS = [torch.tensor([i]) for i in range(64)]  # index tensors of one-token steps, made once
+_USABLE = (EntryState.READY, EntryState.ISSUED)
+_SLOTS: dict[torch.device, list[torch.Tensor]] = {}  # index tensors of one-token steps, made once
+
+
+def _slots(device: torch.device) -> list[torch.Tensor]:
+    slots = _SLOTS.get(device)
+    if slots is None:
+        slots = _SLOTS[device] = [torch.tensor([i], device=device) for i in range(64)]
+    return slots
 
 
 @dataclass(frozen=True)
@@ -36,13 +44,14 @@ class Routing:
     def group(ids: torch.Tensor, weights: torch.Tensor) -> Routing:
         t, k = ids.shape
         if t == 1:
-            chosen = ids[0].tolist()
+            chosen = ids[0].tolist()  # on a GPU: the one synchronization of a layer
             experts = sorted(chosen)
-            slots = {e: _SLOTS[chosen.index(e)] for e in experts}
-            return Routing(ids, weights, experts, {e: _SLOTS[0] for e in experts}, slots)
+            index = _slots(ids.device)
+            slots = {e: index[chosen.index(e)] for e in experts}
+            return Routing(ids, weights, experts, {e: index[0] for e in experts}, slots)
         flat = ids.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=int(flat.max()) + 1).tolist()
+        counts = torch.bincount(flat).tolist()
         tokens, slots, experts, start = {}, {}, [], 0
         for e, n in enumerate(counts):
             if n:
@@ -64,6 +73,14 @@ def expert_ffn(weights: ExpertView, x: torch.Tensor) -> torch.Tensor:
     """One expert on its tokens x [n, H], float or quantized (dequantized on the fly)."""
     if weights.bits == 16:
         return silu_mlp(x, weights["gate_up"], weights["down"])
+    if x.is_cuda:
+        from moeflow.runtime import gpu
+
+        if x.shape[0] <= 8:  # decode: the fused kernel reads each weight once
+            ones = torch.ones(x.shape[0], device=x.device)
+            return gpu.expert_ffn_decode(weights.tensors, x, ones, weights.bits, weights.group).to(x.dtype)
+        offsets = [0, x.shape[0]]
+        return gpu.grouped_expert_ffn(x, offsets, [weights.tensors], weights.bits, weights.group).to(x.dtype)
     return reference.quantized_expert_ffn(x, weights.tensors, weights.bits, weights.group)
 
 
@@ -102,9 +119,9 @@ def _split_by_precision(
     high, low, skipped = [], [], []
     for e in routing.experts:
         key = (layer, e)
-        if cache.state(key) is EntryState.READY or s[e] <= miss.t1:
+        if cache.state(key) in _USABLE or s[e] <= miss.t1:
             high.append(e)
-        elif miss.low_cache.state(key) is EntryState.READY or s[e] <= miss.t2:
+        elif miss.low_cache.state(key) in _USABLE or s[e] <= miss.t2:
             low.append(e)
         else:
             skipped.append(e)

@@ -75,15 +75,21 @@ class Rotary:
     def __init__(self, spec: RopeSpec, dtype: torch.dtype) -> None:
         self.spec = spec
         self.dtype = dtype
+        self.device = torch.device("cpu")
         self.inv_freq, self.attention_factor = inverse_frequencies(spec)
         self._cos = torch.empty(0, spec.dim // 2, dtype=dtype)
         self._sin = torch.empty(0, spec.dim // 2, dtype=dtype)
 
+    def to(self, device: torch.device) -> Rotary:
+        self.device = device
+        self._cos, self._sin = self._cos.to(device), self._sin.to(device)
+        return self
+
     def _grow(self, length: int) -> None:
         n = max(length, 2 * self._cos.shape[0], 64)
         freqs = torch.arange(n, dtype=torch.float32)[:, None] * self.inv_freq[None, :].float()
-        self._cos = (freqs.cos() * self.attention_factor).to(self.dtype)
-        self._sin = (freqs.sin() * self.attention_factor).to(self.dtype)
+        self._cos = (freqs.cos() * self.attention_factor).to(self.dtype).to(self.device)
+        self._sin = (freqs.sin() * self.attention_factor).to(self.dtype).to(self.device)
 
     def tables(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) of positions [start, start+length), each [length, dim/2]."""

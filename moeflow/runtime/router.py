@@ -16,6 +16,11 @@ class Router:
         self.weight = weight.float() if spec.fp32_logits else weight  # [E, H]
         self.bias = bias.float() if bias is not None else None  # [E] (DeepSeek-V3 score correction)
 
+    def to(self, device: torch.device) -> Router:
+        self.weight = self.weight.to(device)
+        self.bias = self.bias.to(device) if self.bias is not None else None
+        return self
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Gate logits [T, E] (float32 for DeepSeek, the compute dtype otherwise)."""
         return F.linear(x.float() if self.spec.fp32_logits else x, self.weight)
