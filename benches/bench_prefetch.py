@@ -43,15 +43,7 @@ PREDICTORS = ("none", "last-token", "gate-lookahead", "eam", "expertflow")
 
 
 def prompts(split: str, count: int, chars: int = 240) -> list[str]:
-    """`count` prompts: the first `chars` characters of consecutive documents of a split."""
-    out = []
-    for doc in corpus.documents(split):
-        text = doc.strip()
-        if len(text) >= chars:
-            out.append(text[:chars])
-        if len(out) == count:
-            break
-    return out
+    return corpus.snippets(split, count, chars)
 
 
 async def train_predictor(model: Path, train_prompts: list[str], new_tokens: int, epochs: int) -> dict[str, float]:

@@ -32,17 +32,6 @@ from moeflow import Engine, corpus  # noqa: E402
 PRECISIONS = ("int8-g64", "int4-g64", "int2-g32")
 
 
-def texts(split: str, count: int, chars: int) -> list[str]:
-    out = []
-    for doc in corpus.documents(split):
-        doc = doc.strip()
-        if len(doc) >= chars:
-            out.append(doc[:chars])
-        if len(out) == count:
-            break
-    return out
-
-
 async def teacher_forced(model: Path, samples: list[list[int]], stepwise: bool, **options: Any) -> list[torch.Tensor]:
     async with Engine.open(model, device="cpu", **options) as eng:
         return [await eng.score(ids, stepwise=stepwise) for ids in samples]
@@ -85,7 +74,7 @@ async def main_async(args: argparse.Namespace) -> None:
     model = Path(args.model)
     async with Engine.open(model, device="cpu") as eng:
         encode = eng.encode
-        test = [encode(t)[: args.tokens] for t in texts("heldout", args.samples, 2000)]
+        test = [encode(t)[: args.tokens] for t in corpus.snippets("heldout", args.samples, 2000)]
     ref = await teacher_forced(model, test, False, expert_budget="100%")
     for precision in PRECISIONS:
         got = await teacher_forced(model, test, False, expert_budget="100%", precision=precision)

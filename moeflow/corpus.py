@@ -47,3 +47,15 @@ def documents(split: str = "train", max_bytes: int | None = None) -> Iterator[st
             text = text[:max_bytes]
         total += len(text)
         yield text
+
+
+def snippets(split: str, count: int, chars: int) -> list[str]:
+    """`count` texts: the first `chars` characters of consecutive documents of a split."""
+    out = []
+    for doc in documents(split):
+        text = doc.strip()
+        if len(text) >= chars:
+            out.append(text[:chars])
+        if len(out) == count:
+            break
+    return out

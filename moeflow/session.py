@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from tokenizers import Tokenizer
@@ -18,12 +18,12 @@ from moeflow.errors import CheckpointError, ConfigError, CudaUnavailable
 from moeflow.memory.aio import AsyncTransfers
 from moeflow.memory.assembly import ExpertMemory, build_memory
 from moeflow.memory.cache import CacheCounters, ExpertCache, Tier
-from moeflow.memory.policies import PredictedPolicy, make_policy
+from moeflow.memory.policies import EvictionPolicy, PredictedPolicy, make_policy
 from moeflow.models import Arch, Checkpoint, parse_arch
 from moeflow.runtime.engine import ModelRunner
 from moeflow.runtime.moe import MissPrecision
 from moeflow.runtime.model import DenseModel, load_dense
-from moeflow.scheduling import Scheduler, make_predictor
+from moeflow.scheduling import Predictor, Scheduler, make_predictor
 from moeflow.stats import EngineStats, counters_dict
 from moeflow.store import Codec, ExpertStore, codec_for, open_or_convert, store_root
 from moeflow.store.layout import DTYPE_NAMES
@@ -46,7 +46,6 @@ class Session:
     tokenizer: Tokenizer | None
     scheduler: Scheduler
     tokens_generated: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def cache(self) -> ExpertCache:
@@ -65,8 +64,7 @@ class Session:
         return self.memory.cache.tier
 
     def counters_snapshot(self) -> CacheCounters:
-        c = self.cache.counters
-        return CacheCounters(**{k: v for k, v in vars(c).items() if k != "extra"})
+        return dataclasses.replace(self.cache.counters)
 
     def stats(self, *, requests: int) -> EngineStats:
         alloc = self.tier.allocator
@@ -172,6 +170,28 @@ async def open_session(path: Path, config: EngineConfig) -> Session:
         (low_plan, low_store) if low_plan is not None and low_store is not None else None,
         arch.moe_layers, arch.num_experts, arch.top_k,
     )
+    try:
+        return _assemble(config, ckpt, arch, dtype, device, store, plan, model, memory, policy, predictor,
+                         tokenizer)
+    except BaseException:
+        await memory.aclose()
+        raise
+
+
+def _assemble(
+    config: EngineConfig,
+    ckpt: Checkpoint,
+    arch: Arch,
+    dtype: torch.dtype,
+    device: str,
+    store: ExpertStore,
+    plan: MemoryPlan,
+    model: DenseModel,
+    memory: ExpertMemory,
+    policy: EvictionPolicy,
+    predictor: Predictor,
+    tokenizer: Tokenizer | None,
+) -> Session:
     cache, low_cache = memory.cache, memory.low_cache
     scheduler = Scheduler(
         predictor,

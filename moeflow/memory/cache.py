@@ -7,7 +7,7 @@ import enum
 import functools
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -64,7 +64,6 @@ class CacheCounters:
     prefetch_wasted: int = 0  # prefetched, then evicted or cancelled before any use
     prefetch_cancelled: int = 0
     load_errors: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 class ExpertCache:

@@ -52,7 +52,20 @@ def describe_store_error(store: ExpertStore, key: ExpertKey, error: BaseExceptio
     return error
 
 
-class StoreSource:
+class _TransferSource:
+    """Loads that are single transfers of the engine: cancel and promote pass through."""
+
+    transfers: AsyncTransfers
+
+    def cancel(self, ticket: Ticket) -> bool:
+        return isinstance(ticket, TransferTicket) and self.transfers.cancel(ticket)
+
+    def promote(self, ticket: Ticket, priority: int) -> None:
+        if isinstance(ticket, TransferTicket):
+            self.transfers.promote(ticket, priority)
+
+
+class StoreSource(_TransferSource):
     """Reads blobs from the store file (pread, O_DIRECT when aligned), checking their CRC-32."""
 
     def __init__(self, store: ExpertStore, transfers: AsyncTransfers, *, direct: DirectMode, verify: bool) -> None:
@@ -76,13 +89,6 @@ class StoreSource:
             expect_crc32=self.store.crc32(layer, expert) if self.verify else None,
         )
 
-    def cancel(self, ticket: Ticket) -> bool:
-        return isinstance(ticket, TransferTicket) and self.transfers.cancel(ticket)
-
-    def promote(self, ticket: Ticket, priority: int) -> None:
-        if isinstance(ticket, TransferTicket):
-            self.transfers.promote(ticket, priority)
-
     def describe(self, key: ExpertKey, error: BaseException) -> BaseException:
         return describe_store_error(self.store, key, error)
 
@@ -90,7 +96,7 @@ class StoreSource:
         self.transfers.unregister_file(self.file_id)
 
 
-class HomeSource:
+class HomeSource(_TransferSource):
     """Copies from a pinned host home that holds every expert (host -> device, copy stream)."""
 
     def __init__(self, home: HostHome, transfers: AsyncTransfers) -> None:
@@ -102,13 +108,6 @@ class HomeSource:
         return self.transfers.submit_copy(
             self.home.allocator, self.home.handle(key), dst, handle, self.layout.size, priority=priority
         )
-
-    def cancel(self, ticket: Ticket) -> bool:
-        return isinstance(ticket, TransferTicket) and self.transfers.cancel(ticket)
-
-    def promote(self, ticket: Ticket, priority: int) -> None:
-        if isinstance(ticket, TransferTicket):
-            self.transfers.promote(ticket, priority)
 
     def describe(self, key: ExpertKey, error: BaseException) -> BaseException:
         return error

@@ -176,6 +176,43 @@ class ConfigReader:
             raise CheckpointError(f"{self._where()}: field {name!r} must be > 0, got {value}", field=name)
         return int(value)
 
+    def common(self, eps: float, max_positions: int) -> dict[str, Any]:
+        """The Arch fields every family reads the same way (family defaults for eps and length)."""
+        return {
+            "vocab_size": self.positive("vocab_size"),
+            "rms_norm_eps": self.opt("rms_norm_eps", eps, float),
+            "dtype": self.dtype(),
+            "tie_word_embeddings": self.opt("tie_word_embeddings", False, bool),
+            "eos_token_ids": self.eos_ids(),
+            "bos_token_id": self.opt("bos_token_id", None),
+            "max_position_embeddings": self.opt("max_position_embeddings", max_positions),
+        }
+
+    def experts(self, name: str, *aliases: str) -> tuple[int, int]:
+        """(routed experts, experts per token), refusing a top-k above the expert count."""
+        experts = self.positive(name, *aliases)
+        top_k = self.positive("num_experts_per_tok")
+        if top_k > experts:
+            self.refuse("num_experts_per_tok", top_k, f"more than {name}={experts}")
+        return experts, top_k
+
+    def gqa(self, hidden: int, layers: int, **extra: Any) -> AttentionSpec:
+        """Grouped-query attention with the usual fields; `extra` sets bias, q/k norm, windows."""
+        heads = self.positive("num_attention_heads")
+        head_dim = self.opt("head_dim", hidden // heads)
+        fields: dict[str, Any] = {
+            "kind": "gqa",
+            "num_heads": heads,
+            "num_kv_heads": self.opt("num_key_value_heads", heads),
+            "head_dim": head_dim,
+            "v_head_dim": head_dim,
+            "scaling": head_dim**-0.5,
+            "rope": self.rope(head_dim),
+            "sliding_window": (None,) * layers,
+        }
+        fields.update(extra)
+        return AttentionSpec(**fields)
+
     def refuse(self, option: str, value: Any, why: str = "") -> None:
         raise UnsupportedModel(
             f"{self._where()}: unsupported config option {option}={value!r}{': ' + why if why else ''}",

@@ -24,10 +24,7 @@ def _yarn_mscale(scale: float, mscale: float) -> float:
 
 
 def _router(cfg: ConfigReader, v3: bool) -> RouterSpec:
-    experts = cfg.positive("n_routed_experts")
-    top_k = cfg.positive("num_experts_per_tok")
-    if top_k > experts:
-        cfg.refuse("num_experts_per_tok", top_k, f"more than n_routed_experts={experts}")
+    experts, top_k = cfg.experts("n_routed_experts")
     method = cfg.opt("topk_method", "noaux_tc" if v3 else "greedy", str)
     scoring = cfg.opt("scoring_func", "sigmoid" if v3 else "softmax", str)
     if v3 and (method != "noaux_tc" or scoring != "sigmoid"):
@@ -97,10 +94,8 @@ def parse(cfg: ConfigReader) -> Arch:
     moe_inter = cfg.positive("moe_intermediate_size")
     return Arch(
         family=model_type,
-        vocab_size=cfg.positive("vocab_size"),
         hidden_size=hidden,
         num_layers=layers,
-        rms_norm_eps=cfg.opt("rms_norm_eps", 1e-6, float),
         dense_intermediate=cfg.positive("intermediate_size") if not all(sparse) else 0,
         expert_intermediate=moe_inter,
         sparse=sparse,
@@ -108,9 +103,5 @@ def parse(cfg: ConfigReader) -> Arch:
         router=_router(cfg, v3),
         naming=NAMING,
         shared=SharedExpertSpec(moe_inter * n_shared, gated=False) if n_shared else None,
-        dtype=cfg.dtype(),
-        tie_word_embeddings=cfg.opt("tie_word_embeddings", False, bool),
-        eos_token_ids=cfg.eos_ids(),
-        bos_token_id=cfg.opt("bos_token_id", None),
-        max_position_embeddings=cfg.opt("max_position_embeddings", 4096),
+        **cfg.common(1e-6, 4096),
     )
