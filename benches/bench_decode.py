@@ -5,9 +5,9 @@
 On `moeflow synth --arch mixtral --size small` (about 1.4 GB of bf16 experts; synthesized into
 .artifacts/ when --model is not given), in one run:
   - transformers' generate at full budget, and moeflow at full budget: `full_budget_vs_transformers`;
-  - moeflow at 50% and 25% budgets with the store read with O_DIRECT: tokens/s, hit rate, bytes
-    loaded per token, stall seconds per token, and the I/O bound: bytes missed per token divided by
-    the disk's O_DIRECT bandwidth measured (dd) on the store file in the same run.
+  - moeflow at 50% and 25% budgets with the store read with O_DIRECT: decode tokens/s, hit rate,
+    bytes loaded per token, stall seconds per token (decode steps), and the I/O bound: bytes missed
+    per token divided by the disk's O_DIRECT bandwidth measured (dd) on the store file in the same run.
 Prints one JSON line.
 """
 
@@ -68,11 +68,11 @@ class TransformersDecode:
 async def moeflow_decode(eng: Engine, prompt: list[int], new_tokens: int) -> dict[str, Any]:
     res = await eng.generate(prompt, new_tokens, stop_at_eos=False)
     s = res.stats
-    return {
+    return {  # decode steps only (the prefill step loads most experts of every layer)
         "tokens_per_second": round(s["decode_tokens_per_second"], 3),
-        "hit_rate": round(s["hit_rate"], 4),
-        "bytes_loaded_per_token": round(s["bytes_loaded_per_token"]),
-        "stall_seconds_per_token": round(s["stall_seconds_per_token"], 5),
+        "hit_rate": round(s["decode_hit_rate"], 4),
+        "bytes_loaded_per_token": round(s["decode_bytes_loaded_per_token"]),
+        "stall_seconds_per_token": round(s["decode_stall_seconds_per_token"], 5),
     }
 
 

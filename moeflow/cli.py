@@ -231,7 +231,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         return 0
     print(f"{'layer':>6} " + " ".join(f"SRP{s:<4}" for s in (4, 16, 64, 256)) + "  flattens at")
     for layer in result["layers"]:
-        srps = " ".join(f"{layer['srp'][str(s)]:<7.3f}" for s in (4, 16, 64, 256))
+        srps = " ".join(
+            f"{v:<7.3f}" if (v := layer["srp"][str(s)]) is not None else "n/a    " for s in (4, 16, 64, 256)
+        )
         print(f"{layer['layer']:>6} {srps}  {layer['flattens_at']} experts")
     from moeflow.config import format_bytes
 

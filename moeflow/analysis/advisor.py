@@ -20,7 +20,7 @@ SEGMENTS = (4, 16, 64, 256)
 @dataclass(frozen=True)
 class LayerReport:
     layer: int
-    srp: dict[int, float]  # segment -> SRP
+    srp: dict[int, float | None]  # segment -> SRP (None: no sequence that long)
     sizes: list[int]  # cache sizes (experts of this layer)
     sch: dict[int, list[float]]  # segment -> hit rate per size
     lru: list[float]
@@ -52,7 +52,7 @@ def analyze(header: TraceHeader, traces: list[SequenceTrace]) -> list[LayerRepor
         reports.append(
             LayerReport(
                 layer=layer,
-                srp={s: srp(routes, s, k) for s in SEGMENTS},
+                srp={s: srp(routes, s, k) if any(len(r) >= s for r in routes) else None for s in SEGMENTS},
                 sizes=sizes,
                 sch=sch_by_segment,
                 lru=lru(stream, sizes),
@@ -72,14 +72,14 @@ def summary(header: TraceHeader, reports: list[LayerReport], block_bytes: int) -
         "model": header.model,
         "top_k": header.top_k,
         "num_experts": header.num_experts,
-        "srp": {str(s): mean([r.srp[s] for r in reports]) for s in SEGMENTS},
+        "srp": {str(s): _mean_or_none([r.srp[s] for r in reports]) for s in SEGMENTS},
         "recommended_experts": experts,
         "recommended_fraction": round(experts / total, 4) if total else 0.0,
         "recommended_budget_bytes": experts * block_bytes,
         "layers": [
             {
                 "layer": r.layer,
-                "srp": {str(s): round(v, 4) for s, v in r.srp.items()},
+                "srp": {str(s): round(v, 4) if v is not None else None for s, v in r.srp.items()},
                 "sizes": r.sizes,
                 "sch": {str(s): [round(h, 4) for h in hs] for s, hs in r.sch.items()},
                 "lru": [round(h, 4) for h in r.lru],
@@ -90,6 +90,11 @@ def summary(header: TraceHeader, reports: list[LayerReport], block_bytes: int) -
             for r in reports
         ],
     }
+
+
+def _mean_or_none(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(sum(known) / len(known), 4) if known else None
 
 
 def plot(reports: list[LayerReport], top_k: int, out: str | Path, title: str) -> Path:

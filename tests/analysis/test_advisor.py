@@ -35,5 +35,7 @@ def test_trace_train_predictor_and_analyze(model: Path, tmp_path: Path, capsys: 
                  "--max-new-tokens", "16"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(report["srp"]) == {"4", "16", "64", "256"}
+    assert report["srp"]["256"] is None  # no traced sequence is 256 tokens long
+    assert 0 < report["srp"]["16"] <= 1
     assert len(report["layers"]) == 6 and 0 < report["recommended_fraction"] <= 1
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
