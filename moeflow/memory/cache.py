@@ -34,6 +34,9 @@ class EntryState(enum.Enum):
     READY = "ready"
 
 
+USABLE_STATES = (EntryState.READY, EntryState.ISSUED)
+
+
 @dataclass(eq=False)
 class Entry:
     key: ExpertKey
@@ -364,7 +367,7 @@ class ExpertCache:
 
 def usable(entry: Entry) -> bool:
     """Its bytes may be computed on: resident, or (device) its copy is queued before use."""
-    return entry.state is EntryState.READY or entry.state is EntryState.ISSUED
+    return entry.state in USABLE_STATES
 
 
 def protect_set(protect: Iterable[ExpertKey], key: ExpertKey) -> set[ExpertKey]:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import time
 
-from moeflow.memory.cache import DEMAND, Entry, EntryState, ExpertCache, usable
-
-_USABLE = (EntryState.READY, EntryState.ISSUED)
+from moeflow.memory.cache import DEMAND, USABLE_STATES, Entry, EntryState, ExpertCache, usable
 from moeflow.memory.policies import ExpertKey
 from moeflow.store.layout import ExpertView
 
@@ -26,7 +24,6 @@ class LayerFetch:
         self.pending = list(experts)
         self.keys = {(layer, e) for e in experts}
         self.held: list[int] = []
-        self.stall_seconds = 0.0
         self._missed: set[int] = set()
         self._watch: dict[int, Entry] = {}
 
@@ -38,7 +35,7 @@ class LayerFetch:
         cache = self.cache
         for e in self.pending:
             key = self._key(e)
-            if cache.state(key) in _USABLE:
+            if cache.state(key) in USABLE_STATES:
                 continue
             self._missed.add(e)
             if not cache.start_load(key, DEMAND, self.keys) and cache.state(key) is None:
@@ -90,9 +87,7 @@ class LayerFetch:
                 if ready is not None:
                     return ready
         finally:
-            waited = time.perf_counter() - started
-            self.stall_seconds += waited
-            cache.counters.stall_seconds += waited
+            cache.counters.stall_seconds += time.perf_counter() - started
 
     def release(self, expert: int) -> None:
         """The layer is done with `expert`: unpin it and start loads that now fit."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moeflow.memory.cache import EntryState, ExpertCache
+from moeflow.memory.cache import USABLE_STATES, ExpertCache
 from moeflow.memory.fetch import LayerFetch
 from moeflow.runtime import reference
 from moeflow.runtime.layers import silu_mlp
@@ -19,7 +19,6 @@ from moeflow.store.layout import ExpertView
 # T = tokens of the step, K = experts per token, H = hidden, E = experts in the layer.
 
 
-_USABLE = (EntryState.READY, EntryState.ISSUED)
 _SLOTS: dict[torch.device, list[torch.Tensor]] = {}  # index tensors of one-token steps, made once
 
 
@@ -119,9 +118,9 @@ def _split_by_precision(
     high, low, skipped = [], [], []
     for e in routing.experts:
         key = (layer, e)
-        if cache.state(key) in _USABLE or s[e] <= miss.t1:
+        if cache.state(key) in USABLE_STATES or s[e] <= miss.t1:
             high.append(e)
-        elif miss.low_cache.state(key) in _USABLE or s[e] <= miss.t2:
+        elif miss.low_cache.state(key) in USABLE_STATES or s[e] <= miss.t2:
             low.append(e)
         else:
             skipped.append(e)
