@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import os
 import time
-from collections.abc import AsyncIterator, Generator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,8 +125,12 @@ class Engine:
             ids = self.encode(prompt)
             if not ids:
                 raise InvalidRequest("empty prompt: it encodes to no tokens")
+        elif isinstance(prompt, torch.Tensor):
+            if prompt.dim() != 1:
+                raise InvalidRequest(f"token ids must be a 1-D tensor, got shape {list(prompt.shape)}")
+            ids = prompt.tolist()
         else:
-            ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
+            ids = list(prompt)
         if not ids:
             raise InvalidRequest("empty prompt: give at least one token")
         vocab = self.session.arch.vocab_size
@@ -201,9 +206,10 @@ class Engine:
     ) -> AsyncIterator[int]:
         """Yield generated token ids one at a time."""
         stream = self._stream(prompt, max_new_tokens, SamplingParams(temperature, top_k, top_p, seed), stop_at_eos)
-        await anext(stream)
-        async for tok in stream:
-            yield tok
+        async with contextlib.aclosing(stream):  # a consumer that stops early still ends the sequence
+            await anext(stream)
+            async for tok in stream:
+                yield tok
 
     async def _stream(
         self,
@@ -212,7 +218,7 @@ class Engine:
         params: SamplingParams,
         stop: bool,
         record: bool = False,
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise InvalidRequest(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
         ids = self._prompt_ids(prompt)

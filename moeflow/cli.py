@@ -11,17 +11,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from moeflow import config
 from moeflow.errors import MoeflowError
 
 
 def _common_engine_args(p: argparse.ArgumentParser) -> None:
+    """Engine options; defaults come from EngineConfig (an option left out is not passed)."""
     p.add_argument("model", help="checkpoint directory (config.json + *.safetensors)")
-    p.add_argument("--expert-budget", default="100%", help="fast-tier bytes for experts: '512MiB', '2GiB', '25%%'")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--prefetch", default="none", help="expert predictor (see --help of the engine docs)")
-    p.add_argument("--policy", default="lru", help="cache eviction policy")
-    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"), help="compute dtype")
-    p.add_argument("--direct-io", default="auto", choices=("auto", "require", "never"), help="O_DIRECT store reads")
+    p.add_argument("--expert-budget", default=None, help="fast-tier bytes for experts: '512MiB', '2GiB', '25%%'")
+    p.add_argument("--device", default=None, choices=config.DEVICES)
+    p.add_argument("--prefetch", default=None, choices=config.PREFETCHERS, help="expert predictor (default auto)")
+    p.add_argument("--policy", default=None, choices=config.POLICIES, help="cache eviction policy (default lru)")
+    p.add_argument("--dtype", default=None, choices=tuple(config.COMPUTE_DTYPES), help="compute dtype")
+    p.add_argument("--direct-io", default=None, choices=config.DIRECT_IO, help="O_DIRECT store reads")
     p.add_argument("--store-dir", default=None, help="where the expert store lives (default DIR/.moeflow)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--precision", default=None, help="run experts from this store precision (e.g. int4)")
@@ -29,7 +31,7 @@ def _common_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {
+    given = {
         "expert_budget": args.expert_budget,
         "device": args.device,
         "prefetch": args.prefetch,
@@ -40,8 +42,8 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "threads": args.threads,
         "precision": args.precision,
         "miss_precision": args.miss_precision,
-        "progress": not getattr(args, "json", False),
     }
+    return {**{k: v for k, v in given.items() if v is not None}, "progress": not getattr(args, "json", False)}
 
 
 def _prompt(args: argparse.Namespace) -> str | list[int]:
@@ -56,11 +58,9 @@ def _prompt(args: argparse.Namespace) -> str | list[int]:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    import torch
-
     from moeflow.models.synth import synthesize
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype or "")
+    dtype = config.COMPUTE_DTYPES.get(args.dtype or "")
     arch = synthesize(args.out, args.arch, args.size, dtype=dtype, seed=args.seed, progress=not args.quiet)
     print(f"wrote {arch.family} ({args.size}) to {args.out}: {arch.num_layers} layers, "
           f"{arch.num_experts} experts x {len(arch.moe_layers)} MoE layers, top-{arch.top_k}")
@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", required=True, help="mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3")
     p.add_argument("--size", default="tiny", choices=("tiny", "small"))
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--dtype", default=None, choices=tuple(config.COMPUTE_DTYPES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_synth)

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import torch
 
 from moeflow.errors import ConfigError
+from moeflow.memory.policies import POLICIES
 
 _UNITS = {
     "": 1,
@@ -33,7 +34,6 @@ _PERCENT = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*%\s*$")
 
 DEVICES = ("cpu", "cuda", "auto")
 PREFETCHERS = ("auto", "predictor", "none", "last-token", "gate-lookahead", "eam", "expertflow")
-POLICIES = ("lru", "lfu", "mrs", "hobbit", "shallow", "predicted")
 BUDGET_SPLITS = ("pooled", "plec")
 DIRECT_IO = ("auto", "require", "never")
 STORE_MODES = ("auto", "never", "rebuild")
@@ -72,23 +72,23 @@ def parse_size(value: object, option: str = "size") -> int:
     raise ConfigError(f"{option}={value!r}: cannot parse as a size (examples: 4096, '512MiB', '2GiB', '1.5GB')")
 
 
-def parse_budget(value: object) -> Budget:
+def parse_budget(value: object, option: str = "expert_budget") -> Budget:
     if value is None:
         return Budget(fraction=1.0)
     if isinstance(value, float) and not isinstance(value, bool):
         if 0 < value <= 1:
             return Budget(fraction=value)
-        raise ConfigError(f"expert_budget={value!r}: a float budget is a fraction in (0, 1]")
+        raise ConfigError(f"{option}={value!r}: a float budget is a fraction in (0, 1]")
     if isinstance(value, str):
         m = _PERCENT.match(value)
         if m:
             fraction = float(m.group(1)) / 100
             if not 0 < fraction <= 1:
-                raise ConfigError(f"expert_budget={value!r}: a percentage must be in (0, 100]")
+                raise ConfigError(f"{option}={value!r}: a percentage must be in (0, 100]")
             return Budget(fraction=fraction)
-    size = parse_size(value, "expert_budget")
+    size = parse_size(value, option)
     if size <= 0:
-        raise ConfigError(f"expert_budget={value!r}: the budget must be positive")
+        raise ConfigError(f"{option}={value!r}: the budget must be positive")
     return Budget(bytes=size)
 
 
@@ -151,10 +151,7 @@ class EngineConfig:
         if "expert_budget" in kw:
             out["expert_budget"] = parse_budget(kw["expert_budget"])
         if kw.get("host_budget") is not None:
-            try:
-                out["host_budget"] = parse_budget(kw["host_budget"])
-            except ConfigError as e:
-                raise ConfigError(str(e).replace("expert_budget", "host_budget")) from None
+            out["host_budget"] = parse_budget(kw["host_budget"], "host_budget")
         for name, allowed in (
             ("device", DEVICES),
             ("prefetch", PREFETCHERS),
@@ -190,14 +187,14 @@ class EngineConfig:
         for name in ("store_dir", "predictor_dir"):
             if kw.get(name) is not None:
                 out[name] = os.fspath(kw[name])
+        if kw.get("group_size") is not None:
+            out["group_size"] = _positive_int("group_size", kw["group_size"])
         for name in ("precision", "miss_precision"):
             if kw.get(name) is not None:
                 from moeflow.store.codecs import codec_for
 
-                codec_for(str(kw[name]), kw.get("group_size"))  # raises ConfigError naming the value
+                codec_for(str(kw[name]), out.get("group_size"))  # raises ConfigError naming the value
                 out[name] = str(kw[name])
-        if kw.get("group_size") is not None:
-            out["group_size"] = _positive_int("group_size", kw["group_size"])
         if "miss_thresholds" in kw:
             t = kw["miss_thresholds"]
             if (

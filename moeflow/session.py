@@ -140,7 +140,6 @@ async def open_session(path: Path, config: EngineConfig) -> Session:
     arch = parse_arch(ckpt)
     dtype = config.dtype or arch.dtype
     codec = codec_for(config.precision or DTYPE_NAMES[dtype], config.group_size)
-    layout = codec.layout(arch.hidden_size, arch.expert_intermediate)
     experts_total = len(arch.moe_layers) * arch.num_experts
     if experts_total == 0:
         raise ConfigError(f"{path}: the model has no MoE layers")

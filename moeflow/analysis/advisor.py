@@ -67,7 +67,6 @@ def analyze(header: TraceHeader, traces: list[SequenceTrace]) -> list[LayerRepor
 def summary(header: TraceHeader, reports: list[LayerReport], block_bytes: int) -> dict[str, Any]:
     experts = sum(r.flattens_at for r in reports)
     total = len(header.moe_layers) * header.num_experts
-    mean = lambda xs: round(sum(xs) / len(xs), 4) if xs else 0.0  # noqa: E731
     return {
         "model": header.model,
         "top_k": header.top_k,

@@ -22,7 +22,6 @@ class ExpertMemory:
     cache: ExpertCache
     low_cache: ExpertCache | None = None
     homes: list[HostHome] = field(default_factory=list)
-    host_cache: ExpertCache | None = None
 
     async def aclose(self) -> None:
         try:
@@ -58,34 +57,29 @@ async def build_memory(
                 low_source = _store_source(config, low[1], transfers)
                 memory.low_cache = ExpertCache(FastTier(low[0]), low_source, transfers, LRUPolicy())
             return memory
-        host_budget = config.host_budget or Budget(fraction=1.0)
-        total = store.blob_size * len(layers) * num_experts
-        host_cache = None
-        if host_budget.resolve(total) >= total:
-            home = HostHome(store, layers, num_experts)
+        async def load_home(home_store: ExpertStore) -> HomeSource:
+            home = HostHome(home_store, layers, num_experts)
             homes.append(home)
             await home.load(transfers, direct=config.direct_io, verify=config.verify_checksums,
                             progress=config.progress)
-            source: Source = HomeSource(home, transfers)
+            return HomeSource(home, transfers)
+
+        host_budget = config.host_budget or Budget(fraction=1.0)
+        if host_budget.resolve(plan.total_expert_bytes) >= plan.total_expert_bytes:
+            source: Source = await load_home(store)
         else:  # three tiers: device <- pinned host cache <- disk
-            host_plan = MemoryPlan.build(host_budget, store.blob_size, len(layers) * num_experts, top_k)
+            host_plan = MemoryPlan.build(host_budget, store.blob_size, plan.experts_total, top_k)
             host_cache = ExpertCache(FastTier(host_plan), _store_source(config, store, transfers), transfers,
                                      LRUPolicy())
             source = HostCacheSource(host_cache, transfers)
-        memory = ExpertMemory(transfers, ExpertCache(DeviceTier(plan), source, transfers, policy),
-                              homes=homes, host_cache=host_cache)
+        memory = ExpertMemory(transfers, ExpertCache(DeviceTier(plan), source, transfers, policy), homes=homes)
         if low is not None:
-            low_home = HostHome(low[1], layers, num_experts)
-            homes.append(low_home)
-            await low_home.load(transfers, direct=config.direct_io, verify=config.verify_checksums,
-                                progress=config.progress)
-            memory.low_cache = ExpertCache(DeviceTier(low[0]), HomeSource(low_home, transfers), transfers,
-                                           LRUPolicy())
+            memory.low_cache = ExpertCache(DeviceTier(low[0]), await load_home(low[1]), transfers, LRUPolicy())
         return memory
     except BaseException:
+        await transfers.aclose()  # cancels queued reads and waits for running ones: blocks unpin
         for home in homes:
             home.close()
-        await transfers.aclose()
         raise
 
 

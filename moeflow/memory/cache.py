@@ -47,7 +47,6 @@ class Entry:
     pins: int = 0
     prefetched: bool = False  # loaded ahead of need and not used yet
     priority: int = DEMAND
-    submitted: float = 0.0
     last_step: int = -1  # the step that last used (or loaded) it
     submitted_speculative: bool = False
 
@@ -237,7 +236,6 @@ class ExpertCache:
             raise
         entry = Entry(key, handle, EntryState.LOADING, ticket, prefetched=prefetched, priority=priority,
                       submitted_speculative=prefetched)
-        entry.submitted = time.perf_counter()
         self.entries[key] = entry
         self.layer_count[key[0]] = self.layer_count.get(key[0], 0) + 1
         if prefetched:

@@ -34,6 +34,9 @@ class EvictionPolicy:
     def on_evict(self, key: ExpertKey) -> None:
         self.order.pop(key, None)
 
+    def on_low_precision_use(self, key: ExpertKey) -> None:
+        """A layer ran a low-precision copy of `key` instead of this cache's (miss_precision)."""
+
     def on_route(self, layer: int, logits: torch.Tensor) -> None:
         """A layer routed: logits [T, E] are its router's gate logits."""
 
@@ -134,7 +137,11 @@ class HobbitPolicy(EvictionPolicy):
         super().on_access(key)
         self.last[key] = self.tokens
         self.freq[key] = self.freq.get(key, 0) + 1
-        self.high[key] = self.high.get(key, 0) + 1  # every use is high precision unless mixed precision says
+        self.high[key] = self.high.get(key, 0) + 1  # this cache holds the high-precision copy
+
+    def on_low_precision_use(self, key: ExpertKey) -> None:
+        self.last[key] = self.tokens
+        self.freq[key] = self.freq.get(key, 0) + 1
 
     def on_route(self, layer: int, logits: torch.Tensor) -> None:
         self.current_layer = layer
@@ -289,6 +296,5 @@ def make_policy(name: str, *, moe_layers: tuple[int, ...], num_layers: int, num_
         return HobbitPolicy(num_layers)
     if name == "shallow":
         return ShallowPolicy(moe_layers, num_experts, top_k, slots)
-    if name == "predicted":
-        return PredictedPolicy()
-    raise ValueError(f"unknown policy {name!r}; expected one of {', '.join(POLICIES)}")
+    assert name == "predicted", name  # EngineConfig validated it against POLICIES
+    return PredictedPolicy()

@@ -8,11 +8,10 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 
 from moeflow import _core
-from moeflow.errors import ChecksumMismatch, StoreError, TransferError
 from moeflow.memory.aio import AsyncTransfers, DirectMode, TransferTicket
 from moeflow.memory.policies import ExpertKey
 from moeflow.store.layout import BlobLayout
-from moeflow.store.store import ExpertStore
+from moeflow.store.store import ExpertStore, describe_store_error
 
 if TYPE_CHECKING:
     from moeflow.memory.cache import ExpertCache
@@ -40,16 +39,6 @@ class Source(Protocol):
     def promote(self, ticket: Ticket, priority: int) -> None: ...
     def describe(self, key: ExpertKey, error: BaseException) -> BaseException: ...
     async def aclose(self) -> None: ...
-
-
-def describe_store_error(store: ExpertStore, key: ExpertKey, error: BaseException) -> BaseException:
-    layer, expert = key
-    where = f"{store.data_path} (layer {layer}, expert {expert})"
-    if isinstance(error, ChecksumMismatch):
-        return StoreError(f"{where}: checksum mismatch, the store file changed on disk", path=str(store.path))
-    if isinstance(error, TransferError):
-        return StoreError(f"{where}: read failed: {error}", path=str(store.data_path))
-    return error
 
 
 class _TransferSource:

@@ -14,9 +14,10 @@ from tqdm import tqdm
 
 from moeflow import _core
 from moeflow.config import MemoryPlan
+from moeflow.errors import MoeflowError
 from moeflow.memory.aio import AsyncTransfers
 from moeflow.memory.policies import ExpertKey
-from moeflow.store.store import ExpertStore
+from moeflow.store.store import ExpertStore, describe_store_error
 
 
 class FastTier:
@@ -78,7 +79,7 @@ class HostHome:
 
     def __init__(self, store: ExpertStore, layers: tuple[int, ...], num_experts: int) -> None:
         self.store = store
-        total = store.blob_size * len(layers) * num_experts
+        total = store.blob_size * len(store.manifest.crc32)
         self.arena = _core.HostArena(total, cuda_register=True)
         self.allocator = _core.SlabAllocator(self.arena, total, slab_size=store.blob_size)
         self.size_class = self.allocator.add_class(store.blob_size)
@@ -103,8 +104,11 @@ class HostHome:
                     priority=_core.PRIORITY_DEMAND, direct=direct,  # type: ignore[arg-type]
                     expect_crc32=self.store.crc32(*key) if verify else None, owned=False,
                 ))
-            for ticket in pending:
-                await ticket
+            for key, ticket in zip(self.keys, pending, strict=True):
+                try:
+                    await ticket
+                except MoeflowError as e:
+                    raise describe_store_error(self.store, key, e) from e
                 bar.update(1)
             bar.close()
         finally:

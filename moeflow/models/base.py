@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,11 @@ from typing import Any
 import torch
 
 from moeflow.errors import CheckpointError, UnsupportedModel
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention-temperature factor for a context scaled by `scale`."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
 
 _DTYPES = {
     "float32": torch.float32,

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import math
-
-from moeflow.models.base import Arch, AttentionSpec, ConfigReader, Naming, RouterSpec, SharedExpertSpec
+from moeflow.models.base import (
+    Arch,
+    AttentionSpec,
+    ConfigReader,
+    Naming,
+    RouterSpec,
+    SharedExpertSpec,
+    yarn_mscale,
+)
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 
@@ -17,10 +23,6 @@ NAMING = Naming(
     shared_prefix="model.layers.{layer}.mlp.shared_experts",
     correction_bias="model.layers.{layer}.mlp.gate.e_score_correction_bias",
 )
-
-
-def _yarn_mscale(scale: float, mscale: float) -> float:
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
 def _router(cfg: ConfigReader, v3: bool) -> RouterSpec:
@@ -67,7 +69,7 @@ def parse(cfg: ConfigReader) -> Arch:
     rope = cfg.rope(rope_dim, interleaved=cfg.opt("rope_interleave", True, bool) if v3 else True)
     scaling = (nope_dim + rope_dim) ** -0.5
     if rope.kind != "default" and rope.params.get("mscale_all_dim"):
-        m = _yarn_mscale(rope.params["factor"], rope.params["mscale_all_dim"])
+        m = yarn_mscale(rope.params["factor"], rope.params["mscale_all_dim"])
         scaling *= m * m
     attention = AttentionSpec(
         kind="mla",

@@ -14,8 +14,9 @@ def parse(cfg: ConfigReader) -> Arch:
     hidden = cfg.positive("hidden_size")
     layers = cfg.positive("num_hidden_layers")
     heads = cfg.positive("num_attention_heads")
-    if cfg.opt("head_dim", hidden // heads) * heads != hidden:
-        cfg.refuse("head_dim", cfg.config["head_dim"], "OLMoE's q/k norm needs head_dim * heads == hidden_size")
+    head_dim = cfg.opt("head_dim", hidden // heads)
+    if head_dim * heads != hidden:
+        cfg.refuse("head_dim", head_dim, f"OLMoE's q/k norm needs head_dim * heads == hidden_size ({hidden})")
     experts, top_k = cfg.experts("num_experts", "num_local_experts")
     bias = cfg.opt("attention_bias", False, bool)
     attention = cfg.gqa(hidden, layers, qkv_bias=bias, o_bias=bias, qk_norm="proj",

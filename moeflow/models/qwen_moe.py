@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from moeflow.models.base import Arch, ConfigReader, Naming, RouterSpec, SharedExpertSpec
 
 MODEL_TYPES = ("qwen2_moe", "qwen3_moe")
@@ -13,12 +15,8 @@ NAMING = Naming(
     expert_down="down_proj",
     router="model.layers.{layer}.mlp.gate.weight",
 )
-QWEN2_NAMING = Naming(
-    moe_prefix=NAMING.moe_prefix,
-    expert_gate=NAMING.expert_gate,
-    expert_up=NAMING.expert_up,
-    expert_down=NAMING.expert_down,
-    router=NAMING.router,
+QWEN2_NAMING = dataclasses.replace(
+    NAMING,
     shared_prefix="model.layers.{layer}.mlp.shared_expert",
     shared_gate="model.layers.{layer}.mlp.shared_expert_gate.weight",
 )
@@ -29,7 +27,7 @@ def _sparse_layers(cfg: ConfigReader, layers: int, experts: int) -> tuple[bool, 
     step = cfg.opt("decoder_sparse_step", 1)
     if step <= 0:
         cfg.refuse("decoder_sparse_step", step, "must be >= 1")
-    return tuple(i not in mlp_only and experts > 0 and (i + 1) % step == 0 for i in range(layers))
+    return tuple(i not in mlp_only and (i + 1) % step == 0 for i in range(layers))
 
 
 def parse(cfg: ConfigReader) -> Arch:

@@ -18,6 +18,7 @@ from moeflow.errors import ConfigError
 from moeflow.models import FAMILIES, Checkpoint
 from moeflow.models.base import Arch, ConfigReader
 from moeflow.models.tensors import dense_tensors, expert_tensors
+from moeflow.store.layout import DTYPE_NAMES
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2
 BOS, EOS = 1, 2
@@ -99,7 +100,7 @@ def synth_config(arch: str, size: str, dtype: torch.dtype, **overrides: Any) -> 
     if (family, size) not in CONFIGS:
         raise ConfigError(f"--size {size!r}: expected tiny or small")
     cfg = {"architectures": [ARCHITECTURES[family]], "model_type": family, **_COMMON, **CONFIGS[(family, size)]}
-    cfg["dtype"] = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+    cfg["dtype"] = DTYPE_NAMES[dtype]
     cfg["max_position_embeddings"] = 4096
     cfg["rope_theta"] = 10000.0
     if family == "mixtral":

@@ -32,12 +32,19 @@ def _attention(arch: Arch, p: str) -> list[tuple[str, tuple[int, ...]]]:
                 (f"{p}.q_a_layernorm.weight", (s.q_lora_rank,)),
                 (f"{p}.q_b_proj.weight", (q_out, s.q_lora_rank)),
             ]
+            if s.qkv_bias:
+                out.append((f"{p}.q_a_proj.bias", (s.q_lora_rank,)))
+        kv_a = s.kv_lora_rank + s.qk_rope_head_dim
         out += [
-            (f"{p}.kv_a_proj_with_mqa.weight", (s.kv_lora_rank + s.qk_rope_head_dim, h)),
+            (f"{p}.kv_a_proj_with_mqa.weight", (kv_a, h)),
             (f"{p}.kv_a_layernorm.weight", (s.kv_lora_rank,)),
             (f"{p}.kv_b_proj.weight", (s.num_heads * (s.qk_nope_head_dim + s.v_head_dim), s.kv_lora_rank)),
             (f"{p}.o_proj.weight", (h, s.num_heads * s.v_head_dim)),
         ]
+        if s.qkv_bias:
+            out.append((f"{p}.kv_a_proj_with_mqa.bias", (kv_a,)))
+        if s.o_bias:
+            out.append((f"{p}.o_proj.bias", (h,)))
         return out
     q_out, kv_out = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
     for name, rows in (("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)):

@@ -88,11 +88,11 @@ class ModelRunner:
             logits = layer.router.logits(x)  # [T, E]
             expert_ids, weights = layer.router.select(logits, x.dtype)  # [T, K]
             policy.on_route(layer.index, logits)
+            routing = Routing.group(expert_ids, weights)
             if schedule is not None:
-                schedule.on_route(layer.index, x, expert_ids)
+                schedule.on_route(layer.index, x, expert_ids, set(routing.experts))
             if routes is not None:
                 routes[layer.index] = expert_ids
-            routing = Routing.group(expert_ids, weights)
             h = h + await run_moe(layer, x, routing, self.cache, wide, self.miss, self.precision_counters)
         if routes is not None and seq.trace is not None:
             seq.trace.append(routes)

@@ -60,9 +60,6 @@ class KVCache:
             grown.append(buf)
         self.buffers = grown
 
-    def truncate(self, length: int) -> None:
-        self.length = min(self.length, length)
-
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
            scale: float) -> torch.Tensor:

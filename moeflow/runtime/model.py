@@ -40,10 +40,6 @@ class Layer:
     mlp: SharedMLP | None  # dense FFN (dense layers) or shared expert (sparse layers)
     router: Router | None  # None on dense layers
 
-    @property
-    def sparse(self) -> bool:
-        return self.router is not None
-
 
 @dataclass
 class DenseModel:
@@ -84,9 +80,6 @@ class _Loader:
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
         self.ckpt.expect_shape(name, shape)
         return self.ckpt.get(name, dtype or self.dtype).contiguous()
-
-    def opt(self, name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
-        return self.get(name, shape) if self.ckpt.has(name) else None
 
     def mlp(self, prefix: str, hidden: int, inter: int) -> SharedMLP:
         gate = self.get(f"{prefix}.gate_proj.weight", (inter, hidden))

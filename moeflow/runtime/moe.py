@@ -175,6 +175,8 @@ async def run_moe(
             await _run_fetch(low_fetch, x, routing, outputs, wide)
         finally:
             low_fetch.close()
+        for e in low:
+            cache.policy.on_low_precision_use((layer.index, e))
         if counters is not None:
             counters.low_precision_uses += len(low)
             counters.skipped_experts += len(skipped)

@@ -8,7 +8,8 @@ q is packed along the last dim, 8 // bits values per byte, lowest bits first.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from moeflow.runtime.layers import silu_mlp
 
 # R = rows (outputs), C = columns (inputs), G = groups per row (C / g), n = tokens.
 
@@ -55,10 +56,8 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bi
     return w.view(r, c).to(dtype)
 
 
-def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """Reference of the expert FFN kernels: down(silu(gate(x)) * up(x)); gate_up is [2I, H]."""
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, down)
+# Reference of the expert FFN kernels with float weights: down(silu(gate(x)) * up(x)), gate_up [2I, H].
+expert_ffn = silu_mlp
 
 
 def quantized_expert_ffn(x: torch.Tensor, w: dict[str, torch.Tensor], bits: int, group: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from moeflow.models.base import RopeSpec
+from moeflow.models.base import RopeSpec, yarn_mscale
 
 
 def inverse_frequencies(spec: RopeSpec) -> tuple[torch.Tensor, float]:
@@ -34,10 +34,6 @@ def _llama3(inv_freq: torch.Tensor, p: dict[str, float]) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
-
 def _yarn(spec: RopeSpec) -> tuple[torch.Tensor, float]:
     dim, base, p = spec.dim, spec.theta, spec.params
     factor = p["factor"]
@@ -45,9 +41,9 @@ def _yarn(spec: RopeSpec) -> tuple[torch.Tensor, float]:
     attention_factor = p.get("attention_factor")
     if attention_factor is None:
         if p.get("mscale") and p.get("mscale_all_dim"):
-            attention_factor = _yarn_mscale(factor, p["mscale"]) / _yarn_mscale(factor, p["mscale_all_dim"])
+            attention_factor = yarn_mscale(factor, p["mscale"]) / yarn_mscale(factor, p["mscale_all_dim"])
         else:
-            attention_factor = _yarn_mscale(factor)
+            attention_factor = yarn_mscale(factor)
     beta_fast = p.get("beta_fast") or 32.0
     beta_slow = p.get("beta_slow") or 1.0
 

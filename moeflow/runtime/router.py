@@ -25,10 +25,6 @@ class Router:
         """Gate logits [T, E] (float32 for DeepSeek, the compute dtype otherwise)."""
         return F.linear(x.float() if self.spec.fp32_logits else x, self.weight)
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids [T, K] int64, weights [T, K]) for hidden states x [T, H]."""
-        return self.select(self.logits(x), x.dtype)
-
     def select(self, logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.spec
         if s.topk_method == "noaux_tc":

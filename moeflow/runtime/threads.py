@@ -20,8 +20,8 @@ WIDE_MIN_BYTES = 2 << 20
 
 
 class ThreadPlan:
-    def __init__(self, threads: int | None = None) -> None:
-        self.threads = threads or torch.get_num_threads()
+    def __init__(self) -> None:
+        self.threads = torch.get_num_threads()
         self.narrowed = False
 
     def narrow(self) -> None:

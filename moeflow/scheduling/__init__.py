@@ -29,7 +29,7 @@ def make_predictor(name: str, model: DenseModel, depth: int, predictor_dir: Path
     if name == "gate-lookahead":
         return GateLookaheadPredictor(model, depth)
     if name == "eam":
-        return EAMPredictor(model)
+        return EAMPredictor(model, depth)
     if name in ("expertflow", "auto"):
         trained = expertflow.load(predictor_dir, signature)
         if trained is not None:

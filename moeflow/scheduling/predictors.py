@@ -99,6 +99,11 @@ class _GateLookahead:
         scores = torch.sigmoid(logits) if o.sigmoid else torch.softmax(logits, dim=-1)
         top = torch.topk(scores, min(o.k + 1, scores.shape[-1]), dim=-1)
         out: Prediction = {}
+        if x.shape[0] == 1:  # decode: one host copy of the whole [d, k+1] choice
+            indices, values = top.indices[0].tolist(), top.values[0].tolist()
+            for i, target in enumerate(targets):
+                out[target] = list(zip(indices[i], values[i], strict=True))
+            return out
         for i, target in enumerate(targets):
             out[target] = _votes(top.indices[:, i], top.values[:, i])
         return out
@@ -139,35 +144,36 @@ class _EAMTracker:
 
     def after_route(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> Prediction:
         row = self.owner.row[layer]
-        self.matrix[row].index_add_(0, ids.reshape(-1), torch.ones(ids.numel()))
+        flat = ids.reshape(-1).cpu()
+        self.matrix[row].index_add_(0, flat, torch.ones(flat.numel()))
         return self._predict(row)
 
     def _predict(self, row: int) -> Prediction:
+        """The best-matching stored matrix's experts for the next `depth` layers (wrapping into
+        the next token), scored (p + eps) * (1 - distance / (L + 1))."""
         o = self.owner
-        if not o.history:
+        stored = o.stacked()
+        if stored is None:
             return {}
         current = self.matrix.flatten()
         if current.sum() == 0:
-            best = torch.stack(list(o.history)).sum(0)  # no evidence yet: the pooled history
+            best = stored.sum(0)  # no evidence yet: the pooled history
         else:
-            stored = torch.stack(list(o.history))  # [N, L*E]
-            sims = F.cosine_similarity(stored, current[None], dim=-1)
-            best = stored[int(torch.argmax(sims))]
-        best = best.view(len(o.moe_layers), o.num_experts)
-        probs = best / best.sum(-1, keepdim=True).clamp(min=1)
+            best = stored[int(torch.argmax(F.cosine_similarity(stored, current[None], dim=-1)))]
         n = len(o.moe_layers)
+        best = best.view(n, o.num_experts)
+        probs = best / best.sum(-1, keepdim=True).clamp(min=1)
+        rows = [(row + i) % n for i in range(1, o.depth + 1)]
+        top = torch.topk(probs[rows] + 1e-6, min(o.k + 1, o.num_experts), dim=-1)
         out: Prediction = {}
-        for i in range(1, n + 1):  # the layers after `row`, wrapping to the next token's
-            target = (row + i) % n
-            weight = 1 - i / (n + 1)
-            scores = (probs[target] + 1e-6) * weight
-            top = torch.topk(scores, o.k + 1)
-            out[o.moe_layers[target]] = [(int(e), float(s)) for e, s in zip(top.indices, top.values, strict=True)]
+        for i, (experts, values) in enumerate(zip(top.indices.tolist(), top.values.tolist(), strict=True)):
+            weight = 1 - (i + 1) / (n + 1)
+            out[o.moe_layers[rows[i]]] = [(e, v * weight) for e, v in zip(experts, values, strict=True)]
         return out
 
     def finish(self) -> None:
         if self.matrix.sum() > 0:
-            self.owner.history.append(self.matrix.flatten().clone())
+            self.owner.remember(self.matrix.flatten().clone())
 
 
 class EAMPredictor:
@@ -177,12 +183,24 @@ class EAMPredictor:
     name = "eam"
     wraps = True
 
-    def __init__(self, model: DenseModel, capacity: int = 120) -> None:
+    def __init__(self, model: DenseModel, depth: int, capacity: int = 120) -> None:
         self.moe_layers = model.arch.moe_layers
         self.row = {layer: i for i, layer in enumerate(self.moe_layers)}
         self.num_experts = model.arch.num_experts
         self.k = model.arch.top_k
+        self.depth = min(depth, len(self.moe_layers))
         self.history: deque[torch.Tensor] = deque(maxlen=capacity)
+        self._stacked: torch.Tensor | None = None
+
+    def remember(self, matrix: torch.Tensor) -> None:
+        self.history.append(matrix)
+        self._stacked = None
+
+    def stacked(self) -> torch.Tensor | None:
+        """The stored matrices as one [N, L*E] tensor (rebuilt only when a request ends)."""
+        if self._stacked is None and self.history:
+            self._stacked = torch.stack(list(self.history))
+        return self._stacked
 
     def track(self, prompt: list[int]) -> _EAMTracker:
         return _EAMTracker(self)

@@ -104,10 +104,9 @@ class SequenceSchedule:
         self._merge(self.predictor.begin_step(ids), from_position=-1)
         self._prefetch(current=None, tokens=len(ids))
 
-    def on_route(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> None:
-        """Layer `layer` has routed (before its experts run)."""
+    def on_route(self, layer: int, x: torch.Tensor, ids: torch.Tensor, actual: set[int]) -> None:
+        """Layer `layer` has routed ids [T, K], the distinct experts `actual` (before they run)."""
         s = self.s
-        actual = set(ids.reshape(-1).tolist())
         pending = self.pending.pop(layer, None)
         if pending is not None and ids.shape[0] == 1:  # per-token metrics: decode steps only
             for distance, predicted in pending.history.items():
@@ -135,7 +134,8 @@ class SequenceSchedule:
             self.s.live.remove(self)
         for layer, experts in self.prefetched.items():
             for e in experts:
-                self.s.cache.cancel_load((layer, e))
+                if self.s.upcoming((layer, e)) is None:  # no other live sequence expects it
+                    self.s.cache.cancel_load((layer, e))
         self.prefetched.clear()
         finish = getattr(self.predictor, "finish", None)
         if finish is not None:

@@ -14,7 +14,7 @@ import torch
 
 from moeflow.errors import ConfigError
 from moeflow.runtime import reference
-from moeflow.store.layout import DTYPES, BlobLayout, dense_layout
+from moeflow.store.layout import DTYPE_NAMES, DTYPES, BlobLayout, dense_layout
 
 DEFAULT_GROUP = {8: 64, 4: 64, 2: 32}
 
@@ -28,11 +28,7 @@ class DenseCodec:
 
     @property
     def precision(self) -> str:
-        return next(k for k, v in DTYPES.items() if v == self.dtype)
-
-    @property
-    def quantized(self) -> bool:
-        return False
+        return DTYPE_NAMES[self.dtype]
 
     def layout(self, hidden: int, intermediate: int) -> BlobLayout:
         return dense_layout(self.dtype, hidden, intermediate)
@@ -55,10 +51,6 @@ class QuantCodec:
     @property
     def precision(self) -> str:
         return f"int{self.bits}-g{self.group}"
-
-    @property
-    def quantized(self) -> bool:
-        return True
 
     def _check(self, name: str, cols: int) -> None:
         if cols % self.group:

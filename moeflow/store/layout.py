@@ -55,13 +55,10 @@ class ExpertView:
     tensors: dict[str, torch.Tensor]
     bits: int = 16  # 16: float weights gate_up/down; 8, 4, 2: packed codes with scale/zero
     group: int = 0
+    nbytes: int = 0  # of the tensors (the views are made once per block)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.tensors[name]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
 
 
 @dataclass(frozen=True)
@@ -85,7 +82,8 @@ class BlobLayout:
 
     def expert_view(self, blob: torch.Tensor) -> ExpertView:
         meta = dict(self.meta)
-        return ExpertView(self.views(blob), meta.get("bits", 16), meta.get("group", 0))
+        views = self.views(blob)
+        return ExpertView(views, meta.get("bits", 16), meta.get("group", 0), sum(t.nbytes for t in views.values()))
 
     def slot(self, name: str) -> Slot:
         for s in self.slots:

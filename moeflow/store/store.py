@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moeflow.errors import StoreError
+from moeflow.errors import ChecksumMismatch, StoreError, TransferError
 from moeflow.store.layout import BLOB_ALIGN, BlobLayout
 
 FORMAT = "moeflow.expert-store"
@@ -135,3 +135,13 @@ class ExpertStore:
 def store_root(checkpoint_dir: Path, override: str | os.PathLike[str] | None) -> Path:
     """Where stores of a checkpoint live: `override`, else `<checkpoint>/.moeflow`."""
     return Path(override) if override is not None else checkpoint_dir / ".moeflow"
+
+
+def describe_store_error(store: ExpertStore, key: tuple[int, int], error: BaseException) -> BaseException:
+    layer, expert = key
+    where = f"{store.data_path} (layer {layer}, expert {expert})"
+    if isinstance(error, ChecksumMismatch):
+        return StoreError(f"{where}: checksum mismatch, the store file changed on disk", path=str(store.path))
+    if isinstance(error, TransferError):
+        return StoreError(f"{where}: read failed: {error}", path=str(store.data_path))
+    return error

@@ -142,3 +142,21 @@ async def test_store_changed_on_disk_is_detected_and_never_used(ckpt: Path) -> N
     # ... and by default it is rebuilt, after which generation works again.
     async with Engine.open(ckpt, expert_budget="40%", device="cpu") as eng:
         await _assert_serves(eng)
+
+
+@pytest.mark.asyncio
+async def test_token_tensor_must_be_one_dimensional(ckpt: Path) -> None:
+    import torch
+
+    async with Engine.open(ckpt, device="cpu") as eng:
+        with pytest.raises(InvalidRequest, match="1-D tensor"):
+            await eng.generate(torch.tensor(5), 2)
+        res = await eng.generate(torch.tensor(PROMPT), 2)
+        assert len(res.tokens) >= 1
+
+
+def test_group_size_is_validated_before_it_is_used(ckpt: Path) -> None:
+    with pytest.raises(ConfigError, match="group_size='64'"):
+        Engine.open(ckpt, precision="int4", group_size="64")
+    with pytest.raises(ConfigError, match="host_budget='lots'"):
+        Engine.open(ckpt, host_budget="lots")

@@ -56,3 +56,17 @@ async def test_sampling_is_reproducible_with_a_seed(hf_checkpoints) -> None:  # 
         b = await eng.generate(PROMPTS[2], 10, temperature=1.0, top_k=20, seed=3, stop_at_eos=False)
         assert a.tokens == b.tokens
         assert a.stats["tokens"] == 10 and a.finish_reason == "length"
+
+
+@pytest.mark.asyncio
+async def test_a_stream_abandoned_early_ends_its_sequence(hf_checkpoints) -> None:  # type: ignore[no-untyped-def]
+    import contextlib
+
+    async with Engine.open(hf_checkpoints.path("mixtral"), device="cpu", expert_budget="50%") as eng:
+        async with contextlib.aclosing(eng.stream(PROMPTS[0], 50, stop_at_eos=False)) as stream:
+            async for tok in stream:
+                assert isinstance(tok, int)
+                assert eng.session.scheduler.live  # the sequence is running
+                break
+        assert eng.session.scheduler.live == []  # ended at close, not at garbage collection
+        assert eng.stats()["pinned_blocks"] == 0

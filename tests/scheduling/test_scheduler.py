@@ -123,7 +123,7 @@ async def test_wrong_prefetches_for_a_layer_are_cancelled_when_it_routes(trained
         schedule._prefetch(current=None)
         queued = [k for k, e in s.cache.entries.items() if e.state is EntryState.LOADING]
         assert {k[1] for k in queued} == {0, 1}
-        schedule.on_route(layer, torch.zeros(1, s.arch.hidden_size, dtype=s.dtype), torch.tensor([[8, 9]]))
+        schedule.on_route(layer, torch.zeros(1, s.arch.hidden_size, dtype=s.dtype), torch.tensor([[8, 9]]), {8, 9})
         assert s.cache.counters.prefetch_cancelled == 2
         assert all((layer, e) not in s.cache.entries for e in range(2))
         await busy
