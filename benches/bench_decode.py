@@ -1,6 +1,6 @@
 """Decode speed of moeflow against transformers, and under 50% / 25% expert budgets.
 
-    python benches/bench_decode.py [--model DIR] [--new-tokens 32]
+    python benches/bench_decode.py [--model DIR] [--new-tokens 32] [--prefetch gate-lookahead]
 
 On `moeflow synth --arch mixtral --size small` (about 1.4 GB of bf16 experts; synthesized into
 .artifacts/ when --model is not given), in one run:
@@ -95,8 +95,10 @@ async def full_budget_vs_transformers(model_dir: Path, prompt: list[int], new_to
             "ours_rounds": ours, "transformers_rounds": [round(t, 3) for t in theirs]}
 
 
-async def budget_run(model_dir: Path, prompt: list[int], new_tokens: int, rounds: int, budget: str) -> dict[str, Any]:
-    async with Engine.open(model_dir, device="cpu", expert_budget=budget, direct_io="require") as eng:
+async def budget_run(
+    model_dir: Path, prompt: list[int], new_tokens: int, rounds: int, budget: str, prefetch: str
+) -> dict[str, Any]:
+    async with Engine.open(model_dir, device="cpu", expert_budget=budget, direct_io="require", prefetch=prefetch) as eng:
         await eng.generate(prompt, 8, stop_at_eos=False)  # warm-up
         runs = [await moeflow_decode(eng, prompt, new_tokens) for _ in range(rounds)]
         best = max(runs, key=lambda r: r["tokens_per_second"])
@@ -109,6 +111,10 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds (best kept)")
+    # Named, not "auto": a routing predictor left beside the model (bench_prefetch trains one)
+    # would otherwise change what this benchmark measures.
+    ap.add_argument("--prefetch", default="gate-lookahead",
+                    help="predictor of the budgeted runs (default: the engine's default without a trained predictor)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     model_dir = Path(args.model) if args.model else ROOT / ".artifacts" / "mixtral-small"
@@ -128,10 +134,11 @@ def main() -> None:
         "disk_direct_gb_per_second": round(disk / 1e9, 3),
     }
     for label, budget in (("half", "50%"), ("quarter", "25%")):
-        r = asyncio.run(budget_run(model_dir, prompt, args.new_tokens, args.rounds, budget))
+        r = asyncio.run(budget_run(model_dir, prompt, args.new_tokens, args.rounds, budget, args.prefetch))
         bound = r["bytes_loaded_per_token"] / disk if disk else 0.0
         result[label] = {
             "budget": budget,
+            "prefetch": args.prefetch,
             "tokens_per_second": r["tokens_per_second"],
             "vs_full_budget": round(r["tokens_per_second"] / both["ours"], 3),
             "hit_rate": r["hit_rate"],
