@@ -33,7 +33,6 @@ class LayerFetch:
     def start(self) -> None:
         """Submit demand loads for the missing experts that fit now (no waiting)."""
         cache = self.cache
-        cache.transfers.poll()  # prefetches that finished since the loop last looked are hits
         for e in self.pending:
             key = self._key(e)
             if cache.state(key) in USABLE_STATES:

@@ -163,6 +163,10 @@ async def run_moe(
     ascending expert order, so the result is the same bits at every budget and prefetch
     (unless `miss` allows low-precision copies and skips)."""
     outputs: dict[int, torch.Tensor] = {}
+    # Settle the loads that finished since the event loop last looked (all caches share one
+    # transfer engine) before anything classifies experts: a finished prefetch is resident,
+    # a hit, and never degraded to a low-precision copy or skipped.
+    cache.transfers.poll()
     if miss is None:
         await _run_fetch(LayerFetch(cache, layer.index, routing.experts), x, routing, outputs, wide)
     else:

@@ -137,25 +137,22 @@ async def test_a_prefetch_finished_before_its_layer_counts_as_a_hit(trained_mode
     have run since): a prefetch that is done is a hit, not a miss with a wait."""
     import time
 
-    from moeflow.memory.fetch import LayerFetch
+    from moeflow.runtime.moe import Routing, run_moe
 
     async with Engine.open(trained_model, device="cpu", expert_budget="50%", prefetch="none") as eng:
-        cache = eng.session.cache
-        layer = eng.session.arch.moe_layers[0]
-        assert cache.start_load((layer, 3), core.PRIORITY_PREFETCH)
-        entry = cache.entries[(layer, 3)]
+        s = eng.session
+        cache = s.cache
+        layer = next(lay for lay in s.runner.model.layers if lay.router is not None)
+        assert cache.start_load((layer.index, 3), core.PRIORITY_PREFETCH)
+        entry = cache.entries[(layer.index, 3)]
         deadline = time.monotonic() + 10
         while cache.transfers.engine.pending() and time.monotonic() < deadline:
             time.sleep(0.01)  # blocking: the loop cannot drain the eventfd meanwhile
         assert entry.state is EntryState.LOADING  # not drained yet
         before = (cache.counters.hits, cache.counters.misses)
-        fetch = LayerFetch(cache, layer, [3])
-        fetch.start()
-        try:
-            item = await fetch.next()
-            assert item is not None and item[0] == 3
-            fetch.release(3)
-        finally:
-            fetch.close()
+        x = torch.randn(1, s.arch.hidden_size).to(s.runner.model.dtype)
+        routing = Routing.group(torch.tensor([[3]]), torch.ones(1, 1, dtype=x.dtype))
+        out = await run_moe(layer, x, routing, cache)
+        assert out.shape == x.shape
         assert (cache.counters.hits, cache.counters.misses) == (before[0] + 1, before[1])
         assert cache.counters.prefetch_used == 1 and eng.stats()["pinned_blocks"] == 0
