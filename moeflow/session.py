@@ -15,12 +15,12 @@ from tokenizers import Tokenizer
 from moeflow import _core
 from moeflow.config import Budget, EngineConfig, MemoryPlan
 from moeflow.errors import CheckpointError, ConfigError, CudaUnavailable
-from moeflow.memory.aio import AsyncTransfers
+from moeflow.memory.transfers import AsyncTransfers
 from moeflow.memory.assembly import ExpertMemory, build_memory
 from moeflow.memory.cache import CacheCounters, ExpertCache, Tier
 from moeflow.memory.policies import EvictionPolicy, PredictedPolicy, make_policy
 from moeflow.models import Arch, Checkpoint, parse_arch
-from moeflow.runtime.engine import ModelRunner
+from moeflow.runtime.runner import ModelRunner
 from moeflow.runtime.moe import MissPrecision
 from moeflow.runtime.model import DenseModel, load_dense
 from moeflow.scheduling import Predictor, Scheduler, make_predictor

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from moeflow.config import Budget, EngineConfig, MemoryPlan
-from moeflow.memory.aio import AsyncTransfers
+from moeflow.memory.transfers import AsyncTransfers
 from moeflow.memory.cache import ExpertCache
 from moeflow.memory.policies import EvictionPolicy, LRUPolicy
 from moeflow.memory.sources import HomeSource, HostCacheSource, Source, StoreSource

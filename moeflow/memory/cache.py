@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from moeflow import _core
-from moeflow.memory.aio import AsyncTransfers
+from moeflow.memory.transfers import AsyncTransfers
 from moeflow.memory.policies import EvictionPolicy, Evictable, ExpertKey
 from moeflow.memory.sources import Source, Ticket
 from moeflow.memory.tiers import DeviceTier, FastTier

@@ -8,7 +8,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 
 from moeflow import _core
-from moeflow.memory.aio import AsyncTransfers, DirectMode, TransferTicket
+from moeflow.memory.transfers import AsyncTransfers, DirectMode, TransferTicket
 from moeflow.memory.policies import ExpertKey
 from moeflow.store.layout import BlobLayout
 from moeflow.store.store import ExpertStore, describe_store_error

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from moeflow import _core
 from moeflow.config import MemoryPlan
 from moeflow.errors import MoeflowError
-from moeflow.memory.aio import AsyncTransfers
+from moeflow.memory.transfers import AsyncTransfers
 from moeflow.memory.policies import ExpertKey
 from moeflow.store.store import ExpertStore, describe_store_error
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from moeflow.config import Budget, MemoryPlan
-from moeflow.memory.aio import AsyncTransfers
+from moeflow.memory.transfers import AsyncTransfers
 from moeflow.memory.cache import ExpertCache
 from moeflow.memory.policies import LRUPolicy
 from moeflow.memory.sources import HomeSource, HostCacheSource, StoreSource

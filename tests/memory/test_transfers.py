@@ -25,7 +25,7 @@ from moeflow.errors import (
     TransferError,
 )
 from moeflow.memory import AsyncTransfers, TransferTicket
-from moeflow.memory.aio import DirectMode
+from moeflow.memory.transfers import DirectMode
 
 if TYPE_CHECKING:
     from tests.memory.conftest import DataFile, HostPool
