@@ -2,7 +2,7 @@
 
 Dense codecs keep a float dtype. Quantized codecs (int8, int4, int2) store each matrix as packed
 codes plus float16 scale and zero per group of `group` input columns (HQQ-style asymmetric
-min-max; see runtime/reference.py for the exact formula).
+min-max; see store/quant.py for the exact formula).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from moeflow.errors import ConfigError
-from moeflow.runtime import reference
+from moeflow.store import quant
 from moeflow.store.layout import DTYPE_NAMES, DTYPES, BlobLayout, dense_layout
 
 DEFAULT_GROUP = {8: 64, 4: 64, 2: 32}
@@ -74,13 +74,13 @@ class QuantCodec:
     def encode(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {}
         for name, w in (("gate_up", torch.cat([gate, up])), ("down", down)):
-            q, scale, zero = reference.quantize(w, self.bits, self.group)
+            q, scale, zero = quant.quantize(w, self.bits, self.group)
             out[f"{name}.q"], out[f"{name}.scale"], out[f"{name}.zero"] = q, scale, zero
         return out
 
     def decode(self, views: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         return {
-            name: reference.dequantize(
+            name: quant.dequantize(
                 views[f"{name}.q"], views[f"{name}.scale"], views[f"{name}.zero"], self.bits, self.group, dtype
             )
             for name in ("gate_up", "down")

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from moeflow import Engine
 from moeflow.cli import main
 from moeflow.errors import ConfigError
-from moeflow.runtime import reference
+from moeflow.store import quant
 from moeflow.store.codecs import QuantCodec, codec_for
 from tests.scheduling.conftest import PROMPTS, TRAINED
 
@@ -23,16 +23,16 @@ from tests.scheduling.conftest import PROMPTS, TRAINED
 def test_pack_unpack_round_trip(bits: int, rows: int, groups: int, seed: int) -> None:
     cols = groups * 8
     codes = torch.randint(0, 1 << bits, (rows, cols), generator=torch.Generator().manual_seed(seed)).to(torch.uint8)
-    packed = reference.pack(codes, bits)
+    packed = quant.pack(codes, bits)
     assert packed.shape == (rows, cols * bits // 8)
-    assert torch.equal(reference.unpack(packed, bits), codes)
+    assert torch.equal(quant.unpack(packed, bits), codes)
 
 
 @pytest.mark.parametrize(("bits", "group", "bound"), [(8, 64, 0.01), (4, 64, 0.12), (2, 32, 0.5)])
 def test_min_max_quantization_error_is_bounded(bits: int, group: int, bound: float) -> None:
     w = torch.randn(96, 256, generator=torch.Generator().manual_seed(0)) * 0.02
-    q, scale, zero = reference.quantize(w, bits, group)
-    back = reference.dequantize(q, scale, zero, bits, group)
+    q, scale, zero = quant.quantize(w, bits, group)
+    back = quant.dequantize(q, scale, zero, bits, group)
     assert (back - w).norm() / w.norm() < bound
     # every group's error is within half a step (plus fp16 rounding of scale and zero)
     step = scale.float().repeat_interleave(group, dim=1)
