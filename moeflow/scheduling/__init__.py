@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from moeflow.errors import ConfigError, PredictorError
-from moeflow.runtime.model import DenseModel
 from moeflow.scheduling import expertflow
 from moeflow.scheduling.predictors import (
     EAMPredictor,
@@ -14,12 +13,13 @@ from moeflow.scheduling.predictors import (
     NoPredictor,
     Predictor,
 )
+from moeflow.scheduling.routers import RouterTable, router_table
 from moeflow.scheduling.scheduler import Scheduler
 
-__all__ = ["Predictor", "Scheduler", "make_predictor"]
+__all__ = ["Predictor", "RouterTable", "Scheduler", "make_predictor", "router_table"]
 
 
-def make_predictor(name: str, model: DenseModel, depth: int, predictor_dir: Path, signature: str) -> Predictor:
+def make_predictor(name: str, routers: RouterTable, depth: int, predictor_dir: Path, signature: str) -> Predictor:
     """The predictor called `name`; 'auto' is the trained routing predictor when one is saved
     in `predictor_dir`, else the gate lookahead."""
     if name == "none":
@@ -27,15 +27,15 @@ def make_predictor(name: str, model: DenseModel, depth: int, predictor_dir: Path
     if name == "last-token":
         return LastTokenPredictor()
     if name == "gate-lookahead":
-        return GateLookaheadPredictor(model, depth)
+        return GateLookaheadPredictor(routers, depth)
     if name == "eam":
-        return EAMPredictor(model, depth)
+        return EAMPredictor(routers, depth)
     if name in ("expertflow", "auto"):
         trained = expertflow.load(predictor_dir, signature)
         if trained is not None:
             return expertflow.ExpertFlowPredictor(trained, str(predictor_dir / expertflow.WEIGHTS))
         if name == "auto":
-            return GateLookaheadPredictor(model, depth)
+            return GateLookaheadPredictor(routers, depth)
         raise PredictorError(
             f"{predictor_dir / expertflow.WEIGHTS}: no trained routing predictor; record traces with "
             f"`moeflow trace` and train one with `moeflow train-predictor`"

@@ -12,7 +12,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from moeflow.runtime.model import DenseModel
+from moeflow.scheduling.routers import RouterTable
 
 Prediction = dict[int, list[tuple[int, float]]]  # layer -> [(expert, score)], best first
 
@@ -116,19 +116,17 @@ class GateLookaheadPredictor:
     name = "gate-lookahead"
     wraps = False
 
-    def __init__(self, model: DenseModel, depth: int) -> None:
-        arch = model.arch
-        self.k = arch.top_k
-        self.sigmoid = arch.router.scoring == "sigmoid"
-        moe = list(arch.moe_layers)
-        routers = {layer.index: layer.router for layer in model.layers if layer.router is not None}
+    def __init__(self, routers: RouterTable, depth: int) -> None:
+        self.k = routers.top_k
+        self.sigmoid = routers.scoring == "sigmoid"
+        moe = list(routers.moe_layers)
         self.next_layers: dict[int, tuple[int, ...]] = {}
         self.stacked: dict[int, torch.Tensor] = {}
         for pos, layer in enumerate(moe):
             targets = tuple(moe[pos + 1 : pos + 1 + depth])
             if targets:
                 self.next_layers[layer] = targets
-                self.stacked[layer] = torch.cat([routers[t].weight for t in targets]).to(model.dtype)
+                self.stacked[layer] = torch.cat([routers.weights[t] for t in targets]).to(routers.dtype)
 
     def track(self, prompt: list[int]) -> SequencePredictor:
         return _GateLookahead(self)
@@ -183,11 +181,11 @@ class EAMPredictor:
     name = "eam"
     wraps = True
 
-    def __init__(self, model: DenseModel, depth: int, capacity: int = 120) -> None:
-        self.moe_layers = model.arch.moe_layers
+    def __init__(self, routers: RouterTable, depth: int, capacity: int = 120) -> None:
+        self.moe_layers = routers.moe_layers
         self.row = {layer: i for i, layer in enumerate(self.moe_layers)}
-        self.num_experts = model.arch.num_experts
-        self.k = model.arch.top_k
+        self.num_experts = routers.num_experts
+        self.k = routers.top_k
         self.depth = min(depth, len(self.moe_layers))
         self.history: deque[torch.Tensor] = deque(maxlen=capacity)
         self._stacked: torch.Tensor | None = None
