@@ -1,12 +1,21 @@
-"""Launching kernels/*.cu on torch CUDA tensors through CuPy, on torch's current stream.
+"""Launching kernels/*.cu on torch CUDA tensors through CuPy: launch objects built once, raw pointers, torch's stream.
 
-Each launcher mirrors a function of runtime/reference.py (the GPU tests compare them). Tensors
-cross to CuPy through __cuda_array_interface__ (16-bit floats viewed as int16: the kernels read
-raw bits), so nothing is copied.
+Each launcher mirrors a function of runtime/reference.py (the GPU tests compare them). A launch is
+plain data first (`Launch`: entry point, grid, block, arguments as numpy scalars: np.uint64 device
+pointers, np.int32 sizes), built without CuPy and so checked on machines without a GPU; `run` hands
+it to the kernel function resolved once per (source, entry, device), on a CuPy wrapper of torch's
+current stream made once per stream. `ExpertLauncher` holds one expert block's weight pointers and
+shapes, so a decode launch adds only the activation pointers.
+
+Tensors handed to a launch must live on the current stream's device until the kernel has run:
+torch's caching allocator reuses a freed block only in stream order, so temporaries made on the
+current stream right before a launch are safe to drop after it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -14,15 +23,27 @@ import torch
 
 from moeflow.runtime import kernels
 
+# n = tokens of a decode launch, R = rows of a grouped launch, H = hidden, I = intermediate, E = experts.
+
 _THREADS = 256
+MAX_DECODE_TOKENS = 8  # kernels/expert_ffn.cu MAX_TOKENS
+_WEIGHT_PARTS = ("q", "scale", "zero")
 
 
-def _cp(t: torch.Tensor) -> Any:
-    import cupy
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as plain data: what `run` passes to the driver."""
 
-    if t.dtype in (torch.bfloat16, torch.float16):
-        t = t.view(torch.int16)
-    return cupy.asarray(t)
+    source: str
+    entry: str
+    grid: tuple[int, ...]
+    block: tuple[int, ...]
+    args: tuple[np.uint64 | np.int32, ...]
+
+
+def pointer(t: torch.Tensor) -> np.uint64:
+    """A tensor's first byte as a kernel pointer argument (CuPy passes 8-byte numpy scalars as is)."""
+    return np.uint64(t.data_ptr())
 
 
 def _suffix(dtype: torch.dtype) -> str:
@@ -33,79 +54,211 @@ def _suffix(dtype: torch.dtype) -> str:
     raise TypeError(f"kernels take float16 or bfloat16 activations, not {dtype}")
 
 
-def _launch(source: str, entry: str, grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...]) -> None:
-    import cupy
-
-    with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
-        kernels.function(source, entry)(grid, block, args)
-
-
-def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int,
-               dtype: torch.dtype) -> torch.Tensor:
-    """kernels/dequant.cu; reference.dequantize."""
-    rows, cols = q.shape[0], q.shape[1] * (8 // bits)
-    out = torch.empty(rows, cols, dtype=dtype, device=q.device)
-    grid = ((q.numel() + _THREADS - 1) // _THREADS,)
-    _launch("dequant.cu", f"dequant_int{bits}_{_suffix(dtype)}", grid, (_THREADS,),
-            (_cp(q), _cp(scale), _cp(zero), _cp(out), np.int32(rows), np.int32(cols), np.int32(group)))
-    return out
-
-
-def _weight_args(w: dict[str, torch.Tensor], name: str, bits: int) -> tuple[Any, Any, Any]:
-    if bits == 16:
-        mat = _cp(w[name])
-        return mat, mat, mat  # scale/zero unused for float weights
-    return _cp(w[f"{name}.q"]), _cp(w[f"{name}.scale"]), _cp(w[f"{name}.zero"])
-
-
 def _entry_suffix(bits: int, dtype: torch.dtype) -> str:
     act = _suffix(dtype)
     return f"{act}_{act}" if bits == 16 else f"int{bits}_{act}"
 
 
+# ---- running a launch (needs CuPy and a GPU) ------------------------------------------------------
+_STREAMS: dict[tuple[int, int], Any] = {}  # (device, torch stream pointer) -> CuPy stream wrapper
+
+
+def _cupy_stream(device: int) -> Any:
+    """A CuPy view of torch's current stream on `device`, made once per stream."""
+    stream = torch.cuda.current_stream(device)
+    key = (device, stream.cuda_stream)
+    wrapper = _STREAMS.get(key)
+    if wrapper is None:
+        import cupy
+
+        if hasattr(cupy.cuda.Stream, "from_external"):  # CuPy >= 14 (ExternalStream is deprecated there)
+            wrapper = cupy.cuda.Stream.from_external(stream)
+        else:
+            wrapper = cupy.cuda.ExternalStream(stream.cuda_stream, device)
+        _STREAMS[key] = wrapper
+    return wrapper
+
+
+def run(launch: Launch, device: torch.device) -> None:
+    """Launch on torch's current stream of `device`."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    kernels.function(launch.source, launch.entry, index)(launch.grid, launch.block, launch.args,
+                                                         stream=_cupy_stream(index))
+
+
+# ---- dequantization -------------------------------------------------------------------------------
+def dequant_launch(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int,
+                   out: torch.Tensor) -> Launch:
+    rows, cols = out.shape
+    if q.shape != (rows, cols * bits // 8):
+        raise ValueError(f"packed codes of shape {tuple(q.shape)} do not fill a [{rows}, {cols}] int{bits} matrix")
+    grid = ((q.numel() + _THREADS - 1) // _THREADS,)
+    return Launch("dequant.cu", f"dequant_int{bits}_{_suffix(out.dtype)}", grid, (_THREADS,),
+                  (pointer(q), pointer(scale), pointer(zero), pointer(out), np.int32(rows), np.int32(cols),
+                   np.int32(group)))
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int,
+               dtype: torch.dtype) -> torch.Tensor:
+    """kernels/dequant.cu; reference.dequantize."""
+    q, scale, zero = q.contiguous(), scale.contiguous(), zero.contiguous()
+    out = torch.empty(q.shape[0], q.shape[1] * (8 // bits), dtype=dtype, device=q.device)
+    run(dequant_launch(q, scale, zero, bits, group, out), q.device)
+    return out
+
+
+# ---- one expert block -----------------------------------------------------------------------------
+class ExpertLauncher:
+    """The launch arguments of one expert block, built once per block: its six weight pointers
+    (gate_up q/scale/zero, down q/scale/zero; float weights pass the matrix for all three) and shapes.
+
+    A block's views never move, so the launcher stays valid as long as the block holds this expert;
+    `launcher(tensors, bits, group)` returns the one made for the same pointers and shapes."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], bits: int, group: int) -> None:
+        if bits == 16:
+            gate_up, down = tensors["gate_up"], tensors["down"]
+            parts = [gate_up] * 3 + [down] * 3
+            self.inter, self.hidden = down.shape[1], down.shape[0]
+            self.weight_dtype: torch.dtype | None = gate_up.dtype
+            if gate_up.shape != (2 * self.inter, self.hidden) or gate_up.dtype != down.dtype:
+                raise ValueError(f"gate_up {tuple(gate_up.shape)} {gate_up.dtype} does not match down "
+                                 f"{tuple(down.shape)} {down.dtype}")
+        elif bits in (8, 4, 2):
+            parts = [tensors[f"{m}.{p}"] for m in ("gate_up", "down") for p in _WEIGHT_PARTS]
+            per = 8 // bits
+            self.inter, self.hidden = parts[3].shape[1] * per, parts[3].shape[0]
+            self.weight_dtype = None
+            if parts[0].shape != (2 * self.inter, self.hidden // per):
+                raise ValueError(f"gate_up.q {tuple(parts[0].shape)} does not match down.q {tuple(parts[3].shape)} "
+                                 f"at int{bits}")
+            for t in (parts[1], parts[2], parts[4], parts[5]):
+                if t.dtype != torch.float16:
+                    raise TypeError(f"quantized scales and zeros are float16, not {t.dtype}")
+        else:
+            raise ValueError(f"bits={bits}: the kernels take 16 (float) or 8, 4, 2 (quantized) bit weights")
+        for t in parts:
+            if not t.is_contiguous():
+                raise ValueError(f"expert weights must be contiguous views of their block (shape {tuple(t.shape)})")
+        self.bits, self.group = bits, max(group, 1)
+        self.device = parts[0].device
+        self.weights = tuple(pointer(t) for t in parts)
+        self._table: torch.Tensor | None = None
+
+    @property
+    def table(self) -> torch.Tensor:
+        """[6, 1] int64 on the block's device: the weight pointers as the grouped kernels read them."""
+        if self._table is None:
+            host = torch.tensor([int(p) for p in self.weights], dtype=torch.int64).view(6, 1)
+            self._table = host.to(self.device)
+        return self._table
+
+    def _check_activations(self, x: torch.Tensor) -> None:
+        if x.dim() != 2 or x.shape[1] != self.hidden:
+            raise ValueError(f"activations of shape {tuple(x.shape)} do not match hidden size {self.hidden}")
+        _suffix(x.dtype)
+        if self.weight_dtype is not None and x.dtype != self.weight_dtype:
+            raise TypeError(f"activations in {x.dtype} with float weights in {self.weight_dtype}: "
+                            "the kernel reads both in one dtype")
+
+    def decode_launch(self, x: torch.Tensor, token_weight: torch.Tensor, out: torch.Tensor) -> Launch:
+        """kernels/expert_ffn.cu on contiguous x [n, H], token_weight [n] fp32, out [n, H] fp32."""
+        self._check_activations(x)
+        n = x.shape[0]
+        if not 0 < n <= MAX_DECODE_TOKENS:
+            raise ValueError(f"the decode kernel takes 1 to {MAX_DECODE_TOKENS} tokens, got {n}")
+        if token_weight.dtype != torch.float32 or token_weight.shape != (n,):
+            raise ValueError(f"token_weight must be float32 [{n}], got {token_weight.dtype} {tuple(token_weight.shape)}")
+        if out.dtype != torch.float32 or out.shape != (n, self.hidden) or not out.is_contiguous():
+            raise ValueError(f"out must be contiguous float32 [{n}, {self.hidden}], got {out.dtype} {tuple(out.shape)}")
+        grid = ((self.inter + 63) // 64,)  # kernels/expert_ffn.cu SLICE rows per block
+        return Launch("expert_ffn.cu", f"expert_ffn_decode_{_entry_suffix(self.bits, x.dtype)}", grid, (256,),
+                      (pointer(x), np.int32(n), np.int32(self.hidden), np.int32(self.inter), np.int32(self.group),
+                       *self.weights, pointer(token_weight), pointer(out)))
+
+    def decode(self, x: torch.Tensor, token_weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """out[t] += token_weight[t] * FFN(x[t]) for a few tokens; fp32 out (zeros when not given)."""
+        x = x.contiguous()
+        token_weight = token_weight.float().contiguous()
+        if out is None:
+            out = torch.zeros(x.shape[0], self.hidden, dtype=torch.float32, device=x.device)
+        run(self.decode_launch(x, token_weight, out), x.device)
+        return out
+
+
+_LAUNCHERS: dict[tuple[Any, ...], ExpertLauncher] = {}
+_MAX_LAUNCHERS = 1 << 14  # far above any fast tier's blocks; past it the table starts over
+
+
+def launcher(tensors: dict[str, torch.Tensor], bits: int, group: int) -> ExpertLauncher:
+    """The ExpertLauncher of a block, made on first use. Keyed by every pointer and shape it holds,
+    so a block that now holds another expert (or another layout) can never get stale arguments."""
+    key = (bits, group, *((t.data_ptr(), t.shape, t.dtype) for t in tensors.values()))
+    found = _LAUNCHERS.get(key)
+    if found is None:
+        if len(_LAUNCHERS) >= _MAX_LAUNCHERS:
+            _LAUNCHERS.clear()
+        found = _LAUNCHERS[key] = ExpertLauncher(tensors, bits, group)
+    return found
+
+
 def expert_ffn_decode(w: dict[str, torch.Tensor], x: torch.Tensor, token_weight: torch.Tensor, bits: int,
                       group: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """kernels/expert_ffn.cu: out[t] += token_weight[t] * FFN(x[t]) for a few tokens (fp32 out)."""
-    n, hidden = x.shape
-    inter = (w["down"].shape[1] if bits == 16 else w["down.q"].shape[1] * (8 // bits))
-    if n > 8:
-        raise ValueError(f"the decode kernel takes at most 8 tokens, got {n}")
-    if out is None:
-        out = torch.zeros(n, hidden, dtype=torch.float32, device=x.device)
-    gu_q, gu_s, gu_z = _weight_args(w, "gate_up", bits)
-    d_q, d_s, d_z = _weight_args(w, "down", bits)
-    grid = ((inter + 63) // 64,)
-    _launch("expert_ffn.cu", f"expert_ffn_decode_{_entry_suffix(bits, x.dtype)}", grid, (256,),
-            (_cp(x.contiguous()), np.int32(n), np.int32(hidden), np.int32(inter), np.int32(max(group, 1)),
-             gu_q, gu_s, gu_z, d_q, d_s, d_z, _cp(token_weight.float().contiguous()), _cp(out)))
-    return out
+    return launcher(w, bits, group).decode(x, token_weight, out)
+
+
+# ---- many experts, many tokens --------------------------------------------------------------------
+def grouped_launches(x: torch.Tensor, offsets: torch.Tensor, longest: int, experts: Sequence[ExpertLauncher],
+                     table: torch.Tensor, h: torch.Tensor, row_weight: torch.Tensor,
+                     out: torch.Tensor) -> tuple[Launch, Launch]:
+    """kernels/grouped_ffn.cu, both phases. x [R, H] sorted by expert, offsets [E + 1] int32, table
+    [6, E] int64 (the experts' launcher tables side by side: row i holds part i of every expert),
+    h [R, I] and out [R, H] fp32, row_weight [R] fp32; longest = most rows of one expert."""
+    first = experts[0]
+    for e in experts:
+        if (e.bits, e.hidden, e.inter, e.group) != (first.bits, first.hidden, first.inter, first.group):
+            raise ValueError("one grouped launch takes experts of one shape and encoding")
+        e._check_activations(x)
+    rows, n_experts = x.shape[0], len(experts)
+    if table.shape != (6, n_experts) or table.dtype != torch.int64 or not table.is_contiguous():
+        raise ValueError(f"pointer table must be contiguous int64 [6, {n_experts}], got {table.dtype} {tuple(table.shape)}")
+    if offsets.shape != (n_experts + 1,) or offsets.dtype != torch.int32:
+        raise ValueError(f"offsets must be int32 [{n_experts + 1}], got {offsets.dtype} {tuple(offsets.shape)}")
+    if h.shape != (rows, first.inter) or out.shape != (rows, first.hidden):
+        raise ValueError(f"h {tuple(h.shape)} / out {tuple(out.shape)} do not fit {rows} rows")
+    if row_weight.dtype != torch.float32 or row_weight.shape != (rows,):
+        raise ValueError(f"row_weight must be float32 [{rows}], got {row_weight.dtype} {tuple(row_weight.shape)}")
+    row = [np.uint64(table.data_ptr() + i * n_experts * 8) for i in range(6)]
+    tiles_y = max(1, (longest + 31) // 32)
+    suffix = _entry_suffix(first.bits, x.dtype)
+    sizes = (np.int32(first.hidden), np.int32(first.inter), np.int32(first.group))
+    gate_up = Launch("grouped_ffn.cu", f"grouped_gate_up_{suffix}", ((first.inter + 31) // 32, tiles_y, n_experts),
+                     (32, 32), (pointer(x), pointer(offsets), *sizes, *row[:3], pointer(h)))
+    down = Launch("grouped_ffn.cu", f"grouped_down_{suffix}", ((first.hidden + 31) // 32, tiles_y, n_experts),
+                  (32, 32), (pointer(h), pointer(offsets), *sizes, *row[3:], pointer(row_weight), pointer(out)))
+    return gate_up, down
 
 
 def grouped_expert_ffn(x: torch.Tensor, offsets: list[int], experts: list[dict[str, torch.Tensor]], bits: int,
                        group: int, row_weight: torch.Tensor | None = None) -> torch.Tensor:
     """kernels/grouped_ffn.cu: rows offsets[i]:offsets[i+1] of x (sorted by expert) through
     experts[i], all experts in one launch per phase; fp32 out, scaled by row_weight."""
-    rows, hidden = x.shape
-    inter = experts[0]["down"].shape[1] if bits == 16 else experts[0]["down.q"].shape[1] * (8 // bits)
+    if len(offsets) != len(experts) + 1 or offsets[0] != 0 or offsets[-1] != x.shape[0] or any(
+            b < a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"offsets {offsets} must rise from 0 to the {x.shape[0]} rows, one span per expert")
+    launchers = [launcher(w, bits, group) for w in experts]
     device = x.device
-
-    def table(name: str, part: str) -> torch.Tensor:
-        key = name if bits == 16 else f"{name}.{part}"
-        return torch.tensor([w[key].data_ptr() for w in experts], dtype=torch.int64, device=device)
-
-    offs = torch.tensor(offsets, dtype=torch.int32, device=device)
-    h = torch.empty(rows, inter, dtype=torch.float32, device=device)
-    out = torch.empty(rows, hidden, dtype=torch.float32, device=device)
-    weights = row_weight if row_weight is not None else torch.ones(rows, device=device)
-    longest = max(offsets[i + 1] - offsets[i] for i in range(len(experts)))
-    tiles_y = max(1, (longest + 31) // 32)
-    suffix = _entry_suffix(bits, x.dtype)
-    gu = [table("gate_up", p) for p in ("q", "scale", "zero")]
-    _launch("grouped_ffn.cu", f"grouped_gate_up_{suffix}", ((inter + 31) // 32, tiles_y, len(experts)), (32, 32),
-            (_cp(x.contiguous()), _cp(offs), np.int32(hidden), np.int32(inter), np.int32(max(group, 1)),
-             *(_cp(t) for t in gu), _cp(h)))
-    d = [table("down", p) for p in ("q", "scale", "zero")]
-    _launch("grouped_ffn.cu", f"grouped_down_{suffix}", ((hidden + 31) // 32, tiles_y, len(experts)), (32, 32),
-            (_cp(h), _cp(offs), np.int32(hidden), np.int32(inter), np.int32(max(group, 1)),
-             *(_cp(t) for t in d), _cp(weights.float().contiguous()), _cp(out)))
+    x = x.contiguous()
+    table = launchers[0].table if len(launchers) == 1 else torch.cat([lc.table for lc in launchers], dim=1)
+    # One small host->device copy for the offsets; pinned, so it does not synchronize the stream.
+    offs = torch.tensor(offsets, dtype=torch.int32).pin_memory().to(device, non_blocking=True)
+    rows = x.shape[0]
+    h = torch.empty(rows, launchers[0].inter, dtype=torch.float32, device=device)
+    out = torch.empty(rows, launchers[0].hidden, dtype=torch.float32, device=device)
+    weights = (row_weight.float().contiguous() if row_weight is not None
+               else torch.ones(rows, dtype=torch.float32, device=device))
+    longest = max(b - a for a, b in zip(offsets, offsets[1:]))
+    for launch in grouped_launches(x, offs, longest, launchers, table.contiguous(), h, weights, out):
+        run(launch, device)
     return out

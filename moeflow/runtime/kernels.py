@@ -24,6 +24,8 @@ SOURCES = ("dequant.cu", "expert_ffn.cu", "grouped_ffn.cu")
 COMMON = "common.cuh"
 OPTIONS = ("-std=c++17",)
 _ENTRY = re.compile(r'extern "C" __global__ void (\w+)\(')
+_DECLARATION = re.compile(r'extern "C" __global__ void ([\w#]+)\(([^)]*)\)')
+_MACRO_PARAM = re.compile(r"[A-Z][A-Z0-9_]*")
 _MACRO_USE = re.compile(r"^(DEQUANT|EXPERT_FFN|GROUPED)\((\w+), (\w+), (\w+)\)", re.M)
 
 
@@ -54,6 +56,18 @@ def entry_points(name: str) -> list[str]:
         else:
             names += [f"grouped_gate_up_{suffix}", f"grouped_down_{suffix}"]
     return names
+
+
+def signature(name: str, entry: str) -> tuple[str, ...]:
+    """The C types of an entry point's parameters, in order (e.g. ('const uint16_t*', 'int', ...)):
+    what a launch must pass, checked on machines without a GPU."""
+    text = (kernel_dir() / name).read_text().replace("\\\n", " ")
+    for pattern, params in _DECLARATION.findall(text):
+        parts = pattern.split("##")
+        regex = "".join(r"\w+" if _MACRO_PARAM.fullmatch(p) else re.escape(p) for p in parts)
+        if re.fullmatch(regex, entry):
+            return tuple(" ".join(p.split()[:-1]).replace(" *", "*") for p in params.split(","))
+    raise KeyError(f"{entry!r} is not an entry point of {name}")
 
 
 # ---- NVRTC (compile only, no GPU) ------------------------------------------------------------
@@ -129,5 +143,12 @@ def module(name: str) -> Any:
     return cupy.RawModule(code=source(name), options=OPTIONS)
 
 
-def function(source_name: str, entry: str) -> Any:
-    return module(source_name).get_function(entry)
+@functools.cache
+def function(source_name: str, entry: str, device_index: int) -> Any:
+    """The loaded kernel (a cupy.cuda.function.Function) of one entry point on one device, resolved
+    once: it takes raw pointers and numpy scalars, and the stream to launch on."""
+    import cupy
+
+    with cupy.cuda.Device(device_index):
+        raw = module(source_name).get_function(entry)
+        return raw.kernel  # compiles (or loads from CuPy's cache) for this device
