@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moeflow import Engine, corpus  # noqa: E402
-from moeflow.analysis.traces import TraceHeader  # noqa: E402
+from moeflow.scheduling.traces import TraceHeader  # noqa: E402
 from moeflow.config import POLICIES  # noqa: E402
 from moeflow.models.synth import synthesize  # noqa: E402
 from moeflow.scheduling import expertflow  # noqa: E402

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from moeflow.analysis.traces import SequenceTrace
+from moeflow.scheduling.traces import SequenceTrace
 from moeflow.config import EngineConfig, MemoryPlan
 from moeflow.errors import EngineClosed, InvalidRequest
 from moeflow.runtime.sampling import Sampler, SamplingParams

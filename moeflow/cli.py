@@ -159,7 +159,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 async def _trace_all(args: argparse.Namespace) -> tuple[Any, list[Any], int]:
-    from moeflow.analysis.traces import TraceHeader, iter_prompts
+    from moeflow.scheduling.traces import TraceHeader, iter_prompts
     from moeflow.api import Engine
     from moeflow.session import model_signature
 
@@ -185,7 +185,7 @@ async def _trace_all(args: argparse.Namespace) -> tuple[Any, list[Any], int]:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    from moeflow.analysis.traces import write_trace
+    from moeflow.scheduling.traces import write_trace
 
     header, traces, _ = asyncio.run(_trace_all(args))
     write_trace(args.out, header, traces)
@@ -195,7 +195,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def cmd_train_predictor(args: argparse.Namespace) -> int:
-    from moeflow.analysis.traces import read_trace
+    from moeflow.scheduling.traces import read_trace
     from moeflow.models import Checkpoint, parse_arch
     from moeflow.scheduling import expertflow
     from moeflow.session import model_signature

@@ -1,1 +1,1 @@
-"""Offline analysis of routing: locality metrics, traces, the budget advisor."""
+"""Offline analysis of routing: locality metrics and the budget advisor (traces live in scheduling/traces.py)."""

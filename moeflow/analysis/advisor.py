@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from moeflow.analysis.locality import belady, flattening_point, lfu, lru, sch, srp
-from moeflow.analysis.traces import SequenceTrace, TraceHeader
+from moeflow.scheduling.traces import SequenceTrace, TraceHeader
 
 SEGMENTS = (4, 16, 64, 256)
 

@@ -1,4 +1,4 @@
-"""Scheduling: predictors of coming experts, the prefetch scheduler, prediction metrics."""
+"""Scheduling: predictors of coming experts, the prefetch scheduler, routing traces, prediction metrics."""
 
 from __future__ import annotations
 

@@ -23,9 +23,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from moeflow.analysis.traces import SequenceTrace, TraceHeader
 from moeflow.errors import PredictorError
 from moeflow.scheduling.predictors import Prediction
+from moeflow.scheduling.traces import SequenceTrace, TraceHeader
 
 WEIGHTS = "routing_predictor.safetensors"
 CONFIG = "routing_predictor.json"

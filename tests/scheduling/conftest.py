@@ -34,7 +34,7 @@ def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def predictor_model(trained_model: Path) -> Path:
     """The trained model with a routing-path predictor saved beside it (a few quick epochs)."""
-    from moeflow.analysis.traces import TraceHeader
+    from moeflow.scheduling.traces import TraceHeader
     from moeflow.scheduling import expertflow
     from moeflow.session import model_signature
 
