@@ -122,7 +122,7 @@ def test_quantized_experts_match_the_cpu_reference(big_mixtral: Path, device: st
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "olmoe"])
-def test_every_family_runs_on_the_gpu_with_the_cpu_logits(hf_checkpoints, family: str) -> None:  # type: ignore[no-untyped-def]
+def test_every_family_runs_on_the_gpu_with_the_cpu_logits(hf_checkpoints: Any, family: str) -> None:
     """Family code on the device (MLA, shared experts, group-limited routing); sizes are the
     big model's business above."""
     path = hf_checkpoints.path(family)
