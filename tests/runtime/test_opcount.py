@@ -1,0 +1,28 @@
+"""The dense part of a decode step stays within a budget of torch calls and aten ops per layer."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.hf_models import FAMILIES
+from tests.runtime.opcount import count_decode_step, load_model, sparse_layer
+
+# family -> (torch calls from Python, aten ops) of one decode step (T=1) of one MoE layer's dense
+# part: input norm, attention with its KV cache, residual, post norm, router. A count, not a
+# time, so it cannot be noisy; lower a bound when a change cuts ops, never raise it silently.
+BOUNDS = {
+    "mixtral": (73, 76),
+    "qwen2_moe": (72, 74),
+    "qwen3_moe": (90, 88),
+    "olmoe": (88, 86),
+    "deepseek_v2": (95, 100),
+    "deepseek_v3": (110, 114),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decode_step_of_one_layer_stays_within_its_op_budget(hf_checkpoints, family):  # type: ignore[no-untyped-def]
+    model = load_model(hf_checkpoints.path(family))
+    count = count_decode_step(model, sparse_layer(model))
+    calls, ops = BOUNDS[family]
+    assert count.calls <= calls and count.ops <= ops, f"{family}: {count.calls} calls, {count.ops} ops"
