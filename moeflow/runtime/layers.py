@@ -95,13 +95,14 @@ def _move(obj: object, names: tuple[str, ...], device: torch.device) -> None:
             setattr(obj, name, value.to(device))
 
 
-def attention_mask(start: int, t: int, window: int | None) -> torch.Tensor | None:
-    """Boolean [T, S] mask (True = attend) for queries at positions start..start+T-1; None when all attend."""
+def attention_mask(start: int, t: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """Boolean [T, S] mask (True = attend) on `device` for queries at positions start..start+T-1;
+    None when all attend."""
     s = start + t
     if t == 1 and (window is None or s <= window):
         return None
-    q_pos = torch.arange(start, s)[:, None]
-    k_pos = torch.arange(s)[None, :]
+    q_pos = torch.arange(start, s, device=device)[:, None]
+    k_pos = torch.arange(s, device=device)[None, :]
     allowed = k_pos <= q_pos
     if window is not None:
         allowed &= (q_pos - k_pos) < window
@@ -154,7 +155,7 @@ class GQAAttention:
         cos, sin = self.rotary.tables(start, t)
         q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
         keys, values = cache.append(k, v)  # [KV, S, D]
-        out = attend(q, keys, values, attention_mask(start, t, self.window), s.scaling)  # [N, T, D]
+        out = attend(q, keys, values, attention_mask(start, t, self.window, x.device), s.scaling)  # [N, T, D]
         return F.linear(out.transpose(0, 1).reshape(t, -1), self.o_proj, self.o_bias)
 
 
@@ -198,5 +199,5 @@ class MLAAttention:
         k_nope, values = kv.transpose(0, 1).split((s.qk_nope_head_dim, s.v_head_dim), dim=-1)
         keys = torch.cat((k_nope, k_rots.unsqueeze(0).expand(s.num_heads, -1, -1)), dim=-1)
         query = torch.cat((q_nope, q_rot), dim=-1)
-        out = attend(query, keys, values, attention_mask(start, t, None), s.scaling)  # [N, T, v]
+        out = attend(query, keys, values, attention_mask(start, t, None, x.device), s.scaling)  # [N, T, v]
         return F.linear(out.transpose(0, 1).reshape(t, -1), w["o_proj"], w.get("o_bias"))

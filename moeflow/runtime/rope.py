@@ -78,14 +78,16 @@ class Rotary:
 
     def to(self, device: torch.device) -> Rotary:
         self.device = device
+        self.inv_freq = self.inv_freq.to(device)
         self._cos, self._sin = self._cos.to(device), self._sin.to(device)
         return self
 
     def _grow(self, length: int) -> None:
+        # Built where they are used (as transformers does), never on the CPU and then copied.
         n = max(length, 2 * self._cos.shape[0], 64)
-        freqs = torch.arange(n, dtype=torch.float32)[:, None] * self.inv_freq[None, :].float()
-        self._cos = (freqs.cos() * self.attention_factor).to(self.dtype).to(self.device)
-        self._sin = (freqs.sin() * self.attention_factor).to(self.dtype).to(self.device)
+        freqs = torch.arange(n, dtype=torch.float32, device=self.device)[:, None] * self.inv_freq[None, :].float()
+        self._cos = (freqs.cos() * self.attention_factor).to(self.dtype)
+        self._sin = (freqs.sin() * self.attention_factor).to(self.dtype)
 
     def tables(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) of positions [start, start+length), each [length, dim/2]."""

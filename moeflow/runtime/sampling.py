@@ -30,18 +30,25 @@ class SamplingParams:
 
 
 class Sampler:
-    """Per-request sampler with its own generator, so concurrent requests stay reproducible."""
+    """Per-request sampler with its own generator, so concurrent requests stay reproducible.
+    It samples where the logits are: the generator is made on their device at the first draw
+    (torch.multinomial refuses a generator of another device)."""
 
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
-        self.generator = torch.Generator()
-        if params.seed is not None:
-            self.generator.manual_seed(params.seed)
-        else:
-            self.generator.seed()
+        self.generator: torch.Generator | None = None
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if self.generator is None or self.generator.device != device:
+            self.generator = torch.Generator(device)
+            if self.params.seed is not None:
+                self.generator.manual_seed(self.params.seed)
+            else:
+                self.generator.seed()
+        return self.generator
 
     def __call__(self, logits: torch.Tensor) -> int:
-        """Next token from float32 logits [V]."""
+        """Next token from float32 logits [V] on any device; the int is the step's one readback."""
         p = self.params
         if p.greedy:
             return int(torch.argmax(logits))
@@ -55,4 +62,4 @@ class Sampler:
             drop = cumulative - torch.softmax(sorted_scores, dim=-1) >= p.top_p  # keep the first past top_p
             scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
         probs = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return int(torch.multinomial(probs, 1, generator=self._generator(probs.device)))
