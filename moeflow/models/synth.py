@@ -17,7 +17,7 @@ from moeflow import corpus
 from moeflow.errors import ConfigError
 from moeflow.models import FAMILIES, Checkpoint
 from moeflow.models.base import Arch, ConfigReader
-from moeflow.models.tensors import dense_tensors, expert_tensors
+from moeflow.models.tensors import checkpoint_tensors
 from moeflow.store.layout import DTYPE_NAMES
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2
@@ -162,7 +162,7 @@ def synthesize(out: str | os.PathLike[str], arch: str, size: str, *, dtype: torc
         json.dumps({"bos_token_id": BOS, "eos_token_id": EOS, "do_sample": False}, indent=2)
     )
     train_tokenizer(spec.vocab_size).save(str(out_dir / "tokenizer.json"))
-    names = dense_tensors(spec) + expert_tensors(spec)
+    names = [(t.name, t.shape) for t in checkpoint_tensors(spec)]
     gen = torch.Generator().manual_seed(seed)
     shards = list(_shards(names, dtype))
     weight_map: dict[str, str] = {}

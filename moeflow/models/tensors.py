@@ -1,86 +1,170 @@
-"""Every tensor name and shape a checkpoint of a given architecture holds (Hub layout)."""
+"""The one table of Hub tensor names and shapes of an architecture: `synth` writes it, loading reads it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from moeflow.models.base import Arch
 
+Shape = tuple[int, ...]
 
-def expert_tensors(arch: Arch) -> list[tuple[str, tuple[int, ...]]]:
+
+@dataclass(frozen=True)
+class HubTensor:
+    """One tensor of a Hub checkpoint: its name and the shape the config implies."""
+
+    name: str
+    shape: Shape
+
+
+@dataclass(frozen=True)
+class MLPTensors:
+    """A SiLU MLP's matrices: a routed expert, a shared expert or a dense layer's FFN."""
+
+    gate: HubTensor  # [I, H]
+    up: HubTensor  # [I, H]
+    down: HubTensor  # [H, I]
+
+    def all(self) -> list[HubTensor]:
+        return [self.gate, self.up, self.down]
+
+
+@dataclass(frozen=True)
+class LayerTensors:
+    """Every non-expert tensor of one decoder layer."""
+
+    input_norm: HubTensor
+    post_norm: HubTensor
+    attention: dict[str, HubTensor]  # keyed by the attention modules' weight names (q_proj, q_bias, ...)
+    router: HubTensor | None  # sparse layers only
+    correction_bias: HubTensor | None  # DeepSeek-V3's e_score_correction_bias
+    mlp: MLPTensors | None  # a dense layer's FFN, or a sparse layer's shared expert
+    shared_gate: HubTensor | None  # Qwen2-MoE's shared_expert_gate
+
+    def all(self) -> list[HubTensor]:
+        out = [self.input_norm, self.post_norm, *self.attention.values()]
+        out += [t for t in (self.router, self.correction_bias) if t is not None]
+        if self.mlp is not None:
+            out += self.mlp.all()
+        if self.shared_gate is not None:
+            out.append(self.shared_gate)
+        return out
+
+
+@dataclass(frozen=True)
+class ModelTensors:
+    """The tensors outside the layers."""
+
+    embed: HubTensor
+    final_norm: HubTensor
+    lm_head: HubTensor  # absent from checkpoints that tie it to the embedding
+
+
+
+def expert_tensors(arch: Arch, layer: int, expert: int) -> MLPTensors:
     h, i = arch.hidden_size, arch.expert_intermediate
-    out: list[tuple[str, tuple[int, ...]]] = []
+    gate, up, down = arch.naming.expert(layer, expert)
+    return MLPTensors(HubTensor(gate, (i, h)), HubTensor(up, (i, h)), HubTensor(down, (h, i)))
+
+
+def mlp_tensors(prefix: str, hidden: int, intermediate: int) -> MLPTensors:
+    h, i = hidden, intermediate
+    return MLPTensors(
+        HubTensor(f"{prefix}.gate_proj.weight", (i, h)),
+        HubTensor(f"{prefix}.up_proj.weight", (i, h)),
+        HubTensor(f"{prefix}.down_proj.weight", (h, i)),
+    )
+
+
+def _mla(arch: Arch, p: str) -> dict[str, HubTensor]:
+    s, h = arch.attention, arch.hidden_size
+    q_out, kv_a = s.num_heads * s.head_dim, s.kv_lora_rank + s.qk_rope_head_dim
+    out: dict[str, HubTensor] = {}
+    if s.q_lora_rank is None:
+        out["q_proj"] = HubTensor(f"{p}.q_proj.weight", (q_out, h))
+    else:
+        out["q_a_proj"] = HubTensor(f"{p}.q_a_proj.weight", (s.q_lora_rank, h))
+        out["q_a_layernorm"] = HubTensor(f"{p}.q_a_layernorm.weight", (s.q_lora_rank,))
+        out["q_b_proj"] = HubTensor(f"{p}.q_b_proj.weight", (q_out, s.q_lora_rank))
+        if s.qkv_bias:
+            out["q_a_bias"] = HubTensor(f"{p}.q_a_proj.bias", (s.q_lora_rank,))
+    out["kv_a_proj_with_mqa"] = HubTensor(f"{p}.kv_a_proj_with_mqa.weight", (kv_a, h))
+    out["kv_a_layernorm"] = HubTensor(f"{p}.kv_a_layernorm.weight", (s.kv_lora_rank,))
+    out["kv_b_proj"] = HubTensor(
+        f"{p}.kv_b_proj.weight", (s.num_heads * (s.qk_nope_head_dim + s.v_head_dim), s.kv_lora_rank)
+    )
+    out["o_proj"] = HubTensor(f"{p}.o_proj.weight", (h, s.num_heads * s.v_head_dim))
+    if s.qkv_bias:
+        out["kv_a_bias"] = HubTensor(f"{p}.kv_a_proj_with_mqa.bias", (kv_a,))
+    if s.o_bias:
+        out["o_bias"] = HubTensor(f"{p}.o_proj.bias", (h,))
+    return out
+
+
+def _gqa(arch: Arch, p: str) -> dict[str, HubTensor]:
+    s, h = arch.attention, arch.hidden_size
+    q_out, kv_out = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+    out: dict[str, HubTensor] = {}
+    for name, rows in (("q", q_out), ("k", kv_out), ("v", kv_out)):
+        out[f"{name}_proj"] = HubTensor(f"{p}.{name}_proj.weight", (rows, h))
+        if s.qkv_bias:
+            out[f"{name}_bias"] = HubTensor(f"{p}.{name}_proj.bias", (rows,))
+    out["o_proj"] = HubTensor(f"{p}.o_proj.weight", (h, q_out))
+    if s.o_bias:
+        out["o_bias"] = HubTensor(f"{p}.o_proj.bias", (h,))
+    if s.qk_norm is not None:
+        # "head" (Qwen3) normalizes each head, "proj" (OLMoE) the whole projection
+        q_dim, k_dim = (s.head_dim, s.head_dim) if s.qk_norm == "head" else (q_out, kv_out)
+        out["q_norm"] = HubTensor(f"{p}.q_norm.weight", (q_dim,))
+        out["k_norm"] = HubTensor(f"{p}.k_norm.weight", (k_dim,))
+    return out
+
+
+def layer_tensors(arch: Arch, layer: int) -> LayerTensors:
+    h, names = arch.hidden_size, arch.naming
+    p = f"model.layers.{layer}"
+    attention = (_mla if arch.attention.kind == "mla" else _gqa)(arch, f"{p}.self_attn")
+    router = correction_bias = shared_gate = None
+    mlp = None
+    if arch.sparse[layer]:
+        router = HubTensor(names.router.format(layer=layer), (arch.num_experts, h))
+        if arch.router.correction_bias and names.correction_bias:
+            correction_bias = HubTensor(names.correction_bias.format(layer=layer), (arch.num_experts,))
+        if arch.shared is not None and names.shared_prefix:
+            mlp = mlp_tensors(names.shared_prefix.format(layer=layer), h, arch.shared.intermediate)
+            if arch.shared.gated and names.shared_gate:
+                shared_gate = HubTensor(names.shared_gate.format(layer=layer), (1, h))
+    else:
+        mlp = mlp_tensors(f"{p}.mlp", h, arch.dense_intermediate)
+    return LayerTensors(
+        input_norm=HubTensor(f"{p}.input_layernorm.weight", (h,)),
+        post_norm=HubTensor(f"{p}.post_attention_layernorm.weight", (h,)),
+        attention=attention,
+        router=router,
+        correction_bias=correction_bias,
+        mlp=mlp,
+        shared_gate=shared_gate,
+    )
+
+
+def model_tensors(arch: Arch) -> ModelTensors:
+    h, v = arch.hidden_size, arch.vocab_size
+    return ModelTensors(
+        HubTensor("model.embed_tokens.weight", (v, h)), HubTensor("model.norm.weight", (h,)),
+        HubTensor("lm_head.weight", (v, h)),
+    )
+
+
+def checkpoint_tensors(arch: Arch) -> list[HubTensor]:
+    """Every tensor of a checkpoint, in file order: embedding, layers, final norm, head, then experts."""
+    top = model_tensors(arch)
+    out = [top.embed]
+    for layer in range(arch.num_layers):
+        out += layer_tensors(arch, layer).all()
+    out.append(top.final_norm)
+    if not arch.tie_word_embeddings:
+        out.append(top.lm_head)
     for layer in arch.moe_layers:
         for e in range(arch.num_experts):
-            gate, up, down = arch.naming.expert(layer, e)
-            out += [(gate, (i, h)), (up, (i, h)), (down, (h, i))]
-    return out
-
-
-def _mlp(prefix: str, h: int, i: int) -> list[tuple[str, tuple[int, ...]]]:
-    return [(f"{prefix}.gate_proj.weight", (i, h)), (f"{prefix}.up_proj.weight", (i, h)), (f"{prefix}.down_proj.weight", (h, i))]
-
-
-def _attention(arch: Arch, p: str) -> list[tuple[str, tuple[int, ...]]]:
-    s, h = arch.attention, arch.hidden_size
-    out: list[tuple[str, tuple[int, ...]]] = []
-    if s.kind == "mla":
-        q_out = s.num_heads * s.head_dim
-        if s.q_lora_rank is None:
-            out.append((f"{p}.q_proj.weight", (q_out, h)))
-        else:
-            out += [
-                (f"{p}.q_a_proj.weight", (s.q_lora_rank, h)),
-                (f"{p}.q_a_layernorm.weight", (s.q_lora_rank,)),
-                (f"{p}.q_b_proj.weight", (q_out, s.q_lora_rank)),
-            ]
-            if s.qkv_bias:
-                out.append((f"{p}.q_a_proj.bias", (s.q_lora_rank,)))
-        kv_a = s.kv_lora_rank + s.qk_rope_head_dim
-        out += [
-            (f"{p}.kv_a_proj_with_mqa.weight", (kv_a, h)),
-            (f"{p}.kv_a_layernorm.weight", (s.kv_lora_rank,)),
-            (f"{p}.kv_b_proj.weight", (s.num_heads * (s.qk_nope_head_dim + s.v_head_dim), s.kv_lora_rank)),
-            (f"{p}.o_proj.weight", (h, s.num_heads * s.v_head_dim)),
-        ]
-        if s.qkv_bias:
-            out.append((f"{p}.kv_a_proj_with_mqa.bias", (kv_a,)))
-        if s.o_bias:
-            out.append((f"{p}.o_proj.bias", (h,)))
-        return out
-    q_out, kv_out = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-    for name, rows in (("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)):
-        out.append((f"{p}.{name}.weight", (rows, h)))
-        if s.qkv_bias:
-            out.append((f"{p}.{name}.bias", (rows,)))
-    out.append((f"{p}.o_proj.weight", (h, q_out)))
-    if s.o_bias:
-        out.append((f"{p}.o_proj.bias", (h,)))
-    if s.qk_norm == "head":
-        out += [(f"{p}.q_norm.weight", (s.head_dim,)), (f"{p}.k_norm.weight", (s.head_dim,))]
-    elif s.qk_norm == "proj":
-        out += [(f"{p}.q_norm.weight", (q_out,)), (f"{p}.k_norm.weight", (kv_out,))]
-    return out
-
-
-def dense_tensors(arch: Arch) -> list[tuple[str, tuple[int, ...]]]:
-    """All non-expert tensors: embeddings, attention, norms, routers, shared and dense MLPs."""
-    h, v = arch.hidden_size, arch.vocab_size
-    out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (v, h))]
-    names = arch.naming
-    for layer in range(arch.num_layers):
-        p = f"model.layers.{layer}"
-        out += [(f"{p}.input_layernorm.weight", (h,)), (f"{p}.post_attention_layernorm.weight", (h,))]
-        out += _attention(arch, f"{p}.self_attn")
-        if arch.sparse[layer]:
-            out.append((names.router.format(layer=layer), (arch.num_experts, h)))
-            if arch.router.correction_bias and names.correction_bias:
-                out.append((names.correction_bias.format(layer=layer), (arch.num_experts,)))
-            if arch.shared is not None and names.shared_prefix:
-                out += _mlp(names.shared_prefix.format(layer=layer), h, arch.shared.intermediate)
-                if arch.shared.gated and names.shared_gate:
-                    out.append((names.shared_gate.format(layer=layer), (1, h)))
-        else:
-            out += _mlp(f"{p}.mlp", h, arch.dense_intermediate)
-    out.append(("model.norm.weight", (h,)))
-    if not arch.tie_word_embeddings:
-        out.append(("lm_head.weight", (v, h)))
+            out += expert_tensors(arch, layer, e).all()
     return out

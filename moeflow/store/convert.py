@@ -16,6 +16,7 @@ from moeflow import _core
 from moeflow.errors import StoreError
 from moeflow.models.base import Arch
 from moeflow.models.checkpoint import Checkpoint
+from moeflow.models.tensors import HubTensor, expert_tensors
 from moeflow.store.codecs import Codec
 from moeflow.store.layout import BlobLayout
 from moeflow.store.store import DATA, MANIFEST, ExpertStore, Manifest
@@ -102,11 +103,7 @@ def _write(ckpt: Checkpoint, arch: Arch, codec: Codec, layout: BlobLayout, tmp: 
             index = 0
             for layer in layers:
                 for expert in range(arch.num_experts):
-                    names = arch.naming.expert(layer, expert)
-                    h, i = arch.hidden_size, arch.expert_intermediate
-                    gate = _expert_tensor(ckpt, names[0], (i, h))
-                    up = _expert_tensor(ckpt, names[1], (i, h))
-                    down = _expert_tensor(ckpt, names[2], (h, i))
+                    gate, up, down = (_expert_tensor(ckpt, t) for t in expert_tensors(arch, layer, expert).all())
                     blob = _blob_bytes(layout, codec.encode(gate, up, down))
                     raw = memoryview(blob.data)
                     crcs.append(_core.crc32(raw))
@@ -138,9 +135,9 @@ def _write(ckpt: Checkpoint, arch: Arch, codec: Codec, layout: BlobLayout, tmp: 
     return manifest
 
 
-def _expert_tensor(ckpt: Checkpoint, name: str, shape: tuple[int, int]) -> torch.Tensor:
-    ckpt.expect_shape(name, shape)
-    return ckpt.get(name)
+def _expert_tensor(ckpt: Checkpoint, tensor: HubTensor) -> torch.Tensor:
+    ckpt.expect_shape(tensor.name, tensor.shape)
+    return ckpt.get(tensor.name)
 
 
 def open_or_convert(
