@@ -1,11 +1,19 @@
-"""GPU benchmark and kernel compile check.
+"""GPU benchmark, GPU check and kernel compile check.
 
     python benches/bench_gpu.py --check-compile
         compiles every kernel for sm_80 and sm_90 with NVRTC (no GPU needed) and prints
         {"kernels_compiled": N, "failed": M}; exits 1 if any failed. CI runs this.
 
+    python benches/bench_gpu.py --check
+        the GPU check, under 4 minutes, one JSON line (benches/gpu_check.py): the GPU tests, a
+        2-layer Mixtral-8x7B-shaped model's logits on cuda against the CPU engine at 25% and full
+        budget, the physics check against the pinned link peak, wall-clock decode against
+        prefetch='none' and transformers + accelerate offloading. Installs nothing; without a GPU
+        it prints {"gpu": false, ...} and exits 0. Exits 1 if any part failed.
+
     python benches/bench_gpu.py [--quick]
-        on a machine with an NVIDIA GPU: one JSON line per configuration (see run_gpu below).
+        the full benchmark, on a machine with an NVIDIA GPU: one JSON line per configuration
+        (benches/gpu_runs.py).
 """
 
 from __future__ import annotations
@@ -40,11 +48,16 @@ def check_compile(archs: tuple[str, ...]) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--check-compile", action="store_true", help="NVRTC-compile every kernel, no GPU needed")
+    ap.add_argument("--check", action="store_true", help="the bounded GPU check (under 4 minutes)")
     ap.add_argument("--archs", default="sm_80,sm_90")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.check_compile:
         return check_compile(tuple(a.strip() for a in args.archs.split(",")))
+    if args.check:
+        from benches.gpu_check import run_check
+
+        return run_check()
     from benches.gpu_runs import run_gpu  # the GPU measurements live beside this script
 
     return run_gpu(quick=args.quick)
