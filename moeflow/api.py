@@ -17,6 +17,7 @@ import torch
 from moeflow.scheduling.traces import SequenceTrace
 from moeflow.config import EngineConfig, MemoryPlan
 from moeflow.errors import EngineClosed, InvalidRequest
+from moeflow.runtime.runner import pick_token
 from moeflow.runtime.sampling import Sampler, SamplingParams
 from moeflow.session import Session, open_session
 from moeflow.stats import EngineStats, RequestStats
@@ -146,7 +147,10 @@ class Engine:
         seq = session.runner.new_sequence(ids)
         try:
             async with self._step_lock:
-                return (await session.runner.forward(seq, torch.tensor(ids), all_logits=True)).cpu()
+                logits = await session.runner.forward(seq, ids, all_logits=True)
+                out = session.compute.host_tensor(logits)
+                session.end_step()
+                return out
         finally:
             seq.finish()
 
@@ -163,7 +167,8 @@ class Engine:
         try:
             for tok in ids:
                 async with self._step_lock:
-                    rows.append((await session.runner.forward(seq, torch.tensor([tok]))).cpu())
+                    rows.append(session.compute.host_tensor(await session.runner.forward(seq, [tok])))
+                    session.end_step()
         finally:
             seq.finish()
         return torch.cat(rows)
@@ -228,25 +233,29 @@ class Engine:
         yield request
         sampler = Sampler(params)
         if self._active == 0:
-            session.cache.policy.on_request()
+            session.cache.begin_request()
         self._active += 1
         seq = session.runner.new_sequence(ids, record=record)
         eos = set(session.arch.eos_token_ids) if stop else set()
-        step_input = torch.tensor(ids)
+        step_input = ids
         try:
             for _ in range(max_new_tokens):
                 async with self._step_lock:
                     before = session.counters_snapshot()
+                    syncs = session.compute.host_syncs
                     started = time.perf_counter()
                     logits = await session.runner.forward(seq, step_input)
-                    request.stats.add_step(session.counters_snapshot(), before, time.perf_counter() - started)
-                token = sampler(logits[-1].cpu())  # on a GPU: the step's one read back
+                    # The token's readback ends the step: its time is in the step's.
+                    token = pick_token(sampler, logits[-1], session.compute)
+                    session.end_step()
+                    request.stats.add_step(session.counters_snapshot(), before, time.perf_counter() - started,
+                                           session.compute.host_syncs - syncs)
                 session.tokens_generated += 1
                 yield token
                 if token in eos:
                     request.finish_reason = "eos"
                     return
-                step_input = torch.tensor([token])
+                step_input = [token]
         finally:
             self._active -= 1
             seq.finish()

@@ -32,7 +32,7 @@ _UNITS = {
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
 _PERCENT = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*%\s*$")
 
-DEVICES = ("cpu", "cuda", "auto")
+DEVICES = ("cpu", "cuda", "auto", "sim")  # sim: the simulated GPU, a test device
 PREFETCHERS = ("auto", "predictor", "none", "last-token", "gate-lookahead", "eam", "expertflow")
 BUDGET_SPLITS = ("pooled", "plec")
 DIRECT_IO = ("auto", "require", "never")
@@ -139,6 +139,9 @@ class EngineConfig:
     miss_precision: str | None = None  # HOBBIT: a low-precision copy for unimportant misses (off: exact)
     miss_thresholds: tuple[float, float] = (0.6, 0.9)  # (T1, T2) on the cumulative gate weight
     low_precision_share: float = 0.25  # share of expert_budget given to the low-precision cache
+    # device="sim" (a test device): its copy engine's bandwidth and per-copy latency
+    sim_bandwidth_gbps: float = 25.0
+    sim_latency_us: float = 10.0
 
     @classmethod
     def from_user(cls, **kw: Any) -> EngineConfig:
@@ -210,6 +213,12 @@ class EngineConfig:
             if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1:
                 raise ConfigError(f"low_precision_share={share!r}: expected a fraction in (0, 1)")
             out["low_precision_share"] = float(share)
+        for name, low in (("sim_bandwidth_gbps", 1e-6), ("sim_latency_us", 0.0)):
+            if name in kw:
+                v = kw[name]
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v < 1e9 or v != v:
+                    raise ConfigError(f"{name}={v!r}: expected a finite number >= {low:g}")
+                out[name] = float(v)
         for name in ("verify_checksums", "progress"):
             if name in kw:
                 if not isinstance(kw[name], bool):

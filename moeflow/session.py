@@ -13,19 +13,22 @@ import torch
 from tokenizers import Tokenizer
 
 from moeflow import _core
-from moeflow.config import Budget, EngineConfig, MemoryPlan
+from moeflow.config import EngineConfig, MemoryPlan
 from moeflow.errors import CheckpointError, ConfigError, CudaUnavailable
 from moeflow.memory.transfers import AsyncTransfers
 from moeflow.memory.assembly import ExpertMemory, build_memory
-from moeflow.memory.cache import CacheCounters, ExpertCache, Tier
+from moeflow.memory.cache import ExpertCache, Tier
+from moeflow.memory.device import ComputeDevice, make_device
+from moeflow.memory.entries import CacheCounters
+from moeflow.memory.planner import TierPlan, plan_tiers
 from moeflow.memory.policies import EvictionPolicy, PredictedPolicy, make_policy
 from moeflow.models import Arch, Checkpoint, parse_arch
 from moeflow.runtime.runner import ModelRunner
 from moeflow.runtime.moe import MissPrecision
 from moeflow.runtime.model import DenseModel, load_dense
-from moeflow.scheduling import Predictor, Scheduler, make_predictor
+from moeflow.scheduling import Predictor, Scheduler, make_predictor, router_table
 from moeflow.stats import EngineStats, counters_dict
-from moeflow.store import Codec, ExpertStore, codec_for, open_or_convert, store_root
+from moeflow.store import ExpertStore, codec_for, open_or_convert, store_root
 from moeflow.store.layout import DTYPE_NAMES
 
 
@@ -39,13 +42,22 @@ class Session:
     dtype: torch.dtype
     device: str
     store: ExpertStore
-    plan: MemoryPlan
+    tiers: TierPlan
     model: DenseModel
     memory: ExpertMemory
     runner: ModelRunner
     tokenizer: Tokenizer | None
     scheduler: Scheduler
     tokens_generated: int = 0
+    steps: int = 0
+
+    @property
+    def plan(self) -> MemoryPlan:
+        return self.tiers.fast
+
+    @property
+    def compute(self) -> ComputeDevice:
+        return self.memory.device
 
     @property
     def cache(self) -> ExpertCache:
@@ -65,6 +77,13 @@ class Session:
 
     def counters_snapshot(self) -> CacheCounters:
         return dataclasses.replace(self.cache.counters)
+
+    def end_step(self) -> None:
+        """After the step's token was read back: land the transfers that finished during the
+        step (their bytes count in it) and add the stall the device measured."""
+        self.transfers.poll()
+        self.cache.counters.stall_seconds += self.compute.collect()
+        self.steps += 1
 
     def stats(self, *, requests: int) -> EngineStats:
         alloc = self.tier.allocator
@@ -90,6 +109,8 @@ class Session:
             prefetch_depth=self.scheduler.depth,
             budget_split=self.config.budget_split,
             overlap_fraction=overlap_fraction(self.cache.counters),
+            host_syncs=self.compute.host_syncs,
+            host_syncs_per_token=self.compute.host_syncs / self.steps if self.steps else 0.0,
             low_precision_uses=self.runner.precision_counters.low_precision_uses,
             skipped_experts=self.runner.precision_counters.skipped_experts,
             low_precision_bytes_loaded=self.low_cache.counters.bytes_loaded if self.low_cache else 0,
@@ -105,16 +126,18 @@ class Session:
 
 
 def overlap_fraction(c: CacheCounters) -> float:
-    """Share of transfer time hidden under compute: 1 - (time layers stalled / time transfers ran)."""
+    """Hidden transfer time / total transfer time: 1 - (time compute waited for transfers /
+    time transfers ran), both measured (on a GPU, the waits are timed with CUDA events)."""
     if c.load_seconds <= 0:
         return 1.0
     return max(0.0, 1.0 - min(c.stall_seconds, c.load_seconds) / c.load_seconds)
 
 
 def _resolve_device(requested: str) -> str:
-    """'auto' picks the GPU when the CUDA driver and torch both see one."""
-    if requested == "cpu":
-        return "cpu"
+    """'auto' picks the GPU when the CUDA driver and torch both see one ('sim' is only ever
+    asked for: it is a test device)."""
+    if requested in ("cpu", "sim"):
+        return requested
     available = _core.cuda_available() and torch.cuda.is_available()
     if requested == "cuda" and not available:
         raise CudaUnavailable("device='cuda' was requested but no CUDA device is available")
@@ -143,7 +166,10 @@ async def open_session(path: Path, config: EngineConfig) -> Session:
     experts_total = len(arch.moe_layers) * arch.num_experts
     if experts_total == 0:
         raise ConfigError(f"{path}: the model has no MoE layers")
-    plan, low_plan, low_codec = _plans(config, codec, arch, experts_total)
+    low_codec = codec_for(config.miss_precision, config.group_size) if config.miss_precision else None
+    block = codec.layout(arch.hidden_size, arch.expert_intermediate).size
+    low_block = low_codec.layout(arch.hidden_size, arch.expert_intermediate).size if low_codec else None
+    tiers = plan_tiers(config, device, block, low_block, experts_total, arch.top_k)
     root = store_root(path, config.store_dir)
     store = await asyncio.to_thread(
         open_or_convert, ckpt, arch, codec, root, mode=config.store_mode, progress=config.progress
@@ -154,23 +180,25 @@ async def open_session(path: Path, config: EngineConfig) -> Session:
             open_or_convert, ckpt, arch, low_codec, root, mode=config.store_mode, progress=config.progress
         )
     model = await asyncio.to_thread(load_dense, ckpt, arch, dtype)
-    if device == "cuda":
-        model.to(torch.device("cuda"))
+    compute = make_device(device, sim_bandwidth_gbps=config.sim_bandwidth_gbps, sim_latency_us=config.sim_latency_us)
+    if compute.torch_device.type != "cpu":
+        model.to(compute.torch_device)
     tokenizer = _tokenizer(path)
     policy = make_policy(
         config.policy, moe_layers=arch.moe_layers, num_layers=arch.num_layers, num_experts=arch.num_experts,
-        top_k=arch.top_k, slots=plan.slots,
+        top_k=arch.top_k, slots=tiers.fast.slots,
+    )
+    routers = router_table(
+        {layer.index: layer.router.weight for layer in model.layers if layer.router is not None},
+        top_k=arch.top_k, scoring=arch.router.scoring, dtype=model.dtype,
     )
     predictor = make_predictor(
-        config.prefetch, model, config.prefetch_depth, Path(config.predictor_dir or path), model_signature(ckpt, arch)
+        config.prefetch, routers, config.prefetch_depth, Path(config.predictor_dir or path),
+        model_signature(ckpt, arch),
     )
-    memory = await build_memory(
-        config, device, plan, store, policy,
-        (low_plan, low_store) if low_plan is not None and low_store is not None else None,
-        arch.moe_layers, arch.num_experts, arch.top_k,
-    )
+    memory = await build_memory(config, tiers, compute, store, low_store, policy, arch.moe_layers, arch.num_experts)
     try:
-        return _assemble(config, ckpt, arch, dtype, device, store, plan, model, memory, policy, predictor,
+        return _assemble(config, ckpt, arch, dtype, device, store, tiers, model, memory, policy, predictor,
                          tokenizer)
     except BaseException:
         await memory.aclose()
@@ -184,7 +212,7 @@ def _assemble(
     dtype: torch.dtype,
     device: str,
     store: ExpertStore,
-    plan: MemoryPlan,
+    tiers: TierPlan,
     model: DenseModel,
     memory: ExpertMemory,
     policy: EvictionPolicy,
@@ -194,7 +222,7 @@ def _assemble(
     cache, low_cache = memory.cache, memory.low_cache
     scheduler = Scheduler(
         predictor,
-        cache,
+        tiers.fast.slots,
         arch.moe_layers,
         arch.top_k,
         config.prefetch_depth,
@@ -207,31 +235,8 @@ def _assemble(
     miss = None
     if low_cache is not None:
         miss = MissPrecision(config.miss_thresholds[0], config.miss_thresholds[1], low_cache)
-    runner = ModelRunner(model, cache, scheduler, miss)
-    return Session(config, ckpt, arch, dtype, device, store, plan, model, memory, runner, tokenizer, scheduler)
-
-
-def _plans(
-    config: EngineConfig, codec: Codec, arch: Arch, experts_total: int
-) -> tuple[MemoryPlan, MemoryPlan | None, Codec | None]:
-    """The fast tier's plan; with miss_precision, the budget split between the high- and the
-    low-precision caches (each must hold the top-k experts of one layer)."""
-    block = codec.layout(arch.hidden_size, arch.expert_intermediate).size
-    if config.miss_precision is None:
-        return MemoryPlan.build(config.expert_budget, block, experts_total, arch.top_k), None, None
-    low_codec = codec_for(config.miss_precision, config.group_size)
-    low_block = low_codec.layout(arch.hidden_size, arch.expert_intermediate).size
-    total = config.expert_budget.resolve(block * experts_total)
-    low_bytes = int(total * config.low_precision_share)
-    try:
-        plan = MemoryPlan.build(Budget(bytes=total - low_bytes), block, experts_total, arch.top_k)
-        low_plan = MemoryPlan.build(Budget(bytes=low_bytes), low_block, experts_total, arch.top_k)
-    except ConfigError as e:
-        raise ConfigError(
-            f"expert_budget={config.expert_budget} split {1 - config.low_precision_share:.0%} high / "
-            f"{config.low_precision_share:.0%} low precision ({config.miss_precision}): {e}"
-        ) from e
-    return plan, low_plan, low_codec
+    runner = ModelRunner(model, cache, memory.device, scheduler, miss)
+    return Session(config, ckpt, arch, dtype, device, store, tiers, model, memory, runner, tokenizer, scheduler)
 
 
 def model_signature(ckpt: Checkpoint, arch: Arch) -> str:

@@ -6,7 +6,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from moeflow.memory.cache import CacheCounters
+from moeflow.memory.entries import CacheCounters
 
 _COUNTERS = (
     "hits",
@@ -63,7 +63,7 @@ class _Record(Mapping[str, Any]):
 
 
 def _derived(d: dict[str, Any], tokens: int) -> dict[str, Any]:
-    uses = d["hits"] + d["misses"]
+    uses = d["hits"] + d["inflight_hits"] + d["misses"]
     d["hit_rate"] = d["hits"] / uses if uses else 0.0
     d["stall_seconds_per_token"] = d["stall_seconds"] / tokens if tokens else 0.0
     d["bytes_loaded_per_token"] = d["bytes_loaded"] / tokens if tokens else 0.0
@@ -92,17 +92,23 @@ class RequestStats(_Record):
 @dataclass
 class _RequestStatsBuilder:
     totals: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_COUNTERS, 0))
+    host_syncs: int = 0
+    prefill_host_syncs: int = 0
     seconds: float = 0.0
     prefill_seconds: float = 0.0
     prefill: dict[str, float] = field(default_factory=dict)
     steps: int = 0
 
-    def add_step(self, after: CacheCounters, before: CacheCounters, seconds: float) -> None:
+    def add_step(self, after: CacheCounters, before: CacheCounters, seconds: float, host_syncs: int = 0) -> None:
+        """One step: the counters' change, its wall time (token readback included) and its
+        blocking device reads."""
         for name in _COUNTERS:
             self.totals[name] += getattr(after, name) - getattr(before, name)
+        self.host_syncs += host_syncs
         if self.steps == 0:
             self.prefill_seconds = seconds
             self.prefill = dict(self.totals)
+            self.prefill_host_syncs = host_syncs
         self.seconds += seconds
         self.steps += 1
 
@@ -116,10 +122,14 @@ class _RequestStatsBuilder:
         d["decode_tokens_per_second"] = (tokens - 1) / decode if tokens > 1 and decode > 0 else 0.0
         # The decode steps alone (the prefill step loads most experts of every layer):
         decoded = max(tokens - 1, 0)
-        for name in ("hits", "misses", "stall_seconds", "bytes_loaded"):
+        for name in ("hits", "inflight_hits", "misses", "stall_seconds", "bytes_loaded", "load_seconds"):
             d[f"decode_{name}"] = d[name] - self.prefill.get(name, 0)
-        uses = d["decode_hits"] + d["decode_misses"]
+        d["host_syncs"] = self.host_syncs
+        d["host_syncs_per_token"] = (self.host_syncs - self.prefill_host_syncs) / decoded if decoded else 0.0
+        uses = d["decode_hits"] + d["decode_inflight_hits"] + d["decode_misses"]
         d["decode_hit_rate"] = d["decode_hits"] / uses if uses else 0.0
         d["decode_stall_seconds_per_token"] = d["decode_stall_seconds"] / decoded if decoded else 0.0
         d["decode_bytes_loaded_per_token"] = d["decode_bytes_loaded"] / decoded if decoded else 0.0
+        load = d["decode_load_seconds"]  # hidden transfer time / transfer time, decode steps only
+        d["decode_overlap_fraction"] = max(0.0, 1 - min(d["decode_stall_seconds"], load) / load) if load > 0 else 1.0
         return RequestStats(_derived(d, tokens))

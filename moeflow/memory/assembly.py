@@ -1,16 +1,18 @@
-"""Putting the tiers together for one engine: CPU (RAM over disk) or GPU (device over pinned host,
-optionally over disk), with the optional low-precision cache of HOBBIT's miss policy."""
+"""Putting the tiers of a `TierPlan` together: CPU (RAM over disk) or GPU / simulated GPU
+(device over pinned host, optionally over disk), with HOBBIT's optional low-precision cache."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from moeflow.config import Budget, EngineConfig, MemoryPlan
-from moeflow.memory.transfers import AsyncTransfers
+from moeflow.config import EngineConfig
 from moeflow.memory.cache import ExpertCache
+from moeflow.memory.device import ComputeDevice, SimDevice
+from moeflow.memory.planner import TierPlan
 from moeflow.memory.policies import EvictionPolicy, LRUPolicy
 from moeflow.memory.sources import HomeSource, HostCacheSource, Source, StoreSource
 from moeflow.memory.tiers import DeviceTier, FastTier, HostHome
+from moeflow.memory.transfers import AsyncTransfers
 from moeflow.store.store import ExpertStore
 
 
@@ -20,6 +22,7 @@ class ExpertMemory:
 
     transfers: AsyncTransfers
     cache: ExpertCache
+    device: ComputeDevice
     low_cache: ExpertCache | None = None
     homes: list[HostHome] = field(default_factory=list)
 
@@ -32,31 +35,35 @@ class ExpertMemory:
                 home.close()
         finally:
             await self.transfers.aclose()
+            self.device.close()
 
 
 async def build_memory(
     config: EngineConfig,
-    device: str,
-    plan: MemoryPlan,
+    tiers: TierPlan,
+    device: ComputeDevice,
     store: ExpertStore,
+    low_store: ExpertStore | None,
     policy: EvictionPolicy,
-    low: tuple[MemoryPlan, ExpertStore] | None,
     layers: tuple[int, ...],
     num_experts: int,
-    top_k: int,
 ) -> ExpertMemory:
+    sim = device.sim if isinstance(device, SimDevice) else None
     transfers = AsyncTransfers(
-        workers=config.io_workers, chunk_size=config.io_chunk, device=0 if device == "cuda" else None
+        workers=config.io_workers, chunk_size=config.io_chunk, device=0 if tiers.device == "cuda" else None,
+        **({"sim": sim} if sim is not None else {}),
     )
     homes: list[HostHome] = []
     try:
-        if device == "cpu":
-            cache = ExpertCache(FastTier(plan), _store_source(config, store, transfers), transfers, policy)
-            memory = ExpertMemory(transfers, cache)
-            if low is not None:
-                low_source = _store_source(config, low[1], transfers)
-                memory.low_cache = ExpertCache(FastTier(low[0]), low_source, transfers, LRUPolicy())
+        if not tiers.on_device:
+            cache = ExpertCache(FastTier(tiers.fast), _store_source(config, store, transfers), transfers, policy,
+                                device)
+            memory = ExpertMemory(transfers, cache, device)
+            if tiers.low is not None and low_store is not None:
+                low_source = _store_source(config, low_store, transfers)
+                memory.low_cache = ExpertCache(FastTier(tiers.low), low_source, transfers, LRUPolicy(), device)
             return memory
+
         async def load_home(home_store: ExpertStore) -> HomeSource:
             home = HostHome(home_store, layers, num_experts)
             homes.append(home)
@@ -64,17 +71,17 @@ async def build_memory(
                             progress=config.progress)
             return HomeSource(home, transfers)
 
-        host_budget = config.host_budget or Budget(fraction=1.0)
-        if host_budget.resolve(plan.total_expert_bytes) >= plan.total_expert_bytes:
+        if tiers.host is None:
             source: Source = await load_home(store)
         else:  # three tiers: device <- pinned host cache <- disk
-            host_plan = MemoryPlan.build(host_budget, store.blob_size, plan.experts_total, top_k)
-            host_cache = ExpertCache(FastTier(host_plan), _store_source(config, store, transfers), transfers,
+            host_cache = ExpertCache(FastTier(tiers.host), _store_source(config, store, transfers), transfers,
                                      LRUPolicy())
             source = HostCacheSource(host_cache, transfers)
-        memory = ExpertMemory(transfers, ExpertCache(DeviceTier(plan), source, transfers, policy), homes=homes)
-        if low is not None:
-            memory.low_cache = ExpertCache(DeviceTier(low[0]), await load_home(low[1]), transfers, LRUPolicy())
+        fast = DeviceTier(tiers.fast, sim=sim)
+        memory = ExpertMemory(transfers, ExpertCache(fast, source, transfers, policy, device), device, homes=homes)
+        if tiers.low is not None and low_store is not None:
+            memory.low_cache = ExpertCache(DeviceTier(tiers.low, sim=sim), await load_home(low_store), transfers,
+                                           LRUPolicy(), device)
         return memory
     except BaseException:
         await transfers.aclose()  # cancels queued reads and waits for running ones: blocks unpin

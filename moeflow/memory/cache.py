@@ -1,71 +1,40 @@
-"""The expert cache: which experts hold a block of the fast tier, loading, pinning and eviction."""
+"""The expert cache: which experts hold a block of the fast tier, loading, pinning, eviction, and
+handing one layer's experts to compute (`fetch`). The only caller of the eviction policy."""
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import functools
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 
 from moeflow import _core
-from moeflow.memory.transfers import AsyncTransfers
+from moeflow.memory.device import ComputeDevice
+from moeflow.memory.entries import (
+    DEMAND,
+    USABLE_STATES,
+    CacheCounters,
+    Entry,
+    EntryState,
+    PrefetchPlan,
+    protect_set,
+    usable,
+)
+from moeflow.memory.fetch import LayerFetch
 from moeflow.memory.policies import EvictionPolicy, Evictable, ExpertKey
 from moeflow.memory.sources import Source, Ticket
 from moeflow.memory.tiers import DeviceTier, FastTier
+from moeflow.memory.transfers import AsyncTransfers
 from moeflow.store.layout import ExpertView
 
 Tier = FastTier | DeviceTier
 
-DEMAND = _core.PRIORITY_DEMAND
-PREFETCH = _core.PRIORITY_PREFETCH
 # A speculative load may only evict an expert idle for this many steps (not used by the step
 # running nor the one before): recent experts are the likeliest to be needed again, and
 # trading them for a guess thrashes a small cache.
 SPECULATIVE_MIN_IDLE_STEPS = 2
-
-
-class EntryState(enum.Enum):
-    LOADING = "loading"
-    ISSUED = "issued"  # device copy queued: usable by a compute stream that waits on its event
-    READY = "ready"
-
-
-USABLE_STATES = (EntryState.READY, EntryState.ISSUED)
-
-
-@dataclass(eq=False)
-class Entry:
-    key: ExpertKey
-    handle: _core.BlockHandle
-    state: EntryState
-    ticket: Ticket | None = None
-    weights: ExpertView | None = None
-    pins: int = 0
-    prefetched: bool = False  # loaded ahead of need and not used yet
-    priority: int = DEMAND
-    last_step: int = -1  # the step that last used (or loaded) it
-    submitted_speculative: bool = False
-
-
-@dataclass
-class CacheCounters:
-    hits: int = 0  # a layer found the expert resident
-    misses: int = 0  # a layer had to wait for (or start) its load
-    inflight_hits: int = 0  # misses whose load was already in flight (a late prefetch)
-    loads: int = 0
-    bytes_loaded: int = 0
-    load_seconds: float = 0.0  # sum of transfer durations
-    stall_seconds: float = 0.0  # time layers spent waiting for experts
-    evictions: int = 0
-    prefetch_issued: int = 0
-    prefetch_used: int = 0
-    prefetch_wasted: int = 0  # prefetched, then evicted or cancelled before any use
-    prefetch_cancelled: int = 0
-    load_errors: int = 0
 
 
 class ExpertCache:
@@ -73,19 +42,27 @@ class ExpertCache:
 
     Invariants: an entry is in `entries` from the moment its block is allocated until it is
     evicted; a pinned entry (pins > 0) is never evicted; a LOADING entry's block is owned by
-    its transfer, which frees it if the load fails or is cancelled.
+    its transfer, which frees it if the load fails or is cancelled. On a device tier, a copy
+    into a block waits for the compute that last read the block (its entry's fence).
     """
 
-    def __init__(self, tier: Tier, source: Source, transfers: AsyncTransfers, policy: EvictionPolicy) -> None:
+    def __init__(self, tier: Tier, source: Source, transfers: AsyncTransfers, policy: EvictionPolicy,
+                 device: ComputeDevice | None = None) -> None:
         self.tier = tier
         self.source = source
         self.transfers = transfers
         self.policy = policy
+        self.device = device if device is not None else ComputeDevice()
+        self._fenced = self.device.needs_fences and tier.kind == "device"
+        self._checked = self.device.kind == "sim" and tier.kind == "device"
         self.size_class = tier.allocator.add_class(source.layout.size)
+        self.block_bytes = source.layout.size
         self.entries: dict[ExpertKey, Entry] = {}
         self.counters = CacheCounters()
         self._changed = asyncio.Event()
         self._views: dict[int, ExpertView] = {}
+        self._fences: dict[int, _core.CudaEvent] = {}  # block offset -> fence of its last reader
+        self._released: list[Entry] = []  # released since the last fence
         self.quotas: dict[int, int] = {}
         self.layer_count: dict[int, int] = {}
         self.step = 0
@@ -100,92 +77,74 @@ class ExpertCache:
         entry = self.entries.get(key)
         return entry.state if entry is not None else None
 
+    def entry(self, key: ExpertKey) -> Entry | None:
+        return self.entries.get(key)
+
     def resident(self) -> list[ExpertKey]:
         return [k for k, e in self.entries.items() if e.state is EntryState.READY]
 
     def speculative_in_flight(self) -> int:
         return self._speculative
 
-    def begin_step(self) -> None:
-        """A forward step begins (for the recency of speculative evictions)."""
-        self.step += 1
-
     def loading(self) -> int:
-        return sum(1 for e in self.entries.values() if e.state is EntryState.LOADING)
+        return sum(1 for e in self.entries.values() if e.state is not EntryState.READY)
 
     def pinned_blocks(self) -> int:
         return sum(1 for e in self.entries.values() if e.pins > 0)
 
-    # ---- hot path --------------------------------------------------------------------------
-    def try_acquire(self, key: ExpertKey) -> ExpertView | None:
-        """Pin and return a resident expert's weights (a hit); None, without waiting, otherwise."""
-        entry = self.entries.get(key)
-        if entry is None or not usable(entry):
-            return None
-        return self.pin(entry, hit=True)
+    # ---- what the policy hears (from here only) ----------------------------------------------
+    def begin_step(self) -> None:
+        """A forward step begins (for the recency of speculative evictions)."""
+        self.step += 1
+        self.policy.on_token()
 
-    def pin(self, entry: Entry, *, hit: bool) -> ExpertView:
-        """Pin a usable entry for the current layer and count the use as a hit or a miss. An
-        ISSUED entry makes torch's current stream wait on its copy event: the CPU never waits."""
+    def begin_request(self) -> None:
+        self.policy.on_request()
+
+    def on_route(self, layer: int, logits: torch.Tensor) -> None:
+        self.policy.on_route(layer, logits)
+
+    def note_low_precision(self, key: ExpertKey) -> None:
+        self.policy.on_low_precision_use(key)
+
+    # ---- handing experts to compute ----------------------------------------------------------
+    def fetch(self, layer: int, experts: list[int]) -> LayerFetch:
+        """The experts of one layer in the order they can run (see LayerFetch); `close()` it."""
+        return LayerFetch(self, layer, experts)
+
+    def take_resident(self, layer: int, experts: list[int]) -> list[ExpertView] | None:
+        """All of a layer's experts pinned as hits when every one has landed (the common
+        decode case: no waiting, no task switch); None, touching nothing, otherwise."""
+        entries = []
+        for e in experts:
+            entry = self.entries.get((layer, e))
+            if entry is None or entry.state is not EntryState.READY:
+                return None
+            entries.append(entry)
+        return [self.pin(entry, "hit") for entry in entries]
+
+    def pin(self, entry: Entry, use: str) -> ExpertView:
+        """Pin a usable entry for the current layer, counting `use` ("hit", "inflight" or
+        "miss"). An ISSUED entry makes compute wait on its copy event (on a GPU the CPU goes on)."""
         assert usable(entry) and entry.weights is not None
         if entry.state is EntryState.ISSUED and entry.ticket is not None and entry.ticket.event is not None:
-            entry.ticket.event.wait_on(torch.cuda.current_stream().cuda_stream)
+            self.device.wait(entry.ticket.event)
+        if self._checked:
+            self.device.before_read(entry.address, self.block_bytes)
         entry.pins += 1
         entry.last_step = self.step
-        if hit:
-            self.counters.hits += 1
+        c = self.counters
+        if use == "hit":
+            c.hits += 1
+        elif use == "inflight":
+            c.inflight_hits += 1
         else:
-            self.counters.misses += 1
+            c.misses += 1
         if entry.prefetched:
             entry.prefetched = False
-            self.counters.prefetch_used += 1
+            c.prefetch_used += 1
         self.policy.on_access(entry.key)
         return entry.weights
-
-    async def ensure_loading(self, key: ExpertKey, protect: Iterable[ExpertKey] = ()) -> Entry:
-        """The entry of `key`, submitting a demand load (after making room) when absent;
-        an in-flight load is promoted to demand priority."""
-        while True:
-            entry = self.entries.get(key)
-            if entry is not None:
-                if entry.state is not EntryState.READY:
-                    if entry.prefetched:
-                        self.counters.inflight_hits += 1
-                    self._promote(entry)
-                return entry
-            await self.make_room(protect_set(protect, key))
-            if key not in self.entries:
-                return self._submit(key, DEMAND, prefetched=False)
-
-    async def wait_ready(self, entry: Entry) -> None:
-        """Wait for a LOADING entry's transfer; raise its (described) error if it failed."""
-        ticket = entry.ticket
-        if usable(entry) or ticket is None:
-            return
-        await ticket.wait_done()
-        error = ticket.error()
-        if error is not None:
-            raise self.describe(entry.key, error) from error
-
-    async def acquire(self, key: ExpertKey, protect: Iterable[ExpertKey] = ()) -> ExpertView:
-        """Pin and return an expert's weights, loading it at demand priority when needed."""
-        weights = self.try_acquire(key)
-        if weights is not None:
-            return weights
-        started = time.perf_counter()
-        try:
-            while True:
-                entry = await self.ensure_loading(key, protect)
-                await self.wait_ready(entry)
-                if usable(entry) and self.entries.get(key) is entry:
-                    return self.pin(entry, hit=False)
-        finally:
-            self.counters.stall_seconds += time.perf_counter() - started
-
-    async def wait_change(self) -> None:
-        """Wait until a load finishes or fails, or an expert is released or evicted."""
-        self._changed.clear()
-        await self._changed.wait()
 
     def release(self, key: ExpertKey) -> None:
         entry = self.entries[key]
@@ -193,17 +152,97 @@ class ExpertCache:
             raise RuntimeError(f"expert {key} released more often than acquired")
         entry.pins -= 1
         if entry.pins == 0:
+            if self._fenced:
+                self._released.append(entry)
             self._changed.set()
 
+    def fence_released(self) -> None:
+        """Record one event after the compute queued on the experts released since the last
+        call (a layer's worth): a copy that later reuses one of their blocks waits on it."""
+        if not self._released:
+            return
+        fence = self.device.fence()
+        for entry in self._released:
+            entry.fence = fence
+        self._released.clear()
+
+    async def acquire(self, key: ExpertKey, protect: Iterable[ExpertKey] = ()) -> Entry:
+        """Pin one expert, loading it at demand priority when needed (the host cache of the
+        three-tier configuration uses this to feed device copies)."""
+        entry = self.entries.get(key)
+        if entry is not None and entry.state is EntryState.READY:
+            self.pin(entry, "hit")
+            return entry
+        started = time.perf_counter()
+        try:
+            while True:
+                entry, use = await self.ensure_loading(key, protect)
+                await self.wait_landed(entry)
+                if self.entries.get(key) is entry and entry.state is EntryState.READY:
+                    self.pin(entry, use)
+                    return entry
+        finally:
+            self.counters.stall_seconds += time.perf_counter() - started
+
+    async def ensure_loading(self, key: ExpertKey, protect: Iterable[ExpertKey] = ()) -> tuple[Entry, str]:
+        """The entry of `key` and how the caller found it ("hit": landed, "inflight": a prefetch
+        on its way, "miss"), submitting a demand load (after making room) when absent; a load
+        in flight is promoted to demand priority."""
+        first = True
+        while True:
+            entry = self.entries.get(key)
+            if entry is not None:
+                if entry.state is EntryState.READY:
+                    return entry, "hit" if first else "miss"
+                self._promote(entry)
+                return entry, "inflight" if first and entry.prefetched else "miss"
+            first = False
+            await self.make_room(protect_set(protect, key))
+            if key not in self.entries:
+                return self._submit(key, DEMAND, prefetched=False), "miss"
+
+    async def wait_landed(self, entry: Entry) -> None:
+        """Wait for an entry's transfer to finish; raise its (described) error if it failed."""
+        ticket = entry.ticket
+        if entry.state is EntryState.READY or ticket is None:
+            return
+        await ticket.wait_done()
+        error = ticket.error()
+        if error is not None:
+            raise self.describe(entry.key, error) from error
+
+    async def wait_change(self) -> None:
+        """Wait until a load is issued, finishes or fails, or an expert is released or evicted."""
+        self._changed.clear()
+        await self._changed.wait()
+
     # ---- loading ---------------------------------------------------------------------------
+    def apply(self, plan: PrefetchPlan) -> set[ExpertKey]:
+        """Carry out a scheduler's plan; returns the keys whose loads started."""
+        for key in plan.cancel:
+            self.cancel_load(key)
+        if plan.quotas is not None:
+            self.quotas = dict(plan.quotas)
+        started: set[ExpertKey] = set()
+        protect = set(plan.protect)
+        for key, priority in plan.loads:
+            protect.add(key)
+            if key not in self.entries and priority != DEMAND and self._speculative >= plan.max_speculative:
+                break
+            if self.start_load(key, priority, protect):
+                started.add(key)
+            elif key not in self.entries:
+                break  # no room without evicting something nearer: stop
+        return started
+
     def start_load(self, key: ExpertKey, priority: int, protect: Iterable[ExpertKey] = ()) -> bool:
         """Begin loading `key` without waiting (prefetch or an early demand load).
 
         Returns False when it is already present or no block can be had without evicting
         a pinned or protected expert (a prefetch never does that)."""
-        if key in self.entries:
-            entry = self.entries[key]
-            if entry.state is EntryState.LOADING and priority < entry.priority:
+        entry = self.entries.get(key)
+        if entry is not None:
+            if entry.state is not EntryState.READY and priority < entry.priority:
                 self._promote(entry, priority)
             return False
         speculative = priority != DEMAND
@@ -214,28 +253,31 @@ class ExpertCache:
         return True
 
     def cancel_load(self, key: ExpertKey) -> bool:
-        """Cancel a queued load nobody is waiting for; True when it never ran and its block is free."""
+        """Cancel a queued prefetch nobody is waiting for; True when it never ran and its block is free."""
         entry = self.entries.get(key)
-        if entry is None or entry.state is not EntryState.LOADING or entry.pins or entry.ticket is None:
+        if (entry is None or entry.state is EntryState.READY or entry.pins or entry.ticket is None
+                or not entry.prefetched):
             return False
         if not self.source.cancel(entry.ticket):
             return False
         self._forget(key)
         self.counters.prefetch_cancelled += 1
-        if entry.prefetched:
-            self.counters.prefetch_wasted += 1
+        self.counters.prefetch_wasted += 1
         self._changed.set()
         return True
 
     def _submit(self, key: ExpertKey, priority: int, *, prefetched: bool) -> Entry:
-        handle = self.tier.allocator.alloc(self.size_class)
+        allocator = self.tier.allocator
+        handle = allocator.alloc(self.size_class)
+        # kept after use: a cancelled load never waited on it, and the block's next copy must
+        after = self._fences.get(handle.offset)
         try:
-            ticket = self.source.submit(key, self.tier.allocator, handle, priority)
+            ticket = self.source.submit(key, allocator, handle, priority, after)
         except BaseException:
-            self.tier.allocator.free(handle)
+            allocator.free(handle)
             raise
-        entry = Entry(key, handle, EntryState.LOADING, ticket, prefetched=prefetched, priority=priority,
-                      submitted_speculative=prefetched)
+        entry = Entry(key, handle, EntryState.LOADING, allocator.address(handle), ticket, prefetched=prefetched,
+                      priority=priority, submitted_speculative=prefetched)
         self.entries[key] = entry
         self.layer_count[key[0]] = self.layer_count.get(key[0], 0) + 1
         if prefetched:
@@ -266,7 +308,6 @@ class ExpertCache:
             return
         completion = ticket.completion()
         entry.state = EntryState.READY
-        entry.last_step = self.step
         entry.weights = self._weights(entry.handle)
         self.counters.loads += 1
         self.counters.bytes_loaded += completion.bytes
@@ -323,15 +364,11 @@ class ExpertCache:
                     return victim
         return self.policy.victim(evictable)
 
-    def set_quotas(self, quotas: dict[int, int]) -> None:
-        """Split the budget per layer (ExpertFlow PLEC); an empty dict pools it again."""
-        self.quotas = dict(quotas)
-
     async def make_room(self, protect: set[ExpertKey]) -> None:
         """Wait until one block is free: evict, or cancel an unneeded prefetch, or wait for change."""
         while not self._room_now(protect):
-            for key, entry in list(self.entries.items()):
-                if entry.prefetched and key not in protect and self.cancel_load(key):
+            for key in list(self.entries):
+                if key not in protect and self.cancel_load(key):
                     return
             await self.wait_change()
 
@@ -344,6 +381,10 @@ class ExpertCache:
     def evict(self, key: ExpertKey) -> None:
         entry = self._forget(key)
         assert entry is not None and entry.pins == 0 and entry.state is EntryState.READY
+        if entry in self._released:  # read by compute queued after the last fence
+            self.fence_released()
+        if entry.fence is not None:
+            self._fences[entry.handle.offset] = entry.fence
         self.tier.allocator.free(entry.handle)
         self.policy.on_evict(key)
         self.counters.evictions += 1
@@ -360,15 +401,9 @@ class ExpertCache:
             if current is not None and current.state is EntryState.READY:
                 self.tier.allocator.free(current.handle)
         self._views.clear()
+        self._fences.clear()
+        self._released.clear()
         await self.source.aclose()
 
 
-def usable(entry: Entry) -> bool:
-    """Its bytes may be computed on: resident, or (device) its copy is queued before use."""
-    return entry.state in USABLE_STATES
-
-
-def protect_set(protect: Iterable[ExpertKey], key: ExpertKey) -> set[ExpertKey]:
-    s = set(protect)
-    s.add(key)
-    return s
+__all__ = ["USABLE_STATES", "ExpertCache", "Tier", "usable"]

@@ -1,21 +1,28 @@
-"""Handing one layer's experts to the executor as each becomes available (resident, in flight, missing)."""
+"""One layer's experts handed to compute as each becomes usable: resident, then in flight, then
+missing (made by `ExpertCache.fetch`, which owns it)."""
 
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
-from moeflow.memory.cache import DEMAND, USABLE_STATES, Entry, EntryState, ExpertCache, usable
+from moeflow.memory.entries import DEMAND, Entry, EntryState, usable
 from moeflow.memory.policies import ExpertKey
 from moeflow.store.layout import ExpertView
+
+if TYPE_CHECKING:
+    from moeflow.memory.cache import ExpertCache
 
 
 class LayerFetch:
     """The experts one MoE layer needs, in the order they can run (ProMoE): resident first,
     then in flight, then missing. Each expert handed out is pinned until `release`.
 
-    Missing experts are loaded at demand priority as soon as the fetch starts, as far as
-    the budget allows without evicting this layer's own experts; more start as the layer
-    releases experts it has run. Always `close()` (it releases whatever is still held).
+    How each expert was found when the layer asked decides how its use counts: landed -> hit,
+    a prefetch in flight -> in-flight hit, absent -> miss. Missing experts are loaded at demand
+    priority as soon as the fetch starts, as far as the budget allows without evicting this
+    layer's own experts; more start as the layer releases experts it has run. Always
+    `close()`: it releases whatever is still held and fences the released blocks.
     """
 
     def __init__(self, cache: ExpertCache, layer: int, experts: list[int]) -> None:
@@ -24,8 +31,16 @@ class LayerFetch:
         self.pending = list(experts)
         self.keys = {(layer, e) for e in experts}
         self.held: list[int] = []
-        self._missed: set[int] = set()
+        self.use: dict[int, str] = {}
         self._watch: dict[int, Entry] = {}
+        for e in experts:
+            entry = cache.entry((layer, e))
+            if entry is None:
+                self.use[e] = "miss"
+            elif entry.state is EntryState.READY:
+                self.use[e] = "hit"
+            else:
+                self.use[e] = "inflight" if entry.prefetched else "miss"
 
     def _key(self, expert: int) -> ExpertKey:
         return (self.layer, expert)
@@ -35,26 +50,26 @@ class LayerFetch:
         cache = self.cache
         for e in self.pending:
             key = self._key(e)
-            if cache.state(key) in USABLE_STATES:
+            entry = cache.entry(key)
+            if entry is not None and usable(entry):
                 continue
-            self._missed.add(e)
-            if not cache.start_load(key, DEMAND, self.keys) and cache.state(key) is None:
+            if not cache.start_load(key, DEMAND, self.keys) and cache.entry(key) is None:
                 break  # no room until this layer releases an expert
-            self._watch[e] = cache.entries[key]
+            self._watch[e] = cache.entries[key]  # present: just started or already loading
 
-    def _take_ready(self) -> tuple[int, ExpertView] | None:
+    def _take_usable(self) -> tuple[int, ExpertView] | None:
         cache = self.cache
         for e in self.pending:
-            entry = cache.entries.get(self._key(e))
+            entry = cache.entry(self._key(e))
             if entry is not None and usable(entry):
                 self.pending.remove(e)
                 self.held.append(e)
-                return e, cache.pin(entry, hit=e not in self._missed)
+                return e, cache.pin(entry, self.use[e])
         return None
 
     def _raise_failed(self) -> None:
         for e, entry in self._watch.items():
-            if e in self.pending and self.cache.entries.get(self._key(e)) is not entry:
+            if e in self.pending and self.cache.entry(self._key(e)) is not entry:
                 ticket = entry.ticket
                 error = ticket.error() if ticket is not None and ticket.done() else None
                 if error is not None:
@@ -64,26 +79,29 @@ class LayerFetch:
         """The next expert to run and its pinned weights; None when the layer has them all."""
         if not self.pending:
             return None
-        ready = self._take_ready()
+        ready = self._take_usable()
         if ready is not None:
             return ready
         cache = self.cache
         cache.transfers.poll()  # loads that finished while this layer computed
-        ready = self._take_ready()
+        ready = self._take_usable()
         if ready is not None:
             return ready
         started = time.perf_counter()
         try:
             while True:
                 self._raise_failed()
-                if not any(cache.state(self._key(e)) is EntryState.LOADING for e in self.pending):
+                in_flight = False
+                for e in self.pending:
+                    entry = cache.entry(self._key(e))
+                    in_flight = in_flight or (entry is not None and not usable(entry))
+                if not in_flight:
                     # Nothing of ours in flight: load the first missing expert, waiting for room.
                     e = self.pending[0]
-                    self._missed.add(e)
-                    self._watch[e] = await cache.ensure_loading(self._key(e), self.keys)
+                    self._watch[e], _ = await cache.ensure_loading(self._key(e), self.keys)
                 else:
                     await cache.wait_change()
-                ready = self._take_ready()
+                ready = self._take_usable()
                 if ready is not None:
                     return ready
         finally:
@@ -101,4 +119,4 @@ class LayerFetch:
         for e in self.held:
             self.cache.release(self._key(e))
         self.held.clear()
-
+        self.cache.fence_released()

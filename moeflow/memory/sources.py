@@ -34,7 +34,10 @@ class Ticket(Protocol):
 class Source(Protocol):
     layout: BlobLayout
 
-    def submit(self, key: ExpertKey, dst: _core.SlabAllocator, handle: _core.BlockHandle, priority: int) -> Ticket: ...
+    def submit(self, key: ExpertKey, dst: _core.SlabAllocator, handle: _core.BlockHandle, priority: int,
+               after: _core.CudaEvent | None = None) -> Ticket:
+        """Load `key` into `handle`; a copy into device memory first waits for `after` (the
+        fence of the compute that last read the block)."""
     def cancel(self, ticket: Ticket) -> bool: ...
     def promote(self, ticket: Ticket, priority: int) -> None: ...
     def describe(self, key: ExpertKey, error: BaseException) -> BaseException: ...
@@ -65,8 +68,9 @@ class StoreSource(_TransferSource):
         self.verify = verify
         self.file_id = transfers.register_file(str(store.data_path))
 
-    def submit(self, key: ExpertKey, dst: _core.SlabAllocator, handle: _core.BlockHandle, priority: int) -> Ticket:
-        layer, expert = key
+    def submit(self, key: ExpertKey, dst: _core.SlabAllocator, handle: _core.BlockHandle, priority: int,
+               after: _core.CudaEvent | None = None) -> Ticket:
+        layer, expert = key  # host RAM: compute is synchronous, `after` is always None
         return self.transfers.submit_read(
             self.file_id,
             self.store.offset(layer, expert),
@@ -93,9 +97,11 @@ class HomeSource(_TransferSource):
         self.layout = home.store.layout
         self.transfers = transfers
 
-    def submit(self, key: ExpertKey, dst: _core.SlabAllocator, handle: _core.BlockHandle, priority: int) -> Ticket:
+    def submit(self, key: ExpertKey, dst: _core.SlabAllocator, handle: _core.BlockHandle, priority: int,
+               after: _core.CudaEvent | None = None) -> Ticket:
         return self.transfers.submit_copy(
-            self.home.allocator, self.home.handle(key), dst, handle, self.layout.size, priority=priority
+            self.home.allocator, self.home.handle(key), dst, handle, self.layout.size, priority=priority,
+            after=after,
         )
 
     def describe(self, key: ExpertKey, error: BaseException) -> BaseException:
@@ -167,15 +173,17 @@ class HostCacheSource:
         self.layout = host.source.layout
         self.transfers = transfers
 
-    def submit(self, key: ExpertKey, dst: _core.SlabAllocator, handle: _core.BlockHandle, priority: int) -> Ticket:
+    def submit(self, key: ExpertKey, dst: _core.SlabAllocator, handle: _core.BlockHandle, priority: int,
+               after: _core.CudaEvent | None = None) -> Ticket:
         async def run(chain: ChainTicket) -> None:
             try:
-                await self.host.acquire(key)  # pinned in host memory until the copy is done
+                # Pinned in host memory until the copy has landed: no disk read can reuse the
+                # host block while the copy engine still reads it.
+                entry = await self.host.acquire(key)
                 try:
-                    entry = self.host.entries[key]
                     chain.copy = self.transfers.submit_copy(
                         self.host.tier.allocator, entry.handle, dst, handle, self.layout.size,
-                        priority=priority, owned=True,
+                        priority=priority, owned=True, after=after,
                     )
                     chain.copy.add_issued_callback(chain._issued)
                     await chain.copy.wait_done()

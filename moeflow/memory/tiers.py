@@ -56,19 +56,23 @@ class _DeviceBlock:
 
 
 class DeviceTier:
-    """Device memory: one cuMemAlloc'd arena of the budget's size in the primary context."""
+    """Device memory: one arena of the budget's size, cuMemAlloc'd in the primary context of a
+    GPU, or in host RAM behind the simulated device's copy engine (`sim`)."""
 
     kind = "device"
 
-    def __init__(self, plan: MemoryPlan, device: int = 0) -> None:
+    def __init__(self, plan: MemoryPlan, device: int = 0, sim: _core.SimDevice | None = None) -> None:
         self.plan = plan
         self.device = device
-        self.arena = _core.DeviceArena(plan.arena_bytes, device=device)
+        self.sim = sim
+        self.arena = _core.DeviceArena(plan.arena_bytes, device=device, sim=sim)
         self.allocator = _core.SlabAllocator(self.arena, plan.arena_bytes, slab_size=plan.block_bytes)
         self.slots = plan.slots
         self.locked = True
 
     def raw(self, handle: _core.BlockHandle) -> torch.Tensor:
+        if self.sim is not None:  # host memory: a CPU view, its reads reported to the checker
+            return torch.frombuffer(self.allocator.view(handle), dtype=torch.uint8)
         block = _DeviceBlock(self.allocator.address(handle), handle.size, self.arena)
         return torch.as_tensor(block, device=f"cuda:{self.device}")
 
@@ -80,7 +84,7 @@ class HostHome:
     def __init__(self, store: ExpertStore, layers: tuple[int, ...], num_experts: int) -> None:
         self.store = store
         total = store.blob_size * len(store.manifest.crc32)
-        self.arena = _core.HostArena(total, cuda_register=True)
+        self.arena = _core.HostArena(total, cuda_register=True)  # page-locked: DMA reads it
         self.allocator = _core.SlabAllocator(self.arena, total, slab_size=store.blob_size)
         self.size_class = self.allocator.add_class(store.blob_size)
         self.keys = [(layer, e) for layer in layers for e in range(num_experts)]

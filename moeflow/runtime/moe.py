@@ -31,34 +31,46 @@ def _slots(device: torch.device) -> list[torch.Tensor]:
 
 @dataclass(frozen=True)
 class Routing:
-    """One layer's routing for a step: what the router chose, grouped by expert."""
+    """One layer's routing for a step: what the router chose, grouped by expert.
 
-    ids: torch.Tensor  # [T, K] int64
-    weights: torch.Tensor  # [T, K]
+    Built from the host's copy of the router's choice (read back once per layer), so grouping
+    costs no device work nor further synchronisation."""
+
+    ids: torch.Tensor  # [T, K] int64, on the compute device
+    weights: torch.Tensor  # [T, K], on the compute device
     experts: list[int]  # distinct experts, ascending
     tokens: dict[int, torch.Tensor]  # expert -> token indices [n]
     slots: dict[int, torch.Tensor]  # expert -> which of the K picks [n]
+    host_ids: list[list[int]]  # [T, K] host copy of `ids`
+    host_weights: list[list[float]]  # [T, K] host copy of `weights`
+    scales: dict[int, float] | None = None  # one token: expert -> its combine weight (host copy)
 
     @staticmethod
-    def group(ids: torch.Tensor, weights: torch.Tensor) -> Routing:
+    def group(ids: torch.Tensor, weights: torch.Tensor, host_ids: list[list[int]],
+              host_weights: list[list[float]]) -> Routing:
         t, k = ids.shape
+        index = _slots(ids.device)
         if t == 1:
-            chosen = ids[0].tolist()  # on a GPU: the one synchronization of a layer
+            chosen = host_ids[0]
             experts = sorted(chosen)
-            index = _slots(ids.device)
             slots = {e: index[chosen.index(e)] for e in experts}
-            return Routing(ids, weights, experts, {e: index[0] for e in experts}, slots)
-        flat = ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat).tolist()
+            scales = {e: host_weights[0][chosen.index(e)] for e in experts}
+            return Routing(ids, weights, experts, {e: index[0] for e in experts}, slots, host_ids, host_weights,
+                           scales)
+        flat = [e for row in host_ids for e in row]
+        order = sorted(range(len(flat)), key=flat.__getitem__)  # stable: tokens ascending per expert
+        order_t = torch.tensor(order, device=ids.device)
         tokens, slots, experts, start = {}, {}, [], 0
-        for e, n in enumerate(counts):
-            if n:
-                sel = order[start : start + n]
-                tokens[e], slots[e] = sel // k, sel % k
-                experts.append(e)
-                start += n
-        return Routing(ids, weights, experts, tokens, slots)
+        while start < len(order):
+            e = flat[order[start]]
+            end = start
+            while end < len(order) and flat[order[end]] == e:
+                end += 1
+            sel = order_t[start:end]
+            tokens[e], slots[e] = sel // k, sel % k
+            experts.append(e)
+            start = end
+        return Routing(ids, weights, experts, tokens, slots, host_ids, host_weights)
 
 
 def shared_mlp(mlp: SharedMLP, x: torch.Tensor) -> torch.Tensor:
@@ -101,13 +113,17 @@ class PrecisionCounters:
 
 
 def unimportance(routing: Routing) -> dict[int, float]:
-    """Per expert, the smallest HOBBIT unimportance over the tokens routed to it."""
-    w = routing.weights.float()
-    w = w / w.sum(-1, keepdim=True).clamp(min=1e-20)  # [T, K]
-    order = torch.argsort(w, dim=-1, descending=True)
-    ranked = w.gather(-1, order)
-    s = torch.empty_like(w).scatter_(-1, order, torch.cumsum(ranked, -1) - ranked)
-    return {e: float(s[routing.tokens[e], routing.slots[e]].min()) for e in routing.experts}
+    """Per expert, the smallest HOBBIT unimportance over the tokens routed to it: the summed
+    normalized weight of the token's experts ranked above it (host lists: no device reads)."""
+    best: dict[int, float] = {}
+    for ids, weights in zip(routing.host_ids, routing.host_weights, strict=True):
+        total = max(sum(weights), 1e-20)
+        above = 0.0
+        for i in sorted(range(len(ids)), key=lambda i: -weights[i]):
+            e = ids[i]
+            best[e] = min(best.get(e, above), above)
+            above += weights[i] / total
+    return best
 
 
 def _split_by_precision(
@@ -127,6 +143,20 @@ def _split_by_precision(
     return high, low, skipped
 
 
+def _expert_out(routing: Routing, e: int, weights: ExpertView, x: torch.Tensor,
+                wide: Callable[[int], AbstractContextManager[None]]) -> torch.Tensor:
+    """Expert e on its tokens, scaled by their combine weights, in the activation dtype."""
+    if routing.scales is not None:  # one token: a host scalar, no index ops
+        with wide(weights.nbytes):
+            out = expert_ffn(weights, x)
+        return (out * routing.scales[e]).to(x.dtype)
+    idx = routing.tokens[e]
+    w = routing.weights[idx, routing.slots[e], None]  # [n, 1]
+    with wide(weights.nbytes):
+        out = expert_ffn(weights, x[idx])
+    return (out * w).to(x.dtype)
+
+
 async def _run_fetch(
     fetch: LayerFetch,
     x: torch.Tensor,
@@ -138,11 +168,7 @@ async def _run_fetch(
     try:
         while (item := await fetch.next()) is not None:
             e, weights = item
-            idx = routing.tokens[e]
-            w = routing.weights[idx, routing.slots[e], None]  # [n, 1]
-            with wide(weights.nbytes):
-                out = expert_ffn(weights, x[idx])
-            outputs[e] = (out * w).to(x.dtype)
+            outputs[e] = _expert_out(routing, e, weights, x, wide)
             fetch.release(e)
     finally:
         fetch.close()
@@ -163,36 +189,50 @@ async def run_moe(
     ascending expert order, so the result is the same bits at every budget and prefetch
     (unless `miss` allows low-precision copies and skips)."""
     outputs: dict[int, torch.Tensor] = {}
-    # Settle the loads that finished since the event loop last looked (all caches share one
-    # transfer engine) before anything classifies experts: a finished prefetch is resident,
-    # a hit, and never degraded to a low-precision copy or skipped.
-    cache.transfers.poll()
-    if miss is None:
-        await _run_fetch(LayerFetch(cache, layer.index, routing.experts), x, routing, outputs, wide)
-    else:
-        high, low, skipped = _split_by_precision(layer.index, routing, cache, miss)
-        high_fetch = LayerFetch(cache, layer.index, high)
-        low_fetch = LayerFetch(miss.low_cache, layer.index, low)
-        low_fetch.start()  # low copies load while the high-precision experts run
+    index = layer.index
+    resident = cache.take_resident(index, routing.experts) if miss is None else None
+    if resident is not None:  # every expert landed: run them now, no waiting, no task switch
         try:
-            await _run_fetch(high_fetch, x, routing, outputs, wide)
-            await _run_fetch(low_fetch, x, routing, outputs, wide)
+            for e, weights in zip(routing.experts, resident, strict=True):
+                outputs[e] = _expert_out(routing, e, weights, x, wide)
         finally:
-            low_fetch.close()
-        for e in low:
-            cache.policy.on_low_precision_use((layer.index, e))
-        if counters is not None:
-            counters.low_precision_uses += len(low)
-            counters.skipped_experts += len(skipped)
-    out = torch.zeros_like(x)
-    if x.shape[0] == 1:
+            for e in routing.experts:
+                cache.release((index, e))
+            cache.fence_released()
+    else:
+        # Settle the loads that finished since the event loop last looked (all caches share
+        # one transfer engine) before anything classifies experts: a finished prefetch is
+        # resident, a hit, and never degraded to a low-precision copy or skipped.
+        cache.transfers.poll()
+        if miss is None:
+            await _run_fetch(cache.fetch(index, routing.experts), x, routing, outputs, wide)
+        else:
+            high, low, skipped = _split_by_precision(index, routing, cache, miss)
+            high_fetch = cache.fetch(index, high)
+            low_fetch = miss.low_cache.fetch(index, low)
+            low_fetch.start()  # low copies load while the high-precision experts run
+            try:
+                await _run_fetch(high_fetch, x, routing, outputs, wide)
+                await _run_fetch(low_fetch, x, routing, outputs, wide)
+            finally:
+                low_fetch.close()
+            for e in low:
+                cache.note_low_precision((index, e))
+            if counters is not None:
+                counters.low_precision_uses += len(low)
+                counters.skipped_experts += len(skipped)
+    out: torch.Tensor | None = None
+    if routing.scales is not None:
         for e in routing.experts:
             if e in outputs:
-                out += outputs[e]
+                out = outputs[e] if out is None else out + outputs[e]
     else:
+        out = torch.zeros_like(x)
         for e in routing.experts:
             if e in outputs:
                 out.index_add_(0, routing.tokens[e], outputs[e])
+    if out is None:  # every expert skipped (HOBBIT)
+        out = torch.zeros_like(x)
     if layer.mlp is not None:
         with wide(layer.mlp.nbytes):
             out = out + shared_mlp(layer.mlp, x)

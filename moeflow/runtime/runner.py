@@ -6,9 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from moeflow.memory.cache import ExpertCache
+from moeflow.memory.device import ComputeDevice
 from moeflow.runtime.layers import KVCache, rms_norm, silu_mlp
 from moeflow.runtime.model import DenseModel
 from moeflow.runtime.moe import MissPrecision, PrecisionCounters, Routing, run_moe
+from moeflow.runtime.sampling import Sampler
 from moeflow.runtime.threads import ThreadPlan
 from moeflow.scheduling.scheduler import Scheduler, SequenceSchedule
 
@@ -18,8 +20,10 @@ from moeflow.scheduling.scheduler import Scheduler, SequenceSchedule
 class Sequence:
     """One request's state: its KV caches, its prefetch schedule, optionally its routing trace."""
 
-    def __init__(self, model: DenseModel, schedule: SequenceSchedule | None, record: bool) -> None:
+    def __init__(self, model: DenseModel, cache: ExpertCache, schedule: SequenceSchedule | None,
+                 record: bool) -> None:
         self.kv: list[KVCache] = [layer.attention.new_cache(model.dtype) for layer in model.layers]
+        self.cache = cache
         self.schedule = schedule
         # per step: {layer: [T, K] expert ids}, when recording a routing trace
         self.trace: list[dict[int, torch.Tensor]] | None = [] if record else None
@@ -30,22 +34,27 @@ class Sequence:
 
     def finish(self) -> None:
         if self.schedule is not None:
-            self.schedule.finish()
+            self.cache.apply(self.schedule.finish())
             self.schedule = None
 
 
 class ModelRunner:
-    """Executes forward steps; experts come from the cache, everything else is resident."""
+    """Executes forward steps; experts come from the cache, everything else is resident.
+
+    A step reads device results back at one point per MoE layer (the router's choice: the
+    experts to fetch) and never for dense layers; `device.readback` counts them."""
 
     def __init__(
         self,
         model: DenseModel,
         cache: ExpertCache,
+        device: ComputeDevice,
         scheduler: Scheduler | None = None,
         miss: MissPrecision | None = None,
     ) -> None:
         self.model = model
         self.cache = cache
+        self.device = device
         self.scheduler = scheduler
         self.miss = miss
         self.precision_counters = PrecisionCounters()
@@ -54,29 +63,31 @@ class ModelRunner:
 
     def new_sequence(self, prompt: list[int], *, record: bool = False) -> Sequence:
         schedule = self.scheduler.track(prompt) if self.scheduler is not None else None
-        return Sequence(self.model, schedule, record)
+        return Sequence(self.model, self.cache, schedule, record)
 
-    async def forward(self, seq: Sequence, ids: torch.Tensor, *, all_logits: bool = False) -> torch.Tensor:
-        """Logits (float32) for the new token ids [T]: [T, V] if all_logits else [1, V] (the last)."""
-        ids = ids.to(self.model.device)
-        if ids.shape[0] == 1 and ids.device.type == "cpu":
+    async def forward(self, seq: Sequence, ids: list[int], *, all_logits: bool = False) -> torch.Tensor:
+        """Logits (float32, on the compute device) for the new token ids: [T, V] if all_logits
+        else [1, V] (the last)."""
+        narrow = len(ids) == 1 and self.model.device.type == "cpu"
+        if narrow:
             self.threads.narrow()  # decode: see runtime/threads.py
         try:
-            return await self._forward(seq, ids, all_logits)
+            with torch.inference_mode():
+                return await self._forward(seq, ids, all_logits)
         finally:
-            self.threads.restore()
+            if narrow:
+                self.threads.restore()
 
-    async def _forward(self, seq: Sequence, ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
+    async def _forward(self, seq: Sequence, ids: list[int], all_logits: bool) -> torch.Tensor:
         m = self.model
         wide = self.threads.wide
+        cache = self.cache
         schedule = seq.schedule
-        policy = self.cache.policy
-        policy.on_token()
-        self.cache.begin_step()
+        cache.begin_step()
         if schedule is not None:
-            schedule.begin_step(ids.tolist())
+            schedule.started(cache.apply(schedule.begin_step(ids)))
         routes: dict[int, torch.Tensor] | None = {} if seq.trace is not None else None
-        h = F.embedding(ids, m.embed)  # [T, H]
+        h = F.embedding(torch.tensor(ids, device=m.device), m.embed)  # [T, H]
         for layer in m.layers:
             h = h + layer.attention(rms_norm(h, layer.input_norm, self.eps), seq.kv[layer.index])
             x = rms_norm(h, layer.post_norm, self.eps)
@@ -87,16 +98,32 @@ class ModelRunner:
                 continue
             logits = layer.router.logits(x)  # [T, E]
             expert_ids, weights = layer.router.select(logits, x.dtype)  # [T, K]
-            policy.on_route(layer.index, logits)
-            routing = Routing.group(expert_ids, weights)
+            cache.on_route(layer.index, logits)
+            guess = schedule.guess(layer.index, x) if schedule is not None else None
+            # the layer's one blocking read: the router's choice and the predictor's guess
+            host_ids, host_weights, host_guess = self.device.readback(expert_ids, weights, guess)
+            routing = Routing.group(expert_ids, weights, host_ids, host_weights)
             if schedule is not None:
-                schedule.on_route(layer.index, x, expert_ids, set(routing.experts))
+                plan = schedule.on_route(layer.index, host_ids, host_guess, set(routing.experts))
+                if plan.loads or plan.cancel or plan.quotas is not None:
+                    schedule.started(cache.apply(plan))
             if routes is not None:
-                routes[layer.index] = expert_ids
-            h = h + await run_moe(layer, x, routing, self.cache, wide, self.miss, self.precision_counters)
+                routes[layer.index] = torch.tensor(host_ids)  # host copy: traces never read the device
+            h = h + await run_moe(layer, x, routing, cache, wide, self.miss, self.precision_counters)
         if routes is not None and seq.trace is not None:
             seq.trace.append(routes)
         if not all_logits:
             h = h[-1:]
         with wide(m.lm_head.nbytes):
             return F.linear(rms_norm(h, m.final_norm, self.eps), m.lm_head).float()
+
+
+def pick_token(sampler: Sampler, logits: torch.Tensor, device: ComputeDevice) -> int:
+    """The next token from the last position's logits [V], read back once: greedy picks on the
+    device and reads one id; sampling reads the row and draws on the host (its generator)."""
+    if sampler.params.greedy:
+        with torch.inference_mode():
+            (token,) = device.readback(torch.argmax(logits))
+        assert isinstance(token, int)
+        return token
+    return sampler(device.host_tensor(logits))

@@ -1,4 +1,7 @@
-"""The prefetch scheduler: turns predictions into prefetch requests, corrects them when routers disagree.
+"""The prefetch scheduler: turns predictions into prefetch plans, corrects them when routers disagree.
+
+It decides and the expert cache executes: every hook returns a plain `PrefetchPlan` (loads with
+priorities, cancellations, quotas) that the runner hands to `ExpertCache.apply`.
 
 While layer L computes, experts predicted for the next `depth` MoE layers are requested at
 prefetch priority (nearest layer and likeliest expert first). When L's router has chosen, L's
@@ -14,10 +17,10 @@ from dataclasses import dataclass, field
 import torch
 
 from moeflow import _core
-from moeflow.memory.cache import EntryState, ExpertCache
+from moeflow.memory.entries import PrefetchPlan
 from moeflow.memory.policies import ExpertKey
 from moeflow.scheduling.metrics import PredictionMetrics
-from moeflow.scheduling.predictors import Prediction, Predictor, SequencePredictor
+from moeflow.scheduling.predictors import Guess, Prediction, Predictor, SequencePredictor
 
 
 @dataclass
@@ -37,7 +40,7 @@ class Scheduler:
     def __init__(
         self,
         predictor: Predictor,
-        cache: ExpertCache,
+        slots: int,
         moe_layers: tuple[int, ...],
         top_k: int,
         depth: int,
@@ -47,7 +50,7 @@ class Scheduler:
         max_speculative: int | None = None,
     ) -> None:
         self.predictor = predictor
-        self.cache = cache
+        self.slots = slots  # experts the fast tier holds (PLEC splits them)
         self.moe_layers = moe_layers
         self.position = {layer: i for i, layer in enumerate(moe_layers)}
         self.top_k = top_k
@@ -76,16 +79,13 @@ class Scheduler:
                 best = found
         return best
 
-    def observe_demand(self, layer: int, experts: int) -> None:
+    def observe_demand(self, layer: int, experts: int) -> dict[int, int] | None:
         """PLEC: per-layer slots in proportion to (smoothed) demand, at least top_k each."""
         if not self.split_budget:
-            return
+            return None
         self.demand[layer] = 0.9 * self.demand[layer] + 0.1 * experts
         total = sum(self.demand.values())
-        slots = self.cache.capacity
-        self.cache.set_quotas(
-            {lay: max(self.top_k, round(slots * d / total)) for lay, d in self.demand.items()}
-        )
+        return {lay: max(self.top_k, round(self.slots * d / total)) for lay, d in self.demand.items()}
 
 
 class SequenceSchedule:
@@ -97,27 +97,40 @@ class SequenceSchedule:
         self.position = -1  # MoE position of the last routed layer in this step (-1: step start)
 
     # ---- hooks called by the runner ------------------------------------------------------------
-    def begin_step(self, ids: list[int]) -> None:
+    def begin_step(self, ids: list[int]) -> PrefetchPlan:
         self.position = -1
         for pending in self.pending.values():  # what is left was predicted during the previous token
             pending.next_token = {e for e, _ in pending.experts[: self.s.top_k]}
         self._merge(self.predictor.begin_step(ids), from_position=-1)
-        self._prefetch(current=None, tokens=len(ids))
+        return self._prefetch(current=None, tokens=len(ids))
 
-    def on_route(self, layer: int, x: torch.Tensor, ids: torch.Tensor, actual: set[int]) -> None:
-        """Layer `layer` has routed ids [T, K], the distinct experts `actual` (before they run)."""
+    def started(self, keys: set[ExpertKey]) -> None:
+        """The cache started these loads of the last plan (what `_correct` may cancel later)."""
+        for layer, e in keys:
+            self.prefetched.setdefault(layer, set()).add(e)
+
+    def guess(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        """The predictor's device work on layer `layer`'s gate input x [T, H], to be read back
+        together with the router's choice (the layer's one device read)."""
+        return self.predictor.guess(layer, x)
+
+    def on_route(self, layer: int, ids: list[list[int]], guess: Guess, actual: set[int]) -> PrefetchPlan:
+        """Layer `layer` has routed to ids [T][K] (host lists), the distinct experts `actual`
+        (before they run); `guess` is the host copy of `guess`'s tensor."""
         s = self.s
         pending = self.pending.pop(layer, None)
-        if pending is not None and ids.shape[0] == 1:  # per-token metrics: decode steps only
+        if pending is not None and len(ids) == 1:  # per-token metrics: decode steps only
             for distance, predicted in pending.history.items():
                 s.metrics.record(distance, predicted, actual)
             if pending.next_token is not None:
                 s.metrics.record_next_token(pending.next_token, actual)
-        self._correct(layer, actual)
-        s.observe_demand(layer, len(actual))
+        cancel = self._correct(layer, actual)
+        quotas = s.observe_demand(layer, len(actual))
         self.position = s.position[layer]
-        self._merge(self.predictor.after_route(layer, x, ids), from_position=self.position)
-        self._prefetch(current=(layer, actual), tokens=ids.shape[0])
+        self._merge(self.predictor.after_route(layer, ids, guess), from_position=self.position)
+        plan = self._prefetch(current=(layer, actual), tokens=len(ids))
+        plan.cancel, plan.quotas = cancel, quotas
+        return plan
 
     def upcoming(self, key: ExpertKey) -> tuple[int, float] | None:
         pending = self.pending.get(key[0])
@@ -128,18 +141,20 @@ class SequenceSchedule:
                 return self._distance(self.position, key[0])[0], score
         return None
 
-    def finish(self) -> None:
+    def finish(self) -> PrefetchPlan:
         """The sequence ended: cancel what it alone still has queued."""
         if self in self.s.live:
             self.s.live.remove(self)
+        plan = PrefetchPlan()
         for layer, experts in self.prefetched.items():
             for e in experts:
                 if self.s.upcoming((layer, e)) is None:  # no other live sequence expects it
-                    self.s.cache.cancel_load((layer, e))
+                    plan.cancel.append((layer, e))
         self.prefetched.clear()
         finish = getattr(self.predictor, "finish", None)
         if finish is not None:
             finish()
+        return plan
 
     # ---- internals -------------------------------------------------------------------------
     def _distance(self, from_position: int, target: int) -> tuple[int, bool]:
@@ -163,20 +178,17 @@ class SequenceSchedule:
             pending.experts, pending.distance = experts, distance
             pending.history[distance] = {e for e, _ in experts[: self.s.top_k]}
 
-    def _correct(self, layer: int, actual: set[int]) -> None:
-        """Drop this layer's useless prefetches that have not started."""
+    def _correct(self, layer: int, actual: set[int]) -> list[ExpertKey]:
+        """This layer's useless prefetches: the cache cancels those not yet moved."""
         asked = self.prefetched.pop(layer, set())
-        for e in asked - actual:
-            entry = self.s.cache.entries.get((layer, e))
-            if entry is not None and entry.state is EntryState.LOADING and entry.prefetched:
-                self.s.cache.cancel_load((layer, e))
+        return [(layer, e) for e in sorted(asked - actual)]
 
-    def _prefetch(self, current: tuple[int, set[int]] | None, tokens: int = 1) -> None:
+    def _prefetch(self, current: tuple[int, set[int]] | None, tokens: int = 1) -> PrefetchPlan:
         s = self.s
         n = len(s.moe_layers)
-        protect: set[ExpertKey] = set()
+        plan = PrefetchPlan(max_speculative=s.max_speculative)
         if current is not None:
-            protect.update((current[0], e) for e in current[1])
+            plan.protect.update((current[0], e) for e in current[1])
         start = self.position
         for step in range(1, s.depth + 1):
             pos = start + step
@@ -187,7 +199,6 @@ class SequenceSchedule:
             if pending is None:
                 continue
             priority = _core.PRIORITY_PREFETCH if step == 1 else _core.PRIORITY_BACKGROUND
-            asked = self.prefetched.setdefault(target, set())
             # the next layer: `next_width` guesses (a prefill's: every expert its tokens
             # vote for); farther layers: the top-k
             if step == 1:
@@ -196,10 +207,5 @@ class SequenceSchedule:
                 take = s.top_k
             for e, _score in pending.experts[:take]:
                 key = (target, e)
-                protect.add(key)
-                if key not in s.cache.entries and s.cache.speculative_in_flight() >= s.max_speculative:
-                    return
-                if s.cache.start_load(key, priority, protect):
-                    asked.add(e)
-                elif s.cache.state(key) is None:
-                    return  # no room without evicting something nearer: stop
+                plan.loads.append((key, priority))
+        return plan

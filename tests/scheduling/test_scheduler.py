@@ -120,15 +120,18 @@ async def test_wrong_prefetches_for_a_layer_are_cancelled_when_it_routes(trained
         wrong = [(e, 1.0) for e in range(2)]  # the next layer's guesses (prefetch_width = top_k)
         schedule.pending[layer] = _Pending(wrong, 1)
         schedule.position = 0
-        schedule._prefetch(current=None)
+        schedule.started(s.cache.apply(schedule._prefetch(current=None)))
         queued = [k for k, e in s.cache.entries.items() if e.state is EntryState.LOADING]
         assert {k[1] for k in queued} == {0, 1}
-        schedule.on_route(layer, torch.zeros(1, s.arch.hidden_size, dtype=s.dtype), torch.tensor([[8, 9]]), {8, 9})
+        plan = schedule.on_route(layer, torch.zeros(1, s.arch.hidden_size, dtype=s.dtype), torch.tensor([[8, 9]]),
+                                 {8, 9})
+        assert sorted(plan.cancel) == [(layer, 0), (layer, 1)]  # the scheduler decides...
+        s.cache.apply(plan)  # ...the cache does it
         assert s.cache.counters.prefetch_cancelled == 2
         assert all((layer, e) not in s.cache.entries for e in range(2))
         await busy
         own.free(handle)
-        schedule.finish()
+        s.cache.apply(schedule.finish())
 
 
 @pytest.mark.asyncio
@@ -151,7 +154,7 @@ async def test_a_prefetch_finished_before_its_layer_counts_as_a_hit(trained_mode
         assert entry.state is EntryState.LOADING  # not drained yet
         before = (cache.counters.hits, cache.counters.misses)
         x = torch.randn(1, s.arch.hidden_size).to(s.runner.model.dtype)
-        routing = Routing.group(torch.tensor([[3]]), torch.ones(1, 1, dtype=x.dtype))
+        routing = Routing.group(torch.tensor([[3]]), torch.ones(1, 1, dtype=x.dtype), [[3]], [[1.0]])
         out = await run_moe(layer, x, routing, cache)
         assert out.shape == x.shape
         assert (cache.counters.hits, cache.counters.misses) == (before[0] + 1, before[1])
