@@ -24,7 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from moeflow.errors import PredictorError
-from moeflow.scheduling.predictors import Prediction
+from moeflow.scheduling.predictors import Guess, Prediction
 from moeflow.scheduling.traces import SequenceTrace, TraceHeader
 
 WEIGHTS = "routing_predictor.safetensors"
@@ -244,7 +244,10 @@ class _ExpertFlowTracker:
             for i, layer in enumerate(cfg.moe_layers)
         }
 
-    def after_route(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> Prediction:
+    def guess(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def after_route(self, layer: int, ids: list[list[int]], guess: Guess) -> Prediction:
         return {}
 
 

@@ -2,12 +2,16 @@
 
 A Predictor is shared by the engine; `track(prompt)` gives the per-sequence state that sees the
 sequence's steps. Predictions map a MoE layer to (expert, score) pairs, best first.
+
+A layer reads device results back once (the router's choice); a predictor that computes on the
+device does so in `guess`, before that read, and gets the host copy of its guess, read in the
+same transfer, in `after_route`. Nothing here reads the device itself.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -17,12 +21,19 @@ from moeflow.scheduling.routers import RouterTable
 Prediction = dict[int, list[tuple[int, float]]]  # layer -> [(expert, score)], best first
 
 
+Guess = list[Any] | None  # the host copy of what `guess` computed (nested lists), or None
+
+
 class SequencePredictor(Protocol):
     def begin_step(self, ids: list[int]) -> Prediction:
         """The step's input tokens are known; predict any layers of this step (and beyond)."""
 
-    def after_route(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> Prediction:
-        """Layer `layer` routed its gate input x [T, H] to ids [T, K]; predict later layers."""
+    def guess(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Device work on layer `layer`'s gate input x [T, H], read back with its routing."""
+
+    def after_route(self, layer: int, ids: list[list[int]], guess: Guess) -> Prediction:
+        """Layer `layer` routed to ids [T][K] (host lists); `guess` is the host copy of what
+        `guess` returned. Predict later layers."""
 
 
 class Predictor(Protocol):
@@ -36,7 +47,10 @@ class _Nothing:
     def begin_step(self, ids: list[int]) -> Prediction:
         return {}
 
-    def after_route(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> Prediction:
+    def guess(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def after_route(self, layer: int, ids: list[list[int]], guess: Guess) -> Prediction:
         return {}
 
 
@@ -50,23 +64,20 @@ class NoPredictor:
         return _Nothing()
 
 
-def _votes(ids: torch.Tensor, weights: torch.Tensor | None = None) -> list[tuple[int, float]]:
-    """Experts of a [T, K] selection ordered by how many tokens chose them (or summed weight)."""
-    if ids.shape[0] == 1:  # one token: its own ranking (the common decode case, kept cheap)
-        w = weights[0].tolist() if weights is not None else [1.0] * ids.shape[1]
-        return sorted(zip(ids[0].tolist(), w, strict=True), key=lambda p: -p[1])
+def _votes(ids: list[list[int]], weights: list[list[float]] | None = None) -> list[tuple[int, float]]:
+    """Experts of a [T][K] selection ordered by how many tokens chose them (or summed weight)."""
+    if len(ids) == 1:  # one token: its own ranking (the common decode case, kept cheap)
+        w = weights[0] if weights is not None else [1.0] * len(ids[0])
+        return sorted(zip(ids[0], w, strict=True), key=lambda p: -p[1])
     scores: dict[int, float] = {}
-    flat_w = weights.reshape(-1).tolist() if weights is not None else None
-    for i, e in enumerate(ids.reshape(-1).tolist()):
-        scores[e] = scores.get(e, 0.0) + (flat_w[i] if flat_w is not None else 1.0)
+    for t, row in enumerate(ids):
+        for i, e in enumerate(row):
+            scores[e] = scores.get(e, 0.0) + (weights[t][i] if weights is not None else 1.0)
     return sorted(scores.items(), key=lambda p: -p[1])
 
 
-class _LastToken:
-    def begin_step(self, ids: list[int]) -> Prediction:
-        return {}
-
-    def after_route(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> Prediction:
+class _LastToken(_Nothing):
+    def after_route(self, layer: int, ids: list[list[int]], guess: Guess) -> Prediction:
         # The token just routed predicts the same experts for the next token at this layer
         # (one whole layer stack ahead).
         return {layer: _votes(ids[-1:])}
@@ -82,30 +93,33 @@ class LastTokenPredictor:
         return _LastToken()
 
 
-class _GateLookahead:
+class _GateLookahead(_Nothing):
     def __init__(self, owner: GateLookaheadPredictor) -> None:
         self.owner = owner
 
-    def begin_step(self, ids: list[int]) -> Prediction:
-        return {}
-
-    def after_route(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> Prediction:
+    def guess(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        """[T, d, 2(k+1)]: per token and coming layer, the top-(k+1) experts then their scores
+        (expert ids are small integers, exact in float32: one tensor, one read)."""
         o = self.owner
         targets = o.next_layers.get(layer, ())
         if not targets:
-            return {}
+            return None
         weight = o.stacked[layer]  # [d*E, H]: the next d routers in one matrix
         logits = F.linear(x.to(weight.dtype), weight).float().view(x.shape[0], len(targets), -1)  # [T, d, E]
         scores = torch.sigmoid(logits) if o.sigmoid else torch.softmax(logits, dim=-1)
         top = torch.topk(scores, min(o.k + 1, scores.shape[-1]), dim=-1)
+        return torch.cat([top.indices.float(), top.values], dim=-1)
+
+    def after_route(self, layer: int, ids: list[list[int]], guess: Guess) -> Prediction:
+        if guess is None:
+            return {}
+        targets = self.owner.next_layers[layer]
         out: Prediction = {}
-        if x.shape[0] == 1:  # decode: one host copy of the whole [d, k+1] choice
-            indices, values = top.indices[0].tolist(), top.values[0].tolist()
-            for i, target in enumerate(targets):
-                out[target] = list(zip(indices[i], values[i], strict=True))
-            return out
         for i, target in enumerate(targets):
-            out[target] = _votes(top.indices[:, i], top.values[:, i])
+            rows = [token[i] for token in guess]  # [T][2(k+1)]
+            width = len(rows[0]) // 2
+            experts = [[int(e) for e in row[:width]] for row in rows]
+            out[target] = _votes(experts, [row[width:] for row in rows])
         return out
 
 
@@ -140,9 +154,12 @@ class _EAMTracker:
     def begin_step(self, ids: list[int]) -> Prediction:
         return self._predict(-1)
 
-    def after_route(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> Prediction:
+    def guess(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def after_route(self, layer: int, ids: list[list[int]], guess: Guess) -> Prediction:
         row = self.owner.row[layer]
-        flat = ids.reshape(-1).cpu()
+        flat = torch.tensor([e for token in ids for e in token])
         self.matrix[row].index_add_(0, flat, torch.ones(flat.numel()))
         return self._predict(row)
 

@@ -46,7 +46,10 @@ def test_gate_lookahead_ranks_the_next_layers_by_their_own_router(scoring: str) 
     weights = _weights((1, 2, 4), seed=1)
     predictor = GateLookaheadPredictor(router_table(weights, top_k=K, scoring=scoring, dtype=torch.float64), depth=2)
     x = torch.randn(1, H, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    got = predictor.track([0]).after_route(1, x, torch.zeros(1, K, dtype=torch.long))
+    tracker = predictor.track([0])
+    guess = tracker.guess(1, x)
+    assert guess is not None
+    got = tracker.after_route(1, [[0] * K], guess.tolist())
     assert sorted(got) == [2, 4]  # the next two MoE layers; dense layer 3 is skipped
     for layer in (2, 4):
         logits = x @ weights[layer].double().T
@@ -54,7 +57,8 @@ def test_gate_lookahead_ranks_the_next_layers_by_their_own_router(scoring: str) 
         want = torch.topk(scores[0], K + 1)
         assert [e for e, _ in got[layer]] == want.indices.tolist()
         assert [s for _, s in got[layer]] == pytest.approx(want.values.tolist())
-    assert predictor.track([0]).after_route(4, x, torch.zeros(1, K, dtype=torch.long)) == {}  # last layer
+    assert tracker.guess(4, x) is None  # the last MoE layer: nothing to guess
+    assert tracker.after_route(4, [[0] * K], None) == {}
 
 
 def test_make_predictor_builds_from_the_table(tmp_path) -> None:  # type: ignore[no-untyped-def]
