@@ -8,6 +8,9 @@ On `moeflow synth --arch mixtral --size small` (about 1.4 GB of bf16 experts; sy
   - moeflow at 50% and 25% budgets with the store read with O_DIRECT: decode tokens/s, hit rate,
     bytes loaded per token, stall seconds per token (decode steps), and the I/O bound: bytes missed
     per token divided by the disk's O_DIRECT bandwidth measured (dd) on the store file in the same run.
+With --device sim, the budgeted runs use the simulated GPU (a pinned host home of every expert
+behind a copy engine of --sim-bandwidth-gbps): they report bytes per load against the expert's
+blob size (whole copies) and check bytes moved per second against that link (physics.py).
 Prints one JSON line.
 """
 
@@ -31,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from moeflow import Engine  # noqa: E402
 from moeflow.models.synth import synthesize  # noqa: E402
+from benches import physics  # noqa: E402
 
 
 def dd_bandwidth(path: Path, runs: int = 2) -> float:
@@ -71,8 +75,14 @@ async def moeflow_decode(eng: Engine, prompt: list[int], new_tokens: int) -> dic
     return {  # decode steps only (the prefill step loads most experts of every layer)
         "tokens_per_second": round(s["decode_tokens_per_second"], 3),
         "hit_rate": round(s["decode_hit_rate"], 4),
+        "inflight_hits": s["decode_inflight_hits"],
+        "misses": s["decode_misses"],
+        "bytes_loaded": s["decode_bytes_loaded"],
+        "decode_seconds": s["decode_seconds"],
         "bytes_loaded_per_token": round(s["decode_bytes_loaded_per_token"]),
         "stall_seconds_per_token": round(s["decode_stall_seconds_per_token"], 5),
+        "overlap_fraction": round(s["decode_overlap_fraction"], 3),
+        "host_syncs_per_token": round(s["host_syncs_per_token"], 2),
     }
 
 
@@ -96,13 +106,24 @@ async def full_budget_vs_transformers(model_dir: Path, prompt: list[int], new_to
 
 
 async def budget_run(
-    model_dir: Path, prompt: list[int], new_tokens: int, rounds: int, budget: str, prefetch: str
+    model_dir: Path, prompt: list[int], new_tokens: int, rounds: int, budget: str, prefetch: str, device: str,
+    sim_bandwidth_gbps: float,
 ) -> dict[str, Any]:
-    async with Engine.open(model_dir, device="cpu", expert_budget=budget, direct_io="require", prefetch=prefetch) as eng:
+    options: dict[str, Any] = (
+        {"direct_io": "require"} if device == "cpu" else {"sim_bandwidth_gbps": sim_bandwidth_gbps}
+    )
+    async with Engine.open(model_dir, device=device, expert_budget=budget, prefetch=prefetch, **options) as eng:
         await eng.generate(prompt, 8, stop_at_eos=False)  # warm-up
+        loads_before = eng.stats()["loads"]
         runs = [await moeflow_decode(eng, prompt, new_tokens) for _ in range(rounds)]
+        stats = eng.stats()
         best = max(runs, key=lambda r: r["tokens_per_second"])
-        return {**best, "slots": eng.plan.slots, "experts_total": eng.plan.experts_total}
+        loads = stats["loads"] - loads_before
+        return {**best, "slots": eng.plan.slots, "experts_total": eng.plan.experts_total,
+                "blob_bytes": eng.plan.block_bytes,
+                # every load moves one whole expert: equal to blob_bytes, or a copy was cut short
+                "bytes_per_load": round(sum(r["bytes_loaded"] for r in runs) / loads) if loads else 0,
+                "hazards": eng.session.compute.sim.hazards if device == "sim" else None}  # type: ignore[attr-defined]
 
 
 def main() -> None:
@@ -115,6 +136,10 @@ def main() -> None:
     # would otherwise change what this benchmark measures.
     ap.add_argument("--prefetch", default="gate-lookahead",
                     help="predictor of the budgeted runs (default: the engine's default without a trained predictor)")
+    ap.add_argument("--device", choices=("cpu", "sim"), default="cpu",
+                    help="device of the budgeted runs: cpu (RAM over the disk) or sim (the simulated GPU)")
+    ap.add_argument("--sim-bandwidth-gbps", type=float, default=25.0)
+    ap.add_argument("--budgets", default="50%,25%")
     args = ap.parse_args()
     torch.set_num_threads(2)
     model_dir = Path(args.model) if args.model else ROOT / ".artifacts" / "mixtral-small"
@@ -133,20 +158,37 @@ def main() -> None:
         "rounds": {"moeflow": both["ours_rounds"], "transformers": both["transformers_rounds"]},
         "disk_direct_gb_per_second": round(disk / 1e9, 3),
     }
-    for label, budget in (("half", "50%"), ("quarter", "25%")):
-        r = asyncio.run(budget_run(model_dir, prompt, args.new_tokens, args.rounds, budget, args.prefetch))
-        bound = r["bytes_loaded_per_token"] / disk if disk else 0.0
-        result[label] = {
+    if args.device == "sim":
+        link = physics.link_peak("sim", sim_bandwidth=args.sim_bandwidth_gbps * 1e9)
+    else:
+        link = disk
+    result["device"] = args.device
+    result["link_gb_per_second"] = round(link / 1e9, 3)
+    labels = {"50%": "half", "25%": "quarter"}
+    for budget in args.budgets.split(","):
+        r = asyncio.run(budget_run(model_dir, prompt, args.new_tokens, args.rounds, budget, args.prefetch,
+                                   args.device, args.sim_bandwidth_gbps))
+        # the physics check: what decode moved over the link cannot beat the link
+        physics.check_rate(f"decode at {budget}", r["bytes_loaded"], r["decode_seconds"], link)
+        bound = r["bytes_loaded_per_token"] / link if link else 0.0
+        result[labels.get(budget, budget)] = {
             "budget": budget,
             "prefetch": args.prefetch,
             "tokens_per_second": r["tokens_per_second"],
             "vs_full_budget": round(r["tokens_per_second"] / both["ours"], 3),
             "hit_rate": r["hit_rate"],
+            "inflight_hits": r["inflight_hits"],
+            "misses": r["misses"],
             "bytes_loaded_per_token": r["bytes_loaded_per_token"],
+            "bytes_per_load": r["bytes_per_load"],
+            "blob_bytes": r["blob_bytes"],
             "stall_seconds_per_token": r["stall_seconds_per_token"],
+            "overlap_fraction": r["overlap_fraction"],
+            "host_syncs_per_token": r["host_syncs_per_token"],
             "io_bound_seconds_per_token": round(bound, 5),
             "slots": r["slots"],
             "experts_total": r["experts_total"],
+            "hazards": r["hazards"],
         }
     print(json.dumps(result))
 
