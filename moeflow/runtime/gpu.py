@@ -150,7 +150,9 @@ class ExpertLauncher:
         """[6, 1] int64 on the block's device: the weight pointers as the grouped kernels read them."""
         if self._table is None:
             host = torch.tensor([int(p) for p in self.weights], dtype=torch.int64).view(6, 1)
-            self._table = host.to(self.device)
+            if self.device.type == "cuda":  # pinned: the copy does not block the host
+                host = host.pin_memory()
+            self._table = host.to(self.device, non_blocking=True)
         return self._table
 
     def _check_activations(self, x: torch.Tensor) -> None:

@@ -139,7 +139,11 @@ def module(name: str) -> Any:
     try:
         import cupy
     except ImportError as e:
-        raise CudaUnavailable("CuPy is needed for moeflow's GPU kernels: pip install 'moeflow[gpu]'") from e
+        import torch
+
+        major = (torch.version.cuda or "12").split(".")[0]  # CuPy's wheel must match torch's CUDA
+        raise CudaUnavailable(f"CuPy is needed for moeflow's quantized-expert GPU kernels: pip install "
+                              f"cupy-cuda{major}x (torch here is built for CUDA {torch.version.cuda})") from e
     return cupy.RawModule(code=source(name), options=OPTIONS)
 
 
@@ -147,8 +151,8 @@ def module(name: str) -> Any:
 def function(source_name: str, entry: str, device_index: int) -> Any:
     """The loaded kernel (a cupy.cuda.function.Function) of one entry point on one device, resolved
     once: it takes raw pointers and numpy scalars, and the stream to launch on."""
+    mod = module(source_name)  # raises CudaUnavailable without CuPy
     import cupy
 
     with cupy.cuda.Device(device_index):
-        raw = module(source_name).get_function(entry)
-        return raw.kernel  # compiles (or loads from CuPy's cache) for this device
+        return mod.get_function(entry).kernel  # compiles (or loads from CuPy's cache) for this device

@@ -238,3 +238,19 @@ def test_kernels_run_on_torchs_current_stream_with_launchers_reused(bits: int) -
     side.synchronize()
     for out in (*got, grouped):
         torch.testing.assert_close(out.cpu(), want, rtol=2e-2, atol=2e-3)
+
+
+def test_a_launch_without_cupy_names_the_wheel_to_install() -> None:
+    try:
+        import cupy  # noqa: F401
+
+        pytest.skip("CuPy is installed")
+    except ImportError:
+        pass
+    from moeflow.errors import CudaUnavailable
+
+    w = _expert(64, 32, 16, 0, 0)
+    launch = gpu.launcher(w, 16, 0).decode_launch(torch.zeros(1, 64, dtype=torch.bfloat16), torch.ones(1),
+                                                 torch.zeros(1, 64))
+    with pytest.raises(CudaUnavailable, match=r"pip install cupy-cuda\d+x"):
+        gpu.run(launch, torch.device("cuda", 0))
