@@ -18,7 +18,6 @@ from moeflow.errors import ConfigError
 from moeflow.models import FAMILIES, Checkpoint
 from moeflow.models.base import Arch, ConfigReader
 from moeflow.models.tensors import checkpoint_tensors
-from moeflow.store.layout import DTYPE_NAMES
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2
 BOS, EOS = 1, 2
@@ -100,7 +99,7 @@ def synth_config(arch: str, size: str, dtype: torch.dtype, **overrides: Any) -> 
     if (family, size) not in CONFIGS:
         raise ConfigError(f"--size {size!r}: expected tiny or small")
     cfg = {"architectures": [ARCHITECTURES[family]], "model_type": family, **_COMMON, **CONFIGS[(family, size)]}
-    cfg["dtype"] = DTYPE_NAMES[dtype]
+    cfg["dtype"] = str(dtype).removeprefix("torch.")  # the name config.json uses: float32, bfloat16
     cfg["max_position_embeddings"] = 4096
     cfg["rope_theta"] = 10000.0
     if family == "mixtral":
@@ -130,7 +129,7 @@ def _tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Ge
         return torch.ones(shape, dtype=dtype)
     if name.endswith(".bias") or name.endswith("e_score_correction_bias"):
         return torch.zeros(shape, dtype=torch.float32 if "e_score" in name else dtype)
-    return (torch.randn(shape, generator=gen) * std).to(dtype)
+    return (torch.randn(shape, generator=gen, device=gen.device) * std).to(dtype).cpu()
 
 
 def _shards(names: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype) -> Iterator[list[tuple[str, tuple[int, ...]]]]:
@@ -150,8 +149,10 @@ def _shards(names: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype) -> Ite
 
 
 def synthesize(out: str | os.PathLike[str], arch: str, size: str, *, dtype: torch.dtype | None = None,
-               seed: int = 0, progress: bool = True, **overrides: Any) -> Arch:
-    """Write config.json, generation_config.json, tokenizer.json and safetensors shards into `out`."""
+               seed: int = 0, progress: bool = True, device: str = "cpu", **overrides: Any) -> Arch:
+    """Write config.json, generation_config.json, tokenizer.json and safetensors shards into `out`.
+    `device` draws the random weights there ('cuda' writes a multi-GB checkpoint in seconds; the
+    values differ from the CPU's for the same seed)."""
     dtype = dtype or (torch.float32 if size == "tiny" else torch.bfloat16)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -163,7 +164,7 @@ def synthesize(out: str | os.PathLike[str], arch: str, size: str, *, dtype: torc
     )
     train_tokenizer(spec.vocab_size).save(str(out_dir / "tokenizer.json"))
     names = [(t.name, t.shape) for t in checkpoint_tensors(spec)]
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     shards = list(_shards(names, dtype))
     weight_map: dict[str, str] = {}
     total_size = 0
