@@ -184,7 +184,7 @@ def run_check(limit: float = LIMIT_SECONDS) -> int:
 
     def model(out: dict[str, Any]) -> None:
         if not (path / "config.json").exists():
-            synthesize(path, "mixtral", "small", dtype=torch.bfloat16, progress=False, **MODEL)
+            synthesize(path, "mixtral", "small", dtype=torch.bfloat16, progress=False, device="cuda", **MODEL)
         out.update(expert_mb=round(3 * MODEL["hidden_size"] * MODEL["intermediate_size"] * 2 / 1e6, 1), experts=16)
 
     def cpu_reference(out: dict[str, Any]) -> None:

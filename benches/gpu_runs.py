@@ -128,7 +128,7 @@ def run_gpu(quick: bool = False) -> int:
     for name, arch, shape, precision in models:
         path = work / name
         if not (path / "config.json").exists():
-            synthesize(path, arch, "small", dtype=torch.bfloat16, progress=False, **shape)
+            synthesize(path, arch, "small", dtype=torch.bfloat16, progress=False, device="cuda", **shape)
         options = {"precision": precision} if precision else {}
         for budget in ("25%", "50%"):
             ours, budget_bytes = asyncio.run(_decode(path, new_tokens, peak, expert_budget=budget, **options))

@@ -75,7 +75,8 @@ def big_mixtral(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from moeflow.models.synth import synthesize
 
     path = tmp_path_factory.mktemp("big") / "mixtral"
-    synthesize(path, "mixtral", "small", dtype=torch.bfloat16, progress=False, **BIG_MIXTRAL)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where the random weights are drawn (speed only)
+    synthesize(path, "mixtral", "small", dtype=torch.bfloat16, progress=False, device=device, **BIG_MIXTRAL)
     return path
 
 
