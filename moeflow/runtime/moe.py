@@ -143,13 +143,28 @@ def _split_by_precision(
     return high, low, skipped
 
 
+_ZEROS: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}  # never written: read-only
+
+
+def _zeros(x: torch.Tensor) -> torch.Tensor:
+    key = (x.shape[-1], x.dtype, x.device)
+    z = _ZEROS.get(key)
+    if z is None:
+        z = _ZEROS[key] = torch.zeros(1, x.shape[-1], dtype=x.dtype, device=x.device)
+    return z
+
+
 def _expert_out(routing: Routing, e: int, weights: ExpertView, x: torch.Tensor,
                 wide: Callable[[int], AbstractContextManager[None]]) -> torch.Tensor:
-    """Expert e on its tokens, scaled by their combine weights, in the activation dtype."""
-    if routing.scales is not None:  # one token: a host scalar, no index ops
+    """Expert e's part of the layer, to be summed by `_combine`. One token: for float weights
+    the activation silu(gate) * up [1, I] (the down projection is fused with the weighted sum);
+    otherwise (and for quantized weights) its output, scaled by the combine weights, [n, H]."""
+    if routing.scales is not None:
+        if weights.bits == 16:
+            gate, up = F.linear(x, weights["gate_up"]).chunk(2, dim=-1)
+            return F.silu(gate).mul_(up)
         with wide(weights.nbytes):
-            out = expert_ffn(weights, x)
-        return (out * routing.scales[e]).to(x.dtype)
+            return expert_ffn(weights, x).to(x.dtype)
     idx = routing.tokens[e]
     w = routing.weights[idx, routing.slots[e], None]  # [n, 1]
     with wide(weights.nbytes):
@@ -157,21 +172,48 @@ def _expert_out(routing: Routing, e: int, weights: ExpertView, x: torch.Tensor,
     return (out * w).to(x.dtype)
 
 
+def _combine(x: torch.Tensor, routing: Routing, outputs: dict[int, tuple[ExpertView, torch.Tensor]]) -> torch.Tensor:
+    """The weighted sum of the experts' parts in ascending expert order: the same arithmetic
+    whatever order they ran in, so every budget and prefetch gives the same bits. One token:
+    out = sum_e scale_e * (act_e @ down_e^T), each term one fused addmm (or add) on the sum."""
+    if routing.scales is None:
+        out = torch.zeros_like(x)
+        for e in routing.experts:
+            if e in outputs:
+                out.index_add_(0, routing.tokens[e], outputs[e][1])
+        return out
+    acc = _zeros(x)
+    first = True
+    for e in routing.experts:
+        if e not in outputs:
+            continue
+        weights, part = outputs[e]
+        scale = routing.scales[e]
+        if weights.bits == 16:
+            acc = torch.addmm(acc, part, weights["down"].t(), beta=0 if first else 1, alpha=scale)
+        else:
+            acc = torch.add(acc, part, alpha=scale)
+        first = False
+    return acc.clone() if first else acc  # every expert skipped: never hand out the shared zeros
+
+
 async def _run_fetch(
     fetch: LayerFetch,
     x: torch.Tensor,
     routing: Routing,
-    outputs: dict[int, torch.Tensor],
+    outputs: dict[int, tuple[ExpertView, torch.Tensor]],
     wide: Callable[[int], AbstractContextManager[None]],
 ) -> None:
+    """Run the fetch's experts as they become usable. With one token the combination still
+    reads each expert's down projection, so they stay pinned until `close`; otherwise each is
+    released once run, making room for the rest of the layer."""
+    hold = routing.scales is not None
     fetch.start()
-    try:
-        while (item := await fetch.next()) is not None:
-            e, weights = item
-            outputs[e] = _expert_out(routing, e, weights, x, wide)
+    while (item := await fetch.next()) is not None:
+        e, weights = item
+        outputs[e] = (weights, _expert_out(routing, e, weights, x, wide))
+        if not hold:
             fetch.release(e)
-    finally:
-        fetch.close()
 
 
 async def run_moe(
@@ -188,24 +230,30 @@ async def run_moe(
     Experts run in whatever order they become available, but their outputs are summed in
     ascending expert order, so the result is the same bits at every budget and prefetch
     (unless `miss` allows low-precision copies and skips)."""
-    outputs: dict[int, torch.Tensor] = {}
+    outputs: dict[int, tuple[ExpertView, torch.Tensor]] = {}
     index = layer.index
     resident = cache.take_resident(index, routing.experts) if miss is None else None
     if resident is not None:  # every expert landed: run them now, no waiting, no task switch
         try:
             for e, weights in zip(routing.experts, resident, strict=True):
-                outputs[e] = _expert_out(routing, e, weights, x, wide)
+                outputs[e] = (weights, _expert_out(routing, e, weights, x, wide))
+            out = _combine(x, routing, outputs)
         finally:
             for e in routing.experts:
                 cache.release((index, e))
-            cache.fence_released()
+            cache.fence_released()  # after the last compute that reads them is queued
     else:
         # Settle the loads that finished since the event loop last looked (all caches share
         # one transfer engine) before anything classifies experts: a finished prefetch is
         # resident, a hit, and never degraded to a low-precision copy or skipped.
         cache.transfers.poll()
         if miss is None:
-            await _run_fetch(cache.fetch(index, routing.experts), x, routing, outputs, wide)
+            fetch = cache.fetch(index, routing.experts)
+            try:
+                await _run_fetch(fetch, x, routing, outputs, wide)
+                out = _combine(x, routing, outputs)
+            finally:
+                fetch.close()
         else:
             high, low, skipped = _split_by_precision(index, routing, cache, miss)
             high_fetch = cache.fetch(index, high)
@@ -214,25 +262,15 @@ async def run_moe(
             try:
                 await _run_fetch(high_fetch, x, routing, outputs, wide)
                 await _run_fetch(low_fetch, x, routing, outputs, wide)
+                out = _combine(x, routing, outputs)
             finally:
+                high_fetch.close()
                 low_fetch.close()
             for e in low:
                 cache.note_low_precision((index, e))
             if counters is not None:
                 counters.low_precision_uses += len(low)
                 counters.skipped_experts += len(skipped)
-    out: torch.Tensor | None = None
-    if routing.scales is not None:
-        for e in routing.experts:
-            if e in outputs:
-                out = outputs[e] if out is None else out + outputs[e]
-    else:
-        out = torch.zeros_like(x)
-        for e in routing.experts:
-            if e in outputs:
-                out.index_add_(0, routing.tokens[e], outputs[e])
-    if out is None:  # every expert skipped (HOBBIT)
-        out = torch.zeros_like(x)
     if layer.mlp is not None:
         with wide(layer.mlp.nbytes):
             out = out + shared_mlp(layer.mlp, x)

@@ -62,7 +62,8 @@ class ModelRunner:
         self.threads = ThreadPlan()
 
     def new_sequence(self, prompt: list[int], *, record: bool = False) -> Sequence:
-        schedule = self.scheduler.track(prompt) if self.scheduler is not None else None
+        active = self.scheduler is not None and self.scheduler.active
+        schedule = self.scheduler.track(prompt) if self.scheduler is not None and active else None
         return Sequence(self.model, self.cache, schedule, record)
 
     async def forward(self, seq: Sequence, ids: list[int], *, all_logits: bool = False) -> torch.Tensor:

@@ -65,6 +65,12 @@ class Scheduler:
         # more demand latency than it saves, see README's prefetch table).
         self.max_speculative = max_speculative or top_k
 
+    @property
+    def active(self) -> bool:
+        """False when it can never ask for anything (no predictor, no per-layer quotas): the
+        runner then skips its hooks on the hot path."""
+        return self.predictor.name != "none" or self.split_budget
+
     def track(self, prompt: list[int]) -> SequenceSchedule:
         schedule = SequenceSchedule(self, self.predictor.track(prompt))
         self.live.append(schedule)
