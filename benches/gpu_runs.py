@@ -63,6 +63,7 @@ async def wall_decode(eng: Engine, prompt: list[int], new_tokens: int, peak: flo
         "hit_rate": round(s["decode_hit_rate"], 4),
         "bytes_loaded_per_token": round(s["decode_bytes_loaded_per_token"]),
         "stall_seconds_per_token": round(s["decode_stall_seconds_per_token"], 5),
+        "overlap_fraction": s.get("decode_overlap_fraction"),
         "h2d_gb_per_second": round(s["bytes_loaded"] / many / 1e9, 3),
     }
     refused = [r for r in (

@@ -64,7 +64,7 @@ def _assert_close(got: torch.Tensor, want: torch.Tensor, device: str, tolerance:
 def _assert_whole_copies(stats: dict[str, Any], exact_count: bool) -> None:
     """Every load moved a whole expert blob (a copy cut at io_chunk moves a multiple of 4 MiB)."""
     block = stats["block_bytes"]
-    assert block > 3 * IO_CHUNK
+    assert block > 2 * IO_CHUNK  # at least three parts
     assert stats["bytes_loaded"] > 0 and stats["bytes_loaded"] % block == 0, (stats["bytes_loaded"], block)
     if exact_count:  # nothing speculative may still be in flight
         assert stats["bytes_loaded"] == stats["loads"] * block
