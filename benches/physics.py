@@ -11,7 +11,8 @@ printed as a result.
     physics.check_rate("decode h2d", bytes_loaded, decode_seconds, peak)
 
 Used by bench_gpu.py (device 'cuda') and bench_decode.py (device 'sim': the simulated copy
-engine's configured bandwidth is its peak; 'cpu': pass the disk's measured bandwidth yourself).
+engine's configured bandwidth is its peak, `link_peak("sim", sim_bandwidth=sim_bandwidth_gbps * 1e9)`
+with the engine's option; 'cpu': pass the disk's measured bandwidth yourself).
 """
 
 from __future__ import annotations
