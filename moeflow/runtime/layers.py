@@ -12,12 +12,14 @@ from moeflow.runtime.rope import Rotary
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' RMSNorm: normalize in float32, cast back, then scale. One F.rms_norm call
-    (one kernel on a GPU): in float32 it is the same arithmetic; at lower precision transformers
-    rounds the normalized x before scaling, so the weight multiplies after the cast."""
-    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+    """transformers' RMSNorm over the last dim of x [..., D]: normalize in float32, cast back,
+    then scale by weight [D] (or any [..., D] that broadcasts: one call for several norms). One
+    F.rms_norm call (one kernel on a GPU): in float32 it is the same arithmetic; at lower
+    precision transformers rounds the normalized x before scaling, so the weight multiplies after
+    the cast."""
+    if weight.dim() == 1 and x.dtype == torch.float32 and weight.dtype == torch.float32:
         return F.rms_norm(x, weight.shape, weight, eps)
-    return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
 
 
 def silu_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -112,21 +114,34 @@ def attention_mask(start: int, t: int, window: int | None, device: torch.device)
 
 
 class GQAAttention:
-    """Grouped-query attention (Mixtral, Qwen, OLMoE) with optional q/k norm and clipping."""
+    """Grouped-query attention (Mixtral, Qwen, OLMoE) with optional q/k norm and clipping.
+
+    q, k and v come from one product over weights concatenated at load; q and k stay side by side
+    ([T, N+KV, D]) so one norm and one rotation serve both."""
 
     def __init__(self, spec: AttentionSpec, w: dict[str, torch.Tensor], rotary: Rotary, eps: float, window: int | None):
         self.spec = spec
         self.rotary = rotary
         self.eps = eps
         self.window = window
+        n, kv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.qkv = torch.cat([w["q_proj"], w["k_proj"], w["v_proj"]])
         self.qkv_bias = torch.cat([w["q_bias"], w["k_bias"], w["v_bias"]]) if "q_bias" in w else None
         self.o_proj = w["o_proj"]
         self.o_bias = w.get("o_bias")
-        self.q_norm = w.get("q_norm")
-        self.k_norm = w.get("k_norm")
-        n, kv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        self.split = (n * d, kv * d, kv * d)
+        self.heads = n + kv
+        self.qk_v = ((n + kv) * d, kv * d)
+        # qk_norm weights shaped to broadcast over the q/k block: "head" [N+KV, D]; "proj"
+        # [2, N*D] when q and k projections are as wide (OLMoE), else (q [N*D], k [KV*D]).
+        self.qk_norm: torch.Tensor | None = None
+        self.q_norm: torch.Tensor | None = None
+        self.k_norm: torch.Tensor | None = None
+        if spec.qk_norm == "head":
+            self.qk_norm = torch.cat([w["q_norm"].expand(n, d), w["k_norm"].expand(kv, d)])
+        elif spec.qk_norm == "proj" and n == kv:
+            self.qk_norm = torch.stack([w["q_norm"], w["k_norm"]])
+        elif spec.qk_norm == "proj":
+            self.q_norm, self.k_norm = w["q_norm"], w["k_norm"]
 
     def new_cache(self, dtype: torch.dtype) -> KVCache:
         s, device = self.spec, self.o_proj.device
@@ -134,31 +149,35 @@ class GQAAttention:
         return KVCache(shapes, cache_dtype(dtype, device), seq_dim=1, device=device)
 
     def to(self, device: torch.device) -> GQAAttention:
-        _move(self, ("qkv", "qkv_bias", "o_proj", "o_bias", "q_norm", "k_norm"), device)
+        _move(self, ("qkv", "qkv_bias", "o_proj", "o_bias", "qk_norm", "q_norm", "k_norm"), device)
         return self
+
+    def _proj_norm(self, qk: torch.Tensor) -> torch.Tensor:
+        """OLMoE's norms over the whole q and k projections of qk [T, (N+KV)*D]."""
+        t = qk.shape[0]
+        if self.qk_norm is not None:
+            return rms_norm(qk.view(t, 2, -1), self.qk_norm, self.eps).view(t, -1)
+        assert self.q_norm is not None and self.k_norm is not None
+        q, k = qk.split((self.q_norm.shape[0], self.k_norm.shape[0]), dim=-1)
+        return torch.cat((rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)), dim=-1)
 
     def __call__(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
         s = self.spec
         t = x.shape[0]
         start = cache.length
-        q, k, v = F.linear(x, self.qkv, self.qkv_bias).split(self.split, dim=-1)  # [T, N*D], [T, KV*D] x2
+        qk, v = F.linear(x, self.qkv, self.qkv_bias).split(self.qk_v, dim=-1)  # [T, (N+KV)*D], [T, KV*D]
         if s.qk_norm == "proj":
-            assert self.q_norm is not None and self.k_norm is not None
-            q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
+            qk = self._proj_norm(qk)
         if s.clip_qkv is not None:
-            q, k, v = (z.clamp(-s.clip_qkv, s.clip_qkv) for z in (q, k, v))
-        q = q.view(t, s.num_heads, s.head_dim)
-        k = k.view(t, s.num_kv_heads, s.head_dim)
-        if s.qk_norm == "head":
-            assert self.q_norm is not None and self.k_norm is not None
-            q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
-        q, k = q.transpose(0, 1), k.transpose(0, 1)  # [N, T, D], [KV, T, D]
-        v = v.view(t, s.num_kv_heads, s.head_dim).transpose(0, 1)
+            qk, v = qk.clamp(-s.clip_qkv, s.clip_qkv), v.clamp(-s.clip_qkv, s.clip_qkv)
+        qk = qk.view(t, self.heads, s.head_dim)
+        if self.qk_norm is not None and s.qk_norm == "head":
+            qk = rms_norm(qk, self.qk_norm, self.eps)
         cos, sin = self.rotary.tables(start, t)
-        q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
-        keys, values = cache.append(k, v)  # [KV, S, D]
-        out = attend(q, keys, values, attention_mask(start, t, self.window, x.device), s.scaling)  # [N, T, D]
-        return F.linear(out.transpose(0, 1).reshape(t, -1), self.o_proj, self.o_bias)
+        qk = self.rotary.apply(qk.transpose(0, 1), cos, sin)  # [N+KV, T, D]
+        keys, values = cache.append(qk[s.num_heads :], v.view(t, s.num_kv_heads, s.head_dim).transpose(0, 1))
+        out = attend(qk[: s.num_heads], keys, values, attention_mask(start, t, self.window, x.device), s.scaling)
+        return F.linear(out.transpose(0, 1).reshape(t, -1), self.o_proj, self.o_bias)  # out: [N, T, D]
 
 
 class MLAAttention:

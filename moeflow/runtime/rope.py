@@ -66,41 +66,54 @@ def _yarn(spec: RopeSpec) -> tuple[torch.Tensor, float]:
 
 
 class Rotary:
-    """cos/sin tables grown on demand; apply() rotates [heads, T, dim] tensors in place of copies."""
+    """cos/sin tables grown on demand, shaped [positions, 2, dim/2] so one multiply-add rotates
+    both halves of every pair: (x1, x2) * (cos, cos) + (x2, x1) * (-sin, sin)."""
 
     def __init__(self, spec: RopeSpec, dtype: torch.dtype) -> None:
         self.spec = spec
         self.dtype = dtype
         self.device = torch.device("cpu")
+        self.half = spec.dim // 2
         self.inv_freq, self.attention_factor = inverse_frequencies(spec)
-        self._cos = torch.empty(0, spec.dim // 2, dtype=dtype)
-        self._sin = torch.empty(0, spec.dim // 2, dtype=dtype)
+        self._cos = torch.empty(0, 2, self.half, dtype=dtype)
+        self._sin = torch.empty(0, 2, self.half, dtype=dtype)
+        # Every layer of a step asks for the same positions: the slices are made once per step.
+        self._last: tuple[int, int, torch.Tensor, torch.Tensor] = (-1, 0, self._cos, self._sin)
 
     def to(self, device: torch.device) -> Rotary:
         self.device = device
         self.inv_freq = self.inv_freq.to(device)
         self._cos, self._sin = self._cos.to(device), self._sin.to(device)
+        self._last = (-1, 0, self._cos, self._sin)
         return self
 
     def _grow(self, length: int) -> None:
         # Built where they are used (as transformers does), never on the CPU and then copied.
         n = max(length, 2 * self._cos.shape[0], 64)
         freqs = torch.arange(n, dtype=torch.float32, device=self.device)[:, None] * self.inv_freq[None, :].float()
-        self._cos = (freqs.cos() * self.attention_factor).to(self.dtype)
-        self._sin = (freqs.sin() * self.attention_factor).to(self.dtype)
+        cos = (freqs.cos() * self.attention_factor).to(self.dtype)
+        sin = (freqs.sin() * self.attention_factor).to(self.dtype)
+        self._cos = torch.stack((cos, cos), dim=1)
+        self._sin = torch.stack((-sin, sin), dim=1)  # negation is exact: x1*c + x2*(-s) == x1*c - x2*s
+        self._last = (-1, 0, self._cos, self._sin)
 
     def tables(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) of positions [start, start+length), each [length, dim/2]."""
+        """(cos, sin) of positions [start, start+length), each [length, 2, dim/2]."""
+        last_start, last_length, cos, sin = self._last
+        if start == last_start and length == last_length:
+            return cos, sin
         if start + length > self._cos.shape[0]:
             self._grow(start + length)
-        return self._cos[start : start + length], self._sin[start : start + length]
+        cos, sin = self._cos[start : start + length], self._sin[start : start + length]
+        self._last = (start, length, cos, sin)
+        return cos, sin
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate x [..., T, dim]. Interleaved pairs come out de-interleaved (real parts, then
-        imaginary); q and k get the same permutation, so their dot products are unchanged."""
+        """Rotate x [..., T, dim] with tables of its T positions. Interleaved pairs come out
+        de-interleaved (real parts, then imaginary); q and k get the same permutation, so their
+        dot products are unchanged. Bit-identical to x1*cos - x2*sin, x2*cos + x1*sin."""
         if self.spec.interleaved:
-            x1, x2 = x[..., 0::2], x[..., 1::2]
+            pairs = x.unflatten(-1, (self.half, 2)).transpose(-1, -2)  # [..., T, 2, dim/2]
         else:
-            half = x.shape[-1] // 2
-            x1, x2 = x[..., :half], x[..., half:]
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+            pairs = x.unflatten(-1, (2, self.half))
+        return (pairs * cos + pairs.flip(-2) * sin).flatten(-2)

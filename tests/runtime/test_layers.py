@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moeflow.models.base import RopeSpec
 from moeflow.runtime.layers import rms_norm
+from moeflow.runtime.rope import Rotary
 
 
 def _transformers_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -21,3 +23,38 @@ def test_rms_norm_is_bit_identical_to_transformers(dtype: torch.dtype) -> None:
         x = (torch.randn(shape, generator=gen) * 3).to(dtype)
         w = torch.randn(shape[-1], generator=gen).to(dtype)
         assert torch.equal(rms_norm(x, w, 1e-6), _transformers_rms_norm(x, w, 1e-6)), (dtype, shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rotation_is_bit_identical_to_the_pairwise_formula(dtype: torch.dtype, interleaved: bool) -> None:
+    # One multiply-add over [.., 2, dim/2] tables must give exactly x1*cos - x2*sin, x2*cos + x1*sin
+    # (pairs de-interleaved on the way out), at every position of a step that starts mid-sequence.
+    rot = Rotary(RopeSpec(kind="default", theta=10000.0, dim=16, interleaved=interleaved), dtype)
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(1)).to(dtype)  # [heads, T, dim]
+    cos, sin = rot.tables(7, 5)
+    freqs = torch.arange(7, 12, dtype=torch.float32)[:, None] * rot.inv_freq[None, :].float()
+    c, s = freqs.cos().to(dtype), freqs.sin().to(dtype)
+    x1, x2 = (x[..., 0::2], x[..., 1::2]) if interleaved else (x[..., :8], x[..., 8:])
+    want = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    assert torch.equal(rot.apply(x, cos, sin), want)
+    assert rot.tables(7, 5)[0] is cos  # the slices of a step are made once, for every layer
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["joint-qk-norm", "separate-qk-norms"])
+@pytest.mark.asyncio
+async def test_olmoe_qk_norms_and_clipping_match_transformers(tmp_path, kv_heads: int) -> None:  # type: ignore[no-untyped-def]
+    # OLMoE's q/k norms span whole projections: with as many kv heads as query heads one norm
+    # call covers both; otherwise two. clip_qkv (after the norms) is set small enough to bite.
+    from moeflow import Engine
+    from tests.hf_models import load_hf, save_tiny
+
+    path = save_tiny("olmoe", tmp_path / "olmoe", num_key_value_heads=kv_heads, clip_qkv=0.3)
+    prompt = [5, 17, 42, 3, 77, 12, 9]
+    with torch.no_grad():
+        want = load_hf(path)(torch.tensor([prompt])).logits[0].float()
+    async with Engine.open(path, device="cpu") as eng:
+        prefill = await eng.logits(prompt)
+        stepwise = await eng.score(prompt, stepwise=True)  # the decode path, one token per step
+    for got in (prefill, stepwise):
+        assert ((got - want).abs().max() / want.abs().max()) < 1e-4
