@@ -112,8 +112,8 @@ class ExpertLauncher:
     """The launch arguments of one expert block, built once per block: its six weight pointers
     (gate_up q/scale/zero, down q/scale/zero; float weights pass the matrix for all three) and shapes.
 
-    A block's views never move, so the launcher stays valid as long as the block holds this expert;
-    `launcher(tensors, bits, group)` returns the one made for the same pointers and shapes."""
+    The pointers are the block's, not the expert's: the launcher serves whichever expert the block
+    holds. `launcher(tensors, bits, group)` returns the one made for the same pointers and shapes."""
 
     def __init__(self, tensors: dict[str, torch.Tensor], bits: int, group: int) -> None:
         if bits == 16:
@@ -156,8 +156,11 @@ class ExpertLauncher:
         return self._table
 
     def _check_activations(self, x: torch.Tensor) -> None:
-        if x.dim() != 2 or x.shape[1] != self.hidden:
-            raise ValueError(f"activations of shape {tuple(x.shape)} do not match hidden size {self.hidden}")
+        if x.dim() != 2 or x.shape[1] != self.hidden or not x.is_contiguous():
+            raise ValueError(f"activations must be contiguous [n, {self.hidden}] (the hidden size), got "
+                             f"{tuple(x.shape)} with strides {x.stride()}")
+        if x.device != self.device:
+            raise ValueError(f"activations on {x.device}, expert weights on {self.device}")
         _suffix(x.dtype)
         if self.weight_dtype is not None and x.dtype != self.weight_dtype:
             raise TypeError(f"activations in {x.dtype} with float weights in {self.weight_dtype}: "

@@ -144,8 +144,12 @@ def test_launches_refuse_inputs_the_kernels_would_misread() -> None:
         lc.decode_launch(torch.zeros(1, 64), weight, torch.zeros(1, 64))
     with pytest.raises(TypeError, match="float16"):
         lc.decode_launch(torch.zeros(1, 64, dtype=torch.float16), weight, torch.zeros(1, 64))
-    with pytest.raises(ValueError, match="hidden size 64"):
+    with pytest.raises(ValueError, match=r"contiguous \[n, 64\]"):
         lc.decode_launch(torch.zeros(1, 32, dtype=torch.bfloat16), weight, torch.zeros(1, 32))
+    with pytest.raises(ValueError, match="strides"):
+        lc.decode_launch(torch.zeros(64, 2, dtype=torch.bfloat16).t(), torch.ones(2), torch.zeros(2, 64))
+    with pytest.raises(ValueError, match="activations on meta"):
+        lc.decode_launch(torch.zeros(1, 64, dtype=torch.bfloat16, device="meta"), weight, torch.zeros(1, 64))
     with pytest.raises(ValueError, match="out must be"):
         lc.decode_launch(torch.zeros(1, 64, dtype=torch.bfloat16), weight, torch.zeros(1, 64, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="bits=3"):
