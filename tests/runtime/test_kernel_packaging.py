@@ -28,6 +28,7 @@ def test_installed_wheel_finds_and_compiles_its_kernels(tmp_path: Path) -> None:
         "print(k.kernel_dir())\n"
         "r = k.compile_source('dequant.cu', 'sm_80')\n"
         "print(r.ok or 'no-nvrtc' in r.log)\n"
+        "print(len(k.signature('expert_ffn.cu', 'expert_ffn_decode_int4_bf16')))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(site)}
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, check=True, capture_output=True,
@@ -35,3 +36,4 @@ def test_installed_wheel_finds_and_compiles_its_kernels(tmp_path: Path) -> None:
     assert out[0].startswith(str(site)), "the installed copy, not the checkout, was imported"
     assert out[1] == str(site / "moeflow" / "_kernels")
     assert out[2] == "True"
+    assert out[3] == "13", "the launch signatures are read from the installed sources"
