@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moeflow.models.base import RopeSpec
-from moeflow.runtime.layers import rms_norm
+from moeflow.runtime.layers import KVCache, rms_norm
 from moeflow.runtime.rope import Rotary
 
 
@@ -23,6 +23,27 @@ def test_rms_norm_is_bit_identical_to_transformers(dtype: torch.dtype) -> None:
         x = (torch.randn(shape, generator=gen) * 3).to(dtype)
         w = torch.randn(shape[-1], generator=gen).to(dtype)
         assert torch.equal(rms_norm(x, w, 1e-6), _transformers_rms_norm(x, w, 1e-6)), (dtype, shape)
+
+
+@pytest.mark.parametrize("seq_dim", [0, 1])
+def test_kv_cache_keeps_every_position_across_growth(seq_dim: int) -> None:
+    # A prefill then single-token steps past two doublings (64 -> 128 -> 256 positions): the
+    # views returned must equal everything appended so far, in order.
+    shapes = ((2, 3), (2, 5)) if seq_dim == 1 else ((3,), (5,))
+    cache = KVCache(shapes, torch.float32, seq_dim=seq_dim)
+    gen = torch.Generator().manual_seed(2)
+    seen: list[list[torch.Tensor]] = [[], []]
+    for t in [40] + [1] * 150 + [70]:
+        parts = []
+        for i, shape in enumerate(shapes):
+            full = list(shape)
+            full.insert(seq_dim, t)
+            parts.append(torch.randn(full, generator=gen))
+            seen[i].append(parts[-1])
+        views = cache.append(*parts)
+        for i, view in enumerate(views):
+            assert torch.equal(view, torch.cat(seen[i], dim=seq_dim))
+    assert cache.length == 260 and cache.buffers[0].shape[seq_dim] >= 260
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
