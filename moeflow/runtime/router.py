@@ -26,18 +26,26 @@ class Router:
         return F.linear(x.float() if self.spec.fp32_logits else x, self.weight)
 
     def select(self, logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids [T, K], combine weights [T, K]) from gate logits [T, E]."""
         s = self.spec
         if s.topk_method == "noaux_tc":
             return self._noaux_tc(logits)
-        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
-        if s.topk_method == "group_limited_greedy":
-            probs = probs.masked_fill(~self._group_mask(probs.view(-1, s.n_group, s.num_experts // s.n_group).amax(-1)), 0.0)
-        weights, ids = torch.topk(probs, s.top_k, dim=-1)
-        if s.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if s.topk_method == "greedy" and s.norm_topk_prob:
+            # The softmax of the k largest logits is the renormalized top-k of the full softmax
+            # (equal up to rounding): one topk and one softmax instead of softmax, topk, sum, divide.
+            top, ids = torch.topk(logits, s.top_k, dim=-1)
+            weights = F.softmax(top, dim=-1, dtype=torch.float32)
+        else:
+            probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+            if s.topk_method == "group_limited_greedy":
+                group_max = probs.view(-1, s.n_group, s.num_experts // s.n_group).amax(-1)
+                probs = probs.masked_fill(~self._group_mask(group_max), 0.0)
+            weights, ids = torch.topk(probs, s.top_k, dim=-1)
+            if s.norm_topk_prob:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
         if s.routed_scaling_factor != 1.0:
             weights = weights * s.routed_scaling_factor
-        if not s.keep_fp32_weights and not s.fp32_logits:
+        if not s.keep_fp32_weights and not s.fp32_logits and weights.dtype != dtype:
             weights = weights.to(dtype)
         return ids, weights
 
