@@ -13,7 +13,7 @@ from moeflow.errors import ConfigError
 SCORINGS = ("softmax", "sigmoid")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: compared and hashed by identity, never tensor by tensor
 class RouterTable:
     """Plain data about a model's routers, built by whoever holds the model (the session), so that
     scheduling never imports the runtime's model."""
