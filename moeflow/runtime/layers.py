@@ -130,6 +130,7 @@ class GQAAttention:
         self.o_bias = w.get("o_bias")
         self.heads = n + kv
         self.qk_v = ((n + kv) * d, kv * d)
+        self.q_k = (n, kv)
         # qk_norm weights shaped to broadcast over the q/k block: "head" [N+KV, D]; "proj"
         # [2, N*D] when q and k projections are as wide (OLMoE), else (q [N*D], k [KV*D]).
         self.qk_norm: torch.Tensor | None = None
@@ -173,10 +174,12 @@ class GQAAttention:
         if self.qk_norm is not None and s.qk_norm == "head":
             qk = rms_norm(qk, self.qk_norm, self.eps)
         cos, sin = self.rotary.tables(start, t)
-        qk = self.rotary.apply(qk.transpose(0, 1), cos, sin)  # [N+KV, T, D]
-        keys, values = cache.append(qk[s.num_heads :], v.view(t, s.num_kv_heads, s.head_dim).transpose(0, 1))
-        out = attend(qk[: s.num_heads], keys, values, attention_mask(start, t, self.window, x.device), s.scaling)
-        return F.linear(out.transpose(0, 1).reshape(t, -1), self.o_proj, self.o_bias)  # out: [N, T, D]
+        q, k = self.rotary.apply(qk.transpose(0, 1), cos, sin).split(self.q_k, dim=0)  # [N, T, D], [KV, T, D]
+        keys, values = cache.append(k, v.view(t, s.num_kv_heads, s.head_dim).transpose(0, 1))
+        out = attend(q, keys, values, attention_mask(start, t, self.window, x.device), s.scaling)  # [N, T, D]
+        # One token's [N, 1, D] is already laid out as [1, N*D].
+        out = out.view(1, -1) if t == 1 else out.transpose(0, 1).reshape(t, -1)
+        return F.linear(out, self.o_proj, self.o_bias)
 
 
 class MLAAttention:

@@ -10,13 +10,14 @@ thread adds memory bandwidth. torch.set_num_threads costs well under a microseco
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 
 
 # Below this many weight bytes a product is over before a second thread helps.
 WIDE_MIN_BYTES = 2 << 20
+_UNCHANGED: AbstractContextManager[None] = nullcontext()
 
 
 class ThreadPlan:
@@ -34,13 +35,16 @@ class ThreadPlan:
             torch.set_num_threads(self.threads)
             self.narrowed = False
 
-    @contextmanager
-    def wide(self, weight_bytes: int = WIDE_MIN_BYTES) -> Iterator[None]:
+    def wide(self, weight_bytes: int = WIDE_MIN_BYTES) -> AbstractContextManager[None]:
         """All threads for the enclosed product of `weight_bytes` of weights, if the step is
-        narrowed and the weights are large enough to gain from it."""
+        narrowed and the weights are large enough to gain from it. The common answer (nothing to
+        do) is one shared null context: this is asked for every expert of every layer."""
         if not self.narrowed or weight_bytes < WIDE_MIN_BYTES:
-            yield
-            return
+            return _UNCHANGED
+        return self._widened()
+
+    @contextmanager
+    def _widened(self) -> Iterator[None]:
         torch.set_num_threads(self.threads)
         try:
             yield
