@@ -24,6 +24,9 @@ DIRECT_IO_ALIGN: Final[int]
 PRIORITY_DEMAND: Final[int]  # 0: a layer is waiting for it
 PRIORITY_PREFETCH: Final[int]  # 1: predicted for a coming layer
 PRIORITY_BACKGROUND: Final[int]  # 2: speculative, far ahead
+SPECULATIVE_PART: Final[int]
+"""Largest part of a prefetch/background device copy (8 MiB): a demand copy waits on
+the copy stream behind at most one such part."""
 
 def cuda_available() -> bool:
     """True when libcuda loads, cuInit succeeds and at least one device exists."""
@@ -31,6 +34,13 @@ def cuda_available() -> bool:
 def cuda_device_count() -> int: ...
 def crc32(data: Buffer, value: int = 0) -> int:
     """CRC-32 (IEEE) of `data`, continuing from `value`; releases the GIL."""
+
+def record_cuda_event(stream: int, device: int = 0) -> CudaEvent:
+    """Record an event on `stream` (a CUstream pointer, e.g.
+    torch.cuda.current_stream().cuda_stream) in the primary context of `device`. A copy
+    given it as `after` waits for the work queued on that stream before it (the engine
+    records one when it releases an expert, so the copy reusing the block waits for the
+    kernels reading it). Raises CudaUnavailable without CUDA."""
 
 # Exceptions (created in Rust, re-exported by moeflow.errors)
 class MoeflowError(Exception): ...
@@ -69,9 +79,17 @@ class CudaError(MoeflowError):
 class CudaUnavailable(CudaError): ...
 class EngineClosed(MoeflowError): ...
 
+class HazardError(MoeflowError):
+    """The simulated device's hazard checker saw an ordering bug."""
+
+    kind: Literal["read-before-copy", "copy-over-read", "poison"]
+    address: int
+    length: int
+
 @final
 class ArenaBuffer:
-    """A buffer-protocol view of part of a host arena; keeps the arena alive."""
+    """A buffer-protocol view of part of an arena in host memory (a host arena or a
+    simulated device's); keeps the arena alive."""
 
     @property
     def address(self) -> int: ...
@@ -108,19 +126,82 @@ class HostArena:
 
 @final
 class DeviceArena:
-    """One device allocation (cuMemAlloc) in the primary context of `device`."""
+    """One device allocation (cuMemAlloc) in the primary context of `device`; with
+    `sim`, simulated device memory: a page-aligned host mapping filled with 0xFF
+    (NaN in bf16/fp32) until copies write it, which `SlabAllocator.view` can view."""
 
-    def __new__(cls, size: int, *, device: int = 0) -> DeviceArena:
-        """Raises CudaUnavailable without CUDA, ArenaError on zero size, CudaError otherwise."""
+    def __new__(cls, size: int, *, device: int = 0, sim: SimDevice | None = None) -> DeviceArena:
+        """Raises CudaUnavailable without CUDA (and without `sim`), ArenaError on zero
+        size, CudaError otherwise."""
 
     @property
     def size(self) -> int: ...
     @property
     def address(self) -> int:
-        """Device pointer (CUdeviceptr) of the start."""
+        """Device pointer (CUdeviceptr) of the start; a host pointer when simulated."""
 
     @property
     def device(self) -> int: ...
+    @property
+    def sim(self) -> SimDevice | None:
+        """The simulated device the arena belongs to, or None on a real one."""
+
+@final
+class SimDevice:
+    """A simulated GPU for tests: its DeviceArenas live in host memory, one copy-engine
+    thread models one FIFO copy stream (each part takes latency + bytes / bandwidth of
+    wall time, and its bytes land only then), events and stream waits behave like
+    CUDA's, and a hazard checker raises HazardError on ordering bugs.
+
+    Compute is torch on the CPU: report each read with `compute_read` before it.
+    Compute is ordered after a copy by `wait(event)`, the event's `synchronize()` (or a
+    `query()` that returned True), or popping the copy's 'done' completion; a copy is
+    ordered after compute by `after=record_compute()` (its copy stream waits on it),
+    or by `synchronize()` (the host waited for compute)."""
+
+    def __new__(
+        cls, *, bandwidth_gbps: float = 25.0, latency_us: float = 10.0, check_hazards: bool = True
+    ) -> SimDevice:
+        """bandwidth in GB/s (1e9 bytes/s), latency per copy part; ValueError naming a
+        bad value."""
+
+    @property
+    def bandwidth_gbps(self) -> float: ...
+    @property
+    def latency_us(self) -> float: ...
+    @property
+    def check_hazards(self) -> bool: ...
+    @property
+    def hazards(self) -> int:
+        """Hazards seen so far (raised by compute_read or failing a copy)."""
+
+    @property
+    def last_hazard(self) -> str | None: ...
+    @property
+    def bytes_copied(self) -> int:
+        """Bytes that landed (copies into, out of and within simulated memory)."""
+
+    @property
+    def busy_seconds(self) -> float:
+        """Time the copy engine was busy, latency included."""
+
+    def compute_read(self, address: int, length: int) -> None:
+        """Compute is about to read [address, address+length) of a simulated arena.
+        Raises HazardError: 'poison' when a byte was never written since the arena was
+        made or its block freed; 'read-before-copy' when the copy writing a byte has not
+        landed, or compute is not ordered after it. ValueError outside every arena."""
+
+    def record_compute(self) -> CudaEvent:
+        """An event after all compute so far (complete at once); a copy given it as
+        `after` is ordered after every read reported before."""
+
+    def wait(self, event: CudaEvent) -> None:
+        """The compute stream waits on `event`: blocks until it completed (GIL
+        released) and orders later compute after it. ValueError for another device's
+        event, TypeError for a CUDA event."""
+
+    def synchronize(self) -> None:
+        """The host synchronised the compute stream: every read so far is retired."""
 
 @final
 class BlockHandle:
@@ -184,8 +265,6 @@ class SlabAllocator:
         """Raises OutOfBudget (requested, available) when the budget or the arena is exhausted."""
 
     def try_alloc(self, size_class: int) -> BlockHandle | None: ...
-    def free(self, handle: BlockHandle) -> None:
-        """Raises StaleHandle (already freed: double free), ForeignHandle, BlockPinned."""
 
     def pin(self, handle: BlockHandle) -> int:
         """Increment the pin count (returns the new count). A pinned block cannot be freed."""
@@ -201,7 +280,12 @@ class SlabAllocator:
         """Absolute address (host pointer or device pointer)."""
 
     def view(self, handle: BlockHandle) -> ArenaBuffer:
-        """Writable buffer over the whole block (host arenas only; TypeError on device)."""
+        """Writable buffer over the whole block (host and simulated device arenas;
+        TypeError on a real device)."""
+
+    def free(self, handle: BlockHandle) -> None:
+        """Raises StaleHandle (already freed: double free), ForeignHandle, BlockPinned.
+        On a simulated device the block's bytes become poison for the hazard checker."""
 
     @property
     def used(self) -> int: ...
@@ -250,11 +334,18 @@ class Completion:
 
 @final
 class CudaEvent:
+    """An event: recorded after a device copy's last part, on a caller's stream
+    (`record_cuda_event`), or by a simulated device (`simulated` is True)."""
+
     def query(self) -> bool: ...
     def synchronize(self) -> None: ...
     def wait_on(self, stream: int) -> None:
         """cuStreamWaitEvent(stream, event): make `stream` (a CUstream pointer, e.g.
-        torch.cuda.current_stream().cuda_stream) wait for this event."""
+        torch.cuda.current_stream().cuda_stream) wait for this event. A simulated event
+        ignores `stream` and does `SimDevice.wait(event)`."""
+
+    @property
+    def simulated(self) -> bool: ...
 
 @final
 class TransferEngine:
@@ -269,7 +360,16 @@ class TransferEngine:
         workers: int = 4,
         chunk_size: int = 8 << 20,
         device: int | None = None,
-    ) -> TransferEngine: ...
+        sim: SimDevice | None = None,
+    ) -> TransferEngine:
+        """`device` (a CUDA ordinal) or `sim` (a simulated device) fixes the device the
+        engine copies for and starts its copy stream now; without either, the first
+        device copy decides. ValueError when both are given.
+
+        Device copies move every byte: they are cut into parts of at most chunk_size
+        (prefetch and background copies: at most min(chunk_size, SPECULATIVE_PART)) on
+        one FIFO copy stream. Demand parts are issued at once; at most one speculative
+        part is in flight, and none is issued while demand parts wait."""
     @property
     def eventfd(self) -> int:
         """Readable when completions are waiting (an eventfd; read 8 bytes to reset)."""
@@ -317,16 +417,26 @@ class TransferEngine:
         priority: int = 1,
         owned: bool = True,
         tag: int = 0,
+        after: CudaEvent | None = None,
     ) -> int:
-        """host->host, host->device (copy stream + event), device->host."""
+        """host->host, host->device, device->host, device->device. A device copy posts
+        'issued' (with the event recorded after its last part) once every part is queued
+        on the copy stream, then 'done' once that event completed; `bytes` is `length`.
+        The copy waits for `after` before writing any byte (the copy stream waits on
+        it; a host copy's worker waits for it): TypeError/ValueError when `after`
+        belongs to another kind of device or another simulated device."""
 
     def cancel(self, transfer_id: int) -> bool:
         """True when no part had started: the transfer will never run, its pins are
         released now (its block freed if owned) and a 'cancelled' completion is
-        posted. False when it already started or finished: it runs to completion."""
+        posted. False when it already started or finished: it runs to completion.
+        A device copy can be cancelled while some part is not issued: the unissued
+        parts are dropped and it ends 'cancelled' once the issued parts landed
+        (`bytes` says how many), an owned destination freed then."""
 
     def promote(self, transfer_id: int, priority: int) -> bool:
-        """Move a queued transfer's unstarted parts to a more urgent lane."""
+        """Move a queued transfer's unstarted (device copies: unissued) parts to a more
+        urgent lane."""
 
     def try_pop(self) -> Completion | None: ...
     def drain(self) -> list[Completion]:

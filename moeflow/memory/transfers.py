@@ -25,6 +25,7 @@ from moeflow._core import (
     BlockHandle,
     Completion,
     CudaEvent,
+    SimDevice,
     SlabAllocator,
     TransferEngine,
 )
@@ -152,12 +153,14 @@ class TransferTicket:
         return self.wait().__await__()
 
     def cancel(self) -> bool:
-        """Cancel if no part has started (the core then frees an owned block); else False."""
+        """Cancel if no part has started (the core then frees an owned block); else False.
+        A device copy is cancellable while some part is unissued: it resolves
+        'cancelled' once its issued parts landed."""
         self._cancel_requested = True
         return self._transfers.engine.cancel(self.id)
 
     def promote(self, priority: int = PRIORITY_DEMAND) -> bool:
-        """Move the unstarted parts to a more urgent lane."""
+        """Move the unstarted (device copies: unissued) parts to a more urgent lane."""
         return self._transfers.engine.promote(self.id, priority)
 
     def _resolve(self, completion: Completion, loop: asyncio.AbstractEventLoop | None) -> None:
@@ -212,9 +215,10 @@ class AsyncTransfers:
         workers: int = 4,
         chunk_size: int = 8 << 20,
         device: int | None = None,
+        sim: SimDevice | None = None,
     ) -> None:
         if engine is None:
-            engine = TransferEngine(workers=workers, chunk_size=chunk_size, device=device)
+            engine = TransferEngine(workers=workers, chunk_size=chunk_size, device=device, sim=sim)
         self.engine = engine
         self.closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -294,8 +298,11 @@ class AsyncTransfers:
         priority: int = PRIORITY_PREFETCH,
         owned: bool = True,
         tag: int = 0,
+        after: CudaEvent | None = None,
     ) -> TransferTicket:
-        """Queue a block -> block copy (host/device in any direction)."""
+        """Queue a block -> block copy (host/device in any direction) that waits for
+        `after` (e.g. an event recorded after the compute that last read the
+        destination block) before writing any byte."""
         self._check_open()
         self.bind_loop()
         transfer_id = self.engine.submit_copy(
@@ -309,6 +316,7 @@ class AsyncTransfers:
             priority=priority,
             owned=owned,
             tag=tag,
+            after=after,
         )
         return self._track(transfer_id, dst, dst_handle, owned)
 
@@ -342,9 +350,12 @@ class AsyncTransfers:
         *,
         priority: int = PRIORITY_DEMAND,
         owned: bool = True,
+        after: CudaEvent | None = None,
     ) -> Completion:
         """Copy between blocks and wait (demand priority by default)."""
-        return await self.submit_copy(src, src_handle, dst, dst_handle, length, priority=priority, owned=owned)
+        return await self.submit_copy(
+            src, src_handle, dst, dst_handle, length, priority=priority, owned=owned, after=after
+        )
 
     def cancel(self, ticket: TransferTicket | int) -> bool:
         """Cancel a transfer none of whose parts started; False otherwise."""

@@ -1,4 +1,5 @@
-//! Arenas: one big host mapping or one device allocation that a slab allocator carves up.
+//! Arenas: one big host mapping or one device allocation (real, or simulated in host
+//! memory) that a slab allocator carves up.
 //!
 //! An arena is allocated once, up front, so the hot path never calls the OS or the
 //! CUDA allocator; blocks are offsets into it. Host arenas are locked (mlock) so
@@ -9,6 +10,7 @@ use std::sync::{Arc, OnceLock};
 
 use crate::cuda::{self, PrimaryContext};
 use crate::error::{errno_message, CoreError, CoreResult};
+use crate::sim::SimDevice;
 
 /// The machine's page size in bytes.
 pub fn page_size() -> usize {
@@ -231,34 +233,71 @@ impl Drop for HostArena {
     }
 }
 
-/// One device allocation in the primary context of a device.
+/// Where a device arena's bytes live.
+#[derive(Debug)]
+enum DeviceMemory {
+    /// cuMemAlloc in the primary context of the device.
+    Cuda { ctx: Arc<PrimaryContext>, ptr: u64 },
+    /// Host memory standing in for the memory of a simulated device.
+    Sim {
+        host: HostArena,
+        sim: Arc<SimDevice>,
+    },
+}
+
+/// One device allocation: in the primary context of a CUDA device, or in host
+/// memory for a simulated device.
 #[derive(Debug)]
 pub struct DeviceArena {
-    ctx: Arc<PrimaryContext>,
-    ptr: u64,
+    memory: DeviceMemory,
+    ordinal: i32,
     size: usize,
 }
+
+/// Byte that fills simulated device memory until a copy writes it: 0xFF bytes read
+/// as NaN in bf16 and fp32, so a read of never-written memory cannot pass unseen.
+pub const SIM_POISON: u8 = 0xFF;
 
 impl DeviceArena {
     /// Allocates `size` bytes on device `ordinal` (cuMemAlloc in its primary context).
     pub fn new(size: u64, ordinal: i32) -> CoreResult<Self> {
+        let len = Self::check_size(size)?;
+        cuda::require()?;
+        let ctx = PrimaryContext::retain(ordinal)?;
+        let ptr = cuda::device_alloc(&ctx, len)?;
+        Ok(Self {
+            memory: DeviceMemory::Cuda { ctx, ptr },
+            ordinal,
+            size: len,
+        })
+    }
+
+    /// `size` bytes of simulated device memory (a page-aligned host mapping filled
+    /// with [`SIM_POISON`]), registered with the hazard checker of `sim`.
+    pub fn new_sim(size: u64, ordinal: i32, sim: Arc<SimDevice>) -> CoreResult<Self> {
+        Self::check_size(size)?;
+        let host = HostArena::new(size, false, false)?;
+        // SAFETY: the mapping is live, writable and ours alone for `size()` bytes.
+        unsafe { std::ptr::write_bytes(host.as_ptr(), SIM_POISON, host.size()) };
+        sim.register_arena(host.address(), host.size() as u64);
+        let size = host.size();
+        Ok(Self {
+            memory: DeviceMemory::Sim { host, sim },
+            ordinal,
+            size,
+        })
+    }
+
+    fn check_size(size: u64) -> CoreResult<usize> {
         if size == 0 {
             return Err(CoreError::Arena {
                 requested: 0,
                 reason: "the size is zero".to_owned(),
             });
         }
-        cuda::require()?;
-        let len = usize::try_from(size).map_err(|_| CoreError::Arena {
+        usize::try_from(size).map_err(|_| CoreError::Arena {
             requested: size,
             reason: "the size exceeds the address space".to_owned(),
-        })?;
-        let ctx = PrimaryContext::retain(ordinal)?;
-        let ptr = cuda::device_alloc(&ctx, len)?;
-        Ok(Self {
-            ctx,
-            ptr,
-            size: len,
         })
     }
 
@@ -267,27 +306,54 @@ impl DeviceArena {
         self.size
     }
 
-    /// Device pointer of the start.
+    /// Device pointer of the start (a host pointer on a simulated device).
     pub fn address(&self) -> u64 {
-        self.ptr
+        match &self.memory {
+            DeviceMemory::Cuda { ptr, .. } => *ptr,
+            DeviceMemory::Sim { host, .. } => host.address(),
+        }
     }
 
     /// Device ordinal.
     pub fn device(&self) -> i32 {
-        self.ctx.ordinal()
+        self.ordinal
     }
 
-    /// The primary context the memory lives in.
-    pub fn context(&self) -> &Arc<PrimaryContext> {
-        &self.ctx
+    /// The primary context the memory lives in (None on a simulated device).
+    pub fn context(&self) -> Option<&Arc<PrimaryContext>> {
+        match &self.memory {
+            DeviceMemory::Cuda { ctx, .. } => Some(ctx),
+            DeviceMemory::Sim { .. } => None,
+        }
+    }
+
+    /// The simulated device, when the arena is one's.
+    pub fn sim(&self) -> Option<&Arc<SimDevice>> {
+        match &self.memory {
+            DeviceMemory::Cuda { .. } => None,
+            DeviceMemory::Sim { sim, .. } => Some(sim),
+        }
+    }
+
+    /// Start pointer in host memory (simulated devices only).
+    pub fn host_ptr(&self) -> Option<*mut u8> {
+        match &self.memory {
+            DeviceMemory::Cuda { .. } => None,
+            DeviceMemory::Sim { host, .. } => Some(host.as_ptr()),
+        }
     }
 }
 
 impl Drop for DeviceArena {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` in this context; freed once, after every
-        // transfer using it ended (they hold an Arc to the arena).
-        let _ = unsafe { cuda::device_free(&self.ctx, self.ptr) };
+        match &self.memory {
+            DeviceMemory::Cuda { ctx, ptr } => {
+                // SAFETY: allocated in `new` in this context; freed once, after every
+                // transfer using it ended (they hold an Arc to the arena).
+                let _ = unsafe { cuda::device_free(ctx, *ptr) };
+            }
+            DeviceMemory::Sim { host, sim } => sim.unregister_arena(host.address()),
+        }
     }
 }
 
@@ -318,6 +384,22 @@ impl Arena {
     /// True for host memory.
     pub fn is_host(&self) -> bool {
         matches!(self, Self::Host(_))
+    }
+
+    /// The simulated device of a simulated device arena.
+    pub fn sim(&self) -> Option<&Arc<SimDevice>> {
+        match self {
+            Self::Host(_) => None,
+            Self::Device(a) => a.sim(),
+        }
+    }
+
+    /// Start pointer when the bytes are in host memory (host and simulated arenas).
+    pub fn host_ptr(&self) -> Option<*mut u8> {
+        match self {
+            Self::Host(a) => Some(a.as_ptr()),
+            Self::Device(a) => a.host_ptr(),
+        }
     }
 
     /// `"host"` or `"device"`.

@@ -207,6 +207,16 @@ impl CopyStream {
         check(status, "cuEventRecord")?;
         Ok(event)
     }
+
+    /// Makes every later copy on this stream wait for `event` (cuStreamWaitEvent),
+    /// e.g. an event recorded on the compute stream after the kernels reading a block.
+    pub fn wait_event(&self, event: &CudaEvent) -> CoreResult<()> {
+        self.ctx.make_current()?;
+        // SAFETY: both handles are live; an event of another context of the same
+        // device is allowed by the driver.
+        let status = unsafe { sys::cuStreamWaitEvent(self.stream, event.event, 0) };
+        check(status, "cuStreamWaitEvent")
+    }
 }
 
 impl Drop for CopyStream {
@@ -258,6 +268,18 @@ impl CudaEvent {
         let status = unsafe { sys::cuEventCreate(&mut event, flags) };
         check(status, "cuEventCreate")?;
         Ok(Self { ctx, event })
+    }
+
+    /// Records a new event on `stream`, a live CUstream of `ctx`'s device (e.g.
+    /// torch's current stream).
+    pub fn record(ctx: Arc<PrimaryContext>, stream: usize) -> CoreResult<Self> {
+        ctx.make_current()?;
+        let event = Self::new(ctx)?;
+        // SAFETY: the caller passes a live CUstream (the Python API documents it);
+        // the event was just created in the current context.
+        let status = unsafe { sys::cuEventRecord(event.event, stream as sys::CUstream) };
+        check(status, "cuEventRecord")?;
+        Ok(event)
     }
 
     /// True when the work before the event has finished.

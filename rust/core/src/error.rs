@@ -24,6 +24,34 @@ impl fmt::Display for BudgetLimit {
     }
 }
 
+/// Which ordering a hazard broke (see [`CoreError::Hazard`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HazardKind {
+    /// Compute read bytes whose copy had not landed, or with no edge to that copy.
+    ReadBeforeCopy,
+    /// A copy overwrote bytes that compute not ordered before it had read.
+    CopyOverRead,
+    /// Compute read bytes never written since the arena was made or the block freed.
+    Poison,
+}
+
+impl HazardKind {
+    /// The name Python sees (`HazardError.kind`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ReadBeforeCopy => "read-before-copy",
+            Self::CopyOverRead => "copy-over-read",
+            Self::Poison => "poison",
+        }
+    }
+}
+
+impl fmt::Display for HazardKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Every failure the memory core reports.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CoreError {
@@ -117,6 +145,17 @@ pub enum CoreError {
     /// The transfer engine is closed.
     #[error("the transfer engine is closed")]
     EngineClosed,
+
+    /// The simulated device's hazard checker saw an ordering bug: compute read bytes
+    /// no copy had landed in (or no event ordered it after), a copy overwrote bytes
+    /// compute may still read, or compute read never-written (poisoned) bytes.
+    #[error("hazard ({kind}) on {length} bytes at {address:#x}: {detail}")]
+    Hazard {
+        kind: HazardKind,
+        address: u64,
+        length: u64,
+        detail: String,
+    },
 
     /// A bad argument value (maps to ValueError).
     #[error("{0}")]

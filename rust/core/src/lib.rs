@@ -5,17 +5,24 @@
 pub mod arena;
 pub mod cuda;
 pub mod error;
+pub mod event;
 pub mod notify;
 pub mod pool;
 pub mod queue;
+pub mod sim;
 pub mod slab;
 pub mod transfer;
 
 pub use arena::{Arena, DeviceArena, HostArena};
-pub use error::{CoreError, CoreResult};
+pub use error::{CoreError, CoreResult, HazardKind};
+pub use event::Event;
 pub use pool::ArenaAllocator;
+pub use sim::{SimDevice, SimEvent};
 pub use slab::{BlockHandle, SlabAllocator};
-pub use transfer::{Completion, CopyRequest, DirectMode, ReadRequest, Status, TransferEngine};
+pub use transfer::{
+    Completion, CopyRequest, DirectMode, ReadRequest, Status, TransferEngine,
+    SPECULATIVE_PART_BYTES,
+};
 
 /// Alignment (bytes) of file offset, length and address that O_DIRECT reads need.
 pub const DIRECT_IO_ALIGN: u64 = 4096;

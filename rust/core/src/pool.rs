@@ -69,11 +69,26 @@ impl ArenaAllocator {
     /// other pin remains. Errors are impossible for a block this engine pinned
     /// (the pin kept it live), so they are ignored.
     pub fn release(&self, handle: &BlockHandle, free: bool) {
-        let mut slab = self.lock();
-        if let Ok(0) = slab.unpin(handle) {
-            if free {
-                let _ = slab.free(handle);
-            }
+        let freed = {
+            let mut slab = self.lock();
+            matches!(slab.unpin(handle), Ok(0)) && free && slab.free(handle).is_ok()
+        };
+        if freed {
+            self.freed(handle);
+        }
+    }
+
+    /// Frees a block: StaleHandle if already freed, ForeignHandle, BlockPinned. On a
+    /// simulated device its bytes become poison for the hazard checker.
+    pub fn free(&self, handle: &BlockHandle) -> CoreResult<()> {
+        self.lock().free(handle)?;
+        self.freed(handle);
+        Ok(())
+    }
+
+    fn freed(&self, handle: &BlockHandle) {
+        if let Some(sim) = self.arena.sim() {
+            sim.poison(self.arena.address() + handle.offset, handle.size);
         }
     }
 

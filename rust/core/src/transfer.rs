@@ -8,7 +8,9 @@
 //! the end; an owned destination is freed when its transfer fails or is cancelled.
 //! Calls never block on I/O; only [`TransferEngine::wait`] and `close` wait.
 
+mod backend;
 mod completion;
+mod device;
 mod files;
 mod request;
 mod shared;
@@ -22,19 +24,22 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 pub use completion::{Completion, Status};
+pub use device::SPECULATIVE_PART as SPECULATIVE_PART_BYTES;
 pub use request::{CopyRequest, DirectMode, ReadRequest};
 pub use shared::EngineStats;
 
-use crate::cuda::CopyStream;
+use crate::cuda::{CopyStream, PrimaryContext};
 use crate::error::{CoreError, CoreResult};
 use crate::notify::EventFd;
 use crate::queue::{Doorbell, PriorityLanes};
+use crate::sim::SimDevice;
 use crate::DIRECT_IO_ALIGN;
 use completion::CompletionQueue;
+use device::{Backend, DeviceQueue, DeviceSide};
 use files::FileTable;
 pub(crate) use shared::Shared;
 use shared::{Counters, Registry};
-use task::Transfer;
+use task::{Op, Transfer};
 use worker::Job;
 
 /// The transfer engine (see the module docs).
@@ -50,6 +55,22 @@ impl TransferEngine {
     /// Starts `workers` threads. `chunk_size` (a multiple of 4096) is the largest
     /// part; `device` creates the CUDA copy stream now (else on first device copy).
     pub fn new(workers: usize, chunk_size: u64, device: Option<i32>) -> CoreResult<Self> {
+        Self::with_sim(workers, chunk_size, device, None)
+    }
+
+    /// As [`TransferEngine::new`]; with `sim`, device copies go to that simulated
+    /// device's copy engine (its arenas only), and `device` must be None.
+    pub fn with_sim(
+        workers: usize,
+        chunk_size: u64,
+        device: Option<i32>,
+        sim: Option<Arc<SimDevice>>,
+    ) -> CoreResult<Self> {
+        if device.is_some() && sim.is_some() {
+            return Err(CoreError::invalid(
+                "device and sim are exclusive: an engine copies for one device",
+            ));
+        }
         if !(1..=256).contains(&workers) {
             return Err(CoreError::invalid(format!(
                 "workers must be in 1..=256, got {workers}"
@@ -60,11 +81,12 @@ impl TransferEngine {
                 "chunk_size must be a positive multiple of {DIRECT_IO_ALIGN}, got {chunk_size}"
             )));
         }
-        let stream = match device {
-            Some(ordinal) => Some(Arc::new(CopyStream::new(
-                crate::cuda::PrimaryContext::retain(ordinal)?,
-            )?)),
-            None => None,
+        let backend = match (device, &sim) {
+            (Some(ordinal), _) => Some(Backend::Cuda(Arc::new(CopyStream::new(
+                PrimaryContext::retain(ordinal)?,
+            )?))),
+            (None, Some(sim)) => Some(Backend::Sim(sim.clone())),
+            (None, None) => None,
         };
         let eventfd = EventFd::new().map_err(|e| {
             CoreError::io(
@@ -87,8 +109,16 @@ impl TransferEngine {
             pending: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
             device,
-            stream: Mutex::new(stream),
+            sim,
+            device_queue: Mutex::new(None),
         });
+        if let Some(backend) = backend {
+            let queue = DeviceQueue::start(backend, chunk_size, &shared)?;
+            *shared
+                .device_queue
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(queue);
+        }
         let mut threads = Vec::with_capacity(workers);
         for (index, parker) in parkers.into_iter().enumerate() {
             let worker_shared = shared.clone();
@@ -180,41 +210,60 @@ impl TransferEngine {
     /// Submits a copy between blocks (host/device in any direction); returns its id.
     pub fn submit_copy(&self, request: CopyRequest) -> CoreResult<u64> {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let transfer = request.prepare(id, self.chunk_size, |ordinal| self.copy_stream(ordinal))?;
-        self.enqueue(transfer)
+        let (transfer, queue) =
+            request.prepare(id, self.chunk_size, |side| self.device_queue_for(side))?;
+        match queue {
+            Some(queue) => self.register(transfer).map(|transfer| {
+                queue.submit(transfer.clone());
+                transfer.id
+            }),
+            None => self.enqueue(transfer),
+        }
     }
 
-    fn copy_stream(&self, ordinal: i32) -> CoreResult<Arc<CopyStream>> {
-        if let Some(engine_device) = self.shared.device {
-            if engine_device != ordinal {
-                return Err(CoreError::invalid(format!(
-                    "the engine copies for device {engine_device}, the block is on device {ordinal}"
-                )));
-            }
+    /// The device queue for copies touching `side`, made on first use.
+    fn device_queue_for(&self, side: DeviceSide) -> CoreResult<Arc<DeviceQueue>> {
+        let fixed = match (self.shared.device, &self.shared.sim) {
+            (Some(ordinal), _) => Some(DeviceSide::Cuda(ordinal)),
+            (None, Some(sim)) => Some(DeviceSide::Sim(sim.clone())),
+            (None, None) => None,
+        };
+        let mismatch = |engine: &DeviceSide| {
+            CoreError::invalid(format!(
+                "the engine copies for {}, the block is on {}",
+                engine.describe(),
+                side.describe()
+            ))
+        };
+        if let Some(engine) = fixed.filter(|engine| !engine.same(&side)) {
+            return Err(mismatch(&engine));
         }
         let mut slot = self
             .shared
-            .stream
+            .device_queue
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        match slot.as_ref() {
-            Some(stream) if stream.context().ordinal() == ordinal => Ok(stream.clone()),
-            Some(stream) => Err(CoreError::invalid(format!(
-                "the engine copies for device {}, the block is on device {ordinal}",
-                stream.context().ordinal()
-            ))),
-            None => {
-                let stream = Arc::new(CopyStream::new(crate::cuda::PrimaryContext::retain(
-                    ordinal,
-                )?)?);
-                *slot = Some(stream.clone());
-                Ok(stream)
-            }
+        if let Some(queue) = slot.as_ref() {
+            let engine = queue.backend.side();
+            return if engine.same(&side) {
+                Ok(queue.clone())
+            } else {
+                Err(mismatch(&engine))
+            };
         }
+        let backend = match &side {
+            DeviceSide::Cuda(ordinal) => Backend::Cuda(Arc::new(CopyStream::new(
+                PrimaryContext::retain(*ordinal)?,
+            )?)),
+            DeviceSide::Sim(sim) => Backend::Sim(sim.clone()),
+        };
+        let queue = DeviceQueue::start(backend, self.chunk_size, &self.shared)?;
+        *slot = Some(queue.clone());
+        Ok(queue)
     }
 
-    /// Registers a pinned transfer and queues its parts; undoes the pins if closed.
-    fn enqueue(&self, transfer: Transfer) -> CoreResult<u64> {
+    /// Registers a pinned transfer as in flight; undoes the pins if closed.
+    fn register(&self, transfer: Transfer) -> CoreResult<Arc<Transfer>> {
         let transfer = Arc::new(transfer);
         {
             let mut registry = self.shared.registry();
@@ -227,6 +276,12 @@ impl TransferEngine {
         }
         self.shared.stats.submitted.fetch_add(1, Ordering::Relaxed);
         self.shared.pending.fetch_add(1, Ordering::AcqRel);
+        Ok(transfer)
+    }
+
+    /// Registers a pinned transfer and queues its parts on the worker lanes.
+    fn enqueue(&self, transfer: Transfer) -> CoreResult<u64> {
+        let transfer = self.register(transfer)?;
         let priority = transfer.priority.load(Ordering::Relaxed);
         let parts = transfer.part_count();
         for part in 0..parts {
@@ -248,10 +303,19 @@ impl TransferEngine {
 
     /// Cancels a transfer none of whose parts started: its pins are released now (its
     /// block freed if owned) and a 'cancelled' completion is posted. False otherwise.
+    /// A device copy is cancellable while some part is not issued: those parts are
+    /// dropped and it ends 'cancelled' once the issued ones landed (`bytes` says how
+    /// many), freeing an owned destination then.
     pub fn cancel(&self, id: u64) -> bool {
         let Some(transfer) = self.lookup(id) else {
             return false;
         };
+        if matches!(transfer.op, Op::Device { .. }) {
+            return self
+                .shared
+                .device_queue()
+                .is_some_and(|queue| queue.cancel(&self.shared, id));
+        }
         if !transfer.try_cancel() {
             return false;
         }
@@ -271,6 +335,12 @@ impl TransferEngine {
         if priority >= old {
             return Ok(false);
         }
+        if matches!(transfer.op, Op::Device { .. }) {
+            return Ok(self
+                .shared
+                .device_queue()
+                .is_some_and(|queue| queue.promote(id, priority)));
+        }
         let mut moved = 0;
         for part in transfer.unclaimed_parts() {
             self.shared.lanes.push(
@@ -288,17 +358,22 @@ impl TransferEngine {
 
     /// A waiting completion, if any (never blocks).
     pub fn try_pop(&self) -> Option<Completion> {
-        self.shared.completions.try_pop()
+        self.shared.completions.try_pop().map(Completion::observed)
     }
 
     /// Every waiting completion; resets the eventfd first.
     pub fn drain(&self) -> Vec<Completion> {
-        self.shared.completions.drain()
+        let mut completions = self.shared.completions.drain();
+        completions.iter_mut().for_each(|c| c.observe());
+        completions
     }
 
     /// Blocks until a completion arrives or `timeout` passes.
     pub fn wait(&self, timeout: Option<Duration>) -> Option<Completion> {
-        self.shared.completions.wait(timeout)
+        self.shared
+            .completions
+            .wait(timeout)
+            .map(Completion::observed)
     }
 
     /// Transfers submitted and not yet finished.
@@ -322,7 +397,13 @@ impl TransferEngine {
             bytes: s.bytes.load(Ordering::Relaxed),
             direct_bytes: s.direct_bytes.load(Ordering::Relaxed),
             busy_nanos: s.busy_nanos.load(Ordering::Relaxed),
-            queued: std::array::from_fn(|lane| self.shared.lanes.len(lane as u8) as u64),
+            queued: {
+                let device = self.shared.device_queue().map(|queue| queue.queued());
+                std::array::from_fn(|lane| {
+                    let on_device = device.map_or(0, |queued| queued[lane]);
+                    (self.shared.lanes.len(lane as u8) + on_device) as u64
+                })
+            },
         }
     }
 
@@ -349,6 +430,10 @@ impl TransferEngine {
         for handle in threads {
             // A worker that panicked outside a part (a bug) has nothing left to clean.
             let _ = handle.join();
+        }
+        if let Some(queue) = self.shared.device_queue() {
+            // Its unissued parts were cancelled above; the issued ones land first.
+            queue.stop();
         }
     }
 }

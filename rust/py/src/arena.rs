@@ -1,15 +1,17 @@
-//! `HostArena`, `DeviceArena` and `ArenaBuffer`, the buffer-protocol view of host memory.
+//! `HostArena`, `DeviceArena` (real or simulated) and `ArenaBuffer`, the buffer-protocol
+//! view of memory the CPU can read.
 
 use std::ffi::{c_int, c_void};
 use std::sync::Arc;
 
-use moeflow_core::{DeviceArena, HostArena};
-use pyo3::exceptions::PyValueError;
+use moeflow_core::{Arena, DeviceArena, HostArena};
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyMemoryView;
 use pyo3::{ffi, PyErr};
 
 use crate::errors::PyCoreResult;
+use crate::sim::PySimDevice;
 
 /// One page-aligned anonymous mapping; mlock attempted, CUDA page-locked when a GPU exists.
 #[pyclass(module = "moeflow._core", name = "HostArena", frozen)]
@@ -60,7 +62,7 @@ impl PyHostArena {
 
     /// Writable buffer over [offset, offset+length). Raises ValueError out of range.
     fn view(&self, offset: u64, length: u64) -> PyResult<PyArenaBuffer> {
-        PyArenaBuffer::new(self.inner.clone(), offset, length)
+        PyArenaBuffer::new(Arena::Host(self.inner.clone()), offset, length)
     }
 
     fn __repr__(&self) -> String {
@@ -74,22 +76,42 @@ impl PyHostArena {
     }
 }
 
-/// One device allocation (cuMemAlloc) in the primary context of `device`.
+/// One device allocation (cuMemAlloc) in the primary context of `device`, or with
+/// `sim`, simulated device memory in host memory (filled with 0xFF poison).
 #[pyclass(module = "moeflow._core", name = "DeviceArena", frozen)]
 #[derive(Debug)]
 pub struct PyDeviceArena {
     pub(crate) inner: Arc<DeviceArena>,
+    sim: Option<Py<PySimDevice>>,
 }
 
 #[pymethods]
 impl PyDeviceArena {
     #[new]
-    #[pyo3(signature = (size, *, device = 0))]
-    fn new(py: Python<'_>, size: u64, device: i32) -> PyCoreResult<Self> {
-        let arena = py.detach(|| DeviceArena::new(size, device))?;
+    #[pyo3(signature = (size, *, device = 0, sim = None))]
+    fn new(
+        py: Python<'_>,
+        size: u64,
+        device: i32,
+        sim: Option<Py<PySimDevice>>,
+    ) -> PyCoreResult<Self> {
+        let arena = match &sim {
+            Some(sim) => {
+                let device_sim = sim.get().inner.clone();
+                py.detach(|| DeviceArena::new_sim(size, device, device_sim))?
+            }
+            None => py.detach(|| DeviceArena::new(size, device))?,
+        };
         Ok(Self {
             inner: Arc::new(arena),
+            sim,
         })
+    }
+
+    /// The simulated device the arena belongs to, or None on a real one.
+    #[getter]
+    fn sim(&self, py: Python<'_>) -> Option<Py<PySimDevice>> {
+        self.sim.as_ref().map(|sim| sim.clone_ref(py))
     }
 
     #[getter]
@@ -110,25 +132,43 @@ impl PyDeviceArena {
 
     fn __repr__(&self) -> String {
         format!(
-            "DeviceArena(size={}, address={:#x}, device={})",
+            "DeviceArena(size={}, address={:#x}, device={}, simulated={})",
             self.inner.size(),
             self.inner.address(),
-            self.inner.device()
+            self.inner.device(),
+            self.sim.is_some()
         )
     }
 }
 
-/// A buffer-protocol view of part of a host arena; keeps the arena alive.
+/// A buffer-protocol view of part of an arena in host memory (a host arena or a
+/// simulated device's); keeps the arena alive.
 #[pyclass(module = "moeflow._core", name = "ArenaBuffer", frozen)]
 #[derive(Debug)]
 pub struct PyArenaBuffer {
-    arena: Arc<HostArena>,
+    /// Keeps the mapping `base` points into alive.
+    _arena: Arena,
+    base: HostPtr,
     offset: usize,
     len: usize,
 }
 
+/// The start of an arena's host memory.
+#[derive(Debug, Clone, Copy)]
+struct HostPtr(*mut u8);
+
+// SAFETY: the pointer is only dereferenced in `__getbuffer__`, under the GIL, while
+// `arena` (held beside it) keeps the mapping alive.
+unsafe impl Send for HostPtr {}
+// SAFETY: as above; the pointer itself is never changed.
+unsafe impl Sync for HostPtr {}
+
 impl PyArenaBuffer {
-    pub(crate) fn new(arena: Arc<HostArena>, offset: u64, length: u64) -> PyResult<Self> {
+    /// A view of `[offset, offset+length)`; TypeError when the arena is real device memory.
+    pub(crate) fn new(arena: Arena, offset: u64, length: u64) -> PyResult<Self> {
+        let Some(base) = arena.host_ptr() else {
+            return Err(PyTypeError::new_err("a device block has no host view"));
+        };
         let size = arena.size() as u64;
         if offset.checked_add(length).is_none_or(|end| end > size) {
             return Err(PyValueError::new_err(format!(
@@ -136,7 +176,8 @@ impl PyArenaBuffer {
             )));
         }
         Ok(Self {
-            arena,
+            _arena: arena,
+            base: HostPtr(base),
             offset: offset as usize,
             len: length as usize,
         })
@@ -147,7 +188,7 @@ impl PyArenaBuffer {
 impl PyArenaBuffer {
     #[getter]
     fn address(&self) -> u64 {
-        self.arena.address() + self.offset as u64
+        self.base.0 as u64 + self.offset as u64
     }
 
     fn __len__(&self) -> usize {
@@ -165,7 +206,7 @@ impl PyArenaBuffer {
         // SAFETY: offset+len lies inside the arena (checked in `new`); the exporter
         // object stored in the view (`slf`, ref-counted by FillInfo) holds the Arc
         // that keeps the mapping alive until the buffer is released.
-        let ptr = unsafe { this.arena.as_ptr().add(this.offset) };
+        let ptr = unsafe { this.base.0.add(this.offset) };
         // SAFETY: `view` is the caller's Py_buffer; FillInfo fills it, incref'ing `slf`.
         let status = unsafe {
             ffi::PyBuffer_FillInfo(

@@ -2,8 +2,7 @@
 
 use std::sync::Arc;
 
-use moeflow_core::cuda::CudaEvent;
-use moeflow_core::Completion;
+use moeflow_core::{Completion, Event};
 use pyo3::prelude::*;
 
 use crate::errors::{to_pyerr, PyCoreResult};
@@ -85,11 +84,12 @@ impl PyCompletion {
     }
 }
 
-/// A CUDA event recorded after a device copy on the engine's copy stream.
+/// An event: after a device copy on the engine's copy stream, recorded on a caller's
+/// stream, or of a simulated device (one class for both kinds).
 #[pyclass(module = "moeflow._core", name = "CudaEvent", frozen)]
 #[derive(Debug)]
 pub struct PyCudaEvent {
-    inner: Arc<CudaEvent>,
+    pub(crate) inner: Arc<Event>,
 }
 
 #[pymethods]
@@ -103,8 +103,24 @@ impl PyCudaEvent {
     }
 
     /// cuStreamWaitEvent(stream, event): make `stream` (a CUstream pointer, e.g.
-    /// torch.cuda.current_stream().cuda_stream) wait for this event.
-    fn wait_on(&self, stream: usize) -> PyCoreResult<()> {
-        Ok(self.inner.wait_on(stream)?)
+    /// torch.cuda.current_stream().cuda_stream) wait for this event. A simulated
+    /// event ignores `stream` and does `SimDevice.wait(event)`.
+    fn wait_on(&self, py: Python<'_>, stream: usize) -> PyCoreResult<()> {
+        Ok(py.detach(|| self.inner.wait_on(stream))?)
+    }
+
+    /// True for an event of a simulated device.
+    #[getter]
+    fn simulated(&self) -> bool {
+        matches!(*self.inner, Event::Sim(_))
+    }
+
+    fn __repr__(&self) -> String {
+        let kind = if self.simulated() {
+            "simulated"
+        } else {
+            "cuda"
+        };
+        format!("CudaEvent({kind})")
     }
 }

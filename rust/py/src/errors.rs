@@ -95,6 +95,14 @@ create_exception!(
     "The transfer engine is closed."
 );
 
+create_exception!(
+    moeflow._core,
+    HazardError,
+    MoeflowError,
+    "The simulated device's hazard checker saw an ordering bug; `kind` is \
+     'read-before-copy', 'copy-over-read' or 'poison', `address` and `length` the bytes."
+);
+
 /// `CUDA_ERROR_NO_DEVICE`: the code reported when CUDA is unavailable.
 const CUDA_ERROR_NO_DEVICE: i32 = 100;
 
@@ -196,6 +204,19 @@ pub fn to_pyerr(py: Python<'_>, err: &CoreError) -> PyErr {
             vec![("code", int(py, CUDA_ERROR_NO_DEVICE))],
         ),
         CoreError::EngineClosed => (EngineClosed::new_err(message), vec![]),
+        CoreError::Hazard {
+            kind,
+            address,
+            length,
+            ..
+        } => (
+            HazardError::new_err(message),
+            vec![
+                ("kind", int(py, kind.as_str())),
+                ("address", int(py, *address)),
+                ("length", int(py, *length)),
+            ],
+        ),
         CoreError::InvalidArgument(_) => (PyValueError::new_err(message), vec![]),
         CoreError::WrongKind(_) => (PyTypeError::new_err(message), vec![]),
     };
@@ -252,5 +273,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("CudaError", py.get_type::<CudaError>())?;
     m.add("CudaUnavailable", py.get_type::<CudaUnavailable>())?;
     m.add("EngineClosed", py.get_type::<EngineClosed>())?;
+    m.add("HazardError", py.get_type::<HazardError>())?;
     Ok(())
 }

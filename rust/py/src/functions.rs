@@ -1,9 +1,14 @@
-//! Module-level functions: CUDA probing and CRC-32.
+//! Module-level functions: CUDA probing, events on a caller's stream and CRC-32.
 
-use moeflow_core::cuda;
+use std::sync::Arc;
+
+use moeflow_core::{cuda, event};
 use pyo3::buffer::PyUntypedBuffer;
 use pyo3::exceptions::PyBufferError;
 use pyo3::prelude::*;
+
+use crate::completion::PyCudaEvent;
+use crate::errors::PyCoreResult;
 
 /// True when libcuda loads, cuInit succeeds and at least one device exists.
 #[pyfunction]
@@ -38,4 +43,14 @@ pub fn crc32(py: Python<'_>, data: &Bound<'_, PyAny>, value: u32) -> PyResult<u3
     });
     drop(buffer);
     Ok(crc)
+}
+
+/// Records an event on `stream` (a CUstream pointer, e.g. torch's current stream) in
+/// the primary context of `device`; a copy given it as `after` waits for the work
+/// queued on that stream before it.
+#[pyfunction]
+#[pyo3(signature = (stream, device = 0))]
+pub fn record_cuda_event(py: Python<'_>, stream: usize, device: i32) -> PyCoreResult<PyCudaEvent> {
+    let inner: Arc<_> = py.detach(|| event::record_cuda_event(stream, device))?;
+    Ok(PyCudaEvent { inner })
 }

@@ -5,6 +5,7 @@ mod arena;
 mod completion;
 mod errors;
 mod functions;
+mod sim;
 mod slab;
 mod transfer;
 
@@ -18,9 +19,11 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("PRIORITY_DEMAND", moeflow_core::PRIORITY_DEMAND)?;
     m.add("PRIORITY_PREFETCH", moeflow_core::PRIORITY_PREFETCH)?;
     m.add("PRIORITY_BACKGROUND", moeflow_core::PRIORITY_BACKGROUND)?;
+    m.add("SPECULATIVE_PART", moeflow_core::SPECULATIVE_PART_BYTES)?;
     m.add_function(wrap_pyfunction!(functions::cuda_available, m)?)?;
     m.add_function(wrap_pyfunction!(functions::cuda_device_count, m)?)?;
     m.add_function(wrap_pyfunction!(functions::crc32, m)?)?;
+    m.add_function(wrap_pyfunction!(functions::record_cuda_event, m)?)?;
     m.add_class::<arena::PyArenaBuffer>()?;
     m.add_class::<arena::PyHostArena>()?;
     m.add_class::<arena::PyDeviceArena>()?;
@@ -29,6 +32,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<completion::PyCompletion>()?;
     m.add_class::<completion::PyCudaEvent>()?;
     m.add_class::<transfer::PyTransferEngine>()?;
+    m.add_class::<sim::PySimDevice>()?;
     errors::register(m)?;
     // The stub (`_core.pyi`) is the contract and declares no `__all__`; users never
     // star-import this private module, so keep the one PyO3 adds out of it.

@@ -143,7 +143,7 @@ impl PySlabAllocator {
 
     /// Raises StaleHandle (already freed: double free), ForeignHandle, BlockPinned.
     fn free(&self, handle: &PyBlockHandle) -> PyCoreResult<()> {
-        Ok(self.inner.lock().free(&handle.inner)?)
+        Ok(self.inner.free(&handle.inner)?)
     }
 
     /// Increment the pin count (returns the new count). A pinned block cannot be freed.
@@ -170,14 +170,12 @@ impl PySlabAllocator {
         Ok(self.inner.address(&handle.inner)?)
     }
 
-    /// Writable buffer over the whole block (host arenas only; TypeError on device).
+    /// Writable buffer over the whole block (host and simulated device arenas;
+    /// TypeError on a real device).
     fn view(&self, handle: &PyBlockHandle) -> PyCoreResult<PyArenaBuffer> {
-        let Arena::Host(host) = self.inner.arena() else {
-            return Err(PyTypeError::new_err("a device block has no host view").into());
-        };
         self.inner.lock().check(&handle.inner)?;
         Ok(PyArenaBuffer::new(
-            host.clone(),
+            self.inner.arena().clone(),
             handle.inner.offset,
             handle.inner.size,
         )?)

@@ -7,8 +7,9 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::completion::PyCompletion;
+use crate::completion::{PyCompletion, PyCudaEvent};
 use crate::errors::PyCoreResult;
+use crate::sim::PySimDevice;
 use crate::slab::{PyBlockHandle, PySlabAllocator};
 
 /// Worker threads fed by lock-free priority lanes; completions on a lock-free
@@ -32,14 +33,16 @@ fn lane(priority: i64) -> PyCoreResult<u8> {
 #[pymethods]
 impl PyTransferEngine {
     #[new]
-    #[pyo3(signature = (*, workers = 4, chunk_size = 8 << 20, device = None))]
+    #[pyo3(signature = (*, workers = 4, chunk_size = 8 << 20, device = None, sim = None))]
     fn new(
         py: Python<'_>,
         workers: usize,
         chunk_size: u64,
         device: Option<i32>,
+        sim: Option<&PySimDevice>,
     ) -> PyCoreResult<Self> {
-        let inner = py.detach(|| TransferEngine::new(workers, chunk_size, device))?;
+        let sim = sim.map(|sim| sim.inner.clone());
+        let inner = py.detach(|| TransferEngine::with_sim(workers, chunk_size, device, sim))?;
         Ok(Self { inner })
     }
 
@@ -107,10 +110,11 @@ impl PyTransferEngine {
         })?)
     }
 
-    /// host->host, host->device (copy stream + event), device->host; returns the id.
+    /// host->host, host->device (copy stream + event), device->host, device->device;
+    /// the copy waits for `after` first. Returns the id.
     #[pyo3(signature = (
         src, src_handle, dst, dst_handle, length, *,
-        src_offset = 0, dst_offset = 0, priority = 1, owned = true, tag = 0
+        src_offset = 0, dst_offset = 0, priority = 1, owned = true, tag = 0, after = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn submit_copy(
@@ -125,6 +129,7 @@ impl PyTransferEngine {
         priority: i64,
         owned: bool,
         tag: i64,
+        after: Option<&PyCudaEvent>,
     ) -> PyCoreResult<u64> {
         Ok(self.inner.submit_copy(CopyRequest {
             src: src.inner.clone(),
@@ -137,11 +142,12 @@ impl PyTransferEngine {
             priority: lane(priority)?,
             owned,
             tag,
+            after: after.map(|event| event.inner.clone()),
         })?)
     }
 
-    /// True when no part had started: the transfer will never run, its pins are
-    /// released now (its block freed if owned) and a 'cancelled' completion is posted.
+    /// True when no part had started (device copies: some part was not issued): see
+    /// `TransferEngine::cancel`.
     fn cancel(&self, transfer_id: u64) -> bool {
         self.inner.cancel(transfer_id)
     }

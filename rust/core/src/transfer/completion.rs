@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_queue::SegQueue;
 
-use crate::cuda::CudaEvent;
 use crate::error::CoreError;
+use crate::event::Event;
 use crate::notify::EventFd;
 
 /// How a transfer ended (or, for device copies, that it was issued).
@@ -17,7 +17,7 @@ pub enum Status {
     Done,
     /// A part failed; `error` says why.
     Failed,
-    /// Cancelled before any part started; nothing was moved.
+    /// Cancelled: no part started (device copies: the issued parts landed, `bytes`).
     Cancelled,
     /// A device copy was queued on the copy stream (its event is set); 'done' follows.
     Issued,
@@ -49,7 +49,8 @@ pub struct Completion {
     /// Some part used O_DIRECT.
     pub direct: bool,
     pub tag: i64,
-    pub event: Option<Arc<CudaEvent>>,
+    /// The event after the copy's last part (device copies).
+    pub event: Option<Arc<Event>>,
     pub error: Option<CoreError>,
 }
 
@@ -57,6 +58,21 @@ impl Completion {
     /// A transfer reports exactly one final completion ('issued' is not final).
     pub fn is_final(&self) -> bool {
         self.status != Status::Issued
+    }
+
+    /// The consumer received it: a 'done' device copy's completion tells the host the
+    /// bytes landed (an edge the simulated device's hazard checker records).
+    pub(crate) fn observe(&self) {
+        if self.status == Status::Done {
+            if let Some(event) = &self.event {
+                event.observed();
+            }
+        }
+    }
+
+    pub(crate) fn observed(self) -> Self {
+        self.observe();
+        self
     }
 }
 

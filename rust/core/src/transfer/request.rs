@@ -3,11 +3,13 @@
 
 use std::sync::Arc;
 
-use crate::arena::Arena;
-use crate::cuda::{CopyStream, DeviceCopy};
+use crate::arena::{Arena, DeviceArena};
+use crate::cuda::DeviceCopy;
 use crate::error::{CoreError, CoreResult};
+use crate::event::Event;
 use crate::pool::ArenaAllocator;
 use crate::slab::BlockHandle;
+use crate::transfer::device::{DeviceQueue, DeviceSide};
 use crate::transfer::files::FileEntry;
 use crate::transfer::task::{Hold, Op, Transfer};
 use crate::{DIRECT_IO_ALIGN, PRIORITY_LANES};
@@ -155,15 +157,20 @@ pub struct CopyRequest {
     pub priority: u8,
     pub owned: bool,
     pub tag: i64,
+    /// The copy waits for this event before writing any byte: on a device, the copy
+    /// stream waits on it (e.g. an event recorded after the kernels that last read the
+    /// destination block); a host copy waits for it on its worker.
+    pub after: Option<Arc<Event>>,
 }
 
 impl CopyRequest {
+    /// Validates and pins; device copies also get the device queue they go to.
     pub(crate) fn prepare(
         self,
         id: u64,
         chunk: u64,
-        stream_for: impl FnOnce(i32) -> CoreResult<Arc<CopyStream>>,
-    ) -> CoreResult<Transfer> {
+        queue_for: impl FnOnce(DeviceSide) -> CoreResult<Arc<DeviceQueue>>,
+    ) -> CoreResult<(Transfer, Option<Arc<DeviceQueue>>)> {
         check_priority(self.priority)?;
         let src = self
             .src
@@ -181,24 +188,46 @@ impl CopyRequest {
                 self.src_offset, self.dst_offset, self.length
             )));
         }
-        let op = match (self.src.arena(), self.dst.arena()) {
-            (Arena::Host(_), Arena::Host(_)) => Op::HostCopy { src },
+        let (kind, side) = match (self.src.arena(), self.dst.arena()) {
+            (Arena::Host(_), Arena::Host(_)) => (None, None),
             (Arena::Host(_), Arena::Device(d)) => {
-                device_op(DeviceCopy::HostToDevice, src, stream_for(d.device())?)
+                (Some(DeviceCopy::HostToDevice), Some(side_of(d)))
             }
             (Arena::Device(s), Arena::Host(_)) => {
-                device_op(DeviceCopy::DeviceToHost, src, stream_for(s.device())?)
+                (Some(DeviceCopy::DeviceToHost), Some(side_of(s)))
             }
             (Arena::Device(s), Arena::Device(d)) => {
-                if s.device() != d.device() {
+                let (from, to) = (side_of(s), side_of(d));
+                if !from.same(&to) {
                     return Err(CoreError::invalid(format!(
                         "copies between devices ({} -> {}) are not supported",
-                        s.device(),
-                        d.device()
+                        from.describe(),
+                        to.describe()
                     )));
                 }
-                device_op(DeviceCopy::DeviceToDevice, src, stream_for(d.device())?)
+                (Some(DeviceCopy::DeviceToDevice), Some(to))
             }
+        };
+        let (op, queue) = match (kind, side) {
+            (Some(kind), Some(side)) => {
+                let queue = queue_for(side)?;
+                if let Some(after) = &self.after {
+                    queue.backend.check_after(after)?;
+                }
+                let op = Op::Device {
+                    kind,
+                    src,
+                    after: self.after.clone(),
+                };
+                (op, Some(queue))
+            }
+            _ => (
+                Op::HostCopy {
+                    src,
+                    after: self.after.clone(),
+                },
+                None,
+            ),
         };
         self.dst
             .pin_range(&self.dst_handle, self.dst_offset, self.length)?;
@@ -217,7 +246,7 @@ impl CopyRequest {
             allocator: self.src,
             handle: self.src_handle,
         };
-        Ok(Transfer::new(
+        let transfer = Transfer::new(
             id,
             self.tag,
             op,
@@ -228,10 +257,14 @@ impl CopyRequest {
             dst_hold,
             Some(src_hold),
             self.owned,
-        ))
+        );
+        Ok((transfer, queue))
     }
 }
 
-fn device_op(kind: DeviceCopy, src: u64, stream: Arc<CopyStream>) -> Op {
-    Op::Device { kind, src, stream }
+fn side_of(arena: &DeviceArena) -> DeviceSide {
+    match arena.sim() {
+        Some(sim) => DeviceSide::Sim(sim.clone()),
+        None => DeviceSide::Cuda(arena.device()),
+    }
 }

@@ -5,9 +5,10 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use crate::cuda::CopyStream;
 use crate::queue::{Doorbell, PriorityLanes};
+use crate::sim::SimDevice;
 use crate::transfer::completion::{Completion, CompletionQueue, Status};
+use crate::transfer::device::DeviceQueue;
 use crate::transfer::files::FileTable;
 use crate::transfer::task::Transfer;
 use crate::transfer::worker::Job;
@@ -59,14 +60,25 @@ pub(crate) struct Shared {
     pub(crate) files: FileTable,
     pub(crate) pending: AtomicU64,
     pub(crate) next_id: AtomicU64,
+    /// The CUDA device this engine copies for, when fixed at creation.
     pub(crate) device: Option<i32>,
-    pub(crate) stream: Mutex<Option<Arc<CopyStream>>>,
+    /// The simulated device this engine copies for, when fixed at creation.
+    pub(crate) sim: Option<Arc<SimDevice>>,
+    /// Where device copies go; made with the engine's device or on first use.
+    pub(crate) device_queue: Mutex<Option<Arc<DeviceQueue>>>,
 }
 
 impl Shared {
     pub(crate) fn registry(&self) -> MutexGuard<'_, Registry> {
         // Only map operations and a flag run under this lock: never torn.
         self.registry.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn device_queue(&self) -> Option<Arc<DeviceQueue>> {
+        self.device_queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Posts the final completion of `transfer` and forgets it.

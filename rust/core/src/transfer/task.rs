@@ -10,8 +10,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use crate::cuda::{CopyStream, CudaEvent, DeviceCopy};
+use crate::cuda::DeviceCopy;
 use crate::error::CoreError;
+use crate::event::Event;
 use crate::pool::ArenaAllocator;
 use crate::slab::BlockHandle;
 use crate::transfer::completion::{Completion, Status};
@@ -32,13 +33,14 @@ pub(crate) enum Op {
         direct_len: u64,
         expect_crc32: Option<u32>,
     },
-    /// host -> host memcpy from `src`.
-    HostCopy { src: u64 },
-    /// A copy on the CUDA copy stream.
+    /// host -> host memcpy from `src`, once `after` completed.
+    HostCopy { src: u64, after: Option<Arc<Event>> },
+    /// A copy on the device copy stream (CUDA or simulated), in parts issued by the
+    /// engine's device queue; the stream waits on `after` before the first part.
     Device {
         kind: DeviceCopy,
         src: u64,
-        stream: Arc<CopyStream>,
+        after: Option<Arc<Event>>,
     },
 }
 
@@ -69,8 +71,8 @@ pub(crate) struct Transfer {
     error: OnceLock<CoreError>,
     moved: AtomicU64,
     direct_used: AtomicBool,
-    /// The event recorded after a device copy.
-    pub(crate) event: OnceLock<Arc<CudaEvent>>,
+    /// The event recorded after the last part of a device copy.
+    pub(crate) event: OnceLock<Arc<Event>>,
     submitted: Instant,
     /// Nanoseconds after `submitted` when the first part started, plus one (0: never).
     started: AtomicU64,
@@ -93,9 +95,10 @@ impl Transfer {
         src_hold: Option<Hold>,
         owned: bool,
     ) -> Self {
-        // Device copies are one part: a single copy stream serialises them anyway.
+        // Device copies are cut into parts by the device queue as they are issued
+        // (their size depends on the lane), so the worker lanes see none.
         let parts = match op {
-            Op::Device { .. } => 1,
+            Op::Device { .. } => 0,
             _ => length.div_ceil(chunk).max(1) as usize,
         };
         let crc_parts = match op {
@@ -170,6 +173,42 @@ impl Transfer {
             .started
             .compare_exchange(0, since, Ordering::Relaxed, Ordering::Relaxed);
         true
+    }
+
+    /// Records the start of the first part (device copies, which claim no parts).
+    pub(crate) fn mark_started(&self) {
+        let since = self.submitted.elapsed().as_nanos() as u64 + 1;
+        let _ = self
+            .started
+            .compare_exchange(0, since, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// Ends a device copy: releases the pins (frees an owned destination unless it is
+    /// done) and builds the completion; `bytes` are the bytes that landed.
+    pub(crate) fn finish_device(
+        &self,
+        status: Status,
+        bytes: u64,
+        error: Option<CoreError>,
+    ) -> Completion {
+        self.release(self.owned && status != Status::Done);
+        let end = self.submitted.elapsed().as_nanos() as u64;
+        let started = self.started.load(Ordering::Relaxed);
+        let (nanos, queued_nanos) = match started {
+            0 => (0, end),
+            _ => (end.saturating_sub(started - 1), started - 1),
+        };
+        Completion {
+            id: self.id,
+            status,
+            bytes,
+            nanos,
+            queued_nanos,
+            direct: false,
+            tag: self.tag,
+            event: self.event.get().cloned(),
+            error,
+        }
     }
 
     /// True when no part has started; from then on no part will.

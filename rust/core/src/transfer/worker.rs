@@ -8,7 +8,6 @@ use std::time::Instant;
 use crossbeam_utils::sync::Parker;
 
 use crate::error::CoreError;
-use crate::transfer::completion::{Completion, Status};
 use crate::transfer::task::{Op, PartDone, Transfer};
 use crate::transfer::Shared;
 
@@ -52,18 +51,16 @@ fn execute(shared: &Shared, job: Job) {
             crc: None,
         })
     } else {
-        catch_unwind(AssertUnwindSafe(|| run_part(shared, transfer, job.part))).unwrap_or_else(
-            |_| {
-                Err(CoreError::Transfer {
-                    op: "transfer",
-                    path: None,
-                    errno: None,
-                    offset: None,
-                    length: Some(transfer.length),
-                    message: "internal error: a worker panicked while running this part".into(),
-                })
-            },
-        )
+        catch_unwind(AssertUnwindSafe(|| run_part(transfer, job.part))).unwrap_or_else(|_| {
+            Err(CoreError::Transfer {
+                op: "transfer",
+                path: None,
+                errno: None,
+                offset: None,
+                length: Some(transfer.length),
+                message: "internal error: a worker panicked while running this part".into(),
+            })
+        })
     };
     let stats = &shared.stats;
     stats
@@ -80,7 +77,7 @@ fn execute(shared: &Shared, job: Job) {
     }
 }
 
-fn run_part(shared: &Shared, transfer: &Transfer, part: u32) -> Result<PartDone, CoreError> {
+fn run_part(transfer: &Transfer, part: u32) -> Result<PartDone, CoreError> {
     let (start, end) = transfer.part_range(part);
     let len = end - start;
     let dst = (transfer.dst + start) as *mut u8;
@@ -120,7 +117,11 @@ fn run_part(shared: &Shared, transfer: &Transfer, part: u32) -> Result<PartDone,
                 crc,
             })
         }
-        Op::HostCopy { src } => {
+        Op::HostCopy { src, after } => {
+            if let Some(after) = after {
+                // The source or destination is still used by work before `after`.
+                after.wait_quietly()?;
+            }
             // SAFETY: both blocks are pinned and live in host arenas; distinct blocks
             // never overlap and overlapping ranges of one block are refused at
             // submission; this part's range is written by this worker only.
@@ -134,30 +135,8 @@ fn run_part(shared: &Shared, transfer: &Transfer, part: u32) -> Result<PartDone,
                 crc: None,
             })
         }
-        Op::Device { kind, src, stream } => {
-            // SAFETY: both blocks are pinned until this transfer finalizes, which
-            // happens only after the event below has completed.
-            let event =
-                Arc::new(unsafe { stream.copy_async(*kind, transfer.dst, *src, len as usize) }?);
-            let _ = transfer.event.set(event.clone());
-            shared.completions.post(Completion {
-                id: transfer.id,
-                status: Status::Issued,
-                bytes: 0,
-                nanos: 0,
-                queued_nanos: 0,
-                direct: false,
-                tag: transfer.tag,
-                event: Some(event.clone()),
-                error: None,
-            });
-            event.synchronize()?;
-            Ok(PartDone {
-                part,
-                bytes: len,
-                direct_bytes: 0,
-                crc: None,
-            })
-        }
+        Op::Device { .. } => Err(CoreError::invalid(
+            "internal error: a device copy reached a worker; the device queue issues them",
+        )),
     }
 }

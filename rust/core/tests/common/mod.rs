@@ -123,5 +123,29 @@ pub fn copy(src: &Arc<ArenaAllocator>, a: BlockHandle, b: BlockHandle, length: u
         priority: 1,
         owned: false,
         tag: 0,
+        after: None,
     }
+}
+
+/// An allocator over a simulated device arena of `arena` bytes with one size class.
+pub fn sim_allocator(
+    sim: &Arc<moeflow_core::SimDevice>,
+    arena: u64,
+    slab: u64,
+    block: u64,
+) -> (Arc<ArenaAllocator>, u32) {
+    let device = moeflow_core::DeviceArena::new_sim(arena, 0, sim.clone()).unwrap();
+    let arena = Arena::Device(Arc::new(device));
+    let budget = arena.size() as u64;
+    let allocator = ArenaAllocator::new(arena, budget, Some(slab), 4096).unwrap();
+    let class = allocator.lock().add_class(block).unwrap();
+    (Arc::new(allocator), class)
+}
+
+/// Fills the first `bytes.len()` bytes of a block in host memory.
+pub fn fill(allocator: &ArenaAllocator, handle: &BlockHandle, bytes: &[u8]) {
+    let address = allocator.address(handle).unwrap();
+    assert!(bytes.len() as u64 <= handle.size);
+    // SAFETY: (test) the block is live, in host memory, and no transfer touches it now.
+    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), address as *mut u8, bytes.len()) };
 }
