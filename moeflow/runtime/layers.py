@@ -214,13 +214,15 @@ class MLAAttention:
         latent, k_rot = compressed.split((s.kv_lora_rank, s.qk_rope_head_dim), dim=-1)
         latent = rms_norm(latent, w["kv_a_layernorm"], 1e-6)
         cos, sin = self.rotary.tables(start, t)
-        q_rot = self.rotary.apply(q_rot, cos, sin)
-        k_rot = self.rotary.apply(k_rot, cos, sin)  # [T, rope]
-        latents, k_rots = cache.append(latent, k_rot)  # [S, rank], [S, rope]
+        # q's heads and the one shared rope key rotate together: [N+1, T, rope]
+        rotated = self.rotary.apply(torch.cat((q_rot, k_rot.unsqueeze(0))), cos, sin)
+        q_rot, k_rot = rotated.split((s.num_heads, 1))
+        latents, k_rots = cache.append(latent, k_rot[0])  # [S, rank], [S, rope]
         total = latents.shape[0]
         kv = F.linear(latents, w["kv_b_proj"]).view(total, s.num_heads, s.qk_nope_head_dim + s.v_head_dim)
         k_nope, values = kv.transpose(0, 1).split((s.qk_nope_head_dim, s.v_head_dim), dim=-1)
         keys = torch.cat((k_nope, k_rots.unsqueeze(0).expand(s.num_heads, -1, -1)), dim=-1)
         query = torch.cat((q_nope, q_rot), dim=-1)
         out = attend(query, keys, values, attention_mask(start, t, None, x.device), s.scaling)  # [N, T, v]
-        return F.linear(out.transpose(0, 1).reshape(t, -1), w["o_proj"], w.get("o_bias"))
+        out = out.view(1, -1) if t == 1 else out.transpose(0, 1).reshape(t, -1)
+        return F.linear(out, w["o_proj"], w.get("o_bias"))

@@ -17,8 +17,8 @@ BOUNDS = {
     "qwen2_moe": (26, 45),
     "qwen3_moe": (30, 51),
     "olmoe": (30, 59),
-    "deepseek_v2": (53, 98),
-    "deepseek_v3": (61, 112),
+    "deepseek_v2": (49, 93),
+    "deepseek_v3": (57, 107),
 }
 
 
