@@ -107,3 +107,28 @@ def occupy() -> Callable[[_core.TransferEngine, HostPool], list[int]]:
     returns their ids once the worker took the first, so what is submitted next at the
     same or a lower priority stays queued behind them."""
     return _occupy
+
+
+@dataclass
+class SimPool:
+    """A simulated device arena with an allocator and one size class."""
+
+    sim: _core.SimDevice
+    arena: _core.DeviceArena
+    allocator: _core.SlabAllocator
+    size_class: int
+
+    def alloc(self) -> _core.BlockHandle:
+        return self.allocator.alloc(self.size_class)
+
+
+@pytest.fixture
+def sim_pool() -> Callable[..., SimPool]:
+    """Factory: SimPool(sim, arena bytes, block bytes, slab bytes) on a simulated device."""
+
+    def make(sim: _core.SimDevice, arena: int = 8 * MIB, block: int = MIB, slab: int | None = None) -> SimPool:
+        device = _core.DeviceArena(arena, sim=sim)
+        allocator = _core.SlabAllocator(device, device.size, slab_size=slab or max(block, MIB))
+        return SimPool(sim, device, allocator, allocator.add_class(block))
+
+    return make

@@ -269,3 +269,32 @@ def test_host_device_round_trip_posts_issued_then_done(host_pool: Callable[..., 
         on_device.view(block)
     engine.close()
     assert on_device.pinned_blocks == 0 and pool.allocator.pinned_blocks == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("size", [1024, 4 * MIB - 1, 4 * MIB, 4 * MIB + 1, 64 * MIB, 5 * 4096 + 321])
+def test_gpu_copies_of_every_size_move_every_byte(
+    host_pool: Callable[..., HostPool], wait_final: Wait, size: int
+) -> None:
+    pool = host_pool(160 * MIB, 65 * MIB, 80 * MIB)
+    device = _core.DeviceArena(160 * MIB)
+    on_device = _core.SlabAllocator(device, device.size, slab_size=80 * MIB)
+    device_class = on_device.add_class(65 * MIB)
+    engine = _core.TransferEngine(workers=2, chunk_size=4 * MIB, device=0)
+    data = bytes(range(251)) * (size // 251) + bytes(size % 251)
+    src, back = pool.alloc(), pool.alloc()
+    with memoryview(pool.allocator.view(src)) as mv:
+        mv[:size] = data
+    block, second = on_device.alloc(device_class), on_device.alloc(device_class)
+    # A fence recorded on the legacy default stream (0): the copy stream waits on it.
+    fence = _core.record_cuda_event(0)
+    up = engine.submit_copy(pool.allocator, src, on_device, block, size, priority=0, after=fence)
+    done = wait_final(engine, up)
+    assert (done.status, done.bytes) == ("done", size) and done.event is not None and done.event.query()
+    across = wait_final(engine, engine.submit_copy(on_device, block, on_device, second, size, priority=1))
+    assert (across.status, across.bytes) == ("done", size)
+    down = wait_final(engine, engine.submit_copy(on_device, second, pool.allocator, back, size))
+    assert (down.status, down.bytes) == ("done", size)
+    assert block_bytes(pool, back, 0, size) == data
+    engine.close()
+    assert on_device.pinned_blocks == 0 and pool.allocator.pinned_blocks == 0

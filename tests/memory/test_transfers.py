@@ -20,6 +20,7 @@ from moeflow.errors import (
     BlockPinned,
     EngineClosed,
     ForeignHandle,
+    HazardError,
     MoeflowError,
     StaleHandle,
     TransferError,
@@ -28,7 +29,7 @@ from moeflow.memory import AsyncTransfers, TransferTicket
 from moeflow.memory.transfers import DirectMode
 
 if TYPE_CHECKING:
-    from tests.memory.conftest import DataFile, HostPool
+    from tests.memory.conftest import DataFile, HostPool, SimPool
 
 MIB = 1 << 20
 Occupy = Callable[[_core.TransferEngine, "HostPool"], list[int]]
@@ -350,3 +351,56 @@ async def test_stress_random_operations_leave_no_block_in_use(
     assert transfers.engine.pending() == 0 and transfers.pending() == 0
     # The run exercised what it claims to.
     assert seen["done"] > 500 and seen["failed"] > 20 and seen["cancelled"] > 20 and seen["stale"] > 100
+
+
+@pytest.mark.asyncio
+async def test_sim_device_copies_through_async_transfers_honour_after(
+    host_pool: Callable[..., HostPool], sim_pool: Callable[..., SimPool]
+) -> None:
+    sim = _core.SimDevice(bandwidth_gbps=10.0, latency_us=10.0)
+    host, device = host_pool(16 * MIB, 6 * MIB, 8 * MIB), sim_pool(sim, 16 * MIB, 6 * MIB, 8 * MIB)
+    data = random.Random(7).randbytes(6 * MIB - 5)
+    async with AsyncTransfers(workers=2, chunk_size=MIB, device=None, sim=sim) as transfers:
+        src, block = host.alloc(), device.alloc()
+        with memoryview(host.allocator.view(src)) as mv:
+            mv[: len(data)] = data
+        ticket = transfers.submit_copy(host.allocator, src, device.allocator, block, len(data), priority=0)
+        issued: list[TransferTicket] = []
+        ticket.add_issued_callback(issued.append)
+        done = await ticket
+        assert (done.status, done.bytes) == ("done", len(data)) and issued == [ticket]
+        assert ticket.event is not None and ticket.event.simulated
+        address = device.allocator.address(block)
+        sim.compute_read(address, len(data))  # the awaited 'done' ordered compute after the copy
+        with memoryview(device.allocator.view(block)) as mv:
+            assert bytes(mv[: len(data)]) == data
+        # The block is reused: without a fence the copy fails with the checker's error...
+        with pytest.raises(HazardError) as hazard:
+            await transfers.copy(host.allocator, src, device.allocator, block, len(data), owned=False)
+        assert hazard.value.kind == "copy-over-read"
+        # ...and with the event recorded at release it waits for compute and succeeds.
+        released = sim.record_compute()
+        done = await transfers.copy(host.allocator, src, device.allocator, block, len(data), after=released)
+        assert done.status == "done" and sim.hazards == 1
+    assert device.allocator.pinned_blocks == 0
+
+
+@pytest.mark.asyncio
+async def test_cancelling_a_partly_issued_device_copy_frees_its_block_after_the_issued_parts(
+    host_pool: Callable[..., HostPool], sim_pool: Callable[..., SimPool]
+) -> None:
+    sim = _core.SimDevice(bandwidth_gbps=1.0, latency_us=10.0)
+    host, device = host_pool(32 * MIB, 32 * MIB, 32 * MIB), sim_pool(sim, 32 * MIB, 32 * MIB, 32 * MIB)
+    async with AsyncTransfers(workers=1, chunk_size=32 * MIB, sim=sim) as transfers:
+        block = device.alloc()
+        ticket = transfers.submit_copy(host.allocator, host.alloc(), device.allocator, block, 32 * MIB)
+        waiter = asyncio.ensure_future(ticket.wait())
+        await asyncio.sleep(0.003)  # the first 8 MiB part is on the copy stream
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        await ticket.wait_done()
+        completion = ticket.completion()
+        assert completion.status == "cancelled" and 0 < completion.bytes < 32 * MIB
+        assert not device.allocator.is_live(block)
+    assert device.allocator.live_blocks == 0 and device.allocator.pinned_blocks == 0

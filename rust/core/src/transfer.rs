@@ -251,6 +251,10 @@ impl TransferEngine {
                 Err(mismatch(&engine))
             };
         }
+        if self.shared.registry().closing {
+            // A queue started now would never be stopped.
+            return Err(CoreError::EngineClosed);
+        }
         let backend = match &side {
             DeviceSide::Cuda(ordinal) => Backend::Cuda(Arc::new(CopyStream::new(
                 PrimaryContext::retain(*ordinal)?,
