@@ -234,3 +234,119 @@ fn hazard(kind: HazardKind, start: u64, end: u64, detail: String) -> CoreError {
         detail,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The interval map against a byte-by-byte model of the same rules.
+
+    use proptest::prelude::*;
+
+    use super::{Bytes, Checker, Clocks};
+    use crate::error::{CoreError, HazardKind};
+
+    const BASE: u64 = 1 << 20;
+    const SIZE: u64 = 96;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Read(u64, u64, u64),
+        Write(u64, u64, u64),
+        Poison(u64, u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let range = (0..SIZE).prop_flat_map(|start| (Just(start), 1..=SIZE - start));
+        prop_oneof![
+            (range.clone(), 0..6u64).prop_map(|((s, l), e)| Op::Read(s, l, e)),
+            (range.clone(), 1..8u64).prop_map(|((s, l), q)| Op::Write(s, l, q)),
+            range.prop_map(|(s, l)| Op::Poison(s, l)),
+        ]
+    }
+
+    fn model_read(
+        bytes: &mut [Bytes],
+        start: u64,
+        len: u64,
+        epoch: u64,
+        c: Clocks,
+    ) -> Option<(HazardKind, u64)> {
+        for at in start..start + len {
+            let kind = match bytes[at as usize].writer {
+                None => HazardKind::Poison,
+                Some(seq) if seq > c.landed || seq > c.known => HazardKind::ReadBeforeCopy,
+                Some(_) => continue,
+            };
+            return Some((kind, BASE + at));
+        }
+        for b in &mut bytes[start as usize..(start + len) as usize] {
+            b.read = Some(epoch);
+        }
+        None
+    }
+
+    fn model_write(
+        bytes: &mut [Bytes],
+        start: u64,
+        len: u64,
+        seq: u64,
+        c: Clocks,
+    ) -> Option<(HazardKind, u64)> {
+        for at in start..start + len {
+            if let Some(epoch) = bytes[at as usize].read {
+                if epoch >= c.retired && epoch >= c.fence {
+                    return Some((HazardKind::CopyOverRead, BASE + at));
+                }
+            }
+        }
+        for b in &mut bytes[start as usize..(start + len) as usize] {
+            b.writer = Some(seq);
+        }
+        None
+    }
+
+    fn seen(result: Result<(), CoreError>) -> Option<(HazardKind, u64)> {
+        match result {
+            Ok(()) => None,
+            Err(CoreError::Hazard { kind, address, .. }) => Some((kind, address)),
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn the_interval_map_agrees_with_a_byte_model(
+            ops in proptest::collection::vec(op(), 1..40),
+            landed in 0..8u64, known in 0..8u64, fence in 0..6u64, retired in 0..6u64,
+        ) {
+            let clocks = Clocks { landed, known, fence, retired };
+            let mut checker = Checker::default();
+            checker.register(BASE, SIZE);
+            let mut model = vec![Bytes { writer: None, read: None }; SIZE as usize];
+            for op in ops {
+                match op {
+                    Op::Read(s, l, e) => prop_assert_eq!(
+                        seen(checker.read(BASE + s, l, e, clocks)),
+                        model_read(&mut model, s, l, e, clocks)
+                    ),
+                    Op::Write(s, l, q) => prop_assert_eq!(
+                        seen(checker.write(BASE + s, l, q, clocks)),
+                        model_write(&mut model, s, l, q, clocks)
+                    ),
+                    Op::Poison(s, l) => {
+                        checker.poison(BASE + s, l);
+                        for b in &mut model[s as usize..(s + l) as usize] {
+                            b.writer = None;
+                        }
+                    }
+                }
+            }
+            prop_assert!(checker.runs.len() <= SIZE as usize);
+            let mut at = BASE;
+            for (&start, run) in &checker.runs {
+                prop_assert_eq!(start, at, "runs tile the arena");
+                at = run.end;
+            }
+            prop_assert_eq!(at, BASE + SIZE);
+        }
+    }
+}
