@@ -131,13 +131,13 @@ class GQAAttention:
         self.heads = n + kv
         self.qk_v = ((n + kv) * d, kv * d)
         self.q_k = (n, kv)
-        # qk_norm weights shaped to broadcast over the q/k block: "head" [N+KV, D]; "proj"
+        # qk_norm weights shaped to broadcast over the q/k block: "head" [N+KV, 1, D]; "proj"
         # [2, N*D] when q and k projections are as wide (OLMoE), else (q [N*D], k [KV*D]).
         self.qk_norm: torch.Tensor | None = None
         self.q_norm: torch.Tensor | None = None
         self.k_norm: torch.Tensor | None = None
-        if spec.qk_norm == "head":
-            self.qk_norm = torch.cat([w["q_norm"].expand(n, d), w["k_norm"].expand(kv, d)])
+        if spec.qk_norm == "head":  # [N+KV, 1, D]: broadcast over the [N+KV, T, D] block
+            self.qk_norm = torch.cat([w["q_norm"].expand(n, 1, d), w["k_norm"].expand(kv, 1, d)])
         elif spec.qk_norm == "proj" and n == kv:
             self.qk_norm = torch.stack([w["q_norm"], w["k_norm"]])
         elif spec.qk_norm == "proj":
@@ -170,12 +170,16 @@ class GQAAttention:
             qk = self._proj_norm(qk)
         if s.clip_qkv is not None:
             qk, v = qk.clamp(-s.clip_qkv, s.clip_qkv), v.clamp(-s.clip_qkv, s.clip_qkv)
-        qk = qk.view(t, self.heads, s.head_dim)
+        if t == 1:  # one token's [1, heads * D] is already [heads, 1, D]
+            qk, v = qk.view(self.heads, 1, s.head_dim), v.view(s.num_kv_heads, 1, s.head_dim)
+        else:
+            qk = qk.view(t, self.heads, s.head_dim).transpose(0, 1)  # [N+KV, T, D]
+            v = v.view(t, s.num_kv_heads, s.head_dim).transpose(0, 1)  # [KV, T, D]
         if self.qk_norm is not None and s.qk_norm == "head":
             qk = rms_norm(qk, self.qk_norm, self.eps)
         cos, sin = self.rotary.tables(start, t)
-        q, k = self.rotary.apply(qk.transpose(0, 1), cos, sin).split(self.q_k, dim=0)  # [N, T, D], [KV, T, D]
-        keys, values = cache.append(k, v.view(t, s.num_kv_heads, s.head_dim).transpose(0, 1))
+        q, k = self.rotary.apply(qk, cos, sin).split(self.q_k, dim=0)  # [N, T, D], [KV, T, D]
+        keys, values = cache.append(k, v)
         out = attend(q, keys, values, attention_mask(start, t, self.window, x.device), s.scaling)  # [N, T, D]
         # One token's [N, 1, D] is already laid out as [1, N*D].
         out = out.view(1, -1) if t == 1 else out.transpose(0, 1).reshape(t, -1)
