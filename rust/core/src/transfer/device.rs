@@ -13,6 +13,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
+mod complete;
+
 use crate::error::{CoreError, CoreResult};
 use crate::event::Event;
 pub(crate) use crate::transfer::backend::{Backend, DeviceSide};
@@ -20,6 +22,7 @@ use crate::transfer::completion::{Completion, Status};
 use crate::transfer::task::{Op, Transfer};
 use crate::transfer::Shared;
 use crate::{PRIORITY_DEMAND, PRIORITY_LANES};
+use complete::{finish, Landing};
 
 /// Largest speculative part: what a demand copy may find ahead of it on the stream.
 pub const SPECULATIVE_PART: u64 = 8 << 20;
@@ -349,50 +352,6 @@ impl DeviceQueue {
             )
         }
     }
-
-    fn complete_loop(&self, shared: &Shared) {
-        loop {
-            let marker = {
-                let mut state = self.lock();
-                loop {
-                    if let Some(marker) = state.markers.pop_front() {
-                        break marker;
-                    }
-                    if state.shutdown && state.transfers.is_empty() {
-                        return;
-                    }
-                    state = self
-                        .complete
-                        .wait(state)
-                        .unwrap_or_else(PoisonError::into_inner);
-                }
-            };
-            let landed = marker.event.get().wait_quietly();
-            if landed.is_ok() {
-                shared.stats.bytes.fetch_add(marker.len, Ordering::Relaxed);
-            }
-            let finished = {
-                let mut state = self.lock();
-                if marker.speculative {
-                    state.speculative_in_flight = false;
-                    self.issue.notify_one();
-                }
-                if let Some(progress) = state.transfers.get_mut(&marker.id) {
-                    progress.in_flight -= 1;
-                    if landed.is_ok() {
-                        progress.landed += marker.len;
-                    }
-                }
-                if let Err(err) = landed {
-                    state.fail(marker.id, Some(err));
-                }
-                state.take_finished(marker.id)
-            };
-            if let Some(progress) = finished {
-                finish(shared, progress);
-            }
-        }
-    }
 }
 
 /// One part picked for issue.
@@ -403,50 +362,4 @@ struct Part {
     len: u64,
     speculative: bool,
     last: bool,
-}
-
-/// The event a part's landing is followed by: its own, or the transfer's (last part).
-#[derive(Debug)]
-enum Landing {
-    Own(Event),
-    Shared(Arc<Event>),
-}
-
-impl Landing {
-    fn get(&self) -> &Event {
-        match self {
-            Self::Own(event) => event,
-            Self::Shared(event) => event,
-        }
-    }
-}
-
-impl QueueState {
-    /// A part failed to issue or to land: the unissued parts are dropped.
-    fn fail(&mut self, id: u64, err: Option<CoreError>) {
-        let Some(progress) = self.transfers.get_mut(&id) else {
-            return;
-        };
-        if let Some(err) = err {
-            if !matches!(progress.end, Some(End::Failed(_))) {
-                progress.end = Some(End::Failed(err));
-            }
-        }
-        let lane = progress.lane;
-        self.unqueue(id, lane);
-    }
-}
-
-/// Posts the final completion of a transfer nothing is left in flight for.
-fn finish(shared: &Shared, progress: Progress) {
-    let (status, error) = match progress.end {
-        None => (Status::Done, None),
-        Some(End::Cancelled) => (Status::Cancelled, None),
-        Some(End::Failed(err)) => (Status::Failed, Some(err)),
-    };
-    let transfer = &progress.transfer;
-    shared.finish(
-        transfer,
-        transfer.finish_device(status, progress.landed, error),
-    );
 }
