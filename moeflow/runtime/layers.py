@@ -40,21 +40,22 @@ class KVCache:
         self.seq_dim = seq_dim
         self.length = 0
         self.buffers: list[torch.Tensor] = []
+        self.capacity = 0  # positions the buffers hold
         self._lead = (slice(None),) * seq_dim  # index prefix up to seq_dim
 
     def append(self, *parts: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Store parts (each with T new positions along seq_dim); return views of all S positions."""
         need = self.length + parts[0].shape[self.seq_dim]
-        if not self.buffers or need > self.buffers[0].shape[self.seq_dim]:
+        if need > self.capacity:
             self._grow(need)
         new, upto = self._lead + (slice(self.length, need),), self._lead + (slice(0, need),)
         for buf, part in zip(self.buffers, parts, strict=True):
             buf[new] = part  # one slice write per part, no per-step allocation
         self.length = need
-        return tuple(buf[upto] for buf in self.buffers)
+        return tuple([buf[upto] for buf in self.buffers])
 
     def _grow(self, need: int) -> None:
-        capacity = max(need, 2 * (self.buffers[0].shape[self.seq_dim] if self.buffers else 0), 64)
+        capacity = max(need, 2 * self.capacity, 64)
         grown = []
         for i, shape in enumerate(self.shapes):
             full = list(shape)
@@ -63,7 +64,7 @@ class KVCache:
             if self.buffers:
                 buf.narrow(self.seq_dim, 0, self.length).copy_(self.buffers[i].narrow(self.seq_dim, 0, self.length))
             grown.append(buf)
-        self.buffers = grown
+        self.buffers, self.capacity = grown, capacity
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
