@@ -42,7 +42,7 @@ from moeflow.errors import MoeflowError  # noqa: E402
 from moeflow.models.synth import synthesize  # noqa: E402
 
 LAYERS = 32
-SHAPE = {
+SHAPE: dict[str, dict[str, Any]] = {
     "mixtral": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
                     num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, vocab_size=512),
     "olmoe": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,

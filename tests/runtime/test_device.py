@@ -7,6 +7,7 @@ import torch
 
 from moeflow.runtime.layers import attention_mask
 from moeflow.runtime.sampling import Sampler, SamplingParams
+from tests.conftest import HFCheckpoints
 from tests.hf_models import FAMILIES
 from tests.runtime.opcount import OpCounter, dense_part, load_model
 
@@ -14,7 +15,7 @@ META = torch.device("meta")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_prefill_and_decode_create_no_tensor_off_the_model_device(hf_checkpoints, family):  # type: ignore[no-untyped-def]
+def test_prefill_and_decode_create_no_tensor_off_the_model_device(hf_checkpoints: HFCheckpoints, family: str) -> None:
     # A model on 'meta' stands in for a GPU: any tensor built without device= lands on the CPU,
     # which is what made every CUDA prefill fail (the attention mask).
     model = load_model(hf_checkpoints.path(family), device="meta")

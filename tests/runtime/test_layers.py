@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -64,7 +66,7 @@ def test_rotation_is_bit_identical_to_the_pairwise_formula(dtype: torch.dtype, i
 
 @pytest.mark.parametrize("kv_heads", [4, 2], ids=["joint-qk-norm", "separate-qk-norms"])
 @pytest.mark.asyncio
-async def test_olmoe_qk_norms_and_clipping_match_transformers(tmp_path, kv_heads: int) -> None:  # type: ignore[no-untyped-def]
+async def test_olmoe_qk_norms_and_clipping_match_transformers(tmp_path: Path, kv_heads: int) -> None:
     # OLMoE's q/k norms span whole projections: with as many kv heads as query heads one norm
     # call covers both; otherwise two. clip_qkv (after the norms) is set small enough to bite.
     from moeflow import Engine

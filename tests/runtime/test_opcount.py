@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import HFCheckpoints
 from tests.hf_models import FAMILIES
 from tests.runtime.opcount import count_decode_step, load_model, sparse_layer
 
@@ -23,7 +24,7 @@ BOUNDS = {
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_decode_step_of_one_layer_stays_within_its_op_budget(hf_checkpoints, family):  # type: ignore[no-untyped-def]
+def test_decode_step_of_one_layer_stays_within_its_op_budget(hf_checkpoints: HFCheckpoints, family: str) -> None:
     model = load_model(hf_checkpoints.path(family))
     count = count_decode_step(model, sparse_layer(model))
     calls, ops = BOUNDS[family]
