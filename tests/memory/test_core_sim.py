@@ -189,13 +189,13 @@ def test_a_demand_copy_waits_behind_one_speculative_part_not_ten_prefetches(
 def test_cancel_and_promote_act_on_unissued_parts(
     host_pool: Callable[..., HostPool], sim_pool: Callable[..., SimPool], wait_final: Wait
 ) -> None:
-    sim = _core.SimDevice(bandwidth_gbps=1.0, latency_us=10.0)
+    sim = _core.SimDevice(bandwidth_gbps=0.5, latency_us=10.0)  # one 8 MiB part: ~17 ms
     host, device = host_pool(16 * MIB, 16 * MIB, 16 * MIB), sim_pool(sim, 128 * MIB, 16 * MIB, 16 * MIB)
     engine = _core.TransferEngine(workers=1, chunk_size=16 * MIB, sim=sim)
     src, block = host.alloc(), device.alloc()
     first = engine.submit_copy(host.allocator, src, device.allocator, block, 16 * MIB)
     queued = [engine.submit_copy(host.allocator, src, device.allocator, device.alloc(), 16 * MIB) for _ in range(3)]
-    time.sleep(0.002)  # the first 8 MiB part of `first` is on the stream
+    time.sleep(0.005)  # the first 8 MiB part of `first` is on the stream, the second waits
     assert engine.cancel(first) and not engine.cancel(first)
     cancelled = wait_final(engine, first)
     assert (cancelled.status, cancelled.bytes) == ("cancelled", _core.SPECULATIVE_PART)

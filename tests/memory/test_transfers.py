@@ -216,7 +216,8 @@ def test_a_loop_closed_under_a_waiter_leaves_no_block_behind(
     ticket, waiter = loop.run_until_complete(start())
     loop.close()  # the read finishes with nobody left to receive it
     asyncio.run(transfers.aclose())  # a new loop drains the completion
-    assert ticket.done() and ticket.completion().status == "done"
+    # Closing cancels the read if the worker had not started it yet (a loaded machine).
+    assert ticket.done() and ticket.completion().status in ("done", "cancelled")
     assert pool.allocator.live_blocks == 0 and pool.allocator.pinned_blocks == 0
     waiter.close()  # what the garbage collector would do to the dead task's coroutine
 
@@ -389,18 +390,18 @@ async def test_sim_device_copies_through_async_transfers_honour_after(
 async def test_cancelling_a_partly_issued_device_copy_frees_its_block_after_the_issued_parts(
     host_pool: Callable[..., HostPool], sim_pool: Callable[..., SimPool]
 ) -> None:
-    sim = _core.SimDevice(bandwidth_gbps=1.0, latency_us=10.0)
+    sim = _core.SimDevice(bandwidth_gbps=0.5, latency_us=10.0)  # one 8 MiB part: ~17 ms
     host, device = host_pool(32 * MIB, 32 * MIB, 32 * MIB), sim_pool(sim, 32 * MIB, 32 * MIB, 32 * MIB)
     async with AsyncTransfers(workers=1, chunk_size=32 * MIB, sim=sim) as transfers:
         block = device.alloc()
         ticket = transfers.submit_copy(host.allocator, host.alloc(), device.allocator, block, 32 * MIB)
         waiter = asyncio.ensure_future(ticket.wait())
-        await asyncio.sleep(0.003)  # the first 8 MiB part is on the copy stream
+        await asyncio.sleep(0.005)  # the first 8 MiB part is on the copy stream, the next waits
         waiter.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiter
         await ticket.wait_done()
         completion = ticket.completion()
-        assert completion.status == "cancelled" and 0 < completion.bytes < 32 * MIB
+        assert completion.status == "cancelled" and completion.bytes == _core.SPECULATIVE_PART
         assert not device.allocator.is_live(block)
     assert device.allocator.live_blocks == 0 and device.allocator.pinned_blocks == 0

@@ -26,7 +26,11 @@ struct Rig {
 
 /// 16 MiB blocks on a 1 GB/s device: one 8 MiB part takes ~8.4 ms.
 fn rig() -> Rig {
-    let sim = Arc::new(SimDevice::new(GBPS, 10.0, true).unwrap());
+    rig_at(GBPS)
+}
+
+fn rig_at(gbps: f64) -> Rig {
+    let sim = Arc::new(SimDevice::new(gbps, 10.0, true).unwrap());
     let engine = TransferEngine::with_sim(2, 16 * MIB, None, Some(sim.clone())).unwrap();
     let (host, host_class) = host_allocator(16 * MIB, 16 * MIB, 16 * MIB);
     let (device, class) = sim_allocator(&sim, 256 * MIB, 16 * MIB, 16 * MIB);
@@ -86,11 +90,11 @@ fn a_demand_copy_overtakes_ten_queued_prefetches() {
 
 #[test]
 fn cancel_drops_unissued_parts_and_ends_after_the_issued_landed() {
-    let rig = rig();
+    // At 0.5 GB/s the first 8 MiB part is on the stream for ~17 ms; the second waits.
+    let rig = rig_at(0.5);
     let free_before = rig.device.stats().live_blocks;
     let (id, block) = rig.submit(16 * MIB, PRIORITY_PREFETCH, true);
-    // The first 8 MiB part is on the stream for ~8.4 ms; the second waits for it.
-    std::thread::sleep(Duration::from_millis(2));
+    std::thread::sleep(Duration::from_millis(5));
     assert!(
         rig.engine.cancel(id),
         "a copy with unissued parts can be cancelled"
