@@ -19,7 +19,10 @@ def _common_engine_args(p: argparse.ArgumentParser) -> None:
     """Engine options; defaults come from EngineConfig (an option left out is not passed)."""
     p.add_argument("model", help="checkpoint directory (config.json + *.safetensors)")
     p.add_argument("--expert-budget", default=None, help="fast-tier bytes for experts: '512MiB', '2GiB', '25%%'")
-    p.add_argument("--device", default=None, choices=config.DEVICES)
+    p.add_argument("--device", default=None, choices=config.DEVICES,
+                   help="cpu, cuda, auto, or sim: the simulated GPU (a test device: the GPU orchestration on the CPU)")
+    p.add_argument("--sim-bandwidth-gbps", type=float, default=None, help="device=sim: its copy engine's GB/s")
+    p.add_argument("--sim-latency-us", type=float, default=None, help="device=sim: latency of each copy, us")
     p.add_argument("--prefetch", default=None, choices=config.PREFETCHERS, help="expert predictor (default auto)")
     p.add_argument("--policy", default=None, choices=config.POLICIES, help="cache eviction policy (default lru)")
     p.add_argument("--dtype", default=None, choices=tuple(config.COMPUTE_DTYPES), help="compute dtype")
@@ -42,6 +45,8 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "threads": args.threads,
         "precision": args.precision,
         "miss_precision": args.miss_precision,
+        "sim_bandwidth_gbps": args.sim_bandwidth_gbps,
+        "sim_latency_us": args.sim_latency_us,
     }
     return {**{k: v for k, v in given.items() if v is not None}, "progress": not getattr(args, "json", False)}
 

@@ -50,8 +50,7 @@ async def build_memory(
 ) -> ExpertMemory:
     sim = device.sim if isinstance(device, SimDevice) else None
     transfers = AsyncTransfers(
-        workers=config.io_workers, chunk_size=config.io_chunk, device=0 if tiers.device == "cuda" else None,
-        **({"sim": sim} if sim is not None else {}),
+        workers=config.io_workers, chunk_size=config.io_chunk, device=0 if tiers.device == "cuda" else None, sim=sim
     )
     homes: list[HostHome] = []
     try:

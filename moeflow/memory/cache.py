@@ -67,6 +67,7 @@ class ExpertCache:
         self.layer_count: dict[int, int] = {}
         self.step = 0
         self._speculative = 0  # prefetched loads still in flight
+        self._draining = 0  # cancelled loads whose blocks the core has not freed yet
 
     # ---- queries -------------------------------------------------------------------------
     @property
@@ -121,7 +122,15 @@ class ExpertCache:
             if entry is None or entry.state is not EntryState.READY:
                 return None
             entries.append(entry)
-        return [self.pin(entry, "hit") for entry in entries]
+        views: list[ExpertView] = []
+        try:
+            for entry in entries:
+                views.append(self.pin(entry, "hit"))
+        except BaseException:
+            for entry in entries[: len(views)]:
+                self.release(entry.key)
+            raise
+        return views
 
     def pin(self, entry: Entry, use: str) -> ExpertView:
         """Pin a usable entry for the current layer, counting `use` ("hit", "inflight" or
@@ -261,6 +270,10 @@ class ExpertCache:
         if not self.source.cancel(entry.ticket):
             return False
         self._forget(key)
+        # Its block is free only once the cancelled completion arrives (a device copy cancelled
+        # after some parts were issued lets them land first): count it as taken until then.
+        entry.cancelled = True
+        self._draining += 1
         self.counters.prefetch_cancelled += 1
         self.counters.prefetch_wasted += 1
         self._changed.set()
@@ -271,12 +284,13 @@ class ExpertCache:
         handle = allocator.alloc(self.size_class)
         # kept after use: a cancelled load never waited on it, and the block's next copy must
         after = self._fences.get(handle.offset)
+        address = allocator.address(handle)  # before the load owns the block (it may fail at once)
         try:
             ticket = self.source.submit(key, allocator, handle, priority, after)
         except BaseException:
             allocator.free(handle)
             raise
-        entry = Entry(key, handle, EntryState.LOADING, allocator.address(handle), ticket, prefetched=prefetched,
+        entry = Entry(key, handle, EntryState.LOADING, address, ticket, prefetched=prefetched,
                       priority=priority, submitted_speculative=prefetched)
         self.entries[key] = entry
         self.layer_count[key[0]] = self.layer_count.get(key[0], 0) + 1
@@ -299,7 +313,10 @@ class ExpertCache:
         if entry.submitted_speculative:
             self._speculative -= 1
         if self.entries.get(entry.key) is not entry:
-            return  # cancelled: the core already freed the block
+            if entry.cancelled:  # the core has freed its block now
+                entry.cancelled = False
+                self._draining -= 1
+            return
         error = ticket.error()
         if error is not None:
             # The transfer owned the block and freed it; forget the entry so a retry reloads.
@@ -345,7 +362,7 @@ class ExpertCache:
     def _room_now(self, protect: set[ExpertKey], min_idle: int = 0) -> bool:
         """Make one block available without waiting: free space, or evict an unprotected
         resident idle for at least `min_idle` steps."""
-        if len(self.entries) < self.capacity:
+        if len(self.entries) + self._draining < self.capacity:
             return True
         victim = self._victim(protect, min_idle)
         if victim is None:
@@ -365,11 +382,12 @@ class ExpertCache:
         return self.policy.victim(evictable)
 
     async def make_room(self, protect: set[ExpertKey]) -> None:
-        """Wait until one block is free: evict, or cancel an unneeded prefetch, or wait for change."""
+        """Wait until one block is free: evict, or cancel an unneeded prefetch (its block comes
+        back with its completion), or wait for a change."""
         while not self._room_now(protect):
             for key in list(self.entries):
                 if key not in protect and self.cancel_load(key):
-                    return
+                    break
             await self.wait_change()
 
     def _forget(self, key: ExpertKey) -> Entry | None:
@@ -395,8 +413,10 @@ class ExpertCache:
         """Drop every entry; in-flight loads are cancelled or awaited so no block stays allocated."""
         for key, entry in list(self.entries.items()):
             if entry.state is not EntryState.READY and entry.ticket is not None:
-                if not self.source.cancel(entry.ticket):
-                    await entry.ticket.wait_done()
+                # A device copy cancelled after some of its parts were issued ends once those
+                # landed; until then it holds its source block (the pinned home's) too.
+                self.source.cancel(entry.ticket)
+                await entry.ticket.wait_done()
             current = self._forget(key)
             if current is not None and current.state is EntryState.READY:
                 self.tier.allocator.free(current.handle)

@@ -42,6 +42,7 @@ class Entry:
     # an event after the last compute that read the block (device tiers): a copy reusing the
     # block waits on it
     fence: _core.CudaEvent | None = None
+    cancelled: bool = False  # its load was cancelled and its block not yet given back
 
 
 def usable(entry: Entry) -> bool:

@@ -62,9 +62,10 @@ class LayerFetch:
         for e in self.pending:
             entry = cache.entry(self._key(e))
             if entry is not None and usable(entry):
+                weights = cache.pin(entry, self.use[e])  # may raise (a device hazard): then not held
                 self.pending.remove(e)
                 self.held.append(e)
-                return e, cache.pin(entry, self.use[e])
+                return e, weights
         return None
 
     def _raise_failed(self) -> None:

@@ -48,7 +48,7 @@ async def test_every_family_on_the_simulated_gpu_gives_the_cpu_logits_bit_for_bi
         assert torch.equal(sim_prefill, cpu_prefill), f"{family} at {name}: prefill logits differ"
         assert torch.equal(sim_steps, cpu_steps), f"{family} at {name}: decode logits differ"
         assert stats["hazards"] == 0
-        assert stats["pinned_blocks"] == 0 and stats["loads_in_flight"] == 0
+        assert stats["pinned_blocks"] == 0
         # whole experts landed: every load moved exactly one blob
         assert stats["bytes_loaded"] == stats["loads"] * stats["blob"], f"{family} at {name}"
         if name == "smallest":

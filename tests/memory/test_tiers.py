@@ -47,7 +47,7 @@ async def test_home_holds_every_expert_and_copies_them_byte_exact(store) -> None
         await home.load(transfers, direct="auto", verify=True, progress=False)
         cache = ExpertCache(FastTier(_plan(st, arch, 4)), HomeSource(home, transfers), transfers, LRUPolicy())
         for key in [(0, 3), (5, 15), (2, 0), (0, 3), (4, 9), (1, 1)]:
-            view = await cache.acquire(key)
+            view = (await cache.acquire(key)).weights
             raw = view["gate_up"].view(-1).view(dtype=__import__("torch").uint8)
             assert bytes(raw.numpy()) == _blob(st, key)[: raw.numel()]
             cache.release(key)
@@ -68,7 +68,7 @@ async def test_three_tiers_chain_disk_host_and_fast_memory(store) -> None:  # ty
         fast = ExpertCache(FastTier(_plan(st, arch, 2)), HostCacheSource(host, transfers), transfers, LRUPolicy())
         keys = [(layer, e) for layer in (0, 3) for e in (1, 7, 12)]
         for key in keys * 2:
-            view = await fast.acquire(key)
+            view = (await fast.acquire(key)).weights
             raw = view["down"].reshape(-1).view(torch.uint8)
             slot = st.layout.slot("down")
             assert bytes(raw.numpy()) == _blob(st, key)[slot.offset : slot.offset + slot.nbytes]
