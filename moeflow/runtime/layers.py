@@ -116,8 +116,10 @@ def attention_mask(start: int, t: int, window: int | None, device: torch.device)
 class GQAAttention:
     """Grouped-query attention (Mixtral, Qwen, OLMoE) with optional q/k norm and clipping.
 
-    q, k and v come from one product over weights concatenated at load; q and k stay side by side
-    ([T, N+KV, D]) so one norm and one rotation serve both."""
+    q, k and v come from one product over weights concatenated at load and stay side by side
+    (heads q..., k..., v...): one norm serves q and k, one rotation q and k (and, decoding one
+    token, v too, with identity tables), and the cache holds k and v heads in one buffer
+    [2*KV, S, D], written with one slice assignment."""
 
     def __init__(self, spec: AttentionSpec, w: dict[str, torch.Tensor], rotary: Rotary, eps: float, window: int | None):
         self.spec = spec
@@ -129,9 +131,12 @@ class GQAAttention:
         self.qkv_bias = torch.cat([w["q_bias"], w["k_bias"], w["v_bias"]]) if "q_bias" in w else None
         self.o_proj = w["o_proj"]
         self.o_bias = w.get("o_bias")
-        self.heads = n + kv
+        self.heads = n + kv  # rotated heads: q and k
         self.qk_v = ((n + kv) * d, kv * d)
         self.q_k = (n, kv)
+        self.q_kv = (n, 2 * kv)
+        # One token with half-split rope and no per-head norm: q, k, v rotate as one block.
+        self.one_block = not rotary.spec.interleaved and spec.qk_norm != "head"
         # qk_norm weights shaped to broadcast over the q/k block: "head" [N+KV, 1, D]; "proj"
         # [2, N*D] when q and k projections are as wide (OLMoE), else (q [N*D], k [KV*D]).
         self.qk_norm: torch.Tensor | None = None
@@ -146,41 +151,57 @@ class GQAAttention:
 
     def new_cache(self, dtype: torch.dtype) -> KVCache:
         s, device = self.spec, self.o_proj.device
-        shapes = ((s.num_kv_heads, s.head_dim), (s.num_kv_heads, s.head_dim))
-        return KVCache(shapes, cache_dtype(dtype, device), seq_dim=1, device=device)
+        return KVCache(((2 * s.num_kv_heads, s.head_dim),), cache_dtype(dtype, device), seq_dim=1, device=device)
 
     def to(self, device: torch.device) -> GQAAttention:
         _move(self, ("qkv", "qkv_bias", "o_proj", "o_bias", "qk_norm", "q_norm", "k_norm"), device)
         return self
 
-    def _proj_norm(self, qk: torch.Tensor) -> torch.Tensor:
-        """OLMoE's norms over the whole q and k projections of qk [T, (N+KV)*D]."""
-        t = qk.shape[0]
-        if self.qk_norm is not None:
-            return rms_norm(qk.view(t, 2, -1), self.qk_norm, self.eps).view(t, -1)
-        assert self.q_norm is not None and self.k_norm is not None
-        q, k = qk.split((self.q_norm.shape[0], self.k_norm.shape[0]), dim=-1)
-        return torch.cat((rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)), dim=-1)
+    def _proj_norm_and_clip(self, qkv: torch.Tensor) -> torch.Tensor:
+        """OLMoE: norms over the whole q and k projections of qkv [T, (N+2KV)*D], then clipping
+        of q, k and v (transformers' order)."""
+        s, t = self.spec, qkv.shape[0]
+        if s.qk_norm == "proj":
+            qk, v = qkv.split(self.qk_v, dim=-1)
+            if self.qk_norm is not None:
+                qk = rms_norm(qk.view(t, 2, -1), self.qk_norm, self.eps).view(t, -1)
+            else:
+                assert self.q_norm is not None and self.k_norm is not None
+                q, k = qk.split((self.q_norm.shape[0], self.k_norm.shape[0]), dim=-1)
+                qk = torch.cat((rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)), dim=-1)
+            qkv = torch.cat((qk, v), dim=-1)
+            if s.clip_qkv is not None:
+                qkv.clamp_(-s.clip_qkv, s.clip_qkv)  # a fresh tensor: clip in place
+            return qkv
+        assert s.clip_qkv is not None
+        return qkv.clamp(-s.clip_qkv, s.clip_qkv)
+
+    def _rotate(self, qkv: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q [N, T, D] rotated, k and v heads [2*KV, T, D], k rotated) from qkv [T, (N+2KV)*D]."""
+        s, t = self.spec, qkv.shape[0]
+        if t == 1 and self.one_block:  # one token's [1, heads * D] is already [heads, 1, D]
+            cos, sin = self.rotary.decode_tables(start, self.heads, s.num_kv_heads)
+            q, kv = self.rotary.apply(qkv.view(-1, 1, s.head_dim), cos, sin).split(self.q_kv)
+            return q, kv
+        qk, v = qkv.split(self.qk_v, dim=-1)
+        qk = qk.view(t, self.heads, s.head_dim).transpose(0, 1)  # [N+KV, T, D]
+        v = v.view(t, s.num_kv_heads, s.head_dim).transpose(0, 1)  # [KV, T, D]
+        if self.qk_norm is not None and s.qk_norm == "head":
+            qk = rms_norm(qk, self.qk_norm, self.eps)
+        cos, sin = self.rotary.tables(start, t)
+        q, k = self.rotary.apply(qk, cos, sin).split(self.q_k)
+        return q, torch.cat((k, v))
 
     def __call__(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
         s = self.spec
         t = x.shape[0]
         start = cache.length
-        qk, v = F.linear(x, self.qkv, self.qkv_bias).split(self.qk_v, dim=-1)  # [T, (N+KV)*D], [T, KV*D]
-        if s.qk_norm == "proj":
-            qk = self._proj_norm(qk)
-        if s.clip_qkv is not None:
-            qk, v = qk.clamp(-s.clip_qkv, s.clip_qkv), v.clamp(-s.clip_qkv, s.clip_qkv)
-        if t == 1:  # one token's [1, heads * D] is already [heads, 1, D]
-            qk, v = qk.view(self.heads, 1, s.head_dim), v.view(s.num_kv_heads, 1, s.head_dim)
-        else:
-            qk = qk.view(t, self.heads, s.head_dim).transpose(0, 1)  # [N+KV, T, D]
-            v = v.view(t, s.num_kv_heads, s.head_dim).transpose(0, 1)  # [KV, T, D]
-        if self.qk_norm is not None and s.qk_norm == "head":
-            qk = rms_norm(qk, self.qk_norm, self.eps)
-        cos, sin = self.rotary.tables(start, t)
-        q, k = self.rotary.apply(qk, cos, sin).split(self.q_k, dim=0)  # [N, T, D], [KV, T, D]
-        keys, values = cache.append(k, v)
+        qkv = F.linear(x, self.qkv, self.qkv_bias)  # [T, (N+2KV)*D]
+        if s.qk_norm == "proj" or s.clip_qkv is not None:
+            qkv = self._proj_norm_and_clip(qkv)
+        q, kv = self._rotate(qkv, start)
+        (cached,) = cache.append(kv)  # [2*KV, S, D]
+        keys, values = cached.split(s.num_kv_heads)
         out = attend(q, keys, values, attention_mask(start, t, self.window, x.device), s.scaling)  # [N, T, D]
         # One token's [N, 1, D] is already laid out as [1, N*D].
         out = out.view(1, -1) if t == 1 else out.transpose(0, 1).reshape(t, -1)

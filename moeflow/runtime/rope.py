@@ -66,8 +66,9 @@ def _yarn(spec: RopeSpec) -> tuple[torch.Tensor, float]:
 
 
 class Rotary:
-    """cos/sin tables grown on demand, shaped [positions, 2, dim/2] so one multiply-add rotates
-    both halves of every pair: (x1, x2) * (cos, cos) + (x2, x1) * (-sin, sin)."""
+    """cos/sin tables grown on demand. Stored [positions, 2, dim/2] as (cos, cos) and (-sin, sin),
+    so a rotation is one multiply-add: x * cos + swap(x) * sin, where swap exchanges the two
+    members of every pair (a roll by dim/2 for half-split pairs, a flip for interleaved ones)."""
 
     def __init__(self, spec: RopeSpec, dtype: torch.dtype) -> None:
         self.spec = spec
@@ -77,14 +78,14 @@ class Rotary:
         self.inv_freq, self.attention_factor = inverse_frequencies(spec)
         self._cos = torch.empty(0, 2, self.half, dtype=dtype)
         self._sin = torch.empty(0, 2, self.half, dtype=dtype)
-        # Every layer of a step asks for the same positions: the slices are made once per step.
-        self._last: tuple[int, int, torch.Tensor, torch.Tensor] = (-1, 0, self._cos, self._sin)
+        # Every layer of a step asks for the same positions: the tables are sliced once per step.
+        self._step: dict[tuple[int, int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def to(self, device: torch.device) -> Rotary:
         self.device = device
         self.inv_freq = self.inv_freq.to(device)
         self._cos, self._sin = self._cos.to(device), self._sin.to(device)
-        self._last = (-1, 0, self._cos, self._sin)
+        self._step = {}
         return self
 
     def _grow(self, length: int) -> None:
@@ -95,18 +96,42 @@ class Rotary:
         sin = (freqs.sin() * self.attention_factor).to(self.dtype)
         self._cos = torch.stack((cos, cos), dim=1)
         self._sin = torch.stack((-sin, sin), dim=1)  # negation is exact: x1*c + x2*(-s) == x1*c - x2*s
-        self._last = (-1, 0, self._cos, self._sin)
+        self._step = {}
+
+    def _cached(self, key: tuple[int, int, int, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        found = self._step.get(key)
+        if found is None and len(self._step) >= 8:  # keep only the current step's few entries
+            self._step.clear()
+        return found
 
     def tables(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) of positions [start, start+length), each [length, 2, dim/2]."""
-        last_start, last_length, cos, sin = self._last
-        if start == last_start and length == last_length:
-            return cos, sin
+        """(cos, sin) of positions [start, start+length): [length, dim] for half-split pairs (the
+        layout of x's last dim), [length, 2, dim/2] for interleaved ones."""
+        key = (start, length, 0, 0)
+        found = self._cached(key)
+        if found is not None:
+            return found
         if start + length > self._cos.shape[0]:
             self._grow(start + length)
         cos, sin = self._cos[start : start + length], self._sin[start : start + length]
-        self._last = (start, length, cos, sin)
+        if not self.spec.interleaved:
+            cos, sin = cos.flatten(1), sin.flatten(1)
+        self._step[key] = (cos, sin)
         return cos, sin
+
+    def decode_tables(self, position: int, rotated: int, passed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [rotated + passed, 1, dim] of one position for half-split pairs: the first
+        `rotated` heads rotate, the last `passed` get cos 1 and sin 0 and come out of `apply`
+        unchanged, so a layer's q, k and v go through one multiply-add (v is not rotated)."""
+        key = (position, 1, rotated, passed)
+        found = self._cached(key)
+        if found is not None:
+            return found
+        cos, sin = self.tables(position, 1)  # [1, dim]
+        keep = torch.ones(passed, 1, self.spec.dim, dtype=cos.dtype, device=cos.device)
+        tables = (torch.cat((cos.expand(rotated, 1, -1), keep)), torch.cat((sin.expand(rotated, 1, -1), keep * 0)))
+        self._step[key] = tables
+        return tables
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate x [..., T, dim] with tables of its T positions. Interleaved pairs come out
@@ -114,6 +139,5 @@ class Rotary:
         dot products are unchanged. Bit-identical to x1*cos - x2*sin, x2*cos + x1*sin."""
         if self.spec.interleaved:
             pairs = x.unflatten(-1, (self.half, 2)).transpose(-1, -2)  # [..., T, 2, dim/2]
-        else:
-            pairs = x.unflatten(-1, (2, self.half))
-        return (pairs * cos + pairs.flip(-2) * sin).flatten(-2)
+            return (pairs * cos + pairs.flip(-2) * sin).flatten(-2)
+        return x * cos + x.roll(self.half, -1) * sin

@@ -103,8 +103,8 @@ class StepCount:
 def count_decode_step(model: DenseModel, layer: Layer, prompt_len: int = 5) -> StepCount:
     """Counts of the dense part of one decode step (T=1) of `layer`, after a prefill of
     `prompt_len` tokens (so the KV cache and rope tables already exist, as in steady decoding).
-    The step's rope tables are sliced before counting, as every layer but the first of a step
-    finds them (the first layer's two slices are shared by all)."""
+    The step runs once uncounted and then again, counted, at the same position: every layer
+    but the first of a step finds the step's rope tables made (the first layer's are shared)."""
     device = model.device
     step = dense_part(model, layer)
     cache = layer.attention.new_cache(model.dtype)
@@ -113,7 +113,8 @@ def count_decode_step(model: DenseModel, layer: Layer, prompt_len: int = 5) -> S
     step(h[:prompt_len], cache)
     step(h[prompt_len : prompt_len + 1], cache)  # warm: a decode-sized step settles any lazy state
     x = h[prompt_len + 1 :]
-    layer.attention.rotary.tables(cache.length, 1)
+    step(x, cache)
+    cache.length -= 1
     with CallCounter() as calls, OpCounter(device) as ops:
         step(x, cache)
     return StepCount(sum(calls.calls.values()), ops.record.total, tuple(ops.record.off_device))

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from moeflow.models.base import RopeSpec
-from moeflow.runtime.layers import KVCache, rms_norm
+from moeflow.runtime.layers import GQAAttention, KVCache, rms_norm
 from moeflow.runtime.rope import Rotary
+from tests.conftest import HFCheckpoints
+from tests.runtime.opcount import load_model
 
 
 def _transformers_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -81,3 +83,22 @@ async def test_olmoe_qk_norms_and_clipping_match_transformers(tmp_path: Path, kv
         stepwise = await eng.score(prompt, stepwise=True)  # the decode path, one token per step
     for got in (prefill, stepwise):
         assert ((got - want).abs().max() / want.abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("family", ["mixtral", "olmoe"])
+def test_one_token_block_rotation_gives_the_general_paths_bits(hf_checkpoints: HFCheckpoints, family: str) -> None:
+    # Decoding one token, q, k and v rotate as one block with identity tables for v: v must come
+    # out untouched and everything must equal the general (any-T) path bit for bit.
+    model = load_model(hf_checkpoints.path(family))
+    attention = model.layers[0].attention
+    assert isinstance(attention, GQAAttention) and attention.one_block
+    h = torch.randn(9, model.arch.hidden_size, generator=torch.Generator().manual_seed(3))
+    outs = []
+    for one_block in (True, False):
+        attention.one_block = one_block
+        cache = attention.new_cache(model.dtype)
+        attention(h[:6], cache)
+        outs.append([attention(h[i : i + 1], cache) for i in range(6, 9)] + [cache.buffers[0][:, :9].clone()])
+    attention.one_block = True
+    for fast, general in zip(*outs, strict=True):
+        assert torch.equal(fast, general)
