@@ -49,7 +49,7 @@ class ComputeDevice:
         """Host lists of `tensors` in one blocking read (the only place the engine waits for
         device results, so `host_syncs` counts every such wait)."""
         self.host_syncs += 1
-        return [t.tolist() if t is not None else None for t in tensors]
+        return [None if t is None else t.tolist() for t in tensors]
 
     def host_tensor(self, t: torch.Tensor) -> torch.Tensor:
         """`t` as an ordinary CPU tensor (one blocking read, counted)."""

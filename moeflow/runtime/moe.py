@@ -51,11 +51,12 @@ class Routing:
         t, k = ids.shape
         index = _slots(ids.device)
         if t == 1:
-            chosen = host_ids[0]
-            experts = sorted(chosen)
-            slots = {e: index[chosen.index(e)] for e in experts}
-            scales = {e: host_weights[0][chosen.index(e)] for e in experts}
-            return Routing(ids, weights, experts, {e: index[0] for e in experts}, slots, host_ids, host_weights,
+            picks = sorted(zip(host_ids[0], range(k)))  # (expert, slot), experts ascending
+            experts = [e for e, _ in picks]
+            slots = {e: index[slot] for e, slot in picks}
+            scales = {e: host_weights[0][slot] for e, slot in picks}
+            first = index[0]
+            return Routing(ids, weights, experts, dict.fromkeys(experts, first), slots, host_ids, host_weights,
                            scales)
         flat = [e for row in host_ids for e in row]
         order = sorted(range(len(flat)), key=flat.__getitem__)  # stable: tokens ascending per expert
@@ -143,17 +144,6 @@ def _split_by_precision(
     return high, low, skipped
 
 
-_ZEROS: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}  # never written: read-only
-
-
-def _zeros(x: torch.Tensor) -> torch.Tensor:
-    key = (x.shape[-1], x.dtype, x.device)
-    z = _ZEROS.get(key)
-    if z is None:
-        z = _ZEROS[key] = torch.zeros(1, x.shape[-1], dtype=x.dtype, device=x.device)
-    return z
-
-
 def _expert_out(routing: Routing, e: int, weights: ExpertView, x: torch.Tensor,
                 wide: Callable[[int], AbstractContextManager[None]]) -> torch.Tensor:
     """Expert e's part of the layer, to be summed by `_combine`. One token: for float weights
@@ -172,29 +162,28 @@ def _expert_out(routing: Routing, e: int, weights: ExpertView, x: torch.Tensor,
     return (out * w).to(x.dtype)
 
 
-def _combine(x: torch.Tensor, routing: Routing, outputs: dict[int, tuple[ExpertView, torch.Tensor]]) -> torch.Tensor:
-    """The weighted sum of the experts' parts in ascending expert order: the same arithmetic
-    whatever order they ran in, so every budget and prefetch gives the same bits. One token:
-    out = sum_e scale_e * (act_e @ down_e^T), each term one fused addmm (or add) on the sum."""
+def _combine(residual: torch.Tensor, routing: Routing,
+             outputs: dict[int, tuple[ExpertView, torch.Tensor]]) -> torch.Tensor:
+    """residual + the weighted sum of the experts' parts, added in ascending expert order: the
+    same arithmetic whatever order they ran in, so every budget and prefetch gives the same bits.
+    One token: each term is one fused addmm (scale_e * act_e @ down_e^T added to the sum), or one
+    add for a quantized expert's output. Consumes `residual` (the step's own tensor)."""
+    acc = residual
     if routing.scales is None:
-        out = torch.zeros_like(x)
         for e in routing.experts:
             if e in outputs:
-                out.index_add_(0, routing.tokens[e], outputs[e][1])
-        return out
-    acc = _zeros(x)
-    first = True
+                acc.index_add_(0, routing.tokens[e], outputs[e][1])
+        return acc
     for e in routing.experts:
         if e not in outputs:
             continue
         weights, part = outputs[e]
         scale = routing.scales[e]
         if weights.bits == 16:
-            acc = torch.addmm(acc, part, weights["down"].t(), beta=0 if first else 1, alpha=scale)
+            acc = torch.addmm(acc, part, weights.down_t, alpha=scale)
         else:
             acc = torch.add(acc, part, alpha=scale)
-        first = False
-    return acc.clone() if first else acc  # every expert skipped: never hand out the shared zeros
+    return acc
 
 
 async def _run_fetch(
@@ -224,20 +213,24 @@ async def run_moe(
     wide: Callable[[int], AbstractContextManager[None]] = lambda nbytes: nullcontext(),
     miss: MissPrecision | None = None,
     counters: PrecisionCounters | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The routed-experts output of `layer` for x [T, H] (plus its shared expert).
+    """residual + the routed-experts output of `layer` for x [T, H] (plus its shared expert);
+    `residual` (default zeros) is the step's own tensor and is consumed.
 
     Experts run in whatever order they become available, but their outputs are summed in
     ascending expert order, so the result is the same bits at every budget and prefetch
     (unless `miss` allows low-precision copies and skips)."""
     outputs: dict[int, tuple[ExpertView, torch.Tensor]] = {}
     index = layer.index
+    if residual is None:
+        residual = torch.zeros_like(x)
     resident = cache.take_resident(index, routing.experts) if miss is None else None
     if resident is not None:  # every expert landed: run them now, no waiting, no task switch
         try:
             for e, weights in zip(routing.experts, resident, strict=True):
                 outputs[e] = (weights, _expert_out(routing, e, weights, x, wide))
-            out = _combine(x, routing, outputs)
+            out = _combine(residual, routing, outputs)
         finally:
             for e in routing.experts:
                 cache.release((index, e))
@@ -251,7 +244,7 @@ async def run_moe(
             fetch = cache.fetch(index, routing.experts)
             try:
                 await _run_fetch(fetch, x, routing, outputs, wide)
-                out = _combine(x, routing, outputs)
+                out = _combine(residual, routing, outputs)
             finally:
                 fetch.close()
         else:
@@ -262,7 +255,7 @@ async def run_moe(
             try:
                 await _run_fetch(high_fetch, x, routing, outputs, wide)
                 await _run_fetch(low_fetch, x, routing, outputs, wide)
-                out = _combine(x, routing, outputs)
+                out = _combine(residual, routing, outputs)
             finally:
                 high_fetch.close()
                 low_fetch.close()

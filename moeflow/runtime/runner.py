@@ -110,7 +110,7 @@ class ModelRunner:
                     schedule.started(cache.apply(plan))
             if routes is not None:
                 routes[layer.index] = torch.tensor(host_ids)  # host copy: traces never read the device
-            h = h + await run_moe(layer, x, routing, cache, wide, self.miss, self.precision_counters)
+            h = await run_moe(layer, x, routing, cache, wide, self.miss, self.precision_counters, residual=h)
         if routes is not None and seq.trace is not None:
             seq.trace.append(routes)
         if not all_logits:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +61,11 @@ class ExpertView:
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.tensors[name]
+
+    @functools.cached_property
+    def down_t(self) -> torch.Tensor:
+        """The float down projection [H, I] as [I, H] (a view, made once per block)."""
+        return self.tensors["down"].t()
 
 
 @dataclass(frozen=True)
