@@ -114,15 +114,16 @@ async def budget_run(
     )
     async with Engine.open(model_dir, device=device, expert_budget=budget, prefetch=prefetch, **options) as eng:
         await eng.generate(prompt, 8, stop_at_eos=False)  # warm-up
-        loads_before = eng.stats()["loads"]
+        before = eng.stats()
         runs = [await moeflow_decode(eng, prompt, new_tokens) for _ in range(rounds)]
         stats = eng.stats()
         best = max(runs, key=lambda r: r["tokens_per_second"])
-        loads = stats["loads"] - loads_before
+        loads = stats["loads"] - before["loads"]
+        landed = stats["bytes_loaded"] - before["bytes_loaded"]
         return {**best, "slots": eng.plan.slots, "experts_total": eng.plan.experts_total,
                 "blob_bytes": eng.plan.block_bytes,
                 # every load moves one whole expert: equal to blob_bytes, or a copy was cut short
-                "bytes_per_load": round(sum(r["bytes_loaded"] for r in runs) / loads) if loads else 0,
+                "bytes_per_load": round(landed / loads) if loads else 0,
                 "hazards": eng.session.compute.sim.hazards if device == "sim" else None}  # type: ignore[attr-defined]
 
 
