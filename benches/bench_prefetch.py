@@ -77,7 +77,7 @@ async def measure(model: Path, test_prompts: list[str], new_tokens: int, **optio
             stall += s["decode_stall_seconds"]
             loaded += s["decode_bytes_loaded"]
         after = eng.stats()
-        uses = (after["hits"] - before["hits"]) + (after["misses"] - before["misses"])  # prefill included
+        uses = sum(after[k] - before[k] for k in ("hits", "inflight_hits", "misses"))  # prefill included
         return {
             "tokens_per_second": round(tokens / decode, 3) if decode else 0.0,
             "stall_seconds_per_token": round(stall / tokens, 6) if tokens else 0.0,
