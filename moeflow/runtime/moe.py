@@ -81,6 +81,9 @@ def shared_mlp(mlp: SharedMLP, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+_ONES: dict[torch.device, torch.Tensor] = {}  # per-token weights of 1 for the decode kernel, made once
+
+
 def expert_ffn(weights: ExpertView, x: torch.Tensor) -> torch.Tensor:
     """One expert on its tokens x [n, H], float or quantized (dequantized on the fly)."""
     if weights.bits == 16:
@@ -89,8 +92,11 @@ def expert_ffn(weights: ExpertView, x: torch.Tensor) -> torch.Tensor:
         from moeflow.runtime import gpu
 
         if x.shape[0] <= 8:  # decode: the fused kernel reads each weight once
-            ones = torch.ones(x.shape[0], device=x.device)
-            return gpu.expert_ffn_decode(weights.tensors, x, ones, weights.bits, weights.group).to(x.dtype)
+            ones = _ONES.get(x.device)
+            if ones is None:
+                ones = _ONES[x.device] = torch.ones(8, device=x.device)  # never written: shared
+            return gpu.expert_ffn_decode(weights.tensors, x, ones[: x.shape[0]], weights.bits,
+                                         weights.group).to(x.dtype)
         offsets = [0, x.shape[0]]
         return gpu.grouped_expert_ffn(x, offsets, [weights.tensors], weights.bits, weights.group).to(x.dtype)
     return reference.quantized_expert_ffn(x, weights.tensors, weights.bits, weights.group)
