@@ -49,6 +49,28 @@ impl<T> PriorityLanes<T> {
             .find_map(|(lane, queue)| queue.pop().map(|item| (lane as u8, item)))
     }
 
+    /// Takes the oldest item of lane `lane`.
+    pub fn pop_lane(&self, lane: u8) -> Option<T> {
+        self.lanes.get(usize::from(lane)).and_then(|queue| queue.pop())
+    }
+
+    /// Takes the oldest item of the most urgent non-empty lane from `first` on.
+    pub fn pop_from(&self, first: u8) -> Option<(u8, T)> {
+        self.lanes
+            .iter()
+            .enumerate()
+            .skip(usize::from(first))
+            .find_map(|(lane, queue)| queue.pop().map(|item| (lane as u8, item)))
+    }
+
+    /// True when every lane from `first` on is empty.
+    pub fn is_empty_from(&self, first: u8) -> bool {
+        self.lanes
+            .iter()
+            .skip(usize::from(first))
+            .all(|queue| queue.is_empty())
+    }
+
     /// Items waiting in lane `priority`.
     pub fn len(&self, priority: u8) -> usize {
         self.lanes

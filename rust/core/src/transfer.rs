@@ -18,7 +18,7 @@ mod task;
 mod worker;
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -108,6 +108,9 @@ impl TransferEngine {
             files: FileTable::default(),
             pending: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
+            speculative_running: AtomicUsize::new(0),
+            speculative_limit: workers.saturating_sub(1).max(1),
+            speculative_high_water: AtomicUsize::new(0),
             device,
             sim,
             device_queue: Mutex::new(None),
@@ -378,6 +381,12 @@ impl TransferEngine {
             .completions
             .wait(timeout)
             .map(Completion::observed)
+    }
+
+    /// The most speculative (prefetch or background) parts that ever ran at once; at
+    /// most `workers - 1` (one worker is kept for demand parts) when there are several.
+    pub fn speculative_high_water(&self) -> usize {
+        self.shared.speculative_high_water.load(Ordering::Relaxed)
     }
 
     /// Transfers submitted and not yet finished.

@@ -257,3 +257,39 @@ fn device_work_without_cuda_is_cuda_unavailable() {
     let err = moeflow_core::DeviceArena::new(MIB, 0).unwrap_err();
     assert!(matches!(err, CoreError::CudaUnavailable(_)), "{err}");
 }
+
+#[test]
+fn one_worker_stays_free_for_demand_parts() {
+    // Three workers and a queue of long background copies: at most two run at once, so a
+    // demand part submitted behind them starts at once on the third.
+    let (alloc, class) = host_allocator(512 * MIB, 64 * MIB, 64 * MIB);
+    let engine = TransferEngine::new(3, 512 * MIB, None).unwrap();
+    let a = alloc.lock().alloc(class).unwrap();
+    let b = alloc.lock().alloc(class).unwrap();
+    let c = alloc.lock().alloc(class).unwrap();
+    let d = alloc.lock().alloc(class).unwrap();
+    let mut background = Vec::new();
+    for i in 0..12 {
+        let (src, dst) = if i % 2 == 0 { (a, b) } else { (c, d) };
+        let mut request = copy(&alloc, src, dst, 64 * MIB);
+        request.priority = PRIORITY_BACKGROUND;
+        background.push(engine.submit_copy(request).unwrap());
+    }
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    let (small, small_class) = host_allocator(4 * MIB, 4 * MIB, MIB);
+    let s1 = small.lock().alloc(small_class).unwrap();
+    let s2 = small.lock().alloc(small_class).unwrap();
+    let mut demand = copy(&small, s1, s2, MIB);
+    demand.priority = PRIORITY_DEMAND;
+    let id = engine.submit_copy(demand).unwrap();
+    let finals = all_finals(&engine);
+    assert!(finals.iter().all(|(_, status)| *status == Status::Done));
+    let high = engine.speculative_high_water();
+    assert!((1..=2).contains(&high), "{high} speculative parts ran at once on 3 workers");
+    let at = finals.iter().position(|(done, _)| *done == id).unwrap();
+    let after = finals[at + 1..]
+        .iter()
+        .filter(|(done, _)| background.contains(done))
+        .count();
+    assert!(after > 0, "the demand copy finished behind every background copy");
+}

@@ -2,7 +2,7 @@
 //! registry of transfers in flight, files and counters.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::queue::{Doorbell, PriorityLanes};
@@ -60,6 +60,12 @@ pub(crate) struct Shared {
     pub(crate) files: FileTable,
     pub(crate) pending: AtomicU64,
     pub(crate) next_id: AtomicU64,
+    /// Workers running a speculative (prefetch or background) part, at most
+    /// `speculative_limit`: one worker stays free for demand parts.
+    pub(crate) speculative_running: AtomicUsize,
+    pub(crate) speculative_limit: usize,
+    /// The most speculative parts ever running at once (for tests).
+    pub(crate) speculative_high_water: AtomicUsize,
     /// The CUDA device this engine copies for, when fixed at creation.
     pub(crate) device: Option<i32>,
     /// The simulated device this engine copies for, when fixed at creation.

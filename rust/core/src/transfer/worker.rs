@@ -10,6 +10,7 @@ use crossbeam_utils::sync::Parker;
 use crate::error::CoreError;
 use crate::transfer::task::{Op, PartDone, Transfer};
 use crate::transfer::Shared;
+use crate::PRIORITY_DEMAND;
 
 /// One queued part of a transfer.
 #[derive(Debug)]
@@ -19,21 +20,73 @@ pub(crate) struct Job {
 }
 
 /// Main loop of worker `index`: runs parts until shutdown and empty lanes.
+///
+/// Demand parts first; a speculative part only while fewer than `speculative_limit`
+/// workers run one, so with several workers one is always free when a demand read
+/// arrives (it never waits behind a prefetch read for a worker, only for the disk).
 pub(crate) fn run(shared: Arc<Shared>, index: usize, parker: Parker) {
     loop {
-        if let Some((_, job)) = shared.lanes.pop() {
+        if let Some(job) = shared.lanes.pop_lane(PRIORITY_DEMAND) {
             execute(&shared, job);
             continue;
+        }
+        if reserve_speculative(&shared) {
+            let job = shared.lanes.pop_from(PRIORITY_DEMAND + 1);
+            if let Some((_, job)) = job {
+                execute(&shared, job);
+            }
+            shared.speculative_running.fetch_sub(1, Ordering::AcqRel);
+            if speculative_queued(&shared) {
+                // A worker parked at the limit may take the next speculative part.
+                shared.doorbell.wake(1);
+                continue;
+            }
         }
         // Parts of transfers that already started are still run after shutdown
         // (close cancels only unstarted transfers), so exit only on empty lanes.
         if shared.shutdown.load(Ordering::Acquire) && shared.lanes.is_empty() {
+            shared.doorbell.wake_all(); // a worker parked at the limit must see the end too
             return;
         }
-        shared.doorbell.idle(index, &parker, || {
-            !shared.lanes.is_empty() || shared.shutdown.load(Ordering::Acquire)
-        });
+        shared.doorbell.idle(index, &parker, || has_work(&shared));
     }
+}
+
+/// True when speculative parts are still queued (the loop goes round again).
+fn speculative_queued(shared: &Shared) -> bool {
+    !shared.lanes.is_empty_from(PRIORITY_DEMAND + 1)
+}
+
+/// Counts the caller in as running a speculative part, if under the limit.
+fn reserve_speculative(shared: &Shared) -> bool {
+    let running = &shared.speculative_running;
+    let mut current = running.load(Ordering::Acquire);
+    loop {
+        if current >= shared.speculative_limit {
+            return false;
+        }
+        match running.compare_exchange_weak(current, current + 1, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => {
+                shared
+                    .speculative_high_water
+                    .fetch_max(current + 1, Ordering::Relaxed);
+                return true;
+            }
+            Err(now) => current = now,
+        }
+    }
+}
+
+/// Work this worker may take now: a demand part, a speculative part under the limit,
+/// or the end (shutdown with nothing left).
+fn has_work(shared: &Shared) -> bool {
+    if shared.lanes.len(PRIORITY_DEMAND) > 0 {
+        return true;
+    }
+    if shared.lanes.is_empty_from(PRIORITY_DEMAND + 1) {
+        return shared.shutdown.load(Ordering::Acquire);
+    }
+    shared.speculative_running.load(Ordering::Acquire) < shared.speculative_limit
 }
 
 fn execute(shared: &Shared, job: Job) {
