@@ -250,13 +250,15 @@ class MemoryPlan:
         return self.slots * self.block_bytes
 
     @classmethod
-    def build(cls, budget: Budget, block_bytes: int, experts_total: int, top_k: int) -> MemoryPlan:
-        """Refuses (ConfigError) a budget below the top-k experts of one layer, naming the minimum."""
+    def build(cls, budget: Budget, block_bytes: int, experts_total: int, top_k: int,
+              option: str = "expert_budget") -> MemoryPlan:
+        """Refuses (ConfigError naming `option`) a budget below the top-k experts of one layer,
+        naming the minimum."""
         asked = budget.resolve(block_bytes * experts_total)
         minimum = block_bytes * top_k
         if asked < minimum:
             raise ConfigError(
-                f"expert_budget={budget} ({asked} bytes) is below the minimum of {minimum} bytes "
+                f"{option}={budget} ({asked} bytes) is below the minimum of {minimum} bytes "
                 f"({format_bytes(minimum)}: the top-{top_k} experts of one layer, {format_bytes(block_bytes)} each)"
             )
         slots = min(asked // block_bytes, experts_total)

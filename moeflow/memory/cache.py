@@ -84,9 +84,6 @@ class ExpertCache:
     def resident(self) -> list[ExpertKey]:
         return [k for k, e in self.entries.items() if e.state is EntryState.READY]
 
-    def speculative_in_flight(self) -> int:
-        return self._speculative
-
     def loading(self) -> int:
         return sum(1 for e in self.entries.values() if e.state is not EntryState.READY)
 

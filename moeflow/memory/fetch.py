@@ -53,9 +53,11 @@ class LayerFetch:
             entry = cache.entry(key)
             if entry is not None and usable(entry):
                 continue
-            if not cache.start_load(key, DEMAND, self.keys) and cache.entry(key) is None:
+            cache.start_load(key, DEMAND, self.keys)
+            entry = cache.entry(key)  # just started or already loading
+            if entry is None:
                 break  # no room until this layer releases an expert
-            self._watch[e] = cache.entries[key]  # present: just started or already loading
+            self._watch[e] = entry
 
     def _take_usable(self) -> tuple[int, ExpertView] | None:
         cache = self.cache

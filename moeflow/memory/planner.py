@@ -54,8 +54,5 @@ def plan_tiers(
     if device != "cpu" and config.host_budget is not None:
         total = block_bytes * experts_total
         if config.host_budget.resolve(total) < total:
-            try:
-                host = MemoryPlan.build(config.host_budget, block_bytes, experts_total, top_k)
-            except ConfigError as e:
-                raise ConfigError(str(e).replace("expert_budget", "host_budget", 1)) from e
+            host = MemoryPlan.build(config.host_budget, block_bytes, experts_total, top_k, option="host_budget")
     return TierPlan(device, fast, low, host)

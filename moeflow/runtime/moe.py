@@ -153,8 +153,9 @@ def _split_by_precision(
 def _expert_out(routing: Routing, e: int, weights: ExpertView, x: torch.Tensor,
                 wide: Callable[[int], AbstractContextManager[None]]) -> torch.Tensor:
     """Expert e's part of the layer, to be summed by `_combine`. One token: for float weights
-    the activation silu(gate) * up [1, I] (the down projection is fused with the weighted sum);
-    otherwise (and for quantized weights) its output, scaled by the combine weights, [n, H]."""
+    the activation silu(gate) * up [1, I] (the down projection is fused with the weighted sum),
+    for quantized weights its output [1, H] (scaled in the sum). Several tokens: its output on
+    its tokens, scaled by their combine weights, [n, H]."""
     if routing.scales is not None:
         if weights.bits == 16:
             gate, up = F.linear(x, weights["gate_up"]).chunk(2, dim=-1)

@@ -110,3 +110,13 @@ async def test_the_checker_fires_when_a_copy_reuses_a_block_without_its_fence(hf
         async with Engine.open(path, device="sim", expert_budget=budget, prefetch="none") as eng:
             await eng.logits(PROMPT)  # a prefill layer runs more experts than the budget holds
     assert caught.value.kind == "copy-over-read"
+
+
+@pytest.mark.asyncio
+async def test_a_host_budget_below_one_layers_top_k_is_refused_naming_host_budget(hf_checkpoints):  # type: ignore[no-untyped-def]
+    from moeflow.errors import ConfigError
+
+    path = hf_checkpoints.path("mixtral")
+    with pytest.raises(ConfigError, match=r"^host_budget=4\.0 KiB .* below the minimum"):
+        async with Engine.open(path, device="sim", host_budget=4096):
+            pass
