@@ -8,7 +8,11 @@ intermediate 128, vocabulary 512, float32), so every matrix product is tiny and 
 layer is what the host spends launching work. moeflow runs at full expert budget with no
 prefetch. Both sides are timed the same way: the wall time from the first generated token to the
 last (N decode steps, each including its sampled token's readback), divided by N and by the
-number of layers. The two alternate over --repeats rounds and the medians are printed, of wall
+number of layers. A third baseline, for --arch mixtral, is the eager-PyTorch floor
+(benches/eager_floor.py: the fewest torch calls that decode a token of this model, with no
+engine around them; its logits are checked against transformers' first): `vs_floor` is
+moeflow's own overhead, `floor_vs_transformers` the best any eager engine can reach here.
+The three alternate over --repeats rounds and the medians are printed, of wall
 time (`us_per_layer`) and, steadier on a shared machine, of the process's CPU time
 (`cpu_us_per_layer`; equal to the wall time on an idle machine with one thread).
 --profile adds, on stderr, where moeflow's decode time goes per layer (a sampling profiler:
@@ -40,6 +44,9 @@ sys.path.insert(0, str(ROOT))
 from moeflow import Engine  # noqa: E402
 from moeflow.errors import MoeflowError  # noqa: E402
 from moeflow.models.synth import synthesize  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benches"))
+from eager_floor import EagerMixtral  # noqa: E402
 
 LAYERS = 32
 SHAPE: dict[str, dict[str, Any]] = {
@@ -140,13 +147,36 @@ def report_profile(samples: Counter[tuple[str, str]], us_per_layer: float) -> No
         print(f"  {us_per_layer * n / total:7.1f}  {file}:{func}", file=sys.stderr)
 
 
+def floor_decode_seconds(floor: EagerMixtral, tokens: int) -> tuple[float, float]:
+    """The same window on the floor: the prompt fed token by token, then N decode steps timed."""
+    _, times = floor.generate(PROMPT, tokens + 1, clock=now)
+    first, last = times[0], times[-1]
+    assert isinstance(first, tuple) and isinstance(last, tuple)
+    return elapsed(first, last)
+
+
+def check_floor(floor: EagerMixtral, hf: Any) -> None:
+    """The floor is a real decoder: its first logits match transformers' forward on the prompt."""
+    floor.generate(PROMPT, 1)
+    with torch.inference_mode():
+        want = hf(torch.tensor([PROMPT])).logits[0, -1].float()
+    assert floor.first_logits is not None
+    rel = float((floor.first_logits - want).abs().max() / want.abs().max())
+    if rel > 1e-4:
+        raise SystemExit(f"bench_overhead: the eager floor's logits differ from transformers' by {rel:.1e}")
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     path = model_dir(args.arch)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    floor = EagerMixtral(hf) if args.arch == "mixtral" else None
+    if floor is not None:
+        check_floor(floor, hf)
     ours: list[tuple[float, float]] = []
     theirs: list[tuple[float, float]] = []
+    floors: list[tuple[float, float]] = []
     try:
         eng = await Engine.open(path, expert_budget=1.0, device=args.device, prefetch="none")
     except MoeflowError as e:  # e.g. device="sim" before the simulated GPU lands
@@ -157,6 +187,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.repeats):
             theirs.append(transformers_decode_seconds(hf, args.tokens))
             ours.append(await moeflow_decode_seconds(eng, args.tokens))
+            if floor is not None:
+                floors.append(floor_decode_seconds(floor, args.tokens))
         if args.profile:
             with sampled() as samples:
                 seconds, _ = await moeflow_decode_seconds(eng, args.tokens)
@@ -168,6 +200,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     us, hf_us = statistics.median(per_layer(ours, 0)), statistics.median(per_layer(theirs, 0))
     cpu_us, hf_cpu_us = statistics.median(per_layer(ours, 1)), statistics.median(per_layer(theirs, 1))
+    floor_figures: dict[str, Any] = {}
+    if floors:
+        floor_us = statistics.median(per_layer(floors, 0))
+        floor_figures = {
+            "floor_us_per_layer": round(floor_us, 1),
+            "vs_floor": round(us / floor_us, 3),
+            "floor_vs_transformers": round(floor_us / hf_us, 3),
+            "floor_cpu_us_per_layer": round(statistics.median(per_layer(floors, 1)), 1),
+        }
     return {
         "bench": "overhead",
         "arch": args.arch,
@@ -184,8 +225,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "cpu_us_per_layer": round(cpu_us, 1),
         "transformers_cpu_us_per_layer": round(hf_cpu_us, 1),
         "cpu_vs_transformers": round(cpu_us / hf_cpu_us, 3),
+        **floor_figures,
         "rounds_us_per_layer": {"moeflow": [round(x, 1) for x in per_layer(ours, 0)],
-                                "transformers": [round(x, 1) for x in per_layer(theirs, 0)]},
+                                "transformers": [round(x, 1) for x in per_layer(theirs, 0)],
+                                "floor": [round(x, 1) for x in per_layer(floors, 0)]},
         "torch": torch.__version__,
     }
 
