@@ -46,7 +46,7 @@ from moeflow.errors import MoeflowError  # noqa: E402
 from moeflow.models.synth import synthesize  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benches"))
-from eager_floor import EagerMixtral  # noqa: E402
+from eager_floor import EagerMixtral  # type: ignore[import-not-found]  # noqa: E402
 
 LAYERS = 32
 SHAPE: dict[str, dict[str, Any]] = {
