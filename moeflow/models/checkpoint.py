@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -14,6 +13,7 @@ import torch
 from safetensors import safe_open
 
 from moeflow.errors import CheckpointError
+from moeflow.models.fingerprint import checkpoint_fingerprint
 
 _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -97,10 +97,8 @@ class Checkpoint:
         self.config = self._read_config()
         self.files = self._shard_files()
         self.tensors: dict[str, TensorInfo] = {}
-        self._headers: dict[Path, bytes] = {}
         for file in self.files:
             header, data_start = _read_header(file)
-            self._headers[file] = json.dumps(header, sort_keys=True).encode()
             for name, meta in header.items():
                 if name == "__metadata__":
                     continue
@@ -112,6 +110,7 @@ class Checkpoint:
                 begin, end = meta["data_offsets"]
                 self.tensors[name] = TensorInfo(file, dtype, tuple(meta["shape"]), data_start + begin, data_start + end)
         self._handles: dict[Path, Any] = {}
+        self._fingerprint: str | None = None
 
     def _read_config(self) -> dict[str, Any]:
         cfg_path = self.path / "config.json"
@@ -180,14 +179,12 @@ class Checkpoint:
         return info
 
     def fingerprint(self) -> str:
-        """Identity of the weights: config, each shard's name, size, mtime and header."""
-        h = hashlib.sha256()
-        h.update(json.dumps(self.config, sort_keys=True).encode())
-        for file in self.files:
-            st = file.stat()
-            h.update(f"{file.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-            h.update(self._headers[file])
-        return h.hexdigest()
+        """Identity of the weights by content (config, shard headers, sampled data; see models/fingerprint.py).
+
+        Computed once per Checkpoint: it reads about 1 MiB per shard."""
+        if self._fingerprint is None:
+            self._fingerprint = checkpoint_fingerprint(self.config, self.path, self.files)
+        return self._fingerprint
 
     def close(self) -> None:
         self._handles.clear()

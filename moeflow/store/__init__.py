@@ -1,8 +1,23 @@
 """The expert store: experts copied out of safetensors into aligned, checksummed blobs on disk."""
 
 from moeflow.store.codecs import Codec, codec_for
-from moeflow.store.convert import convert, open_or_convert
+from moeflow.store.convert import convert, open_or_convert, open_or_convert_async, store_spec
 from moeflow.store.layout import BlobLayout
-from moeflow.store.store import ExpertStore, store_root
+from moeflow.store.location import StoreLocation, resolve_store_root, store_root
+from moeflow.store.manifest import StoreSpec
+from moeflow.store.store import ExpertStore
 
-__all__ = ["BlobLayout", "Codec", "ExpertStore", "codec_for", "convert", "open_or_convert", "store_root"]
+__all__ = [
+    "BlobLayout",
+    "Codec",
+    "ExpertStore",
+    "StoreLocation",
+    "StoreSpec",
+    "codec_for",
+    "convert",
+    "open_or_convert",
+    "open_or_convert_async",
+    "resolve_store_root",
+    "store_root",
+    "store_spec",
+]

@@ -1,11 +1,15 @@
-"""Converting a checkpoint's experts into a store: aligned blobs, checksums, atomic publish."""
+"""Converting a checkpoint's experts into a store: aligned blobs, checksums, atomic publish under the build lock."""
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
+import logging
 import os
-import shutil
-import uuid
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +23,21 @@ from moeflow.models.checkpoint import Checkpoint
 from moeflow.models.tensors import HubTensor, expert_tensors
 from moeflow.store.codecs import Codec
 from moeflow.store.layout import BlobLayout
-from moeflow.store.store import DATA, MANIFEST, ExpertStore, Manifest
+from moeflow.store.lock import BuildLock, build_lock
+from moeflow.store.manifest import DATA, Manifest, StoreSpec
+from moeflow.store.scratch import clean_stale_tmp, make_tmp, remove_tmp
+from moeflow.store.store import MANIFEST, ExpertStore
 
-_TMP_PREFIX = ".tmp-"
+log = logging.getLogger("moeflow.store")
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def store_spec(arch: Arch, codec: Codec) -> StoreSpec:
+    """What a store of `codec` made from a checkpoint of `arch` must hold."""
+    return StoreSpec(
+        arch.family, codec.layout(arch.hidden_size, arch.expert_intermediate), arch.num_experts, tuple(arch.moe_layers)
+    )
 
 
 def _blob_bytes(layout: BlobLayout, tensors: dict[str, torch.Tensor]) -> np.ndarray:
@@ -35,6 +51,12 @@ def _blob_bytes(layout: BlobLayout, tensors: dict[str, torch.Tensor]) -> np.ndar
     return blob
 
 
+def encode_blob(ckpt: Checkpoint, arch: Arch, codec: Codec, layout: BlobLayout, layer: int, expert: int) -> np.ndarray:
+    """The bytes of one expert's blob, encoded from the checkpoint (what the store must hold)."""
+    gate, up, down = (_expert_tensor(ckpt, t) for t in expert_tensors(arch, layer, expert).all())
+    return _blob_bytes(layout, codec.encode(gate, up, down))
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -43,73 +65,128 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def clean_stale_tmp(root: Path) -> None:
-    """Remove leftovers of interrupted conversions whose process is gone."""
-    if not root.is_dir():
-        return
-    for tmp in root.glob(f"{_TMP_PREFIX}*"):
-        pid = tmp.name.split("-")[-2] if tmp.name.count("-") >= 3 else ""
-        if pid.isdigit() and _pid_alive(int(pid)):
-            continue
-        shutil.rmtree(tmp, ignore_errors=True)
+def _write_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of `data` at `offset` (every store write goes through here: tests inject faults)."""
+    done = 0
+    while done < len(data):
+        n = os.pwrite(fd, data[done:], offset + done)
+        if n == 0:
+            raise OSError(errno.EIO, "write returned 0 bytes")
+        done += n
 
 
-def _pid_alive(pid: int) -> bool:
+def _free_bytes(root: Path) -> int:
+    st = os.statvfs(root)
+    return st.f_bavail * st.f_frsize
+
+
+def _needed_bytes(layout: BlobLayout, blobs: int) -> int:
+    # data, plus the manifest (a checksum of up to 11 characters per blob and the layout)
+    return blobs * layout.size + blobs * 12 + 64 * 1024
+
+
+def _mib(n: int) -> str:
+    return f"{n} bytes ({n / (1 << 20):.1f} MiB)"
+
+
+def _disk_full(root: Path, what: str, needed: int) -> StoreError:
+    return StoreError(
+        f"{root}: not enough disk space for the expert store ({what}): it needs {_mib(needed)}, "
+        f"{_mib(_free_bytes(root))} are free; free some space or set store_dir to a folder on another disk",
+        path=str(root),
+    )
+
+
+@contextmanager
+def _locked(root: Path) -> Iterator[BuildLock]:
+    """The build lock of `root`; a root that cannot be made or written is a StoreError naming store_dir."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        root.mkdir(parents=True, exist_ok=True)
+        lock = build_lock(root)
+        held = lock.__enter__()
+    except OSError as e:
+        raise StoreError(
+            f"{root}: cannot write the expert store there ({e.strerror}); set store_dir to a writable folder",
+            path=str(root),
+        ) from e
+    try:
+        yield held
+    finally:
+        lock.__exit__(None, None, None)
 
 
-def convert(ckpt: Checkpoint, arch: Arch, codec: Codec, root: Path, *, progress: bool = True) -> ExpertStore:
+def convert(
+    ckpt: Checkpoint, arch: Arch, codec: Codec, root: Path, *, progress: bool = True,
+    cancel: threading.Event | None = None,
+) -> ExpertStore:
     """Write every expert of `ckpt` into `root/<precision>` and return the opened store.
 
-    The store is built in a temporary directory, fsynced and renamed into place, so an
-    interrupted conversion never leaves something that looks like a valid store.
+    Runs under the root's build lock. The store is built in a marked temporary folder, fsynced
+    and renamed into place, so an interrupted conversion never leaves something that looks like
+    a valid store, and the folder is removed on any error, Ctrl-C or `cancel`.
     """
-    layout = codec.layout(arch.hidden_size, arch.expert_intermediate)
+    with _locked(root):
+        return _build(ckpt, arch, codec, root, progress, cancel)
+
+
+def _build(
+    ckpt: Checkpoint, arch: Arch, codec: Codec, root: Path, progress: bool, cancel: threading.Event | None
+) -> ExpertStore:
+    spec = store_spec(arch, codec)
+    layout = spec.layout
     final = root / layout.precision
-    root.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(root)
-    tmp = root / f"{_TMP_PREFIX}{layout.precision}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    needed = _needed_bytes(layout, len(spec.layers) * spec.num_experts)
+    if _free_bytes(root) < needed:
+        raise _disk_full(root, "checked before conversion", needed)
+    tmp = make_tmp(root, layout.precision)
     try:
-        manifest = _write(ckpt, arch, codec, layout, tmp, progress)
+        manifest = _write(ckpt, arch, codec, spec, tmp, progress, cancel)
+        trash = None
         if final.exists():
-            trash = root / f"{_TMP_PREFIX}old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            final.rename(trash)
-            shutil.rmtree(trash, ignore_errors=True)
+            trash = make_tmp(root, "old")
+            final.rename(trash / "old")
         tmp.rename(final)
         _fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        remove_tmp(tmp)
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            raise _disk_full(root, f"disk full while writing {Path(e.filename or DATA).name}", needed) from e
         raise
+    if trash is not None:
+        remove_tmp(trash)
     return ExpertStore(final, manifest)
 
 
-def _write(ckpt: Checkpoint, arch: Arch, codec: Codec, layout: BlobLayout, tmp: Path, progress: bool) -> Manifest:
-    layers = arch.moe_layers
-    total = len(layers) * arch.num_experts
+def _write(
+    ckpt: Checkpoint, arch: Arch, codec: Codec, spec: StoreSpec, tmp: Path, progress: bool,
+    cancel: threading.Event | None,
+) -> Manifest:
+    layout = spec.layout
+    total = len(spec.layers) * spec.num_experts
     data_path = tmp / DATA
     crcs: list[int] = []
     fd = os.open(data_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        os.ftruncate(fd, total * layout.size)
+        try:  # reserve the space now: a full disk fails here, not after minutes of work
+            os.posix_fallocate(fd, 0, total * layout.size)
+        except OSError as e:
+            if e.errno in _DISK_FULL:
+                raise OSError(e.errno, e.strerror, DATA) from e
+            os.ftruncate(fd, total * layout.size)  # the file system cannot reserve (EOPNOTSUPP): sparse
         bar = tqdm(total=total, desc=f"converting experts ({layout.precision})", unit="expert", disable=not progress)
         with bar:
             index = 0
-            for layer in layers:
-                for expert in range(arch.num_experts):
-                    gate, up, down = (_expert_tensor(ckpt, t) for t in expert_tensors(arch, layer, expert).all())
-                    blob = _blob_bytes(layout, codec.encode(gate, up, down))
-                    raw = memoryview(blob.data)
+            for layer in spec.layers:
+                for expert in range(spec.num_experts):
+                    if cancel is not None and cancel.is_set():
+                        raise StoreError(f"{tmp.parent}: conversion cancelled", path=str(tmp.parent))
+                    raw = memoryview(encode_blob(ckpt, arch, codec, layout, layer, expert).data)
                     crcs.append(_core.crc32(raw))
-                    written = os.pwrite(fd, raw, index * layout.size)
-                    if written != layout.size:
-                        raise StoreError(f"{data_path}: short write ({written} of {layout.size})", path=str(data_path))
+                    try:
+                        _write_all(fd, raw, index * layout.size)
+                    except OSError as e:
+                        raise OSError(e.errno, e.strerror, DATA) from e
                     index += 1
                     bar.update(1)
         os.fsync(fd)
@@ -118,19 +195,23 @@ def _write(ckpt: Checkpoint, arch: Arch, codec: Codec, layout: BlobLayout, tmp: 
     st = data_path.stat()
     manifest = Manifest(
         fingerprint=ckpt.fingerprint(),
-        family=arch.family,
+        family=spec.family,
         layout=layout,
-        num_experts=arch.num_experts,
-        layers=tuple(layers),
+        num_experts=spec.num_experts,
+        layers=spec.layers,
         data_size=st.st_size,
         data_mtime_ns=st.st_mtime_ns,
         crc32=tuple(crcs),
     )
-    mpath = tmp / MANIFEST
-    with open(mpath, "w") as f:
-        json.dump(manifest.to_json(), f)
-        f.flush()
-        os.fsync(f.fileno())
+    text = json.dumps(manifest.to_json()).encode()
+    fd = os.open(tmp / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _write_all(fd, memoryview(text), 0)
+        os.fsync(fd)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, MANIFEST) from e
+    finally:
+        os.close(fd)
     _fsync_dir(tmp)
     return manifest
 
@@ -141,18 +222,55 @@ def _expert_tensor(ckpt: Checkpoint, tensor: HubTensor) -> torch.Tensor:
 
 
 def open_or_convert(
-    ckpt: Checkpoint, arch: Arch, codec: Codec, root: Path, *, mode: str = "auto", progress: bool = True
+    ckpt: Checkpoint, arch: Arch, codec: Codec, root: Path, *, mode: str = "auto", progress: bool = True,
+    cancel: threading.Event | None = None,
 ) -> ExpertStore:
     """The store of `codec`'s precision: reused when valid, (re)built when `mode` allows.
 
-    mode: 'auto' reuses a valid store and rebuilds a missing, stale or changed one;
-    'never' refuses (StoreError) instead of building; 'rebuild' always rebuilds.
+    mode: 'auto' reuses a valid store and rebuilds a missing, stale, corrupt or changed one;
+    'never' refuses (StoreError naming why, e.g. the manifest field) instead of building;
+    'rebuild' always rebuilds (unless another process just did while this one waited for the lock).
+    Marked leftovers of dead builds in `root` are removed first.
     """
-    final = root / codec.layout(arch.hidden_size, arch.expert_intermediate).precision
+    spec = store_spec(arch, codec)
+    final = root / spec.layout.precision
+    clean_stale_tmp(root)
     if mode != "rebuild":
         try:
-            return ExpertStore.open(final, ckpt.fingerprint())
-        except StoreError:
+            return ExpertStore.open(final, ckpt.fingerprint(), spec)
+        except StoreError as e:
             if mode == "never":
-                raise
-    return convert(ckpt, arch, codec, root, progress=progress)
+                raise StoreError(
+                    f"{e}; store_mode='never' does not rebuild it (use store_mode='auto' or `moeflow convert --force`)",
+                    path=e.path,
+                ) from e
+            log.info("building the expert store: %s", e)
+    with _locked(root) as lock:
+        if mode != "rebuild" or lock.waited:  # another process may have built it meanwhile
+            try:
+                return ExpertStore.open(final, ckpt.fingerprint(), spec)
+            except StoreError:
+                pass
+        return _build(ckpt, arch, codec, root, progress, cancel)
+
+
+async def open_or_convert_async(
+    ckpt: Checkpoint, arch: Arch, codec: Codec, root: Path, *, mode: str = "auto", progress: bool = True
+) -> ExpertStore:
+    """open_or_convert on a worker thread; when the awaiting task is cancelled (Ctrl-C under asyncio.run),
+    the conversion stops after the expert in hand and its temporary folder is removed before this returns."""
+    cancel = threading.Event()
+    loop = asyncio.get_running_loop()
+    work = loop.run_in_executor(
+        None, lambda: open_or_convert(ckpt, arch, codec, root, mode=mode, progress=progress, cancel=cancel)
+    )
+    try:
+        return await asyncio.shield(work)
+    except BaseException:
+        cancel.set()
+        try:
+            await asyncio.wait({work}, timeout=30)
+        finally:
+            if work.done() and not work.cancelled():
+                work.exception()  # consumed: the cancellation is what the caller sees
+        raise

@@ -3,60 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from moeflow.errors import ChecksumMismatch, StoreError, TransferError
-from moeflow.store.layout import BLOB_ALIGN, BlobLayout
+from moeflow.store.manifest import DATA, Manifest, ManifestFieldError, StoreSpec, check_against, parse_manifest
 
-FORMAT = "moeflow.expert-store"
-VERSION = 1
 MANIFEST = "manifest.json"
-DATA = "experts.bin"
-
-
-@dataclass(frozen=True)
-class Manifest:
-    fingerprint: str  # of the checkpoint the store was made from
-    family: str
-    layout: BlobLayout
-    num_experts: int
-    layers: tuple[int, ...]  # MoE layers, in order
-    data_size: int
-    data_mtime_ns: int
-    crc32: tuple[int, ...]  # per blob, in (layer order, expert) order
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT,
-            "version": VERSION,
-            "fingerprint": self.fingerprint,
-            "family": self.family,
-            "layout": self.layout.to_json(),
-            "num_experts": self.num_experts,
-            "layers": list(self.layers),
-            "data_file": DATA,
-            "data_size": self.data_size,
-            "data_mtime_ns": self.data_mtime_ns,
-            "crc32": list(self.crc32),
-        }
-
-    @staticmethod
-    def from_json(d: dict[str, Any]) -> Manifest:
-        if d.get("format") != FORMAT or d.get("version") != VERSION:
-            raise ValueError(f"format {d.get('format')!r} version {d.get('version')!r}")
-        return Manifest(
-            fingerprint=str(d["fingerprint"]),
-            family=str(d["family"]),
-            layout=BlobLayout.from_json(d["layout"]),
-            num_experts=int(d["num_experts"]),
-            layers=tuple(int(x) for x in d["layers"]),
-            data_size=int(d["data_size"]),
-            data_mtime_ns=int(d["data_mtime_ns"]),
-            crc32=tuple(int(x) for x in d["crc32"]),
-        )
 
 
 class ExpertStore:
@@ -94,35 +46,46 @@ class ExpertStore:
 
     @staticmethod
     def read_manifest(path: Path) -> Manifest:
-        """Parse a store's manifest; StoreError when absent or corrupt."""
+        """Parse a store's manifest and check it as a whole; StoreError naming the field when absent or corrupt."""
         mpath = path / MANIFEST
         try:
-            return Manifest.from_json(json.loads(mpath.read_text()))
+            raw = json.loads(mpath.read_text())
         except FileNotFoundError:
             raise StoreError(f"{mpath}: no manifest", path=str(mpath)) from None
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise StoreError(f"{mpath}: corrupt manifest ({e})", path=str(mpath)) from e
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise StoreError(f"{mpath}: corrupt manifest (not readable JSON: {e})", path=str(mpath)) from e
+        try:
+            return parse_manifest(raw)
+        except ManifestFieldError as e:
+            raise StoreError(f"{mpath}: corrupt manifest: {e}", path=str(mpath)) from e
 
     @classmethod
-    def open(cls, path: Path, fingerprint: str) -> ExpertStore:
-        """Open and validate a store made from the checkpoint with `fingerprint`.
+    def open(cls, path: Path, fingerprint: str | None, spec: StoreSpec | None = None) -> ExpertStore:
+        """Open and validate a store made from the checkpoint with `fingerprint` (None: any checkpoint).
 
-        StoreError says why it cannot be used: absent, made from other weights, or its
-        data file changed on disk since it was written (size or modification time).
+        StoreError says why it cannot be used: absent, corrupt (naming the field), made from other
+        weights, disagreeing with `spec` (what the checkpoint implies), or its data file changed on
+        disk since it was written (size or modification time).
         """
         manifest = cls.read_manifest(path)
-        if manifest.fingerprint != fingerprint:
-            raise StoreError(f"{path}: stale store (made from a different checkpoint)", path=str(path))
+        if fingerprint is not None and manifest.fingerprint != fingerprint:
+            raise StoreError(
+                f"{path}: stale store (made from a different checkpoint: fingerprint {manifest.fingerprint}, "
+                f"the checkpoint's is {fingerprint})",
+                path=str(path),
+            )
+        if spec is not None:
+            try:
+                check_against(manifest, spec)
+            except ManifestFieldError as e:
+                raise StoreError(
+                    f"{path / MANIFEST}: manifest disagrees with the checkpoint: {e}", path=str(path / MANIFEST)
+                ) from e
         data = path / DATA
         try:
             st = data.stat()
         except OSError as e:
             raise StoreError(f"{data}: store data file unreadable ({e.strerror})", path=str(data)) from e
-        expected = manifest.num_experts * len(manifest.layers) * manifest.layout.size
-        if manifest.data_size != expected or manifest.layout.size % BLOB_ALIGN:
-            raise StoreError(f"{path / MANIFEST}: corrupt manifest (sizes disagree)", path=str(path / MANIFEST))
-        if len(manifest.crc32) != manifest.num_experts * len(manifest.layers):
-            raise StoreError(f"{path / MANIFEST}: corrupt manifest (checksum count)", path=str(path / MANIFEST))
         if st.st_size != manifest.data_size or st.st_mtime_ns != manifest.data_mtime_ns:
             raise StoreError(
                 f"{data}: store file changed on disk since it was written "
@@ -130,11 +93,6 @@ class ExpertStore:
                 path=str(data),
             )
         return cls(path, manifest)
-
-
-def store_root(checkpoint_dir: Path, override: str | os.PathLike[str] | None) -> Path:
-    """Where stores of a checkpoint live: `override`, else `<checkpoint>/.moeflow`."""
-    return Path(override) if override is not None else checkpoint_dir / ".moeflow"
 
 
 def describe_store_error(store: ExpertStore, key: tuple[int, int], error: BaseException) -> BaseException:

@@ -1,0 +1,90 @@
+"""Where a checkpoint's expert stores live: store_dir when given, else beside the checkpoint, else the user cache."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import xxhash
+
+from moeflow.errors import ConfigError
+
+log = logging.getLogger("moeflow.store")
+
+DEFAULT_DIR = ".moeflow"
+_VIRTUAL_FS = (Path("/proc"), Path("/sys"))  # kernel views: mkdir there fails with confusing errors
+
+
+@dataclass(frozen=True)
+class StoreLocation:
+    """The store root and, when it is not where the user would look, why (a line for the plan or the log)."""
+
+    root: Path
+    note: str | None = None
+
+
+def user_cache_dir() -> Path:
+    """$MOEFLOW_CACHE, else ~/.cache/moeflow."""
+    env = os.environ.get("MOEFLOW_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "moeflow"
+
+
+def _check_store_dir(value: str | os.PathLike[str]) -> Path:
+    text = os.fspath(value)
+    if not str(text).strip():
+        raise ConfigError(
+            "store_dir='': an empty path would put the store in the current directory; "
+            "give a folder, or leave store_dir unset to use <checkpoint>/.moeflow"
+        )
+    path = Path(text).expanduser()
+    resolved = Path(os.path.realpath(path))
+    for virtual in _VIRTUAL_FS:
+        if resolved == virtual or virtual in resolved.parents:
+            raise ConfigError(f"store_dir={str(text)!r}: inside {virtual}, a kernel file system; give a folder on disk")
+    probe = resolved
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        what = "is a file" if probe == resolved else f"lies under {probe}, which is a file"
+        raise ConfigError(f"store_dir={str(text)!r} {what}, not a folder; give a folder for the expert store")
+    return path
+
+
+def _writable(path: Path) -> bool:
+    target = path if path.exists() else path.parent
+    return os.access(target, os.W_OK | os.X_OK)
+
+
+def resolve_store_root(
+    checkpoint_dir: Path, override: str | os.PathLike[str] | None, *, cache_dir: Path | None = None
+) -> StoreLocation:
+    """The store root of a checkpoint: `override` (checked), else `<checkpoint>/.moeflow` when it can be
+    written, else a folder of the per-user cache named after the checkpoint (with a note saying so).
+
+    ConfigError naming store_dir: an empty path, a path in /proc or /sys, a file, or no writable place.
+    """
+    if override is not None:
+        return StoreLocation(_check_store_dir(override))
+    beside = checkpoint_dir / DEFAULT_DIR
+    if _writable(beside):
+        return StoreLocation(beside)
+    real = os.path.realpath(checkpoint_dir)
+    cache = (cache_dir or user_cache_dir()) / f"{Path(real).name}-{xxhash.xxh3_64_hexdigest(real.encode())}"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f"store_dir: {checkpoint_dir} is read-only and the cache folder {cache} cannot be made ({e.strerror}); "
+            f"set store_dir (or MOEFLOW_CACHE) to a writable folder"
+        ) from e
+    return StoreLocation(cache, f"{checkpoint_dir} is read-only: the expert store lives in {cache} (set store_dir to choose)")
+
+
+def store_root(checkpoint_dir: Path, override: str | os.PathLike[str] | None) -> Path:
+    """resolve_store_root's folder; a fallback to the user cache is logged as a warning."""
+    location = resolve_store_root(checkpoint_dir, override)
+    if location.note:
+        log.warning("%s", location.note)
+    return location.root
