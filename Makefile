@@ -19,7 +19,7 @@ install-test: $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[test,plot]"
 
 demo: install
-	$(BIN)/moeflow synth --arch mixtral --size tiny --out $(DEMO)
+	test -f $(DEMO)/config.json || $(BIN)/moeflow synth --arch mixtral --size tiny --out $(DEMO)
 	$(BIN)/moeflow run $(DEMO) --prompt "def fibonacci(n):" --max-new-tokens 32 --expert-budget 25%
 
 rust-test:

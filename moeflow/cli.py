@@ -1,4 +1,4 @@
-"""The `moeflow` command: synth, convert, run, bench, trace, train-predictor, analyze."""
+"""The `moeflow` command: synth, convert, verify, run, bench, trace, train-predictor, analyze."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from moeflow import config
-from moeflow.errors import MoeflowError
+from moeflow.errors import CheckpointError, MoeflowError
 
 
 def _common_engine_args(p: argparse.ArgumentParser) -> None:
@@ -62,9 +62,27 @@ def _prompt(args: argparse.Namespace) -> str | list[int]:
     return str(args.prompt)
 
 
+def _existing_checkpoint(out: Path) -> list[str]:
+    """Files of a checkpoint already in `out` that synth would overwrite."""
+    if not out.is_dir():
+        return []
+    names = ("config.json", "model.safetensors.index.json", "tokenizer.json", "generation_config.json")
+    return sorted([n for n in names if (out / n).exists()] + [p.name for p in out.glob("*.safetensors")])
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from moeflow.models.synth import synthesize
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out {args.out}: is a file, not a folder", path=str(out))
+    existing = _existing_checkpoint(out)
+    if existing and not args.force:
+        raise CheckpointError(
+            f"--out {args.out}: already holds a checkpoint ({', '.join(existing[:4])}"
+            f"{', ...' if len(existing) > 4 else ''}); pass --force to overwrite it or choose another folder",
+            path=str(out),
+        )
     dtype = config.COMPUTE_DTYPES.get(args.dtype or "")
     arch = synthesize(args.out, args.arch, args.size, dtype=dtype, seed=args.seed, progress=not args.quiet)
     print(f"wrote {arch.family} ({args.size}) to {args.out}: {arch.num_layers} layers, "
@@ -90,6 +108,32 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(f"{store.path}: {len(store.manifest.crc32)} experts, {store.blob_size} bytes each "
               f"({time.perf_counter() - started:.1f}s)")
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from moeflow.models import Checkpoint, parse_arch
+    from moeflow.store import codec_for, store_root
+    from moeflow.store.store import MANIFEST
+    from moeflow.store.verify import open_for_verify, verify_store
+
+    ckpt = Checkpoint(args.model)
+    arch = parse_arch(ckpt)
+    root = store_root(Path(args.model), args.store_dir)
+    if args.precision:
+        folders = [root / p.strip() for p in args.precision.split(",")]
+    else:
+        folders = sorted(p.parent for p in root.glob(f"*/{MANIFEST}")) if root.is_dir() else []
+    if not folders:
+        raise CheckpointError(f"{root}: no expert store to verify; build one with `moeflow convert {args.model}`")
+    ok = True
+    for folder in folders:
+        store = open_for_verify(folder, arch, codec_for(folder.name))
+        report = verify_store(ckpt, arch, codec_for(folder.name), store)
+        print("\n".join(report.lines()))
+        ok = ok and report.ok
+    if not ok:
+        print("moeflow: verify: the store does not match; rebuild it with `moeflow convert --force`", file=sys.stderr)
+    return 0 if ok else 1
 
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
@@ -259,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=tuple(config.COMPUTE_DTYPES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--force", action="store_true", help="overwrite a checkpoint already in --out")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("convert", help="build (or check) the expert store of a checkpoint")
@@ -270,6 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store-dir", default=None)
     p.add_argument("--force", action="store_true", help="rebuild even when a valid store exists")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("verify", help="check every expert of the store against its manifest and the checkpoint")
+    p.add_argument("model")
+    p.add_argument("--precision", default=None, help="comma-separated store precisions (default: every store)")
+    p.add_argument("--store-dir", default=None)
+    p.set_defaults(func=cmd_verify)
 
     for name, func, help_ in (("run", cmd_run, "generate from a prompt"), ("bench", cmd_bench, "measure decode speed")):
         p = sub.add_parser(name, help=help_)
