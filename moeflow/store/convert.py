@@ -9,7 +9,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -100,19 +100,17 @@ def _disk_full(root: Path, what: str, needed: int) -> StoreError:
 @contextmanager
 def _locked(root: Path) -> Iterator[BuildLock]:
     """The build lock of `root`; a root that cannot be made or written is a StoreError naming store_dir."""
+    stack = ExitStack()
     try:
         root.mkdir(parents=True, exist_ok=True)
-        lock = build_lock(root)
-        held = lock.__enter__()
+        held = stack.enter_context(build_lock(root))
     except OSError as e:
         raise StoreError(
             f"{root}: cannot write the expert store there ({e.strerror}); set store_dir to a writable folder",
             path=str(root),
         ) from e
-    try:
+    with stack:
         yield held
-    finally:
-        lock.__exit__(None, None, None)
 
 
 def convert(
@@ -140,9 +138,9 @@ def _build(
     if _free_bytes(root) < needed:
         raise _disk_full(root, "checked before conversion", needed)
     tmp = make_tmp(root, layout.precision)
+    trash = None
     try:
         manifest = _write(ckpt, arch, codec, spec, tmp, progress, cancel)
-        trash = None
         if final.exists():
             trash = make_tmp(root, "old")
             final.rename(trash / "old")
@@ -152,9 +150,18 @@ def _build(
         remove_tmp(tmp)
         if isinstance(e, OSError) and e.errno in _DISK_FULL:
             raise _disk_full(root, f"disk full while writing {Path(e.filename or DATA).name}", needed) from e
+        if isinstance(e, OSError):
+            raise StoreError(
+                f"{root}: writing the expert store failed ({Path(e.filename or DATA).name}: {e.strerror}); "
+                "nothing of this build was kept",
+                path=str(root),
+            ) from e
         raise
     if trash is not None:
-        remove_tmp(trash)
+        try:
+            remove_tmp(trash)
+        except OSError as e:  # marked: a later open or convert removes it
+            log.warning("cannot remove the replaced store in %s (%s)", trash, e.strerror)
     return ExpertStore(final, manifest)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import xxhash
 
 from moeflow.errors import ConfigError
+from moeflow.store.store import MANIFEST
 
 log = logging.getLogger("moeflow.store")
 
@@ -61,7 +62,8 @@ def resolve_store_root(
     checkpoint_dir: Path, override: str | os.PathLike[str] | None, *, cache_dir: Path | None = None
 ) -> StoreLocation:
     """The store root of a checkpoint: `override` (checked), else `<checkpoint>/.moeflow` when it can be
-    written, else a folder of the per-user cache named after the checkpoint (with a note saying so).
+    written or holds stores already (a read-only prebuilt store is used in place), else a folder of the
+    per-user cache named after the checkpoint's path. A note says when the root is read-only or in the cache.
 
     ConfigError naming store_dir: an empty path, a path in /proc or /sys, a file, or no writable place.
     """
@@ -70,6 +72,11 @@ def resolve_store_root(
     beside = checkpoint_dir / DEFAULT_DIR
     if _writable(beside):
         return StoreLocation(beside)
+    if any(beside.glob(f"*/{MANIFEST}")):
+        return StoreLocation(
+            beside,
+            f"{beside} is read-only: its stores are used as they are, a rebuild needs store_dir (a writable folder)",
+        )
     real = os.path.realpath(checkpoint_dir)
     cache = (cache_dir or user_cache_dir()) / f"{Path(real).name}-{xxhash.xxh3_64_hexdigest(real.encode())}"
     try:

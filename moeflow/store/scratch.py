@@ -104,6 +104,10 @@ def clean_stale_tmp(root: Path) -> list[Path]:
         if not isinstance(marker, dict) or _owner_alive(marker):
             continue
         log.info("removing %s, left by build process %s which is gone", tmp, marker.get("pid"))
-        remove_tmp(tmp)
+        try:
+            remove_tmp(tmp)
+        except OSError as e:  # a read-only store root: opening its store must still work
+            log.warning("cannot remove %s, left by a build that is gone (%s)", tmp, e.strerror)
+            continue
         removed.append(tmp)
     return removed

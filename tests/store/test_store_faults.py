@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import importlib
+import json
 import logging
 import os
 import shutil
@@ -21,6 +22,7 @@ from moeflow import Engine
 from moeflow.errors import ConfigError, StoreError
 from moeflow.models import Checkpoint, parse_arch
 from moeflow.store import codec_for, open_or_convert, resolve_store_root, store_root
+from moeflow.store.scratch import MARKER, make_tmp
 
 conv = importlib.import_module("moeflow.store.convert")  # the module (moeflow.store exports a function of that name)
 REPO = Path(__file__).parents[2]
@@ -131,6 +133,39 @@ def test_read_only_checkpoint_falls_back_to_the_user_cache_and_says_so(hf_checkp
         assert store.path.parent == root
         assert not (model / ".moeflow").exists()
         ckpt.close()
+
+
+@pytest.mark.asyncio
+async def test_engine_on_a_read_only_checkpoint_serves_from_the_cache_and_logs_it(hf_checkpoints, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    model = tmp_path / "model"
+    shutil.copytree(hf_checkpoints.path("mixtral"), model, ignore=shutil.ignore_patterns(".moeflow"))
+    async with Engine.open(model, device="cpu", store_dir=str(tmp_path / "reference")) as eng:
+        expected = (await eng.generate([5, 17, 42], 4)).tokens
+    monkeypatch.setenv("MOEFLOW_CACHE", str(tmp_path / "cache"))
+    with read_only(model), caplog.at_level(logging.WARNING, logger="moeflow.store"):
+        async with Engine.open(model, device="cpu") as eng:
+            assert (await eng.generate([5, 17, 42], 4)).tokens == expected
+    assert "is read-only: the expert store lives in" in caplog.text
+    assert list((tmp_path / "cache").glob("model-*/float32/manifest.json"))
+
+
+def test_read_only_checkpoint_with_a_prebuilt_store_uses_it_in_place(hf_checkpoints, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    model = tmp_path / "model"
+    shutil.copytree(hf_checkpoints.path("qwen2_moe"), model, ignore=shutil.ignore_patterns(".moeflow"))
+    ckpt = Checkpoint(model)
+    arch, codec = parse_arch(ckpt), codec_for("float32")
+    built = open_or_convert(ckpt, arch, codec, model / ".moeflow", progress=False)
+    leftover = make_tmp(model / ".moeflow", "float32")  # marked by this process, then made to look dead
+    (leftover / MARKER).write_text(json.dumps({"pid": 2**22 + 1, "start": 0, "host": os.uname().nodename}))
+    monkeypatch.setenv("MOEFLOW_CACHE", str(tmp_path / "cache"))
+    with read_only(model):
+        location = resolve_store_root(model, None)
+        assert location.root == model / ".moeflow" and location.note and "read-only" in location.note
+        store = open_or_convert(ckpt, arch, codec, location.root, mode="never", progress=False)
+        assert store.manifest == built.manifest
+        assert leftover.exists()  # cannot be removed on a read-only disk, and that does not stop the open
+    assert not (tmp_path / "cache").exists()
+    ckpt.close()
 
 
 def test_read_only_checkpoint_and_no_writable_cache_is_a_config_error(hf_checkpoints, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
