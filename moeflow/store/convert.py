@@ -25,7 +25,7 @@ from moeflow.store.codecs import Codec
 from moeflow.store.layout import BlobLayout
 from moeflow.store.lock import BuildLock, build_lock
 from moeflow.store.manifest import DATA, Manifest, StoreSpec
-from moeflow.store.scratch import clean_stale_tmp, make_tmp, remove_tmp
+from moeflow.store.scratch import MARKER, TMP_PREFIX, clean_stale_tmp, make_tmp, remove_tmp
 from moeflow.store.store import MANIFEST, ExpertStore
 
 log = logging.getLogger("moeflow.store")
@@ -97,6 +97,19 @@ def _disk_full(root: Path, what: str, needed: int) -> StoreError:
     )
 
 
+def _write_error(root: Path, error: OSError, needed: int) -> StoreError:
+    """The typed error of a failed write while building in `root` (after its temporary folder is gone)."""
+    name = Path(error.filename).name if error.filename else ""
+    if not name or name.startswith(TMP_PREFIX) or name == MARKER:  # gone now: naming it would mislead
+        name = "the temporary folder"
+    if error.errno in _DISK_FULL:
+        return _disk_full(root, f"disk full while writing {name}", needed)
+    return StoreError(
+        f"{root}: writing the expert store failed ({name}: {error.strerror}); nothing of this build was kept",
+        path=str(root),
+    )
+
+
 @contextmanager
 def _locked(root: Path) -> Iterator[BuildLock]:
     """The build lock of `root`; a root that cannot be made or written is a StoreError naming store_dir."""
@@ -137,7 +150,10 @@ def _build(
     needed = _needed_bytes(layout, len(spec.layers) * spec.num_experts)
     if _free_bytes(root) < needed:
         raise _disk_full(root, "checked before conversion", needed)
-    tmp = make_tmp(root, layout.precision)
+    try:
+        tmp = make_tmp(root, layout.precision)
+    except OSError as e:
+        raise _write_error(root, e, needed) from e
     trash = None
     try:
         manifest = _write(ckpt, arch, codec, spec, tmp, progress, cancel)
@@ -148,14 +164,8 @@ def _build(
         _fsync_dir(root)
     except BaseException as e:
         remove_tmp(tmp)
-        if isinstance(e, OSError) and e.errno in _DISK_FULL:
-            raise _disk_full(root, f"disk full while writing {Path(e.filename or DATA).name}", needed) from e
         if isinstance(e, OSError):
-            raise StoreError(
-                f"{root}: writing the expert store failed ({Path(e.filename or DATA).name}: {e.strerror}); "
-                "nothing of this build was kept",
-                path=str(root),
-            ) from e
+            raise _write_error(root, e, needed) from e
         raise
     if trash is not None:
         try:

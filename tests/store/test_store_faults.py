@@ -81,6 +81,23 @@ def test_disk_full_is_a_store_error_with_sizes_and_no_temp_folder(model, monkeyp
     assert list(root.iterdir()) == []  # temp folder and lock file gone
 
 
+def test_disk_full_while_making_the_temporary_folder_is_a_store_error(model, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    ckpt, arch, root = model
+    scratch = importlib.import_module("moeflow.store.scratch")
+    real_mkdir = Path.mkdir
+
+    def full(self: Path, *args: object, **kwargs: object) -> None:
+        if self.name.startswith(scratch.TMP_PREFIX):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        real_mkdir(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "mkdir", full)
+    with pytest.raises(StoreError, match=r"disk full while writing the temporary folder\): it needs \d+ bytes") as e:
+        open_or_convert(ckpt, arch, codec_for("float32"), root, progress=False)
+    assert ".tmp-" not in str(e.value)
+    assert list(root.iterdir()) == []
+
+
 def test_a_disk_too_small_is_refused_before_conversion(model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     ckpt, arch, _ = model
     small = tmp_path / "small"
