@@ -117,7 +117,7 @@ def test_fingerprint_reads_samples_not_the_whole_shard(tmp_path: Path) -> None:
     assert shard_digest(shard) != before
 
 
-def test_fingerprint_ignores_paths_and_times_but_not_shard_names(hf_checkpoints, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_fingerprint_ignores_paths_and_times_but_not_the_config(hf_checkpoints, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     src = hf_checkpoints.path("olmoe")
     a = _copy(src, tmp_path / "a", keep_times=False)
     os.utime(a / "model.safetensors", (1, 1))
