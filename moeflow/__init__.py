@@ -19,6 +19,7 @@ from moeflow.errors import (
     TransferError,
     UnsupportedModel,
 )
+from moeflow.llm import LLM
 from moeflow.stats import EngineStats, RequestStats
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "EngineStats",
     "GenerationResult",
     "InvalidRequest",
+    "LLM",
     "MemoryPlan",
     "MoeflowError",
     "OutOfBudget",

@@ -1,0 +1,108 @@
+"""`moeflow.LLM`: a synchronous face over an Engine for scripts and notebooks, in the manner of vLLM's LLM.
+
+    from moeflow import LLM
+    with LLM("path/to/checkpoint", expert_budget="25%") as llm:
+        for result in llm.generate(["def fib(n):", "import os"], max_new_tokens=64):
+            print(result.text)
+
+The engine lives on its own event loop in a background thread, so this works where a loop is
+already running (Jupyter) and from plain scripts alike; every call blocks until its results are
+ready, and Ctrl-C while waiting cancels the requests it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import threading
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
+
+import torch
+
+from moeflow.api import Engine, GenerationResult
+from moeflow.errors import InvalidRequest
+from moeflow.jobs import JobSummary, generate_batch, run_jobs
+from moeflow.stats import EngineStats
+
+T = TypeVar("T")
+Prompt = str | Sequence[int] | torch.Tensor
+
+
+def _as_prompts(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    """One prompt (text, token ids, a 1-d tensor) or a sequence of them, as a list."""
+    if isinstance(prompts, str) or (isinstance(prompts, torch.Tensor) and prompts.dim() <= 1):
+        return [prompts]
+    if isinstance(prompts, Sequence) and prompts and all(isinstance(p, int) for p in prompts):
+        return [prompts]  # type: ignore[list-item]
+    if isinstance(prompts, (Sequence, torch.Tensor)):
+        return list(prompts)
+    raise InvalidRequest(f"prompts: expected text, token ids or a list of them, got {type(prompts).__name__}")
+
+
+class LLM:
+    """A moeflow Engine behind blocking calls. Options are Engine.open's (expert_budget, device, ...)."""
+
+    def __init__(self, model: str | os.PathLike[str], **options: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="moeflow-llm", daemon=True)
+        self._thread.start()
+        self._engine: Engine | None = None
+        try:
+            self._engine = self._run(Engine.open(model, **options).start())
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result()
+        except (KeyboardInterrupt, concurrent.futures.CancelledError):
+            future.cancel()  # the requests this call started end at their next step
+            raise
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise InvalidRequest("this LLM is closed")
+        return self._engine
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 32, *,
+                 concurrency: int | None = None, **params: Any) -> list[GenerationResult]:
+        """One result per prompt, in order. Sampling parameters (temperature, top_k, top_p, seed,
+        stop_at_eos) apply to every prompt; all run at once unless `concurrency` bounds them."""
+        batch = _as_prompts(prompts)
+        return self._run(generate_batch(self.engine, batch, max_new_tokens, concurrency=concurrency, **params))
+
+    def run_file(self, input_path: str | os.PathLike[str], output_path: str | os.PathLike[str], *,
+                 concurrency: int = 8, **defaults: Any) -> JobSummary:
+        """A JSONL job file (see moeflow.jobs): results appended as they finish, resumable."""
+        return self._run(run_jobs(self.engine, input_path, output_path, concurrency=concurrency, defaults=defaults))
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def close(self) -> None:
+        """Close the engine and stop its thread; idempotent."""
+        engine, self._engine = self._engine, None
+        try:
+            if engine is not None:
+                self._run(engine.aclose())
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=30)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
