@@ -18,7 +18,7 @@ from moeflow.scheduling.traces import SequenceTrace
 from moeflow.config import EngineConfig, MemoryPlan
 from moeflow.errors import EngineClosed, InvalidRequest
 from moeflow.runtime.runner import pick_token
-from moeflow.runtime.sampling import Sampler, SamplingParams
+from moeflow.runtime.sampling import Sampler, SamplingParams, integer_value
 from moeflow.session import Session, open_session
 from moeflow.stats import EngineStats, RequestStats
 
@@ -122,27 +122,52 @@ class Engine:
         return None if tok is None else tok.decode(list(ids))
 
     def _prompt_ids(self, prompt: str | Sequence[int] | torch.Tensor) -> list[int]:
+        """The prompt as plain ints, each checked against the vocabulary. numpy and torch integer
+        scalars are ids; a float (or a float tensor) is refused, never rounded."""
         if isinstance(prompt, str):
             ids = self.encode(prompt)
             if not ids:
                 raise InvalidRequest("empty prompt: it encodes to no tokens")
-        elif isinstance(prompt, torch.Tensor):
+            return ids
+        if isinstance(prompt, torch.Tensor):
             if prompt.dim() != 1:
                 raise InvalidRequest(f"token ids must be a 1-D tensor, got shape {list(prompt.shape)}")
-            ids = prompt.tolist()
-        else:
-            ids = list(prompt)
-        if not ids:
+            if prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool:
+                raise InvalidRequest(f"token ids must be an integer tensor, got {prompt.dtype}: ids are never rounded")
+            prompt = prompt.tolist()
+        prompt = list(prompt)  # a numpy array has no truth value
+        if not prompt:
             raise InvalidRequest("empty prompt: give at least one token")
         vocab = self.session.arch.vocab_size
-        for i in ids:
-            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab:
-                raise InvalidRequest(f"token id {i!r} out of range [0, {vocab})")
+        ids = []
+        for pos, value in enumerate(prompt):
+            try:
+                i = integer_value(value)
+            except TypeError as e:
+                raise InvalidRequest(
+                    f"token id {value!r} at position {pos} is {e}: token ids are integers (never rounded)"
+                ) from None
+            if not 0 <= i < vocab:
+                raise InvalidRequest(f"token id {i!r} out of range [0, {vocab}) at position {pos}")
+            ids.append(i)
         return ids
+
+    def _check_length(self, prompt: int, max_new_tokens: int = 0) -> None:
+        """Refuse, before any compute, a request whose positions would pass the model's context."""
+        limit = self.session.arch.max_position_embeddings
+        if prompt + max_new_tokens > limit:
+            asked = f"a prompt of {prompt} tokens"
+            if max_new_tokens:
+                asked += f" + max_new_tokens={max_new_tokens} = {prompt + max_new_tokens} positions"
+            raise InvalidRequest(
+                f"{asked} exceeds the model's context of {limit} tokens (max_position_embeddings in "
+                f"{self.path / 'config.json'}): shorten the prompt or lower max_new_tokens"
+            )
 
     async def logits(self, token_ids: str | Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Prefill logits [len, vocab] (float32) for a fresh sequence."""
         ids = self._prompt_ids(token_ids)
+        self._check_length(len(ids))
         session = self.session
         seq = session.runner.new_sequence(ids)
         try:
@@ -161,6 +186,7 @@ class Engine:
         if not stepwise:
             return await self.logits(token_ids)
         ids = self._prompt_ids(token_ids)
+        self._check_length(len(ids))
         session = self.session
         seq = session.runner.new_sequence(ids[:1])
         rows = []
@@ -224,9 +250,14 @@ class Engine:
         stop: bool,
         record: bool = False,
     ) -> AsyncGenerator[Any, None]:
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        try:
+            max_new_tokens = integer_value(max_new_tokens)
+        except TypeError as e:
+            raise InvalidRequest(f"max_new_tokens={max_new_tokens!r}: must be a positive integer, got {e}") from None
+        if max_new_tokens <= 0:
             raise InvalidRequest(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
         ids = self._prompt_ids(prompt)
+        self._check_length(len(ids), max_new_tokens)
         session = self.session
         request = _Request(ids)
         self._requests += 1

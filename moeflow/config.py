@@ -105,10 +105,22 @@ def _choice(option: str, value: object, allowed: tuple[str, ...]) -> str:
     return value
 
 
-def _positive_int(option: str, value: object) -> int:
+def _positive_int(option: str, value: object, most: int | None = None, why: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"{option}={value!r}: expected a positive integer")
+    if most is not None and value > most:
+        raise ConfigError(f"{option}={value!r}: expected at most {most}{' (' + why + ')' if why else ''}")
     return value
+
+
+MAX_IO_WORKERS = 256  # the transfer engine's own limit (rust/core/src/transfer.rs)
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -131,6 +143,7 @@ class EngineConfig:
     io_chunk: int = 4 << 20  # largest part of one read: a demand read waits for at most one part
     store_dir: str | None = None
     store_mode: str = "auto"
+    prefill_chunk: int = 512  # prompt tokens per forward pass: bounds a long prompt's attention memory
     verify_checksums: bool = True
     progress: bool = False
     threads: int | None = None
@@ -174,7 +187,9 @@ class EngineConfig:
             out["dtype"] = dtype
         if out.get("prefetch") == "predictor":
             out["prefetch"] = "auto"
-        for name in ("io_workers", "prefetch_depth"):
+        if "io_workers" in kw:
+            out["io_workers"] = _positive_int("io_workers", kw["io_workers"], MAX_IO_WORKERS, "read threads")
+        for name in ("prefetch_depth", "prefill_chunk"):
             if name in kw:
                 out[name] = _positive_int(name, kw[name])
         for name in ("prefetch_width", "max_speculative_loads"):
@@ -186,7 +201,9 @@ class EngineConfig:
                 raise ConfigError(f"io_chunk={kw['io_chunk']!r}: expected a positive multiple of 4 KiB")
             out["io_chunk"] = chunk
         if kw.get("threads") is not None:
-            out["threads"] = _positive_int("threads", kw["threads"])
+            # more compute threads than CPUs only slows torch down (and a huge count crashes it)
+            cpus = _cpu_count()
+            out["threads"] = _positive_int("threads", kw["threads"], cpus, f"this machine has {cpus} CPUs")
         for name in ("store_dir", "predictor_dir"):
             if kw.get(name) is not None:
                 out[name] = os.fspath(kw[name])
@@ -196,7 +213,11 @@ class EngineConfig:
             if kw.get(name) is not None:
                 from moeflow.store.codecs import codec_for
 
-                codec_for(str(kw[name]), out.get("group_size"))  # raises ConfigError naming the value
+                try:
+                    codec_for(str(kw[name]), out.get("group_size"))
+                except ConfigError as e:  # the codec names the value; say which options hold it
+                    group = f" with group_size={out['group_size']}" if "group_size" in out else ""
+                    raise ConfigError(f"{name}={kw[name]!r}{group}: {e}") from e
                 out[name] = str(kw[name])
         if "miss_thresholds" in kw:
             t = kw["miss_thresholds"]

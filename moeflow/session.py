@@ -235,7 +235,7 @@ def _assemble(
     miss = None
     if low_cache is not None:
         miss = MissPrecision(config.miss_thresholds[0], config.miss_thresholds[1], low_cache)
-    runner = ModelRunner(model, cache, memory.device, scheduler, miss)
+    runner = ModelRunner(model, cache, memory.device, scheduler, miss, config.prefill_chunk)
     return Session(config, ckpt, arch, dtype, device, store, tiers, model, memory, runner, tokenizer, scheduler)
 
 

@@ -1,12 +1,22 @@
-"""EngineConfig and MemoryPlan: validated once, errors name the option and value."""
+"""EngineConfig and MemoryPlan: validated once, errors name the option and value; checkpoint
+configs that contradict themselves or their weights are refused naming the field."""
 
 from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
+from moeflow import Engine
 from moeflow.config import Budget, EngineConfig, MemoryPlan, parse_budget, parse_size
-from moeflow.errors import ConfigError
+from moeflow.errors import CheckpointError, ConfigError
+from tests.conftest import HFCheckpoints
 
 
 @pytest.mark.parametrize(
@@ -49,3 +59,118 @@ def test_memory_plan_refuses_below_top_k_and_clamps_above_total() -> None:
     assert plan.slots == 16
     plan = MemoryPlan.build(Budget(fraction=0.25), 4096, 16, 2)
     assert plan.slots == 4 and plan.arena_bytes == 4 * 4096
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"io_workers": 1000}, r"io_workers=1000: expected at most 256"),
+        ({"io_workers": 257}, r"io_workers=257"),
+        ({"threads": 10**6}, r"threads=1000000: expected at most \d+ \(this machine has \d+ CPUs\)"),
+        ({"prefill_chunk": 0}, r"prefill_chunk=0"),
+        ({"prefill_chunk": True}, r"prefill_chunk=True"),
+        ({"prefill_chunk": "512"}, r"prefill_chunk='512'"),
+        ({"precision": "int4", "group_size": 3}, r"precision='int4' with group_size=3"),
+        ({"miss_precision": "int9"}, r"miss_precision='int9'"),
+    ],
+)
+def test_every_option_error_is_a_config_error_naming_the_option(options: dict[str, object], named: str) -> None:
+    """Raised by from_user, i.e. by Engine.open before the checkpoint is read or anything
+    allocated (io_workers=1000 used to pass here and fail later as a bare ValueError from the
+    transfer engine; threads=10**6 used to crash torch)."""
+    with pytest.raises(ConfigError, match=named):
+        EngineConfig.from_user(**options)
+
+
+def test_limits_themselves_are_accepted() -> None:
+    cfg = EngineConfig.from_user(io_workers=256, threads=1, prefill_chunk=1)
+    assert (cfg.io_workers, cfg.threads, cfg.prefill_chunk) == (256, 1, 1)
+    assert EngineConfig.from_user().prefill_chunk == 512
+
+
+# ---- checkpoint configs that disagree with themselves or with their weights ------------------
+
+def _copy(hf_checkpoints: HFCheckpoints, family: str, dst: Path) -> Path:
+    shutil.copytree(hf_checkpoints.path(family), dst, ignore=shutil.ignore_patterns(".moeflow"))
+    return dst
+
+
+def _edit(path: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    cfg = json.loads((path / "config.json").read_text())
+    edit(cfg)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def _set_rope_parameters_theta(value: float) -> Callable[[dict[str, Any]], None]:
+    def edit(cfg: dict[str, Any]) -> None:
+        cfg["rope_parameters"]["rope_theta"] = value
+
+    return edit
+
+
+def _old_layout_theta(value: float) -> Callable[[dict[str, Any]], None]:
+    def edit(cfg: dict[str, Any]) -> None:
+        cfg.pop("rope_parameters", None)
+        cfg["rope_theta"] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "field", "value"),
+    [
+        (_set_rope_parameters_theta(-1.0), "rope_parameters.rope_theta", "-1.0"),
+        (_set_rope_parameters_theta(0.0), "rope_parameters.rope_theta", "0.0"),
+        (_old_layout_theta(-1.0), "rope_theta", "-1.0"),
+        (_old_layout_theta(0), "rope_theta", "0.0"),
+    ],
+    ids=["rope_parameters-negative", "rope_parameters-zero", "rope_theta-negative", "rope_theta-zero"],
+)
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+@pytest.mark.asyncio
+async def test_rope_theta_not_above_zero_is_a_checkpoint_error(
+    hf_checkpoints: HFCheckpoints, tmp_path: Path, family: str, edit: Callable[[dict[str, Any]], None],
+    field: str, value: str,
+) -> None:
+    path = _copy(hf_checkpoints, family, tmp_path / "model")
+    _edit(path, edit)
+    with pytest.raises(CheckpointError, match=f"'{field}' is {value}.* finite number > 0") as info:
+        await asyncio.wait_for(Engine.open(path, device="cpu").start(), 60)
+    assert info.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("family", "layers", "held"),
+    [("mixtral", 1, 2), ("mixtral", 3, 2), ("qwen2_moe", 2, 3), ("deepseek_v2", 4, 3), ("olmoe", 1, 2)],
+)
+@pytest.mark.asyncio
+async def test_layer_count_that_disagrees_with_the_weights_is_a_checkpoint_error(
+    hf_checkpoints: HFCheckpoints, tmp_path: Path, family: str, layers: int, held: int
+) -> None:
+    """Fewer layers in the config than in the weights used to run a cut-down model silently;
+    more used to fail mid-load on a missing tensor without naming the field."""
+    path = _copy(hf_checkpoints, family, tmp_path / "model")
+    _edit(path, lambda cfg: cfg.update(num_hidden_layers=layers))
+    with pytest.raises(CheckpointError, match=f"'num_hidden_layers' is {layers} but the weights hold {held} ") as info:
+        await asyncio.wait_for(Engine.open(path, device="cpu").start(), 60)
+    assert info.value.field == "num_hidden_layers"
+    assert not (path / ".moeflow").exists()  # refused before any store was built
+
+
+@pytest.mark.asyncio
+async def test_deepseek_v3_draft_layers_beyond_the_config_are_allowed(hf_checkpoints: HFCheckpoints,
+                                                                      tmp_path: Path) -> None:
+    """DeepSeek-V3 checkpoints ship num_nextn_predict_layers multi-token-prediction layers after
+    the decoder layers (model.layers.61 of a 61-layer model); they are not run, and not an error."""
+    from safetensors.torch import load_file, save_file
+
+    path = _copy(hf_checkpoints, "deepseek_v3", tmp_path / "model")
+    weights = load_file(path / "model.safetensors")
+    weights["model.layers.3.enorm.weight"] = torch.ones(32)
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    _edit(path, lambda cfg: cfg.update(num_nextn_predict_layers=1))
+    async with Engine.open(path, device="cpu") as eng:
+        assert len((await eng.generate([5, 17, 42], 2)).tokens) >= 1
+    _edit(path, lambda cfg: cfg.update(num_nextn_predict_layers=0))
+    with pytest.raises(CheckpointError, match="'num_hidden_layers' is 3 but the weights hold 4 "):
+        await Engine.open(path, device="cpu")

@@ -29,4 +29,5 @@ def parse_arch(checkpoint: Checkpoint) -> Arch:
             field="model_type",
         )
     arch: Arch = family.parse(cfg)
+    cfg.check_layers(arch, checkpoint.tensors)
     return arch

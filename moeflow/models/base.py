@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,8 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     """YaRN's attention-temperature factor for a context scaled by `scale`."""
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
+
+_LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -219,6 +223,24 @@ class ConfigReader:
         fields.update(extra)
         return AttentionSpec(**fields)
 
+    def check_layers(self, arch: Arch, tensor_names: Iterable[str]) -> None:
+        """The weights must hold exactly num_hidden_layers decoder layers (plus DeepSeek-V3's
+        num_nextn_predict_layers draft layers, which moeflow does not run): a config with fewer
+        would silently run a cut-down model, one with more would fail mid-load."""
+        found = {int(m.group(1)) for name in tensor_names if (m := _LAYER_TENSOR.match(name))}
+        extra = self.opt("num_nextn_predict_layers", 0)
+        held = max(found) + 1 if found else 0
+        missing = sorted(set(range(arch.num_layers)) - found)
+        if held > arch.num_layers + extra or missing:
+            shown = f"; layers {missing[:8]}{'...' if len(missing) > 8 else ''} have no tensors" if missing else ""
+            raise CheckpointError(
+                f"{self._where()}: field 'num_hidden_layers' is {arch.num_layers} but the weights hold "
+                f"{len(found)} decoder layers ({f'model.layers.0..{held - 1}' if found else 'no model.layers.* tensors'})"
+                f"{shown}: fix the config or the weights",
+                path=self._where(),
+                field="num_hidden_layers",
+            )
+
     def refuse(self, option: str, value: Any, why: str = "") -> None:
         raise UnsupportedModel(
             f"{self._where()}: unsupported config option {option}={value!r}{': ' + why if why else ''}",
@@ -251,11 +273,19 @@ class ConfigReader:
 
     def rope(self, dim: int, *, interleaved: bool = False) -> RopeSpec:
         """Normalize old (rope_theta + rope_scaling) and new (rope_parameters) layouts."""
-        params = dict(self.config.get("rope_parameters") or {})
-        if not params:
-            params = dict(self.config.get("rope_scaling") or {})
+        source = "rope_parameters" if self.config.get("rope_parameters") else "rope_scaling"
+        params = dict(self.config.get(source) or {})
+        theta_field = f"{source}.rope_theta" if "rope_theta" in params else "rope_theta"
         if "rope_theta" not in params:
             params["rope_theta"] = self.opt("rope_theta", 10000.0, float)
+        theta = params["rope_theta"]
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < theta < math.inf:
+            # theta ** (-i / dim) is the rotation frequency: 0 or below gives inf / NaN angles
+            raise CheckpointError(
+                f"{self._where()}: field {theta_field!r} is {theta!r}; the rope base must be a finite number > 0",
+                path=self._where(),
+                field=theta_field,
+            )
         kind = str(params.get("rope_type", params.get("type", "default")))
         if kind not in ("default", "linear", "llama3", "yarn"):
             self.refuse("rope_type", kind, "supported: default, linear, llama3, yarn")

@@ -51,12 +51,14 @@ class ModelRunner:
         device: ComputeDevice,
         scheduler: Scheduler | None = None,
         miss: MissPrecision | None = None,
+        prefill_chunk: int = 512,
     ) -> None:
         self.model = model
         self.cache = cache
         self.device = device
         self.scheduler = scheduler
         self.miss = miss
+        self.prefill_chunk = prefill_chunk
         self.precision_counters = PrecisionCounters()
         self.eps = model.arch.rms_norm_eps
         self.threads = ThreadPlan()
@@ -68,18 +70,41 @@ class ModelRunner:
 
     async def forward(self, seq: Sequence, ids: list[int], *, all_logits: bool = False) -> torch.Tensor:
         """Logits (float32, on the compute device) for the new token ids: [T, V] if all_logits
-        else [1, V] (the last)."""
+        else [1, V] (the last). More than `prefill_chunk` ids run as consecutive passes of at
+        most that many (each attends to the cache the ones before filled), so a prompt's
+        attention mask and activations stay [chunk, S] and [chunk, H] whatever its length."""
         narrow = len(ids) == 1 and self.model.device.type == "cpu"
         if narrow:
             self.threads.narrow()  # decode: see runtime/threads.py
         try:
             with torch.inference_mode():
-                return await self._forward(seq, ids, all_logits)
+                if len(ids) > self.prefill_chunk:
+                    return await self._chunked(seq, ids, all_logits)
+                logits = await self._forward(seq, ids, all_logits)
+                assert logits is not None
+                return logits
         finally:
             if narrow:
                 self.threads.restore()
 
-    async def _forward(self, seq: Sequence, ids: list[int], all_logits: bool) -> torch.Tensor:
+    async def _chunked(self, seq: Sequence, ids: list[int], all_logits: bool) -> torch.Tensor:
+        step = self.prefill_chunk
+        rows: list[torch.Tensor] = []
+        steps = len(seq.trace) if seq.trace is not None else 0
+        for start in range(0, len(ids), step):
+            chunk = ids[start : start + step]
+            logits = await self._forward(seq, chunk, all_logits, head=all_logits or start + step >= len(ids))
+            if logits is not None:
+                rows.append(logits)
+        if seq.trace is not None:  # one trace step per forward call, as unchunked: join the chunks'
+            parts = seq.trace[steps:]
+            del seq.trace[steps:]
+            seq.trace.append({layer: torch.cat([p[layer] for p in parts]) for layer in parts[0]})
+        return torch.cat(rows) if len(rows) > 1 else rows[0]
+
+    async def _forward(self, seq: Sequence, ids: list[int], all_logits: bool,
+                       head: bool = True) -> torch.Tensor | None:
+        """One pass over ids; head=False (a prompt chunk before the last) skips the lm_head."""
         m = self.model
         wide = self.threads.wide
         cache = self.cache
@@ -113,6 +138,8 @@ class ModelRunner:
             h = await run_moe(layer, x, routing, cache, wide, self.miss, self.precision_counters, residual=h)
         if routes is not None and seq.trace is not None:
             seq.trace.append(routes)
+        if not head:
+            return None
         if not all_logits:
             h = h[-1:]
         with wide(m.lm_head.nbytes):
