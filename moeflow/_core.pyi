@@ -446,7 +446,39 @@ class TransferEngine:
         """Blocking pop (GIL released) for scripts and tests; asyncio code uses eventfd."""
 
     def inject_fault(self, file_id: int, errno: int, count: int = 1) -> None:
-        """Testing hook: the next `count` reads of `file_id` fail with `errno`."""
+        """Testing only: the next `count` reads (parts) of `file_id` fail with `errno`."""
+
+    def add_test_fault(
+        self,
+        kind: Literal["errno", "short_read", "corrupt", "delay", "panic"],
+        *,
+        op: Literal["read", "copy", "any"] = "read",
+        file_id: int | None = None,
+        offset: int | None = None,
+        skip: int = 0,
+        count: int = 1,
+        errno: int = 5,
+        delay: float = 0.0,
+    ) -> None:
+        """Testing only (nothing in moeflow arms one): arm a fault rule on this engine.
+
+        It watches the parts (one pread or memcpy of at most `chunk_size` bytes) the
+        workers run: reads (`op='read'`), host copies (`'copy'`) or both (`'any'`);
+        `file_id` and `offset` narrow it to reads of that file, and of the part holding
+        that byte. After `skip` matching parts, the next `count` (0: every one until
+        `clear_test_faults`) get the fault:
+        'errno' fails the read with `errno` (EIO by default), 'short_read' ends the
+        file inside the part (at `offset`, else halfway: ShortRead), 'corrupt' flips one
+        byte after the read (ChecksumMismatch when a CRC is expected), 'delay' makes the
+        part wait `delay` seconds, 'panic' panics the worker: the transfer fails with a
+        TransferError and the worker goes on. Device copies are not covered.
+        ValueError for an unknown kind or op, or a read-only fault given op 'copy'."""
+
+    def clear_test_faults(self) -> None:
+        """Testing only: remove every fault rule."""
+
+    def test_fault_hits(self) -> int:
+        """Testing only: parts an injected fault has hit since the engine started."""
 
     def pending(self) -> int:
         """Transfers submitted and not yet completed."""

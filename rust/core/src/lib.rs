@@ -20,8 +20,8 @@ pub use pool::ArenaAllocator;
 pub use sim::{SimDevice, SimEvent};
 pub use slab::{BlockHandle, SlabAllocator};
 pub use transfer::{
-    Completion, CopyRequest, DirectMode, ReadRequest, Status, TransferEngine,
-    SPECULATIVE_PART_BYTES,
+    Completion, CopyRequest, DirectMode, FaultKind, FaultOp, FaultRule, ReadRequest, Status,
+    TransferEngine, SPECULATIVE_PART_BYTES,
 };
 
 /// Alignment (bytes) of file offset, length and address that O_DIRECT reads need.

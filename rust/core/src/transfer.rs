@@ -11,6 +11,7 @@
 mod backend;
 mod completion;
 mod device;
+mod faults;
 mod files;
 mod request;
 mod shared;
@@ -25,6 +26,7 @@ use std::time::Duration;
 
 pub use completion::{Completion, Status};
 pub use device::SPECULATIVE_PART as SPECULATIVE_PART_BYTES;
+pub use faults::{FaultKind, FaultOp, FaultRule};
 pub use request::{CopyRequest, DirectMode, ReadRequest};
 pub use shared::EngineStats;
 
@@ -36,6 +38,7 @@ use crate::sim::SimDevice;
 use crate::DIRECT_IO_ALIGN;
 use completion::CompletionQueue;
 use device::{Backend, DeviceQueue, DeviceSide};
+use faults::FaultPlan;
 use files::FileTable;
 pub(crate) use shared::Shared;
 use shared::{Counters, Registry};
@@ -106,6 +109,7 @@ impl TransferEngine {
             stats: Counters::default(),
             registry: Mutex::new(Registry::default()),
             files: FileTable::default(),
+            faults: FaultPlan::default(),
             pending: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
             speculative_running: AtomicUsize::new(0),
@@ -189,17 +193,6 @@ impl TransferEngine {
     /// True when the registered file can be read with O_DIRECT.
     pub fn file_supports_direct(&self, file_id: u64) -> CoreResult<bool> {
         Ok(self.shared.files.get(file_id)?.supports_direct())
-    }
-
-    /// Testing hook: the next `count` reads of `file_id` fail with `errno`.
-    pub fn inject_fault(&self, file_id: u64, errno: i32, count: u32) -> CoreResult<()> {
-        if errno <= 0 {
-            return Err(CoreError::invalid(format!(
-                "errno must be positive, got {errno}"
-            )));
-        }
-        self.shared.files.get(file_id)?.inject_fault(errno, count);
-        Ok(())
     }
 
     /// Submits a file -> host read; returns its id.

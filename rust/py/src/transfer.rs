@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use moeflow_core::{CopyRequest, CoreError, DirectMode, ReadRequest, TransferEngine};
+use moeflow_core::{
+    CopyRequest, CoreError, DirectMode, FaultKind, FaultOp, FaultRule, ReadRequest, TransferEngine,
+};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -187,10 +189,48 @@ impl PyTransferEngine {
             .map(|inner| PyCompletion { inner }))
     }
 
-    /// Testing hook: the next `count` reads of `file_id` fail with `errno`.
+    /// Testing only: the next `count` reads (parts) of `file_id` fail with `errno`.
     #[pyo3(signature = (file_id, errno, count = 1))]
     fn inject_fault(&self, file_id: u64, errno: i32, count: u32) -> PyCoreResult<()> {
         Ok(self.inner.inject_fault(file_id, errno, count)?)
+    }
+
+    /// Testing only: arm a fault rule (see `moeflow_core::FaultRule`). After `skip`
+    /// matching parts, the next `count` (0: all, until cleared) get the fault `kind`.
+    #[pyo3(signature = (
+        kind, *, op = "read", file_id = None, offset = None, skip = 0, count = 1,
+        errno = 5, delay = 0.0
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn add_test_fault(
+        &self,
+        kind: &str,
+        op: &str,
+        file_id: Option<u64>,
+        offset: Option<u64>,
+        skip: u32,
+        count: u32,
+        errno: i32,
+        delay: f64,
+    ) -> PyCoreResult<()> {
+        Ok(self.inner.add_fault(FaultRule {
+            kind: FaultKind::from_name(kind, errno, delay)?,
+            op: FaultOp::parse(op)?,
+            file_id,
+            offset,
+            skip,
+            count,
+        })?)
+    }
+
+    /// Testing only: remove every fault rule.
+    fn clear_test_faults(&self) {
+        self.inner.clear_faults();
+    }
+
+    /// Testing only: parts an injected fault has hit since the engine started.
+    fn test_fault_hits(&self) -> u64 {
+        self.inner.fault_hits()
     }
 
     /// Transfers submitted and not yet completed.

@@ -1,5 +1,6 @@
 //! Registered files: opened once (buffered, and O_DIRECT where the filesystem
-//! allows) and read with pread from any worker, with a fault-injection hook.
+//! allows) and read with pread from any worker; an injected fault (tests only) can
+//! fail a read with an errno or end the file early.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -14,16 +15,24 @@ use crate::DIRECT_IO_ALIGN;
 /// One registered file.
 #[derive(Debug)]
 pub(crate) struct FileEntry {
+    pub(crate) id: u64,
     pub(crate) path: String,
     buffered: File,
     /// None when the filesystem refuses O_DIRECT (tmpfs, some network filesystems).
     direct: Option<File>,
-    /// Injected faults: errno in the high half, remaining count in the low half.
-    fault: AtomicU64,
+}
+
+/// What an injected fault does to one read (see `transfer::faults`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReadFault {
+    /// pread fails with this errno.
+    Errno(i32),
+    /// The file seems to end at this offset.
+    EndAt(u64),
 }
 
 impl FileEntry {
-    fn open(path: &str) -> CoreResult<Self> {
+    fn open(id: u64, path: &str) -> CoreResult<Self> {
         let fail = |err: std::io::Error| {
             CoreError::io(
                 "open",
@@ -62,10 +71,10 @@ impl FileEntry {
             .open(path)
             .ok();
         Ok(Self {
+            id,
             path: path.to_owned(),
             buffered,
             direct,
-            fault: AtomicU64::new(0),
         })
     }
 
@@ -87,37 +96,12 @@ impl FileEntry {
         })
     }
 
-    /// Makes the next `count` reads fail with `errno`.
-    pub(crate) fn inject_fault(&self, errno: i32, count: u32) {
-        let word = if count == 0 {
-            0
-        } else {
-            (u64::from(errno as u32) << 32) | u64::from(count)
-        };
-        self.fault.store(word, Ordering::Relaxed);
-    }
-
-    /// Consumes one injected fault, if any. One relaxed load when none is armed.
-    fn take_fault(&self) -> Option<i32> {
-        let mut word = self.fault.load(Ordering::Relaxed);
-        while word != 0 {
-            let next = if word & 0xffff_ffff == 1 { 0 } else { word - 1 };
-            match self
-                .fault
-                .compare_exchange_weak(word, next, Ordering::Relaxed, Ordering::Relaxed)
-            {
-                Ok(_) => return Some((word >> 32) as i32),
-                Err(seen) => word = seen,
-            }
-        }
-        None
-    }
-
     /// Reads `len` bytes at `offset` into `dst`, the first `direct_len` bytes with
     /// O_DIRECT. Returns (bytes read, of which with O_DIRECT); fewer than `len` only
     /// at end of file.
     /// Retries EINTR and partial reads; falls back to buffered reads when the
-    /// filesystem rejects an O_DIRECT read it accepted at open (EINVAL).
+    /// filesystem rejects an O_DIRECT read it accepted at open (EINVAL). `fault`
+    /// (tests only) fails the read or ends the file early.
     ///
     /// # Safety
     /// `dst` must be valid for writes of `len` bytes and not accessed concurrently.
@@ -127,10 +111,15 @@ impl FileEntry {
         len: usize,
         offset: u64,
         direct_len: usize,
+        fault: Option<ReadFault>,
     ) -> Result<(usize, usize), i32> {
-        if let Some(errno) = self.take_fault() {
-            return Err(errno);
-        }
+        let len = match fault {
+            None => len,
+            Some(ReadFault::Errno(errno)) => return Err(errno),
+            Some(ReadFault::EndAt(end)) => len.min(end.saturating_sub(offset) as usize),
+        };
+        // O_DIRECT reads whole pages only: an early end leaves the rest to buffered reads.
+        let direct_len = direct_len.min(len - len % DIRECT_IO_ALIGN as usize);
         let mut done = 0usize;
         let mut direct_done = 0usize;
         let mut direct = self.direct.as_ref().filter(|_| direct_len > 0);
@@ -184,8 +173,8 @@ pub(crate) struct FileTable {
 
 impl FileTable {
     pub(crate) fn register(&self, path: &str) -> CoreResult<u64> {
-        let entry = Arc::new(FileEntry::open(path)?);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let entry = Arc::new(FileEntry::open(id, path)?);
         self.lock().insert(id, entry);
         Ok(id)
     }

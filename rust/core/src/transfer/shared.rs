@@ -9,6 +9,7 @@ use crate::queue::{Doorbell, PriorityLanes};
 use crate::sim::SimDevice;
 use crate::transfer::completion::{Completion, CompletionQueue, Status};
 use crate::transfer::device::DeviceQueue;
+use crate::transfer::faults::FaultPlan;
 use crate::transfer::files::FileTable;
 use crate::transfer::task::Transfer;
 use crate::transfer::worker::Job;
@@ -58,6 +59,8 @@ pub(crate) struct Shared {
     pub(crate) stats: Counters,
     pub(crate) registry: Mutex<Registry>,
     pub(crate) files: FileTable,
+    /// Injected faults (tests only).
+    pub(crate) faults: FaultPlan,
     pub(crate) pending: AtomicU64,
     pub(crate) next_id: AtomicU64,
     /// Workers running a speculative (prefetch or background) part, at most

@@ -1,5 +1,7 @@
-//! The worker threads: take parts from the lanes, move their bytes, finish transfers.
+//! The worker threads: take parts from the lanes, move their bytes (or meet an injected
+//! fault, in tests), finish transfers; a panic fails its transfer, never the worker.
 
+use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -8,6 +10,8 @@ use std::time::Instant;
 use crossbeam_utils::sync::Parker;
 
 use crate::error::CoreError;
+use crate::transfer::faults::{aim, FaultKind, Hit, PartSite, INJECTED_PANIC};
+use crate::transfer::files::ReadFault;
 use crate::transfer::task::{Op, PartDone, Transfer};
 use crate::transfer::Shared;
 use crate::PRIORITY_DEMAND;
@@ -65,7 +69,12 @@ fn reserve_speculative(shared: &Shared) -> bool {
         if current >= shared.speculative_limit {
             return false;
         }
-        match running.compare_exchange_weak(current, current + 1, Ordering::AcqRel, Ordering::Acquire) {
+        match running.compare_exchange_weak(
+            current,
+            current + 1,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
             Ok(_) => {
                 shared
                     .speculative_high_water
@@ -104,16 +113,11 @@ fn execute(shared: &Shared, job: Job) {
             crc: None,
         })
     } else {
-        catch_unwind(AssertUnwindSafe(|| run_part(transfer, job.part))).unwrap_or_else(|_| {
-            Err(CoreError::Transfer {
-                op: "transfer",
-                path: None,
-                errno: None,
-                offset: None,
-                length: Some(transfer.length),
-                message: "internal error: a worker panicked while running this part".into(),
-            })
-        })
+        let fault = shared.faults.take(&site(transfer, job.part));
+        // A panic while moving bytes fails this transfer only: the worker goes on, and
+        // the waiting completion gets a typed error instead of never arriving.
+        catch_unwind(AssertUnwindSafe(|| run_part(transfer, job.part, fault)))
+            .unwrap_or_else(|payload| Err(panicked(transfer, job.part, payload.as_ref())))
     };
     let stats = &shared.stats;
     stats
@@ -130,10 +134,58 @@ fn execute(shared: &Shared, job: Job) {
     }
 }
 
-fn run_part(transfer: &Transfer, part: u32) -> Result<PartDone, CoreError> {
+/// Where a part runs, for the fault plan.
+fn site(transfer: &Transfer, part: u32) -> PartSite {
+    let (start, end) = transfer.part_range(part);
+    match &transfer.op {
+        Op::Read {
+            file, file_offset, ..
+        } => PartSite {
+            file_id: Some(file.id),
+            file_range: Some((file_offset + start, file_offset + end)),
+        },
+        _ => PartSite {
+            file_id: None,
+            file_range: None,
+        },
+    }
+}
+
+/// The typed error of a part whose worker panicked, naming the file and range.
+fn panicked(transfer: &Transfer, part: u32, payload: &(dyn Any + Send)) -> CoreError {
+    let (start, end) = transfer.part_range(part);
+    let reason = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into());
+    let (op, path, offset) = match &transfer.op {
+        Op::Read {
+            file, file_offset, ..
+        } => ("read", Some(file.path.clone()), Some(file_offset + start)),
+        _ => ("copy", None, None),
+    };
+    CoreError::Transfer {
+        op,
+        path,
+        errno: None,
+        offset,
+        length: Some(end - start),
+        message: format!(
+            "internal error: the worker panicked ({reason}); this transfer failed, the engine goes on"
+        ),
+    }
+}
+
+fn run_part(transfer: &Transfer, part: u32, fault: Option<Hit>) -> Result<PartDone, CoreError> {
     let (start, end) = transfer.part_range(part);
     let len = end - start;
     let dst = (transfer.dst + start) as *mut u8;
+    match fault.map(|hit| hit.kind) {
+        Some(FaultKind::Delay(pause)) => std::thread::sleep(pause),
+        Some(FaultKind::Panic) => std::panic::resume_unwind(Box::new(INJECTED_PANIC)),
+        _ => {}
+    }
     match &transfer.op {
         Op::Read {
             file,
@@ -143,21 +195,43 @@ fn run_part(transfer: &Transfer, part: u32) -> Result<PartDone, CoreError> {
         } => {
             let direct_here = direct_len.saturating_sub(start).min(len) as usize;
             let at = file_offset + start;
+            let read_fault = fault.and_then(|hit| match hit.kind {
+                FaultKind::Errno(errno) => Some(ReadFault::Errno(errno)),
+                FaultKind::ShortRead => Some(ReadFault::EndAt(aim(
+                    hit.offset,
+                    at,
+                    at + len,
+                    at + len / 2,
+                ))),
+                _ => None,
+            });
             // SAFETY: the destination block is pinned (so neither freed nor handed out
             // again) and this part's byte range is written by this worker only.
-            let read = unsafe { file.read_at(dst, len as usize, at, direct_here) };
+            let read = unsafe { file.read_at(dst, len as usize, at, direct_here, read_fault) };
             let (got, direct_bytes) = read.map_err(|errno| {
                 CoreError::io("read", Some(&file.path), errno, Some(at), Some(len))
             })?;
             if (got as u64) < len {
                 let fallback = start + got as u64;
-                let file_size = file.size().unwrap_or(file_offset + fallback);
+                let file_size = match read_fault {
+                    Some(ReadFault::EndAt(end)) => end, // where the injected fault ends the file
+                    _ => file.size().unwrap_or(file_offset + fallback),
+                };
                 return Err(CoreError::ShortRead {
                     path: file.path.clone(),
                     offset: *file_offset,
                     length: transfer.length,
                     got: file_size.saturating_sub(*file_offset).min(transfer.length),
                 });
+            }
+            if let Some(Hit {
+                kind: FaultKind::Corrupt,
+                offset,
+            }) = fault
+            {
+                let flip = aim(offset, at, at + len, at) - at;
+                // SAFETY: inside the range this worker just filled; the block is pinned.
+                unsafe { *dst.add(flip as usize) ^= 0xff };
             }
             let crc = expect_crc32.map(|_| {
                 // SAFETY: the range was just filled by this worker and is still pinned.
