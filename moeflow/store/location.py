@@ -32,7 +32,8 @@ def user_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "moeflow"
 
 
-def _check_store_dir(value: str | os.PathLike[str]) -> Path:
+def check_store_dir(value: str | os.PathLike[str]) -> Path:
+    """The store_dir a user gave, checked: ConfigError naming store_dir when empty, in /proc or /sys, or a file."""
     text = os.fspath(value)
     if not str(text).strip():
         raise ConfigError(
@@ -68,7 +69,7 @@ def resolve_store_root(
     ConfigError naming store_dir: an empty path, a path in /proc or /sys, a file, or no writable place.
     """
     if override is not None:
-        return StoreLocation(_check_store_dir(override))
+        return StoreLocation(check_store_dir(override))
     beside = checkpoint_dir / DEFAULT_DIR
     if _writable(beside):
         return StoreLocation(beside)
