@@ -213,8 +213,10 @@ class ExpertCache:
         if entry.state is EntryState.READY or ticket is None:
             return
         await ticket.wait_done()
+        if entry.error is not None:
+            raise entry.error
         error = ticket.error()
-        if error is not None:
+        if error is not None:  # cancelled, or the engine closed
             raise self.describe(entry.key, error) from error
 
     async def wait_change(self) -> None:
@@ -301,11 +303,16 @@ class ExpertCache:
 
     def _on_issued(self, entry: Entry, ticket: Ticket) -> None:
         if self.entries.get(entry.key) is entry and entry.state is EntryState.LOADING:
+            try:
+                entry.weights = self._weights(entry.handle)
+            except Exception:
+                return  # stays loading: `_on_loaded` meets the same error and reports it
             entry.state = EntryState.ISSUED
-            entry.weights = self._weights(entry.handle)
             self._changed.set()
 
     def _on_loaded(self, entry: Entry, ticket: Ticket) -> None:
+        """Land a finished load, or record why it failed. Never raises: an exception here would
+        leave the entry loading forever and its waiters with it."""
         self._changed.set()
         if entry.submitted_speculative:
             self._speculative -= 1
@@ -315,20 +322,32 @@ class ExpertCache:
                 self._draining -= 1
             return
         error = ticket.error()
-        if error is not None:
-            # The transfer owned the block and freed it; forget the entry so a retry reloads.
-            self._forget(entry.key)
-            self.counters.load_errors += 1
-            return
-        completion = ticket.completion()
-        entry.state = EntryState.READY
-        entry.weights = self._weights(entry.handle)
+        if error is None:
+            try:
+                self._land(entry, ticket.completion())
+                return
+            except Exception as exc:  # a layout that does not fit the bytes, a broken policy
+                if entry.pins == 0:  # the load succeeded: the block is ours to give back
+                    self.tier.allocator.free(entry.handle)
+                error = exc
+        # A failed transfer owned the block and freed it; forget the entry so a retry reloads.
+        self._forget(entry.key)
+        entry.state, entry.weights = EntryState.LOADING, None
+        entry.error = self.describe(entry.key, error)
+        self.counters.load_errors += 1
+
+    def _land(self, entry: Entry, completion: _core.Completion) -> None:
+        if completion.bytes != self.block_bytes:
+            raise ValueError(f"{completion.bytes} bytes landed, the expert's block holds {self.block_bytes}")
+        weights = self._weights(entry.handle)
+        self.policy.on_insert(entry.key)
+        entry.state, entry.weights = EntryState.READY, weights
         self.counters.loads += 1
         self.counters.bytes_loaded += completion.bytes
         self.counters.load_seconds += completion.nanos * 1e-9
-        self.policy.on_insert(entry.key)
 
     def describe(self, key: ExpertKey, error: BaseException) -> BaseException:
+        """The typed error a request sees for a failed load of `key` (names layer, expert, file)."""
         return self.source.describe(key, error)
 
     def _weights(self, handle: _core.BlockHandle) -> ExpertView:

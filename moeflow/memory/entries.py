@@ -43,6 +43,9 @@ class Entry:
     # block waits on it
     fence: _core.CudaEvent | None = None
     cancelled: bool = False  # its load was cancelled and its block not yet given back
+    # why its load failed (typed, naming the layer, expert and file); the entry is gone from
+    # the cache by then, and whoever watched it raises this
+    error: BaseException | None = None
 
 
 def usable(entry: Entry) -> bool:

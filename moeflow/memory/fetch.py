@@ -71,12 +71,13 @@ class LayerFetch:
         return None
 
     def _raise_failed(self) -> None:
-        for e, entry in self._watch.items():
+        """Raise the typed error of a watched load that failed; forget one that was cancelled
+        or evicted meanwhile (the expert is loaded again)."""
+        for e, entry in list(self._watch.items()):
             if e in self.pending and self.cache.entry(self._key(e)) is not entry:
-                ticket = entry.ticket
-                error = ticket.error() if ticket is not None and ticket.done() else None
-                if error is not None:
-                    raise self.cache.describe(self._key(e), error)
+                if entry.error is not None:
+                    raise entry.error
+                del self._watch[e]
 
     async def next(self) -> tuple[int, ExpertView] | None:
         """The next expert to run and its pinned weights; None when the layer has them all."""

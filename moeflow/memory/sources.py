@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from moeflow import _core
+from moeflow.errors import EngineClosed, MoeflowError, StoreError, TransferError
 from moeflow.memory.transfers import AsyncTransfers, DirectMode, TransferTicket
 from moeflow.memory.policies import ExpertKey
 from moeflow.store.layout import BlobLayout
@@ -16,6 +18,32 @@ from moeflow.store.store import ExpertStore, describe_store_error
 if TYPE_CHECKING:
     from moeflow.memory.cache import ExpertCache
     from moeflow.memory.tiers import HostHome
+
+
+def load_error(path: Path, key: ExpertKey, error: BaseException, described: BaseException | None = None
+               ) -> BaseException:
+    """The typed error a request gets when loading expert `key` from `path` failed, naming the
+    file, layer and expert: `described` (the store's own wording) when given, else a
+    TransferError for a failed copy and a StoreError for bytes that landed but could not be
+    used (their layout disagrees with the model). Cancellation and closing pass unchanged."""
+    if described is not None and described is not error:
+        described.__cause__ = error
+        return described
+    if isinstance(error, (asyncio.CancelledError, EngineClosed)):
+        return error
+    layer, expert = key
+    where = f"{path} (layer {layer}, expert {expert})"
+    typed: MoeflowError
+    if isinstance(error, TransferError):
+        typed = TransferError(f"{where}: {error}")
+    elif isinstance(error, MoeflowError):
+        return error
+    else:
+        typed = StoreError(
+            f"{where}: the expert's bytes landed but could not be used ({type(error).__name__}: {error}); "
+            "if the store's layout disagrees with the model, rebuild it (store_mode='rebuild')", path=str(path))
+    typed.__cause__ = error
+    return typed
 
 
 class Ticket(Protocol):
@@ -83,7 +111,7 @@ class StoreSource(_TransferSource):
         )
 
     def describe(self, key: ExpertKey, error: BaseException) -> BaseException:
-        return describe_store_error(self.store, key, error)
+        return load_error(self.store.data_path, key, error, describe_store_error(self.store, key, error))
 
     async def aclose(self) -> None:
         self.transfers.unregister_file(self.file_id)
@@ -105,7 +133,7 @@ class HomeSource(_TransferSource):
         )
 
     def describe(self, key: ExpertKey, error: BaseException) -> BaseException:
-        return error
+        return load_error(self.home.store.data_path, key, error)
 
     async def aclose(self) -> None:
         return None
@@ -208,6 +236,8 @@ class HostCacheSource:
             self.transfers.promote(ticket.copy, priority)
 
     def describe(self, key: ExpertKey, error: BaseException) -> BaseException:
+        if isinstance(error, StoreError):
+            return error  # the host cache's load failed: described there already
         return self.host.source.describe(key, error)
 
     async def aclose(self) -> None:

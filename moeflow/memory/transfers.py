@@ -2,22 +2,14 @@
 
 The engine's eventfd is registered with the running loop (`loop.add_reader`), so a
 completion wakes the loop directly: no polling thread, no busy loop. Each submission
-returns a `TransferTicket`, awaitable now or later (prefetches are awaited only when
-a layer needs them).
-
-Cancellation is normal control flow. When the task consuming a ticket (`await
-ticket`) is cancelled, the transfer is cancelled too: if no part had started, the
-core releases its pins and frees an owned destination block at once; if it had
-started, the block is freed here when its completion arrives. Nothing leaks either
-way. A failed transfer raises the typed exception of its `Completion.error()`.
+returns a `TransferTicket` (moeflow/memory/ticket.py), awaitable now or later
+(prefetches are awaited only when a layer needs them).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Generator
 from types import TracebackType
-from typing import Literal
 
 from moeflow._core import (
     PRIORITY_DEMAND,
@@ -29,176 +21,10 @@ from moeflow._core import (
     SlabAllocator,
     TransferEngine,
 )
-from moeflow.errors import BlockPinned, EngineClosed, InvalidHandle
+from moeflow.errors import EngineClosed
+from moeflow.memory.ticket import DirectMode, TransferTicket
 
-__all__ = ["AsyncTransfers", "TransferTicket"]
-
-DirectMode = Literal["auto", "require", "never"]
-
-
-class TransferTicket:
-    """One submitted transfer.
-
-    Two ways to wait: `await ticket` consumes the result (one consumer; cancelling
-    the consuming task cancels the transfer), while `await ticket.wait_done()` only
-    observes (any number of waiters; never cancels, never raises the transfer's error).
-    """
-
-    def __init__(
-        self, transfers: AsyncTransfers, transfer_id: int, dst: SlabAllocator, handle: BlockHandle, owned: bool
-    ) -> None:
-        self.id = transfer_id
-        self._transfers = transfers
-        self._dst = dst
-        self._handle = handle
-        self._owned = owned
-        self._completion: Completion | None = None
-        self._waiters: list[asyncio.Future[None]] = []
-        self._consumer: asyncio.Future[None] | None = None
-        self._callbacks: list[Callable[[TransferTicket], object]] = []
-        self._issued_callbacks: list[Callable[[TransferTicket], object]] = []
-        self._abandoned = False
-        self._cancel_requested = False
-        self.event: CudaEvent | None = None  # device copies: set when the copy is queued
-
-    def done(self) -> bool:
-        """True once the transfer's final completion arrived."""
-        return self._completion is not None
-
-    def completion(self) -> Completion:
-        """The final completion (asyncio.InvalidStateError while pending)."""
-        if self._completion is None:
-            raise asyncio.InvalidStateError(f"transfer {self.id} has not finished")
-        return self._completion
-
-    def error(self) -> BaseException | None:
-        """None when the bytes arrived; else the typed error of a failed transfer,
-        EngineClosed when closing the engine cancelled it, CancelledError when `cancel`
-        did (asyncio.InvalidStateError while pending)."""
-        completion = self.completion()
-        if completion.status == "done":
-            return None
-        error = completion.error()
-        if error is not None:
-            return error
-        if self._transfers.closing and not self._cancel_requested:
-            return EngineClosed(f"transfer {self.id} was cancelled because the engine closed")
-        return asyncio.CancelledError(f"transfer {self.id} was cancelled")
-
-    def result(self) -> Completion:
-        """The completion of a finished transfer, or raise its error (no waiting)."""
-        error = self.error()
-        if error is not None:
-            raise error
-        return self.completion()
-
-    def add_done_callback(self, callback: Callable[[TransferTicket], object]) -> None:
-        """Call `callback(ticket)` when the transfer finishes (before waiters wake);
-        soon, from the loop, if it already has."""
-        if self._completion is not None:
-            self._transfers.bind_loop().call_soon(callback, self)
-        else:
-            self._callbacks.append(callback)
-
-    def add_issued_callback(self, callback: Callable[[TransferTicket], object]) -> None:
-        """Device copies: call `callback(ticket)` once the copy is queued on the copy stream
-        (`ticket.event` set: a compute stream may wait on it instead of the CPU waiting)."""
-        if self.event is not None:
-            self._transfers.bind_loop().call_soon(callback, self)
-        else:
-            self._issued_callbacks.append(callback)
-
-    def _issued(self, completion: Completion) -> None:
-        self.event = completion.event
-        callbacks, self._issued_callbacks = self._issued_callbacks, []
-        for callback in callbacks:
-            callback(self)
-
-    async def wait_done(self) -> None:
-        """Wait until the transfer finished, however it ended; cancelling the waiting
-        task leaves the transfer alone."""
-        if self._completion is None:
-            await self._park(consumer=False)
-
-    async def wait(self) -> Completion:
-        """Consume the result: the completion, or the transfer's error raised. If this
-        task is cancelled meanwhile, the transfer is cancelled, or its owned block is
-        freed once it arrives (also when it arrived but was not yet handed over; done
-        callbacks may have seen it by then)."""
-        if self._completion is None:
-            await self._park(consumer=True)
-        return self.result()
-
-    async def _park(self, *, consumer: bool) -> None:
-        if consumer and self._consumer is not None:
-            raise RuntimeError(f"transfer {self.id} is already being awaited")
-        future = self._transfers.bind_loop().create_future()
-        self._waiters.append(future)
-        if consumer:
-            self._consumer = future
-        try:
-            await future
-        except BaseException:
-            # anyio's pattern: deregister the waiter, leave state consistent, re-raise.
-            if future in self._waiters:
-                self._waiters.remove(future)
-            if consumer:
-                self._consumer = None
-                self._transfers.abandon(self)
-            raise
-        if consumer:
-            self._consumer = None
-
-    def __await__(self) -> Generator[object, None, Completion]:
-        return self.wait().__await__()
-
-    def cancel(self) -> bool:
-        """Cancel if no part has started (the core then frees an owned block); else False.
-        A device copy is cancellable while some part is unissued: it resolves
-        'cancelled' once its issued parts landed."""
-        self._cancel_requested = True
-        return self._transfers.engine.cancel(self.id)
-
-    def promote(self, priority: int = PRIORITY_DEMAND) -> bool:
-        """Move the unstarted (device copies: unissued) parts to a more urgent lane."""
-        return self._transfers.engine.promote(self.id, priority)
-
-    def _resolve(self, completion: Completion, loop: asyncio.AbstractEventLoop | None) -> None:
-        self._completion = completion
-        consumer = self._consumer
-        if consumer is not None and (consumer.cancelled() or consumer.get_loop().is_closed()):
-            # The consuming task is being cancelled, or died with its loop: unwanted.
-            self._abandoned = True
-        if self._abandoned:
-            self._release()
-        callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
-            try:
-                callback(self)
-            except Exception as exc:  # a broken callback must not stop the drain
-                if loop is not None:
-                    loop.call_exception_handler(
-                        {"message": f"transfer {self.id} done callback failed", "exception": exc}
-                    )
-        waiters, self._waiters = self._waiters, []
-        for future in waiters:
-            if not future.done() and not future.get_loop().is_closed():
-                future.set_result(None)
-
-    def _release(self) -> None:
-        """Free the destination of a finished transfer nobody will receive (owned only:
-        failed and cancelled owned transfers were freed by the core)."""
-        completion = self._completion
-        if not self._owned or completion is None or completion.status != "done":
-            return
-        try:
-            self._dst.free(self._handle)
-        except (InvalidHandle, BlockPinned):
-            pass  # freed by the caller already, or pinned by someone who now holds it
-
-    def __repr__(self) -> str:
-        state = self._completion.status if self._completion is not None else "pending"
-        return f"TransferTicket(id={self.id}, {state})"
+__all__ = ["AsyncTransfers", "DirectMode", "TransferTicket"]
 
 
 class AsyncTransfers:
@@ -413,16 +239,25 @@ class AsyncTransfers:
         return ticket
 
     def _drain(self) -> None:
+        """Hand every arrived completion to its ticket. A callback's BaseException (the only
+        kind a ticket lets out) waits until the rest are handed over: the engine's queue is
+        drained already, so a completion skipped here would leave its waiters forever."""
+        escaped: BaseException | None = None
         for completion in self.engine.drain():
-            if completion.status == "issued":
-                # device copies: 'done' follows once the copy stream passed the event
-                issued = self._tickets.get(completion.id)
-                if issued is not None:
-                    issued._issued(completion)
-                continue
-            ticket = self._tickets.pop(completion.id, None)
-            if ticket is not None:
-                ticket._resolve(completion, self._loop)
+            try:
+                if completion.status == "issued":
+                    # device copies: 'done' follows once the copy stream passed the event
+                    issued = self._tickets.get(completion.id)
+                    if issued is not None:
+                        issued._issued(completion)
+                    continue
+                ticket = self._tickets.pop(completion.id, None)
+                if ticket is not None:
+                    ticket._resolve(completion)
+            except BaseException as exc:
+                escaped = escaped or exc
+        if escaped is not None:
+            raise escaped
 
     def _detach(self) -> None:
         if self._loop is not None and not self._loop.is_closed():
