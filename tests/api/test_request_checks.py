@@ -96,9 +96,9 @@ async def test_sampling_values_are_checked_before_any_compute(ckpt: Path, option
 async def test_numpy_and_torch_scalars_are_plain_values(ckpt: Path) -> None:
     async with Engine.open(ckpt, device="cpu") as eng:
         plain = await eng.generate(PROMPT, 4, temperature=0.9, top_k=5, top_p=0.9, seed=2**64 - 1, stop_at_eos=False)
-        again = await eng.generate(
-            PROMPT, np.int64(4), temperature=np.float32(0.9), top_k=np.int64(5), top_p=torch.tensor(0.9),
-            seed=np.uint64(2**64 - 1), stop_at_eos=False,
+        again = await eng.generate(  # the annotations name the plain types; their scalars are accepted too
+            PROMPT, np.int64(4), temperature=np.float32(0.9), top_k=np.int64(5),  # type: ignore[arg-type]
+            top_p=torch.tensor(0.9, dtype=torch.float64), seed=np.uint64(2**64 - 1), stop_at_eos=False,  # type: ignore[arg-type]
         )
         assert again.tokens == plain.tokens
         assert again.prompt_tokens == PROMPT and all(type(i) is int for i in again.prompt_tokens)
