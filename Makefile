@@ -16,7 +16,7 @@ install: $(BIN)/python
 	$(BIN)/pip install --quiet -e .
 
 install-test: $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[test,plot]"
+	$(BIN)/pip install --quiet -e ".[test,plot,ray]"
 
 demo: install
 	test -f $(DEMO)/config.json || $(BIN)/moeflow synth --arch mixtral --size tiny --out $(DEMO)

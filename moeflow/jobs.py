@@ -96,6 +96,25 @@ def parse_job(path: Path, number: int, text: str) -> Job:
     return Job(number, str(job_id), prompt, params)
 
 
+def job_from_row(row: dict[str, Any], index: int) -> Job:
+    """A job from a table row (Ray Data, pandas): numpy scalars and arrays become Python values,
+    a missing value (None, NaN) leaves its parameter at the default, and the id defaults to
+    `index`. JobFileError (line = index) otherwise."""
+    clean: dict[str, Any] = {}
+    for key, value in row.items():
+        if key not in KEYS:
+            continue  # other columns pass through the table untouched
+        if hasattr(value, "tolist"):  # numpy scalar or array
+            value = value.tolist()
+        if value is None or (isinstance(value, float) and value != value):
+            continue
+        if key in PARAMS and PARAMS[key] is int and isinstance(value, float) and value.is_integer():
+            value = int(value)  # a column with missing values holds its integers as floats
+        clean[key] = value
+    clean.setdefault("id", index)
+    return parse_job(Path("<row>"), index, json.dumps(clean))
+
+
 def read_jobs(path: Path) -> tuple[list[Job], list[JobFileError]]:
     """Every runnable job of the file, and an error per line that cannot run (blank lines skipped;
     a repeated id is an error on its later line)."""
@@ -200,6 +219,16 @@ def error_record(job_id: str, line: int, error: BaseException) -> dict[str, Any]
     return {"id": job_id, "line": line, "error": {"type": type(error).__name__, "message": message}}
 
 
+async def run_job(engine: Generator, job: Job, defaults: dict[str, Any] | None = None) -> Any:
+    """The job's GenerationResult, or the MoeflowError that refused it (returned, not raised)."""
+    params = {**(defaults or {}), **job.params}
+    max_new = params.pop("max_new_tokens", 32)
+    try:
+        return await engine.generate(job.prompt, max_new, **params)
+    except MoeflowError as e:
+        return e
+
+
 async def run_jobs(
     engine: Generator,
     input_path: str | os.PathLike[str],
@@ -230,23 +259,18 @@ async def run_jobs(
         started = time.perf_counter()
 
         async def one(job: Job) -> None:
-            params = {**base, **job.params}
-            max_new = params.pop("max_new_tokens", 32)
             async with gate:
-                try:
-                    result = await engine.generate(job.prompt, max_new, **params)
-                except MoeflowError as e:  # this prompt cannot run; the others go on
-                    results.write(error_record(job.id, job.line, e))
-                    summary.failed += 1
-                    if on_result is not None:
-                        on_result(summary, e)
-                    return
-            results.write(result_record(job, result))
-            summary.done += 1
-            summary.tokens += len(result.tokens)
+                outcome = await run_job(engine, job, base)
+            if isinstance(outcome, MoeflowError):  # this prompt cannot run; the others go on
+                results.write(error_record(job.id, job.line, outcome))
+                summary.failed += 1
+            else:
+                results.write(result_record(job, outcome))
+                summary.done += 1
+                summary.tokens += len(outcome.tokens)
             summary.seconds = time.perf_counter() - started
             if on_result is not None:
-                on_result(summary, result)
+                on_result(summary, outcome)
 
         await asyncio.gather(*(one(job) for job in todo))
         summary.seconds = time.perf_counter() - started

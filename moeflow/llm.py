@@ -22,8 +22,8 @@ from typing import Any, TypeVar
 import torch
 
 from moeflow.api import Engine, GenerationResult
-from moeflow.errors import InvalidRequest
-from moeflow.jobs import JobSummary, generate_batch, run_jobs
+from moeflow.errors import InvalidRequest, MoeflowError
+from moeflow.jobs import Job, JobSummary, generate_batch, run_job, run_jobs
 from moeflow.stats import EngineStats
 
 T = TypeVar("T")
@@ -75,6 +75,22 @@ class LLM:
         stop_at_eos) apply to every prompt; all run at once unless `concurrency` bounds them."""
         batch = _as_prompts(prompts)
         return self._run(generate_batch(self.engine, batch, max_new_tokens, concurrency=concurrency, **params))
+
+    def run(self, jobs: Sequence[Job], *, concurrency: int | None = None,
+            **defaults: Any) -> list[GenerationResult | MoeflowError]:
+        """Each job's result, in order, or the typed error that refused it (the others still run)."""
+        engine = self.engine
+        gate = asyncio.Semaphore(concurrency or max(1, len(jobs)))
+
+        async def one(job: Job) -> GenerationResult | MoeflowError:
+            async with gate:
+                outcome: GenerationResult | MoeflowError = await run_job(engine, job, defaults)
+                return outcome
+
+        async def every() -> list[GenerationResult | MoeflowError]:
+            return list(await asyncio.gather(*(one(job) for job in jobs)))
+
+        return self._run(every())
 
     def run_file(self, input_path: str | os.PathLike[str], output_path: str | os.PathLike[str], *,
                  concurrency: int = 8, **defaults: Any) -> JobSummary:
