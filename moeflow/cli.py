@@ -1,4 +1,4 @@
-"""The `moeflow` command: synth, convert, verify, run, bench, trace, train-predictor, analyze."""
+"""The `moeflow` command: synth, convert, verify, run, bench, batch, trace, train-predictor, analyze."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from moeflow import config
+from moeflow import cli_batch, config
 from moeflow.errors import CheckpointError, MoeflowError
 
 
@@ -354,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--plot", default="locality.png", help="PNG to write")
             p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
+
+    cli_batch.add_parser(sub, _common_engine_args, _engine_options)
 
     p = sub.add_parser("train-predictor", help="train the routing-path predictor on traces")
     p.add_argument("model")
