@@ -450,9 +450,9 @@ class TransferEngine:
 
     def add_test_fault(
         self,
-        kind: Literal["errno", "short_read", "corrupt", "delay", "panic"],
+        kind: str,
         *,
-        op: Literal["read", "copy", "any"] = "read",
+        op: str = "read",
         file_id: int | None = None,
         offset: int | None = None,
         skip: int = 0,

@@ -160,6 +160,8 @@ class ExpertCache:
         if entry.pins == 0:
             if self._fenced:
                 self._released.append(entry)
+            if entry.error is not None:
+                self._drop_failed(entry)
             self._changed.set()
 
     def fence_released(self) -> None:
@@ -217,7 +219,7 @@ class ExpertCache:
             raise entry.error
         error = ticket.error()
         if error is not None:  # cancelled, or the engine closed
-            raise self.describe(entry.key, error) from error
+            raise self.source.describe(entry.key, error) from error
 
     async def wait_change(self) -> None:
         """Wait until a load is issued, finishes or fails, or an expert is released or evicted."""
@@ -327,14 +329,18 @@ class ExpertCache:
                 self._land(entry, ticket.completion())
                 return
             except Exception as exc:  # a layout that does not fit the bytes, a broken policy
-                if entry.pins == 0:  # the load succeeded: the block is ours to give back
-                    self.tier.allocator.free(entry.handle)
                 error = exc
-        # A failed transfer owned the block and freed it; forget the entry so a retry reloads.
-        self._forget(entry.key)
-        entry.state, entry.weights = EntryState.LOADING, None
-        entry.error = self.describe(entry.key, error)
+        entry.state, entry.weights = EntryState.LOADING, None  # never handed out again
+        entry.error = self.source.describe(entry.key, error)  # typed: names file, layer, expert
         self.counters.load_errors += 1
+        if entry.pins == 0:  # else compute still reads it (a device copy used once issued): see release
+            self._drop_failed(entry)
+
+    def _drop_failed(self, entry: Entry) -> None:
+        """Forget a failed entry (a retry reloads); give back its block if it landed (else the core freed it)."""
+        self._forget(entry.key)
+        if entry.ticket is not None and entry.ticket.error() is None:
+            self._give_back(entry)
 
     def _land(self, entry: Entry, completion: _core.Completion) -> None:
         if completion.bytes != self.block_bytes:
@@ -345,10 +351,6 @@ class ExpertCache:
         self.counters.loads += 1
         self.counters.bytes_loaded += completion.bytes
         self.counters.load_seconds += completion.nanos * 1e-9
-
-    def describe(self, key: ExpertKey, error: BaseException) -> BaseException:
-        """The typed error a request sees for a failed load of `key` (names layer, expert, file)."""
-        return self.source.describe(key, error)
 
     def _weights(self, handle: _core.BlockHandle) -> ExpertView:
         view = self._views.get(handle.offset)
@@ -415,15 +417,19 @@ class ExpertCache:
     def evict(self, key: ExpertKey) -> None:
         entry = self._forget(key)
         assert entry is not None and entry.pins == 0 and entry.state is EntryState.READY
+        self._give_back(entry)
+        self.policy.on_evict(key)
+        self.counters.evictions += 1
+        if entry.prefetched:
+            self.counters.prefetch_wasted += 1
+
+    def _give_back(self, entry: Entry) -> None:
+        """Free a forgotten entry's block; the next copy into it waits for the compute that read it."""
         if entry in self._released:  # read by compute queued after the last fence
             self.fence_released()
         if entry.fence is not None:
             self._fences[entry.handle.offset] = entry.fence
         self.tier.allocator.free(entry.handle)
-        self.policy.on_evict(key)
-        self.counters.evictions += 1
-        if entry.prefetched:
-            self.counters.prefetch_wasted += 1
 
     async def aclose(self) -> None:
         """Drop every entry; in-flight loads are cancelled or awaited so no block stays allocated."""

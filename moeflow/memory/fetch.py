@@ -74,9 +74,9 @@ class LayerFetch:
         """Raise the typed error of a watched load that failed; forget one that was cancelled
         or evicted meanwhile (the expert is loaded again)."""
         for e, entry in list(self._watch.items()):
+            if e in self.pending and entry.error is not None:
+                raise entry.error
             if e in self.pending and self.cache.entry(self._key(e)) is not entry:
-                if entry.error is not None:
-                    raise entry.error
                 del self._watch[e]
 
     async def next(self) -> tuple[int, ExpertView] | None:
