@@ -114,6 +114,7 @@ def _positive_int(option: str, value: object, most: int | None = None, why: str 
 
 
 MAX_IO_WORKERS = 256  # the transfer engine's own limit (rust/core/src/transfer.rs)
+MAX_IO_CHUNK = 1 << 40  # a part of one read; the transfer engine takes it as a u64
 
 
 def _cpu_count() -> int:
@@ -197,8 +198,8 @@ class EngineConfig:
                 out[name] = _positive_int(name, kw[name])
         if "io_chunk" in kw:
             chunk = parse_size(kw["io_chunk"], "io_chunk")
-            if chunk < 4096 or chunk % 4096:
-                raise ConfigError(f"io_chunk={kw['io_chunk']!r}: expected a positive multiple of 4 KiB")
+            if chunk < 4096 or chunk % 4096 or chunk > MAX_IO_CHUNK:
+                raise ConfigError(f"io_chunk={kw['io_chunk']!r}: expected a positive multiple of 4 KiB, at most 1 TiB")
             out["io_chunk"] = chunk
         if kw.get("threads") is not None:
             # more compute threads than CPUs only slows torch down (and a huge count crashes it)
@@ -206,7 +207,10 @@ class EngineConfig:
             out["threads"] = _positive_int("threads", kw["threads"], cpus, f"this machine has {cpus} CPUs")
         for name in ("store_dir", "predictor_dir"):
             if kw.get(name) is not None:
-                out[name] = os.fspath(kw[name])
+                try:
+                    out[name] = os.fspath(kw[name])
+                except TypeError:
+                    raise ConfigError(f"{name}={kw[name]!r}: expected a folder path (str or os.PathLike)") from None
         if kw.get("group_size") is not None:
             out["group_size"] = _positive_int("group_size", kw["group_size"])
         for name in ("precision", "miss_precision"):

@@ -72,12 +72,16 @@ def test_memory_plan_refuses_below_top_k_and_clamps_above_total() -> None:
         ({"prefill_chunk": "512"}, r"prefill_chunk='512'"),
         ({"precision": "int4", "group_size": 3}, r"precision='int4' with group_size=3"),
         ({"miss_precision": "int9"}, r"miss_precision='int9'"),
+        ({"io_chunk": 2**70}, r"io_chunk=1180591620717411303424: .* at most 1 TiB"),
+        ({"store_dir": 123}, r"store_dir=123: expected a folder path"),
+        ({"predictor_dir": 1.5}, r"predictor_dir=1.5: expected a folder path"),
     ],
 )
 def test_every_option_error_is_a_config_error_naming_the_option(options: dict[str, object], named: str) -> None:
     """Raised by from_user, i.e. by Engine.open before the checkpoint is read or anything
     allocated (io_workers=1000 used to pass here and fail later as a bare ValueError from the
-    transfer engine; threads=10**6 used to crash torch)."""
+    transfer engine, io_chunk=2**70 as an OverflowError, a store_dir of 123 as a TypeError;
+    threads=10**6 used to crash torch)."""
     with pytest.raises(ConfigError, match=named):
         EngineConfig.from_user(**options)
 

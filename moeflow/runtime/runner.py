@@ -16,6 +16,10 @@ from moeflow.scheduling.scheduler import Scheduler, SequenceSchedule
 
 # T = new tokens, H = hidden, V = vocabulary, K = experts per token.
 
+# Bytes of float32 attention scores [N, T, S] one prefill pass may hold (SDPA's math path
+# materializes them): only prompts of many thousand tokens get passes below prefill_chunk.
+SCORES_BUDGET = 1 << 30
+
 
 class Sequence:
     """One request's state: its KV caches, its prefetch schedule, optionally its routing trace."""
@@ -52,6 +56,7 @@ class ModelRunner:
         scheduler: Scheduler | None = None,
         miss: MissPrecision | None = None,
         prefill_chunk: int = 512,
+        scores_budget: int = SCORES_BUDGET,
     ) -> None:
         self.model = model
         self.cache = cache
@@ -59,6 +64,8 @@ class ModelRunner:
         self.scheduler = scheduler
         self.miss = miss
         self.prefill_chunk = prefill_chunk
+        self.scores_budget = scores_budget
+        self.heads = model.arch.attention.num_heads
         self.precision_counters = PrecisionCounters()
         self.eps = model.arch.rms_norm_eps
         self.threads = ThreadPlan()
@@ -70,15 +77,16 @@ class ModelRunner:
 
     async def forward(self, seq: Sequence, ids: list[int], *, all_logits: bool = False) -> torch.Tensor:
         """Logits (float32, on the compute device) for the new token ids: [T, V] if all_logits
-        else [1, V] (the last). More than `prefill_chunk` ids run as consecutive passes of at
-        most that many (each attends to the cache the ones before filled), so a prompt's
-        attention mask and activations stay [chunk, S] and [chunk, H] whatever its length."""
+        else [1, V] (the last). Many ids run as consecutive passes (each attends to the cache
+        the ones before filled) of at most `prefill_chunk` tokens, fewer where one pass's
+        attention scores [N, chunk, S] would pass `scores_budget` bytes: a prompt's mask,
+        scores and activations stay bounded whatever its length."""
         narrow = len(ids) == 1 and self.model.device.type == "cpu"
         if narrow:
             self.threads.narrow()  # decode: see runtime/threads.py
         try:
             with torch.inference_mode():
-                if len(ids) > self.prefill_chunk:
+                if len(ids) > 1 and len(ids) > self._pass_tokens(seq.length + len(ids)):
                     return await self._chunked(seq, ids, all_logits)
                 logits = await self._forward(seq, ids, all_logits)
                 assert logits is not None
@@ -87,15 +95,20 @@ class ModelRunner:
             if narrow:
                 self.threads.restore()
 
+    def _pass_tokens(self, positions: int) -> int:
+        """Tokens one pass may carry when its keys reach `positions` (at least one)."""
+        return max(1, min(self.prefill_chunk, self.scores_budget // (4 * self.heads * positions)))
+
     async def _chunked(self, seq: Sequence, ids: list[int], all_logits: bool) -> torch.Tensor:
-        step = self.prefill_chunk
         rows: list[torch.Tensor] = []
         steps = len(seq.trace) if seq.trace is not None else 0
-        for start in range(0, len(ids), step):
-            chunk = ids[start : start + step]
-            logits = await self._forward(seq, chunk, all_logits, head=all_logits or start + step >= len(ids))
+        start = 0
+        while start < len(ids):
+            end = min(len(ids), start + self._pass_tokens(seq.length + self.prefill_chunk))
+            logits = await self._forward(seq, ids[start:end], all_logits, head=all_logits or end == len(ids))
             if logits is not None:
                 rows.append(logits)
+            start = end
         if seq.trace is not None:  # one trace step per forward call, as unchunked: join the chunks'
             parts = seq.trace[steps:]
             del seq.trace[steps:]

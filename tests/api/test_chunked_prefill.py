@@ -81,6 +81,26 @@ async def test_long_prompt_never_allocates_a_prompt_by_prompt_mask(hf_checkpoint
     assert largest[16] * 8 < largest[4096], largest
 
 
+@pytest.mark.asyncio
+async def test_passes_shrink_so_attention_scores_stay_under_their_budget(hf_checkpoints: HFCheckpoints) -> None:
+    """prefill_chunk caps a pass; so does the scores budget (1 GiB by default, set small here):
+    a 1024-token prompt with prefill_chunk=4096 still runs in small passes, allocates nothing
+    near one pass's [T, T] mask, and gives one pass's logits."""
+    prompt = [i % 90 + 3 for i in range(1024)]
+    largest, logits = {}, {}
+    for budget in (None, 4 * 4 * 16 * 4096):  # 16 tokens per pass on this 4-head model
+        async with Engine.open(hf_checkpoints.path("mixtral"), device="cpu", prefill_chunk=4096) as eng:
+            if budget is not None:
+                eng.session.runner.scores_budget = budget
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True, acc_events=True) as prof:
+                await eng.generate(prompt, 1)
+            largest[budget] = max(event.cpu_memory_usage for event in prof.events())
+            logits[budget] = await eng.logits(prompt)
+    assert largest[None] >= len(prompt) ** 2, largest
+    assert largest[None] > 8 * largest[4 * 4 * 16 * 4096], largest
+    assert torch.allclose(logits[None], logits[4 * 4 * 16 * 4096], rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.gpu), "sim"])
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
 @pytest.mark.asyncio
