@@ -178,3 +178,23 @@ async def test_deepseek_v3_draft_layers_beyond_the_config_are_allowed(hf_checkpo
     _edit(path, lambda cfg: cfg.update(num_nextn_predict_layers=0))
     with pytest.raises(CheckpointError, match="'num_hidden_layers' is 3 but the weights hold 4 "):
         await Engine.open(path, device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [
+        ("rms_norm_eps", -1.0, "must be >= 0"),
+        ("rms_norm_eps", float("nan"), "bad value nan"),
+        ("max_position_embeddings", 0, "must be > 0"),
+        ("routed_scaling_factor", float("inf"), "bad value inf"),
+    ],
+)
+@pytest.mark.asyncio
+async def test_config_numbers_that_would_give_nan_or_refuse_everything_are_checkpoint_errors(
+    hf_checkpoints: HFCheckpoints, tmp_path: Path, field: str, value: float, says: str
+) -> None:
+    path = _copy(hf_checkpoints, "deepseek_v3", tmp_path / "model")
+    _edit(path, lambda cfg: cfg.update({field: value}))  # json writes NaN / Infinity, as some tools do
+    with pytest.raises(CheckpointError, match=f"'{field}'.*{says}") as info:
+        await asyncio.wait_for(Engine.open(path, device="cpu").start(), 60)
+    assert info.value.field == field

@@ -165,8 +165,8 @@ class ConfigReader:
         elif kind is int:
             if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
                 return value
-        elif kind is float:
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
+        elif kind is float:  # JSON may hold NaN / Infinity: no config field means either
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 return float(value)
         elif isinstance(value, kind):
             return value
@@ -188,9 +188,15 @@ class ConfigReader:
 
     def common(self, eps: float, max_positions: int) -> dict[str, Any]:
         """The Arch fields every family reads the same way (family defaults for eps and length)."""
+        rms_eps = self.opt("rms_norm_eps", eps, float)
+        if rms_eps < 0:  # 1 / sqrt(mean(x^2) + eps) turns NaN wherever mean(x^2) < -eps
+            raise CheckpointError(f"{self._where()}: field 'rms_norm_eps' must be >= 0, got {rms_eps}",
+                                  path=self._where(), field="rms_norm_eps")
+        if self.config.get("max_position_embeddings") is not None:
+            self.positive("max_position_embeddings")
         return {
             "vocab_size": self.positive("vocab_size"),
-            "rms_norm_eps": self.opt("rms_norm_eps", eps, float),
+            "rms_norm_eps": rms_eps,
             "dtype": self.dtype(),
             "tie_word_embeddings": self.opt("tie_word_embeddings", False, bool),
             "eos_token_ids": self.eos_ids(),
