@@ -463,15 +463,16 @@ class TransferEngine:
         """Testing only (nothing in moeflow arms one): arm a fault rule on this engine.
 
         It watches the parts (one pread or memcpy of at most `chunk_size` bytes) the
-        workers run: reads (`op='read'`), host copies (`'copy'`) or both (`'any'`);
+        workers run, and the parts of device copies as they are issued: reads
+        (`op='read'`), copies (`'copy'`) or both (`'any'`);
         `file_id` and `offset` narrow it to reads of that file, and of the part holding
         that byte. After `skip` matching parts, the next `count` (0: every one until
         `clear_test_faults`) get the fault:
         'errno' fails the read with `errno` (EIO by default), 'short_read' ends the
         file inside the part (at `offset`, else halfway: ShortRead), 'corrupt' flips one
         byte after the read (ChecksumMismatch when a CRC is expected), 'delay' makes the
-        part wait `delay` seconds, 'panic' panics the worker: the transfer fails with a
-        TransferError and the worker goes on. Device copies are not covered.
+        part wait `delay` seconds, 'panic' panics the worker (or the copy-stream issuer):
+        the transfer fails with a TransferError and the thread goes on.
         ValueError for an unknown kind or op, or a read-only fault given op 'copy'."""
 
     def clear_test_faults(self) -> None:

@@ -20,7 +20,7 @@ import torch
 from moeflow import Engine
 from moeflow.errors import EngineClosed, MoeflowError, StoreError, TransferError
 from moeflow.memory.cache import ExpertCache
-from moeflow.memory.sources import HostCacheSource, StoreSource
+from moeflow.memory.sources import HomeSource, HostCacheSource, StoreSource
 from moeflow.memory.policies import ExpertKey
 
 PROMPTS = ([5, 17, 42, 3, 77, 12, 9, 60], [11, 4, 90, 23, 7], [31, 8, 66, 2, 50, 19])
@@ -31,6 +31,7 @@ SETUPS: dict[str, dict[str, Any]] = {
     "cpu": {"device": "cpu"},
     "sim3": {"device": "sim", "host_budget": "50%"},
 }
+SIM2 = {"device": "sim"}  # every expert in a pinned host home: loads are device copies only
 Outputs = dict[int, tuple[list[int], torch.Tensor]]
 _references: dict[Path, Outputs] = {}
 
@@ -59,7 +60,8 @@ async def _open(path: Path, setup: str) -> Engine:
         async with Engine.open(path, device="cpu") as probe:
             _smallest[path] = probe.plan.block_bytes * probe.plan.top_k
     # the smallest budget: every request loads experts (and evicts), the next one too
-    return await Engine.open(path, expert_budget=_smallest[path], io_chunk=CHUNK, **SETUPS[setup])
+    options = SIM2 if setup == "sim2" else SETUPS[setup]
+    return await Engine.open(path, expert_budget=_smallest[path], io_chunk=CHUNK, **options)
 
 
 def _store_source(eng: Engine) -> StoreSource:
@@ -86,9 +88,14 @@ def _pinned(eng: Engine) -> int:
     return int(eng.stats().as_dict()["pinned_blocks"])
 
 
+def _data_path(eng: Engine) -> Path:
+    source = eng.session.cache.source
+    return source.home.store.data_path if isinstance(source, HomeSource) else _store_source(eng).store.data_path
+
+
 def _check_named(error: BaseException, eng: Engine, layer: int | None) -> None:
     assert isinstance(error, (StoreError, TransferError)), repr(error)
-    assert str(_store_source(eng).store.data_path) in str(error), error
+    assert str(_data_path(eng)) in str(error), error
     found = re.search(r"\(layer (\d+), expert (\d+)\)", str(error))
     assert found is not None, error
     if layer is not None:
@@ -128,6 +135,28 @@ async def test_an_injected_read_fault_fails_the_request_then_the_engine_serves(
         layer = _aim_at_layer(eng, kind)
         await _fails_then_recovers(eng, path, layer, words)
         assert eng.session.transfers.engine.test_fault_hits() > 0
+    finally:
+        await asyncio.wait_for(eng.aclose(), 10)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.asyncio
+async def test_a_panic_issuing_a_device_copy_fails_the_request_then_the_engine_serves(hf_checkpoints: Any) -> None:
+    """The simulated GPU with every expert in a pinned host home: loads are device copies, and
+    the copy-stream issuer thread panics at each one until cleared."""
+    path = hf_checkpoints.path("mixtral")
+    eng = await _open(path, "sim2")
+    try:
+        source = eng.session.cache.source
+        assert isinstance(source, HomeSource)
+        eng.session.transfers.engine.add_test_fault("panic", op="copy", count=0)
+        with pytest.raises(TransferError) as info:
+            await asyncio.wait_for(eng.generate(PROMPTS[0], max_new_tokens=NEW_TOKENS), 30)
+        assert "panicked" in str(info.value)
+        _check_named(info.value, eng, None)
+        assert _pinned(eng) == 0
+        eng.session.transfers.engine.clear_test_faults()
+        assert_equal(await _outputs(eng, [0, 1]), await _reference(path))
     finally:
         await asyncio.wait_for(eng.aclose(), 10)
 
@@ -241,14 +270,16 @@ FAULTS = ("errno", "short_read", "corrupt", "panic", "delay", "callback", None)
 async def test_random_requests_cancels_and_closes_under_faults_end_typed_or_right(
     hf_checkpoints: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """40 seeded rounds, each: arm a random fault (or none) on a random expert, then generate,
+    """40 seeded rounds on CPU or the simulated GPU (with or without a host cache), each: arm a
+    random fault (or none) on a random expert (a device copy's issue), then generate,
     cancel a request midway, or close and reopen. Every round ends either in a typed error with
     no pinned block or in the fault-free engine's tokens and logits; nothing hangs."""
     path = hf_checkpoints.path("mixtral")
     want = await _reference(path)
     rng = random.Random(10)
     outcomes: dict[str, int] = {"right": 0, "typed error": 0, "cancelled": 0, "reopened": 0}
-    eng = await _open(path, rng.choice(list(SETUPS)))
+    setups = [*SETUPS, "sim2"]
+    eng = await _open(path, rng.choice(setups))
     try:
         for _ in range(40):
             fault = rng.choice(FAULTS)
@@ -264,6 +295,11 @@ async def test_random_requests_cancels_and_closes_under_faults_end_typed_or_righ
                     insert(k)
 
                 monkeypatch.setattr(cache.policy, "on_insert", broken)
+            elif fault is not None and isinstance(cache.source, HomeSource):  # loads are device copies
+                eng.session.transfers.engine.add_test_fault(
+                    "delay" if fault == "delay" else "panic", op="copy", skip=rng.randrange(4),
+                    count=rng.choice((0, 1, 2)), delay=0.05,
+                )
             elif fault is not None:
                 source = _store_source(eng)
                 eng.session.transfers.engine.add_test_fault(
@@ -273,7 +309,7 @@ async def test_random_requests_cancels_and_closes_under_faults_end_typed_or_righ
             action, i = rng.choice(("generate", "generate", "cancel", "close")), rng.randrange(len(PROMPTS))
             if action == "close":
                 await asyncio.wait_for(eng.aclose(), 10)
-                eng = await _open(path, rng.choice(list(SETUPS)))
+                eng = await _open(path, rng.choice(setups))
                 outcomes["reopened"] += 1
             elif action == "cancel":
                 task = asyncio.ensure_future(eng.generate(PROMPTS[i], max_new_tokens=NEW_TOKENS))

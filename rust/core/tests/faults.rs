@@ -240,3 +240,69 @@ fn close_finishes_within_a_delay_and_cleared_rules_stop_hitting() {
     assert_eq!(alloc.stats().pinned_blocks, 0);
     assert!(engine.add_fault(aimed(FaultKind::Corrupt, 99, 0)).is_err());
 }
+
+#[test]
+fn a_panic_at_a_device_copy_issue_fails_that_copy_and_the_copy_stream_goes_on() {
+    let sim = std::sync::Arc::new(moeflow_core::SimDevice::new(50.0, 5.0, true).unwrap());
+    let engine = TransferEngine::with_sim(2, CHUNK, None, Some(sim.clone())).unwrap();
+    let (host, host_class) = host_allocator(4 * MIB, 4 * MIB, MIB);
+    let (device, device_class) = common::sim_allocator(&sim, 4 * MIB, 4 * MIB, MIB);
+    let src = host.lock().alloc(host_class).unwrap();
+    let bytes = common::pattern(MIB as usize, 15);
+    common::fill(&host, &src, &bytes);
+    let submit = |owned: bool| {
+        let dst = device.lock().alloc(device_class).unwrap();
+        let request = moeflow_core::CopyRequest {
+            dst: device.clone(),
+            dst_handle: dst,
+            owned,
+            ..copy(&host, src, src, MIB)
+        };
+        (dst, engine.submit_copy(request).unwrap())
+    };
+    engine
+        .add_fault(FaultRule::new(FaultKind::Panic, FaultOp::Copy))
+        .unwrap();
+    let (dst, id) = submit(true);
+    let done = wait_for(&engine, id, &mut Vec::new());
+    assert_eq!(done.status, Status::Failed);
+    match done.error {
+        Some(CoreError::Transfer {
+            op: "copy",
+            message,
+            ..
+        }) => {
+            assert!(message.contains("panicked"), "{message}")
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(
+        !device.lock().is_live(&dst),
+        "the owned destination was freed"
+    );
+    engine
+        .add_fault(FaultRule::new(
+            FaultKind::Delay(Duration::from_millis(200)),
+            FaultOp::Copy,
+        ))
+        .unwrap();
+    let begin = Instant::now();
+    let (dst, id) = submit(false);
+    assert_eq!(wait_for(&engine, id, &mut Vec::new()).status, Status::Done);
+    assert!(begin.elapsed() >= Duration::from_millis(200));
+    let (back, id) = {
+        let back = host.lock().alloc(host_class).unwrap();
+        let request = moeflow_core::CopyRequest {
+            src: device.clone(),
+            src_handle: dst,
+            ..copy(&host, back, back, MIB)
+        };
+        (back, engine.submit_copy(request).unwrap())
+    };
+    assert_eq!(wait_for(&engine, id, &mut Vec::new()).status, Status::Done);
+    assert!(block_bytes(&host, &back)[..MIB as usize] == bytes[..]);
+    assert_eq!(
+        (host.stats().pinned_blocks, device.stats().pinned_blocks),
+        (0, 0)
+    );
+}

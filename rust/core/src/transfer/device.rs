@@ -9,6 +9,7 @@
 //! then, 'done' once that event completed. Cancel and promote act on unissued parts.
 
 use std::collections::{HashMap, VecDeque};
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
@@ -19,6 +20,7 @@ use crate::error::{CoreError, CoreResult};
 use crate::event::Event;
 pub(crate) use crate::transfer::backend::{Backend, DeviceSide};
 use crate::transfer::completion::{Completion, Status};
+use crate::transfer::faults::{panic_error, FaultKind, PartSite, INJECTED_PANIC};
 use crate::transfer::task::{Op, Transfer};
 use crate::transfer::Shared;
 use crate::{PRIORITY_DEMAND, PRIORITY_LANES};
@@ -274,7 +276,7 @@ impl DeviceQueue {
         while let Some(part) = self.next_part() {
             let transfer = &part.transfer;
             transfer.mark_started();
-            let issued = self.issue_part(&part);
+            let issued = self.issue_guarded(shared, &part);
             let mut state = self.lock();
             let finished = match issued {
                 Ok(event) => {
@@ -327,6 +329,25 @@ impl DeviceQueue {
                 finish(shared, progress);
             }
         }
+    }
+
+    /// Issues a part, meeting an injected fault first (tests); a panic fails the transfer
+    /// instead of ending the issuer thread (which would leave every device copy waiting).
+    fn issue_guarded(&self, shared: &Shared, part: &Part) -> CoreResult<Event> {
+        let fault = shared.faults.take(&PartSite {
+            file_id: None,
+            file_range: None,
+        });
+        if let Some(FaultKind::Delay(pause)) = fault.map(|hit| hit.kind) {
+            std::thread::sleep(pause);
+        }
+        catch_unwind(AssertUnwindSafe(|| {
+            if let Some(FaultKind::Panic) = fault.map(|hit| hit.kind) {
+                resume_unwind(Box::new(INJECTED_PANIC));
+            }
+            self.issue_part(part)
+        }))
+        .unwrap_or_else(|payload| Err(panic_error("copy", None, None, part.len, payload.as_ref())))
     }
 
     fn issue_part(&self, part: &Part) -> CoreResult<Event> {

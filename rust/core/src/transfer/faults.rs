@@ -63,7 +63,7 @@ impl FaultKind {
 pub enum FaultOp {
     /// file -> host reads.
     Read,
-    /// host -> host copies run by the workers.
+    /// Copies: host -> host (run by the workers) and device copies (at issue).
     Copy,
     /// Both.
     Any,
@@ -241,6 +241,31 @@ pub(crate) fn aim(offset: Option<u64>, start: u64, end: u64, fallback: u64) -> u
     offset
         .filter(|at| (start..end).contains(at))
         .unwrap_or(fallback)
+}
+
+/// The typed error of a transfer whose thread panicked while moving `length` bytes.
+pub(crate) fn panic_error(
+    op: &'static str,
+    path: Option<&str>,
+    offset: Option<u64>,
+    length: u64,
+    payload: &(dyn std::any::Any + Send),
+) -> CoreError {
+    let reason = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into());
+    CoreError::Transfer {
+        op,
+        path: path.map(str::to_owned),
+        errno: None,
+        offset,
+        length: Some(length),
+        message: format!(
+            "internal error: the thread panicked ({reason}); this transfer failed, the engine goes on"
+        ),
+    }
 }
 
 /// The payload of an injected panic (raised with `resume_unwind`: no panic hook runs,

@@ -10,7 +10,7 @@ use std::time::Instant;
 use crossbeam_utils::sync::Parker;
 
 use crate::error::CoreError;
-use crate::transfer::faults::{aim, FaultKind, Hit, PartSite, INJECTED_PANIC};
+use crate::transfer::faults::{aim, panic_error, FaultKind, Hit, PartSite, INJECTED_PANIC};
 use crate::transfer::files::ReadFault;
 use crate::transfer::task::{Op, PartDone, Transfer};
 use crate::transfer::Shared;
@@ -154,26 +154,17 @@ fn site(transfer: &Transfer, part: u32) -> PartSite {
 /// The typed error of a part whose worker panicked, naming the file and range.
 fn panicked(transfer: &Transfer, part: u32, payload: &(dyn Any + Send)) -> CoreError {
     let (start, end) = transfer.part_range(part);
-    let reason = payload
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "no message".into());
-    let (op, path, offset) = match &transfer.op {
+    match &transfer.op {
         Op::Read {
             file, file_offset, ..
-        } => ("read", Some(file.path.clone()), Some(file_offset + start)),
-        _ => ("copy", None, None),
-    };
-    CoreError::Transfer {
-        op,
-        path,
-        errno: None,
-        offset,
-        length: Some(end - start),
-        message: format!(
-            "internal error: the worker panicked ({reason}); this transfer failed, the engine goes on"
+        } => panic_error(
+            "read",
+            Some(&file.path),
+            Some(file_offset + start),
+            end - start,
+            payload,
         ),
+        _ => panic_error("copy", None, None, end - start, payload),
     }
 }
 
