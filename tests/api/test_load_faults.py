@@ -141,6 +141,30 @@ async def test_an_injected_read_fault_fails_the_request_then_the_engine_serves(
 
 @pytest.mark.timeout(120)
 @pytest.mark.asyncio
+@pytest.mark.parametrize("setup", SETUPS)
+async def test_every_request_in_flight_and_aclose_end_in_bounded_time_under_a_lasting_fault(
+    hf_checkpoints: Any, setup: str
+) -> None:
+    path = hf_checkpoints.path("mixtral")
+    eng = await _open(path, setup)
+    try:
+        layer = _aim_at_layer(eng, "errno")
+        requests = [eng.generate(PROMPTS[i % len(PROMPTS)], max_new_tokens=NEW_TOKENS) for i in range(6)]
+        results = await asyncio.wait_for(asyncio.gather(*requests, return_exceptions=True), 30)
+        for result in results:
+            assert isinstance(result, MoeflowError), result  # each needs the first layer's experts
+            _check_named(result, eng, layer)
+        assert _pinned(eng) == 0
+        late = asyncio.ensure_future(eng.generate(PROMPTS[0], max_new_tokens=NEW_TOKENS))
+        await asyncio.sleep(0)
+    finally:
+        await asyncio.wait_for(eng.aclose(), 10)
+    with pytest.raises(MoeflowError):  # its load failed, or the engine closed first
+        await asyncio.wait_for(late, 5)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.asyncio
 async def test_a_panic_issuing_a_device_copy_fails_the_request_then_the_engine_serves(hf_checkpoints: Any) -> None:
     """The simulated GPU with every expert in a pinned host home: loads are device copies, and
     the copy-stream issuer thread panics at each one until cleared."""
