@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= .artifacts/demo-mixtral
 
-.PHONY: demo test install install-test rust-test py-test
+.PHONY: demo test install install-test rust-test py-test gpu-wheels
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,3 +31,9 @@ py-test: install-test
 	$(BIN)/python -m pytest -q
 
 test: rust-test py-test
+
+# Wheels the GPU machine (CPython 3.12, no network) lacks for `bench_gpu.py --check --wheels .gpu-wheels`.
+gpu-wheels: $(BIN)/python
+	$(BIN)/pip download -q -d .gpu-wheels --only-binary=:all: --python-version 3.12 \
+	    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+	    pytest-asyncio pytest-timeout hypothesis xxhash

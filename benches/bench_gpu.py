@@ -4,12 +4,15 @@
         compiles every kernel for sm_80 and sm_90 with NVRTC (no GPU needed) and prints
         {"kernels_compiled": N, "failed": M}; exits 1 if any failed. CI runs this.
 
-    python benches/bench_gpu.py --check
+    python benches/bench_gpu.py --check [--wheels .gpu-wheels]
         the GPU check, under 4 minutes, one JSON line (benches/gpu_check.py): the GPU tests, a
         2-layer Mixtral-8x7B-shaped model's logits on cuda against the CPU engine at 25% and full
         budget, the physics check against the pinned link peak, wall-clock decode against
-        prefetch='none' and transformers + accelerate offloading. Installs nothing; without a GPU
-        it prints {"gpu": false, ...} and exits 0. Exits 1 if any part failed.
+        prefetch='none' and transformers + accelerate offloading. Without a GPU it prints
+        {"gpu": false, ...} and exits 0. Exits 1 if any part failed. --wheels DIR first installs,
+        from DIR alone (the GPU machine has no network), the test dependencies that machine lacks:
+        `make gpu-wheels` downloads them here (pytest-asyncio, pytest-timeout, hypothesis, xxhash
+        for CPython 3.12); carry DIR with the run.
 
     python benches/bench_gpu.py [--quick]
         the full benchmark, on a machine with an NVIDIA GPU: one JSON line per configuration
@@ -45,17 +48,37 @@ def check_compile(archs: tuple[str, ...]) -> int:
     return 1 if failed else 0
 
 
+TEST_DEPS = {"pytest_asyncio": "pytest-asyncio", "pytest_timeout": "pytest-timeout", "hypothesis": "hypothesis",
+             "xxhash": "xxhash"}
+
+
+def install_missing(wheels: Path) -> list[str]:
+    """pip-install, from `wheels` only, each test dependency that does not import; returns them."""
+    import importlib.util
+    import subprocess
+
+    missing = [pkg for module, pkg in TEST_DEPS.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheels),
+                        *missing], check=True)
+    return missing
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--check-compile", action="store_true", help="NVRTC-compile every kernel, no GPU needed")
     ap.add_argument("--check", action="store_true", help="the bounded GPU check (under 4 minutes)")
     ap.add_argument("--archs", default="sm_80,sm_90")
+    ap.add_argument("--wheels", type=Path, default=None, help="--check: install missing test deps from this folder")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.check_compile:
         return check_compile(tuple(a.strip() for a in args.archs.split(",")))
     if args.check:
         from benches.gpu_check import run_check
+
+        if args.wheels is not None:
+            print(json.dumps({"installed": install_missing(args.wheels)}), file=sys.stderr)
 
         return run_check()
     from benches.gpu_runs import run_gpu  # the GPU measurements live beside this script
