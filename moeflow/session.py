@@ -28,7 +28,7 @@ from moeflow.runtime.moe import MissPrecision
 from moeflow.runtime.model import DenseModel, load_dense
 from moeflow.scheduling import Predictor, Scheduler, make_predictor, router_table
 from moeflow.stats import EngineStats, counters_dict
-from moeflow.store import ExpertStore, codec_for, open_or_convert, store_root
+from moeflow.store import ExpertStore, codec_for, located_store, open_or_convert_async
 from moeflow.store.layout import DTYPE_NAMES
 
 
@@ -50,6 +50,8 @@ class Session:
     scheduler: Scheduler
     tokens_generated: int = 0
     steps: int = 0
+    store_root: Path | None = None  # where the expert store lives
+    store_note: str | None = None  # why it lives elsewhere than the checkpoint's .moeflow (read-only, cache)
 
     @property
     def plan(self) -> MemoryPlan:
@@ -170,15 +172,15 @@ async def open_session(path: Path, config: EngineConfig) -> Session:
     block = codec.layout(arch.hidden_size, arch.expert_intermediate).size
     low_block = low_codec.layout(arch.hidden_size, arch.expert_intermediate).size if low_codec else None
     tiers = plan_tiers(config, device, block, low_block, experts_total, arch.top_k)
-    root = store_root(path, config.store_dir)
-    store = await asyncio.to_thread(
-        open_or_convert, ckpt, arch, codec, root, mode=config.store_mode, progress=config.progress
-    )
+    location = located_store(path, config.store_dir)
+    root = location.root
+    # Cancelling the open (Ctrl-C under asyncio.run) stops a conversion within an expert and
+    # removes its temporary folder before the cancellation completes.
+    store = await open_or_convert_async(ckpt, arch, codec, root, mode=config.store_mode, progress=config.progress)
     low_store = None
     if low_codec is not None:
-        low_store = await asyncio.to_thread(
-            open_or_convert, ckpt, arch, low_codec, root, mode=config.store_mode, progress=config.progress
-        )
+        low_store = await open_or_convert_async(ckpt, arch, low_codec, root, mode=config.store_mode,
+                                                progress=config.progress)
     model = await asyncio.to_thread(load_dense, ckpt, arch, dtype)
     compute = make_device(device, sim_bandwidth_gbps=config.sim_bandwidth_gbps, sim_latency_us=config.sim_latency_us)
     if compute.torch_device.type != "cpu":
@@ -198,8 +200,10 @@ async def open_session(path: Path, config: EngineConfig) -> Session:
     )
     memory = await build_memory(config, tiers, compute, store, low_store, policy, arch.moe_layers, arch.num_experts)
     try:
-        return _assemble(config, ckpt, arch, dtype, device, store, tiers, model, memory, policy, predictor,
-                         tokenizer)
+        session = _assemble(config, ckpt, arch, dtype, device, store, tiers, model, memory, policy, predictor,
+                            tokenizer)
+        session.store_root, session.store_note = root, location.note
+        return session
     except BaseException:
         await memory.aclose()
         raise

@@ -3,7 +3,7 @@
 from moeflow.store.codecs import Codec, codec_for
 from moeflow.store.convert import convert, open_or_convert, open_or_convert_async, store_spec
 from moeflow.store.layout import BlobLayout
-from moeflow.store.location import StoreLocation, resolve_store_root, store_root
+from moeflow.store.location import StoreLocation, located_store, resolve_store_root, store_root
 from moeflow.store.manifest import StoreSpec
 from moeflow.store.store import ExpertStore
 
@@ -15,6 +15,7 @@ __all__ = [
     "StoreSpec",
     "codec_for",
     "convert",
+    "located_store",
     "open_or_convert",
     "open_or_convert_async",
     "resolve_store_root",

@@ -92,7 +92,12 @@ def resolve_store_root(
 
 def store_root(checkpoint_dir: Path, override: str | os.PathLike[str] | None) -> Path:
     """resolve_store_root's folder; a fallback to the user cache is logged as a warning."""
+    return located_store(checkpoint_dir, override).root
+
+
+def located_store(checkpoint_dir: Path, override: str | os.PathLike[str] | None) -> StoreLocation:
+    """resolve_store_root, with its note (a read-only checkpoint, the user cache) logged as a warning."""
     location = resolve_store_root(checkpoint_dir, override)
     if location.note:
         log.warning("%s", location.note)
-    return location.root
+    return location

@@ -162,6 +162,8 @@ async def test_engine_on_a_read_only_checkpoint_serves_from_the_cache_and_logs_i
     with read_only(model), caplog.at_level(logging.WARNING, logger="moeflow.store"):
         async with Engine.open(model, device="cpu") as eng:
             assert (await eng.generate([5, 17, 42], 4)).tokens == expected
+            assert eng.session.store_note and "read-only" in eng.session.store_note  # the plan says so
+            assert eng.session.store_root is not None and (tmp_path / "cache") in eng.session.store_root.parents
     assert "is read-only: the expert store lives in" in caplog.text
     assert list((tmp_path / "cache").glob("model-*/float32/manifest.json"))
 
