@@ -17,8 +17,8 @@ import torch
 from moeflow.scheduling.traces import SequenceTrace
 from moeflow.config import EngineConfig, MemoryPlan
 from moeflow.errors import EngineClosed, InvalidRequest
-from moeflow.runtime.runner import pick_token
 from moeflow.runtime.sampling import Sampler, SamplingParams, integer_value
+from moeflow.runtime.stepper import StepBatcher
 from moeflow.session import Session, open_session
 from moeflow.stats import EngineStats, RequestStats
 
@@ -46,8 +46,10 @@ class GenerationResult:
 class Engine:
     """A model opened under an expert budget. Use as `async with Engine.open(path, ...) as eng:`.
 
-    Several `generate` / `stream` calls may run concurrently: they take turns one step at a
-    time, each with its own KV cache and sampler, so each gets the result it would alone.
+    Concurrent `generate` / `stream` calls are batched: each step runs the next token of every
+    running request, plus chunks of new prompts, through each layer in one pass, so one load of
+    an expert serves every token routed to it (continuous batching, `runtime/stepper.py`). Each
+    request keeps its own KV cache and sampler and gets the tokens it would get alone.
     """
 
     def __init__(self, path: str | os.PathLike[str], config: EngineConfig) -> None:
@@ -58,6 +60,7 @@ class Engine:
         self._step_lock = asyncio.Lock()
         self._requests = 0
         self._active = 0
+        self._batcher: StepBatcher | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
     @classmethod
@@ -71,10 +74,16 @@ class Engine:
             raise EngineClosed(f"engine for {self.path} cannot start from state {self.state.value}")
         self.state = EngineState.OPENING
         try:
-            self._session = await open_session(self.path, self.config)
+            self._session = session = await open_session(self.path, self.config)
         except BaseException:
             self.state = EngineState.FAILED
             raise
+        self._batcher = StepBatcher(
+            session.runner, self._step_lock, max_tokens=self.config.prefill_chunk,
+            max_sequences=self.config.max_batch_sequences, kv_budget=self.config.kv_budget,
+            kv_bytes_per_token=session.runner.kv_bytes_per_token(), snapshot=session.counters_snapshot,
+            end_step=session.end_step,
+        )
         self.state = EngineState.READY
         return self
 
@@ -93,6 +102,8 @@ class Engine:
         if self.state in (EngineState.CLOSED, EngineState.CLOSING):
             return
         self.state = EngineState.CLOSING
+        if self._batcher is not None:
+            self._batcher.close(EngineClosed(f"engine for {self.path} was closed while the request waited"))
         try:
             async with self._step_lock:
                 if self._session is not None:
@@ -259,38 +270,57 @@ class Engine:
         ids = self._prompt_ids(prompt)
         self._check_length(len(ids), max_new_tokens)
         session = self.session
+        batcher = self._batcher
+        assert batcher is not None
         request = _Request(ids)
         self._requests += 1
         yield request
         sampler = Sampler(params)
-        if self._active == 0:
-            session.cache.begin_request()
-        self._active += 1
-        seq = session.runner.new_sequence(ids, record=record)
-        eos = set(session.arch.eos_token_ids) if stop else set()
-        step_input = ids
+        positions = len(ids) + max_new_tokens
+        reserved = await batcher.admit(positions)  # waits while the KV budget is full
+        seq = None
         try:
+            if self._active == 0:
+                session.cache.begin_request()
+            self._active += 1
+            seq = session.runner.new_sequence(ids, record=record)
+            if batcher.kv_budget is not None:
+                seq.reserve(positions)  # its cache occupies what was admitted, no more
+            eos = set(session.arch.eos_token_ids) if stop else set()
+            step_input = ids
             for _ in range(max_new_tokens):
-                async with self._step_lock:
-                    before = session.counters_snapshot()
-                    syncs = session.compute.host_syncs
-                    started = time.perf_counter()
-                    logits = await session.runner.forward(seq, step_input)
-                    # The token's readback ends the step: its time is in the step's.
-                    token = pick_token(sampler, logits[-1], session.compute)
-                    session.end_step()
-                    request.stats.add_step(session.counters_snapshot(), before, time.perf_counter() - started,
-                                           session.compute.host_syncs - syncs)
+                # The step's time includes its tokens' readback; its counters are shared with the
+                # requests batched with it.
+                outcome = await batcher.run(seq, step_input, sampler=sampler)
+                assert outcome.token is not None
+                request.stats.add_delta(outcome.delta, outcome.seconds, outcome.host_syncs)
                 session.tokens_generated += 1
-                yield token
-                if token in eos:
+                yield outcome.token
+                if outcome.token in eos:
                     request.finish_reason = "eos"
                     return
-                step_input = [token]
+                step_input = [outcome.token]
         finally:
-            self._active -= 1
-            seq.finish()
-            request.trace = seq.trace
+            if seq is not None:
+                self._active -= 1
+                await batcher.finish(seq)
+                request.trace = seq.trace
+            await batcher.release(reserved)
+
+    async def generate_batch(
+        self,
+        prompts: Sequence[str | Sequence[int] | torch.Tensor],
+        max_new_tokens: int = 32,
+        *,
+        concurrency: int | None = None,
+        **sampling: Any,
+    ) -> list[GenerationResult]:
+        """One result per prompt, in order, all running as one continuous batch (at most
+        `concurrency` at a time if given). A refused prompt raises and cancels the others; for
+        per-prompt errors use a job file (`moeflow.jobs.run_jobs`)."""
+        from moeflow.jobs import generate_batch
+
+        return await generate_batch(self, prompts, max_new_tokens, concurrency=concurrency, **sampling)
 
     async def trace(self, prompt: str | Sequence[int] | torch.Tensor, max_new_tokens: int = 32) -> SequenceTrace:
         """Greedy-generate and record the router's choices for every token (for predictors)."""

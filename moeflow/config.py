@@ -144,7 +144,9 @@ class EngineConfig:
     io_chunk: int = 4 << 20  # largest part of one read: a demand read waits for at most one part
     store_dir: str | None = None
     store_mode: str = "auto"
-    prefill_chunk: int = 512  # prompt tokens per forward pass: bounds a long prompt's attention memory
+    prefill_chunk: int = 512  # tokens per forward pass (and per step): bounds a long prompt's attention memory
+    max_batch_sequences: int = 64  # sequences one step runs together (continuous batching)
+    kv_budget: int | None = None  # bytes of KV cache for all admitted requests; None: no bound
     verify_checksums: bool = True
     progress: bool = False
     threads: int | None = None
@@ -190,7 +192,11 @@ class EngineConfig:
             out["prefetch"] = "auto"
         if "io_workers" in kw:
             out["io_workers"] = _positive_int("io_workers", kw["io_workers"], MAX_IO_WORKERS, "read threads")
-        for name in ("prefetch_depth", "prefill_chunk"):
+        if kw.get("kv_budget") is not None:
+            out["kv_budget"] = parse_size(kw["kv_budget"], "kv_budget")
+            if out["kv_budget"] == 0:
+                raise ConfigError(f"kv_budget={kw['kv_budget']!r}: expected a positive size, or None for no bound")
+        for name in ("prefetch_depth", "prefill_chunk", "max_batch_sequences"):
             if name in kw:
                 out[name] = _positive_int(name, kw[name])
         for name in ("prefetch_width", "max_speculative_loads"):

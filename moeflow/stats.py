@@ -89,6 +89,11 @@ class RequestStats(_Record):
         return _RequestStatsBuilder()
 
 
+def counter_delta(after: CacheCounters, before: CacheCounters) -> dict[str, float]:
+    """What changed between two snapshots of the cache counters."""
+    return {name: getattr(after, name) - getattr(before, name) for name in _COUNTERS}
+
+
 @dataclass
 class _RequestStatsBuilder:
     totals: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_COUNTERS, 0))
@@ -102,8 +107,12 @@ class _RequestStatsBuilder:
     def add_step(self, after: CacheCounters, before: CacheCounters, seconds: float, host_syncs: int = 0) -> None:
         """One step: the counters' change, its wall time (token readback included) and its
         blocking device reads."""
+        self.add_delta(counter_delta(after, before), seconds, host_syncs)
+
+    def add_delta(self, delta: dict[str, float], seconds: float, host_syncs: int = 0) -> None:
+        """One step given as the counters' change (see `counter_delta`)."""
         for name in _COUNTERS:
-            self.totals[name] += getattr(after, name) - getattr(before, name)
+            self.totals[name] += delta.get(name, 0)
         self.host_syncs += host_syncs
         if self.steps == 0:
             self.prefill_seconds = seconds

@@ -198,3 +198,13 @@ async def test_config_numbers_that_would_give_nan_or_refuse_everything_are_check
     with pytest.raises(CheckpointError, match=f"'{field}'.*{says}") as info:
         await asyncio.wait_for(Engine.open(path, device="cpu").start(), 60)
     assert info.value.field == field
+
+
+@pytest.mark.parametrize("options, name", [
+    ({"kv_budget": "lots"}, "kv_budget"), ({"kv_budget": 0}, "kv_budget"), ({"kv_budget": True}, "kv_budget"),
+    ({"max_batch_sequences": 0}, "max_batch_sequences"), ({"max_batch_sequences": 2.5}, "max_batch_sequences"),
+])
+def test_batching_options_are_checked_naming_the_option(options: dict[str, object], name: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        EngineConfig.from_user(**options)
+    assert EngineConfig.from_user(kv_budget="2GiB", max_batch_sequences=8).kv_budget == 2 << 30

@@ -31,11 +31,15 @@ class ExpertMemory:
             await self.cache.aclose()
             if self.low_cache is not None:
                 await self.low_cache.aclose()
-            for home in self.homes:
-                home.close()
         finally:
-            await self.transfers.aclose()
-            self.device.close()
+            try:
+                # Every transfer has finished or been cancelled before the homes go: a device
+                # copy still running (a slow or failed one) pins the home block it reads.
+                await self.transfers.aclose()
+                for home in self.homes:
+                    home.close()
+            finally:
+                self.device.close()
 
 
 async def build_memory(

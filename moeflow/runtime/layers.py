@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -54,8 +56,18 @@ class KVCache:
         self.length = need
         return tuple([buf[upto] for buf in self.buffers])
 
-    def _grow(self, need: int) -> None:
-        capacity = max(need, 2 * self.capacity, 64)
+    def reserve(self, positions: int) -> None:
+        """Hold buffers for exactly `positions` positions now (no doubling later up to them):
+        what the engine admitted a sequence for is what its cache occupies."""
+        if positions > self.capacity:
+            self._grow(positions, exact=True)
+
+    @property
+    def bytes_per_position(self) -> int:
+        return sum(math.prod(shape) for shape in self.shapes) * self.dtype.itemsize
+
+    def _grow(self, need: int, exact: bool = False) -> None:
+        capacity = need if exact else max(need, 2 * self.capacity, 64)
         grown = []
         for i, shape in enumerate(self.shapes):
             full = list(shape)

@@ -36,6 +36,11 @@ class Sequence:
     def length(self) -> int:
         return self.kv[0].length
 
+    def reserve(self, positions: int) -> None:
+        """Allocate every layer's KV cache for `positions` positions at once."""
+        for cache in self.kv:
+            cache.reserve(positions)
+
     def finish(self) -> None:
         if self.schedule is not None:
             self.cache.apply(self.schedule.finish())
@@ -70,6 +75,10 @@ class ModelRunner:
         self.eps = model.arch.rms_norm_eps
         self.threads = ThreadPlan()
 
+    def kv_bytes_per_token(self) -> int:
+        """KV cache bytes one position of one sequence takes, over all layers."""
+        return sum(layer.attention.new_cache(self.model.dtype).bytes_per_position for layer in self.model.layers)
+
     def new_sequence(self, prompt: list[int], *, record: bool = False) -> Sequence:
         active = self.scheduler is not None and self.scheduler.active
         schedule = self.scheduler.track(prompt) if self.scheduler is not None and active else None
@@ -86,7 +95,7 @@ class ModelRunner:
             self.threads.narrow()  # decode: see runtime/threads.py
         try:
             with torch.inference_mode():
-                if len(ids) > 1 and len(ids) > self._pass_tokens(seq.length + len(ids)):
+                if len(ids) > 1 and len(ids) > self.pass_tokens(seq.length + len(ids)):
                     return await self._chunked(seq, ids, all_logits)
                 logits = await self._forward(seq, ids, all_logits)
                 assert logits is not None
@@ -95,7 +104,7 @@ class ModelRunner:
             if narrow:
                 self.threads.restore()
 
-    def _pass_tokens(self, positions: int) -> int:
+    def pass_tokens(self, positions: int) -> int:
         """Tokens one pass may carry when its keys reach `positions` (at least one)."""
         return max(1, min(self.prefill_chunk, self.scores_budget // (4 * self.heads * positions)))
 
@@ -104,7 +113,7 @@ class ModelRunner:
         steps = len(seq.trace) if seq.trace is not None else 0
         start = 0
         while start < len(ids):
-            end = min(len(ids), start + self._pass_tokens(seq.length + self.prefill_chunk))
+            end = min(len(ids), start + self.pass_tokens(seq.length + self.prefill_chunk))
             logits = await self._forward(seq, ids[start:end], all_logits, head=all_logits or end == len(ids))
             if logits is not None:
                 rows.append(logits)

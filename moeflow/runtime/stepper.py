@@ -1,11 +1,14 @@
 """Continuous batching: every request's next tokens wait here, and each step runs them all as one pass.
 
 A request hands its sequence's new ids (a prompt, or the token it just sampled) to `run` and
-awaits the logits. One loop task forms each step from what is waiting: decode tokens first, in
-arrival order, then prompts in arrival order, cut into chunks so that a step carries at most
-`max_tokens` tokens (a long prompt is spread over several steps and never stalls the running
-streams) and at most `max_sequences` sequences. Before it forms a step the loop yields once, so
-the streams that have just received a token have queued their next one.
+awaits the outcome: the next token when it gave a sampler, else the logits. One loop task forms
+each step from what is waiting: decode tokens first, in arrival order, then prompts in arrival
+order, cut into chunks so that a step carries at most `max_tokens` tokens (a long prompt is
+spread over several steps and never stalls the running streams) and at most `max_sequences`
+sequences. Before it forms a step the loop yields once, so the streams that have just received a
+token have queued their next one. After the pass, the greedy sequences' tokens come back in one
+read, then `end_step` closes the step; each request gets the step's counters (shared with the
+requests batched with it), its wall time and its device reads.
 
 Admission is separate: `admit(tokens)` waits until the sequence's KV cache (prompt plus new
 tokens, at `kv_bytes_per_token`) fits in `kv_budget` next to those already admitted, so when
@@ -23,8 +26,24 @@ from dataclasses import dataclass, field
 import torch
 
 from moeflow.errors import InvalidRequest
+from moeflow.memory.entries import CacheCounters
 from moeflow.runtime.batch import Part, forward_parts
 from moeflow.runtime.runner import ModelRunner, Sequence
+from moeflow.runtime.sampling import Sampler
+from moeflow.stats import counter_delta
+
+
+@dataclass
+class StepOutcome:
+    """A request's share of the steps that ran its ids: the token (with a sampler) or the logits
+    ([1, V] or [len(ids), V] on the compute device), the counters' change, wall seconds and
+    blocking device reads of those steps."""
+
+    token: int | None
+    logits: torch.Tensor | None
+    delta: dict[str, float]
+    seconds: float
+    host_syncs: int
 
 
 @dataclass(eq=False)
@@ -32,15 +51,19 @@ class _Waiting:
     seq: Sequence
     ids: list[int]  # not yet run
     all_logits: bool
-    future: asyncio.Future[torch.Tensor]
+    sampler: Sampler | None
+    future: asyncio.Future[StepOutcome]
     rows: list[torch.Tensor] = field(default_factory=list)  # all_logits: the rows of earlier chunks
     trace_mark: int = 0  # the sequence's trace length when it arrived (chunks' routes are joined)
     passes: int = 0
+    delta: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    host_syncs: int = 0
 
 
 @dataclass(frozen=True)
 class StepRecord:
-    """What one step ran: sequences, tokens, wall seconds (token readbacks are the requests')."""
+    """What one step ran: sequences, tokens, wall seconds (token readback included)."""
 
     sequences: int
     tokens: int
@@ -48,11 +71,13 @@ class StepRecord:
 
 
 class StepBatcher:
-    """Forms and runs the engine's steps; `lock` is held while a pass runs (other users of the
-    runner, e.g. scoring, take it too)."""
+    """Forms and runs the engine's steps; `lock` is held while a step runs (other users of the
+    runner, e.g. scoring, take it too). `snapshot` reads the cache counters, `end_step` closes a
+    step after its tokens were read back."""
 
     def __init__(self, runner: ModelRunner, lock: asyncio.Lock, *, max_tokens: int, max_sequences: int,
                  kv_budget: int | None = None, kv_bytes_per_token: int = 0,
+                 snapshot: Callable[[], CacheCounters] | None = None, end_step: Callable[[], None] | None = None,
                  on_step: Callable[[StepRecord], None] | None = None) -> None:
         if max_tokens < 1 or max_sequences < 1:
             raise ValueError(f"max_tokens={max_tokens}, max_sequences={max_sequences}: must be >= 1")
@@ -62,6 +87,8 @@ class StepBatcher:
         self.max_sequences = max_sequences
         self.kv_budget = kv_budget
         self.kv_bytes_per_token = kv_bytes_per_token
+        self.snapshot = snapshot
+        self.end_step = end_step
         self.on_step = on_step
         self._decode: deque[_Waiting] = deque()  # one token each
         self._prefill: deque[_Waiting] = deque()
@@ -69,7 +96,8 @@ class StepBatcher:
         self._kv_reserved = 0
         self._admission = asyncio.Condition()
         self.steps = 0
-        self.running: set[int] = set()  # id() of the sequences in the pass now running
+        self.running: set[int] = set()  # id() of the sequences in the step now running
+        self._closed: BaseException | None = None
 
     # ---- admission -------------------------------------------------------------------------
     def kv_bytes(self, tokens: int) -> int:
@@ -103,13 +131,18 @@ class StepBatcher:
         return len(self._decode) + len(self._prefill)
 
     # ---- steps -----------------------------------------------------------------------------
-    async def run(self, seq: Sequence, ids: list[int], *, all_logits: bool = False) -> torch.Tensor:
-        """Logits for seq's new ids ([1, V], or [len(ids), V] with all_logits), computed in the
-        coming steps together with every other waiting sequence's tokens."""
+    async def run(self, seq: Sequence, ids: list[int], *, sampler: Sampler | None = None,
+                  all_logits: bool = False) -> StepOutcome:
+        """seq's new ids through the coming steps, together with every other waiting sequence's
+        tokens: the next token picked by `sampler`, or (without one) the logits."""
+        if self._closed is not None:
+            raise self._closed
         if not ids:
             raise InvalidRequest("no token ids to run")
-        future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
-        entry = _Waiting(seq, list(ids), all_logits, future, trace_mark=len(seq.trace or ()))
+        if sampler is not None and all_logits:
+            raise ValueError("a step either samples a token or returns all logits")
+        future: asyncio.Future[StepOutcome] = asyncio.get_running_loop().create_future()
+        entry = _Waiting(seq, list(ids), all_logits, sampler, future, trace_mark=len(seq.trace or ()))
         (self._decode if len(ids) == 1 and not all_logits else self._prefill).append(entry)
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.create_task(self._loop(), name="moeflow-steps")
@@ -119,11 +152,20 @@ class StepBatcher:
             self._forget(entry)
             raise
 
+    def close(self, error: BaseException) -> None:
+        """Refuse new work with `error` and fail every request still waiting for a step with it."""
+        self._closed = error
+        for queue in (self._decode, self._prefill):
+            while queue:
+                entry = queue.popleft()
+                if not entry.future.done():
+                    entry.future.set_exception(error)
+
     async def finish(self, seq: Sequence) -> None:
-        """End seq (cancel its prefetches) once no running pass still uses it: a request
-        cancelled mid-pass finishes after that pass."""
+        """End seq (cancel its prefetches) once no running step still uses it: a request
+        cancelled mid-step finishes after that step."""
         if id(seq) in self.running:
-            async with self.lock:  # held by the running pass
+            async with self.lock:  # held by the running step
                 pass
         seq.finish()
 
@@ -143,7 +185,7 @@ class StepBatcher:
         for entry in list(self._prefill):
             if budget <= 0 or len(batch) >= self.max_sequences:
                 break
-            room = min(budget, self.runner._pass_tokens(entry.seq.length + min(len(entry.ids), budget)))
+            room = min(budget, self.runner.pass_tokens(entry.seq.length + min(len(entry.ids), budget)))
             chunk, rest = entry.ids[:room], entry.ids[room:]
             entry.ids = rest
             if not rest:
@@ -159,13 +201,10 @@ class StepBatcher:
                 batch = [(e, ids, last) for e, ids, last in self._take() if not e.future.done()]
                 if not batch:
                     continue
-                parts = [Part(e.seq, ids, all_logits=e.all_logits, head=last or e.all_logits)
-                         for e, ids, last in batch]
                 self.running = {id(e.seq) for e, _, _ in batch}
-                started = time.perf_counter()
                 try:
-                    results = await forward_parts(self.runner, parts)
-                except Exception as exc:  # the pass failed: so did every request in it
+                    outcomes = await self._step(batch)
+                except Exception as exc:  # the step failed: so did every request in it
                     for e, _, _ in batch:
                         self._forget(e)
                         if not e.future.done():
@@ -173,20 +212,65 @@ class StepBatcher:
                     continue
                 finally:
                     self.running = set()
-                self.steps += 1
-                if self.on_step is not None:
-                    self.on_step(StepRecord(len(batch), sum(len(ids) for _, ids, _ in batch),
-                                            time.perf_counter() - started))
-            for (e, _, last), logits in zip(batch, results, strict=True):
-                e.passes += 1
-                if logits is not None and e.all_logits:
-                    e.rows.append(logits)
-                if not last or e.future.done():
-                    continue
-                _join_trace(e)
-                assert logits is not None
-                e.future.set_result(torch.cat(e.rows) if e.all_logits and len(e.rows) > 1 else
-                                    e.rows[0] if e.all_logits else logits)
+            for e, outcome in outcomes:
+                if not e.future.done():
+                    e.future.set_result(outcome)
+
+    async def _step(self, batch: list[tuple[_Waiting, list[int], bool]]) -> list[tuple[_Waiting, StepOutcome]]:
+        """One pass, the tokens of the requests it completes, and its accounting."""
+        device = self.runner.device
+        before = self.snapshot() if self.snapshot is not None else None
+        syncs = device.host_syncs
+        started = time.perf_counter()
+        parts = [Part(e.seq, ids, all_logits=e.all_logits, head=last or e.all_logits) for e, ids, last in batch]
+        results = await forward_parts(self.runner, parts)
+        done = [(e, logits) for (e, _, last), logits in zip(batch, results, strict=True) if last]
+        tokens = self._pick([(e, logits) for e, logits in done if e.sampler is not None])
+        if self.end_step is not None:
+            self.end_step()
+        seconds = time.perf_counter() - started
+        delta = counter_delta(self.snapshot(), before) if self.snapshot is not None and before is not None else {}
+        step_syncs = device.host_syncs - syncs
+        self.steps += 1
+        if self.on_step is not None:
+            self.on_step(StepRecord(len(batch), sum(len(ids) for _, ids, _ in batch), seconds))
+        for (e, _, _), logits in zip(batch, results, strict=True):
+            e.passes += 1
+            e.seconds += seconds
+            e.host_syncs += step_syncs
+            for name, value in delta.items():
+                e.delta[name] = e.delta.get(name, 0) + value
+            if logits is not None and e.all_logits:
+                e.rows.append(logits)
+        outcomes = []
+        for e, logits in done:
+            _join_trace(e)
+            assert logits is not None
+            if e.sampler is not None:
+                outcome = StepOutcome(tokens[id(e)], None, e.delta, e.seconds, e.host_syncs)
+            else:
+                rows = e.rows if e.all_logits else [logits]
+                outcome = StepOutcome(None, rows[0] if len(rows) == 1 else torch.cat(rows), e.delta, e.seconds,
+                                      e.host_syncs)
+            outcomes.append((e, outcome))
+        return outcomes
+
+    def _pick(self, sampled: list[tuple[_Waiting, torch.Tensor | None]]) -> dict[int, int]:
+        """Each sampling request's next token: the greedy ones' in one device read (argmax of
+        their stacked last rows), the others from their own host copy and generator."""
+        device = self.runner.device
+        tokens: dict[int, int] = {}
+        greedy = [(e, logits) for e, logits in sampled if e.sampler is not None and e.sampler.params.greedy]
+        if greedy:
+            rows = torch.cat([logits[-1:] for _, logits in greedy if logits is not None])
+            with torch.inference_mode():
+                (picked,) = device.readback(torch.argmax(rows, dim=-1))
+            for (e, _), token in zip(greedy, picked, strict=True):
+                tokens[id(e)] = int(token)
+        for e, logits in sampled:
+            if id(e) not in tokens and e.sampler is not None and logits is not None:
+                tokens[id(e)] = e.sampler(device.host_tensor(logits[-1]))
+        return tokens
 
 
 def _join_trace(entry: _Waiting) -> None:

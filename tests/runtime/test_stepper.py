@@ -9,21 +9,30 @@ import pytest
 
 from moeflow import Engine
 from moeflow.runtime.runner import ModelRunner
+from moeflow.runtime.sampling import Sampler, SamplingParams
 from moeflow.runtime.stepper import StepBatcher, StepRecord
 from tests.conftest import HFCheckpoints
 
 
-async def _greedy(run, runner: ModelRunner, prompt: list[int], n: int) -> list[int]:  # type: ignore[no-untyped-def]
+async def _greedy(batcher: StepBatcher | None, runner: ModelRunner, prompt: list[int], n: int) -> list[int]:
+    """Greedy tokens, solo through runner.forward (batcher None) or batched."""
     seq = runner.new_sequence(prompt)
     tokens: list[int] = []
     try:
         ids = prompt
         for _ in range(n):
-            logits = await run(seq, ids)
-            tokens.append(int(logits[-1].argmax()))
+            if batcher is None:
+                tokens.append(int((await runner.forward(seq, ids))[-1].argmax()))
+            else:
+                outcome = await batcher.run(seq, ids, sampler=Sampler(SamplingParams()))
+                assert outcome.token is not None and outcome.logits is None
+                tokens.append(outcome.token)
             ids = [tokens[-1]]
     finally:
-        seq.finish()
+        if batcher is None:
+            seq.finish()
+        else:
+            await batcher.finish(seq)
     return tokens
 
 
@@ -35,12 +44,14 @@ async def test_concurrent_requests_step_together_and_each_gets_its_solo_tokens(h
     lengths = [rng.randrange(1, 12) for _ in prompts]
     async with Engine.open(hf_checkpoints.path("olmoe"), device="cpu", expert_budget="25%") as eng:
         runner = eng.session.runner
-        solo = [await _greedy(runner.forward, runner, p, n) for p, n in zip(prompts, lengths, strict=True)]
+        solo = [await _greedy(None, runner, p, n) for p, n in zip(prompts, lengths, strict=True)]
         steps: list[StepRecord] = []
-        batcher = StepBatcher(runner, asyncio.Lock(), max_tokens=16, max_sequences=8, on_step=steps.append)
-        tasks = [asyncio.create_task(_greedy(batcher.run, runner, p, n)) for p, n in zip(prompts, lengths, strict=True)]
+        session = eng.session
+        batcher = StepBatcher(runner, asyncio.Lock(), max_tokens=16, max_sequences=8, on_step=steps.append,
+                              snapshot=session.counters_snapshot, end_step=session.end_step)
+        tasks = [asyncio.create_task(_greedy(batcher, runner, p, n)) for p, n in zip(prompts, lengths, strict=True)]
         # a few are cancelled midway: the others are unaffected and nothing stays pinned
-        victims = [asyncio.create_task(_greedy(batcher.run, runner, p, 40)) for p in prompts[:4]]
+        victims = [asyncio.create_task(_greedy(batcher, runner, p, 40)) for p in prompts[:4]]
         await asyncio.sleep(0.05)
         for v in victims:
             v.cancel()
