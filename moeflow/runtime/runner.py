@@ -1,6 +1,8 @@
-"""The step loop: run one sequence's new tokens through every layer, awaiting experts as they arrive."""
+"""The forward pass: one or several sequences' new tokens through every layer, awaiting experts as they arrive."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +47,16 @@ class Sequence:
         if self.schedule is not None:
             self.cache.apply(self.schedule.finish())
             self.schedule = None
+
+
+@dataclass
+class Part:
+    """A sequence's share of a batched pass: its new token ids, and which logits it wants."""
+
+    seq: Sequence
+    ids: list[int]
+    all_logits: bool = False  # [len(ids), V] instead of the last row's [1, V]
+    head: bool = True  # False: a prompt chunk before the last, whose logits nobody reads
 
 
 class ModelRunner:
@@ -97,7 +109,7 @@ class ModelRunner:
             with torch.inference_mode():
                 if len(ids) > 1 and len(ids) > self.pass_tokens(seq.length + len(ids)):
                     return await self._chunked(seq, ids, all_logits)
-                logits = await self._forward(seq, ids, all_logits)
+                (logits,) = await self._pass([Part(seq, ids, all_logits)])
                 assert logits is not None
                 return logits
         finally:
@@ -114,7 +126,7 @@ class ModelRunner:
         start = 0
         while start < len(ids):
             end = min(len(ids), start + self.pass_tokens(seq.length + self.prefill_chunk))
-            logits = await self._forward(seq, ids[start:end], all_logits, head=all_logits or end == len(ids))
+            (logits,) = await self._pass([Part(seq, ids[start:end], all_logits, head=all_logits or end == len(ids))])
             if logits is not None:
                 rows.append(logits)
             start = end
@@ -124,20 +136,50 @@ class ModelRunner:
             seq.trace.append({layer: torch.cat([p[layer] for p in parts]) for layer in parts[0]})
         return torch.cat(rows) if len(rows) > 1 else rows[0]
 
-    async def _forward(self, seq: Sequence, ids: list[int], all_logits: bool,
-                       head: bool = True) -> torch.Tensor | None:
-        """One pass over ids; head=False (a prompt chunk before the last) skips the lm_head."""
-        m = self.model
+    async def forward_parts(self, parts: list[Part]) -> list[torch.Tensor | None]:
+        """Several sequences in one pass: logits (float32, on the compute device) per part, None
+        where `head` is False. Norms, routers, dense MLPs and the lm_head run once on all tokens;
+        attention runs per part against its own KV cache; each MoE layer groups all tokens by
+        expert, so one load of an expert serves every token routed to it. Each sequence's prefetch
+        schedule sees its own rows, and the predictors' guesses come back with the router's
+        choice in the layer's one blocking read. Parts must name distinct sequences and fit one
+        pass each (the caller chunks prompts: `pass_tokens`)."""
+        if not parts or len({id(p.seq) for p in parts}) != len(parts):
+            raise ValueError("forward_parts: give one part per sequence, at least one")
+        narrow = len(parts) == 1 and len(parts[0].ids) == 1 and self.model.device.type == "cpu"
+        if narrow:
+            self.threads.narrow()  # one decode token: see runtime/threads.py
+        try:
+            with torch.inference_mode():
+                return await self._pass(parts)
+        finally:
+            if narrow:
+                self.threads.restore()
+
+    async def _pass(self, parts: list[Part]) -> list[torch.Tensor | None]:
+        """One pass over every part's ids: see `forward_parts`."""
+        m, cache, device = self.model, self.cache, self.device
         wide = self.threads.wide
-        cache = self.cache
-        schedule = seq.schedule
+        bounds: list[tuple[int, int]] = []
+        flat: list[int] = []
+        for p in parts:
+            bounds.append((len(flat), len(flat) + len(p.ids)))
+            flat.extend(p.ids)
         cache.begin_step()
-        if schedule is not None:
-            schedule.started(cache.apply(schedule.begin_step(ids)))
-        routes: dict[int, torch.Tensor] | None = {} if seq.trace is not None else None
-        h = F.embedding(torch.tensor(ids, device=m.device), m.embed)  # [T, H]
+        scheduled = [(i, p.seq.schedule) for i, p in enumerate(parts) if p.seq.schedule is not None]
+        for i, schedule in scheduled:
+            schedule.started(cache.apply(schedule.begin_step(parts[i].ids)))
+        traced = [i for i, p in enumerate(parts) if p.seq.trace is not None]
+        routes: list[dict[int, torch.Tensor]] = [{} for _ in parts]
+        h = F.embedding(torch.tensor(flat, device=m.device), m.embed)  # [T, H]
         for layer in m.layers:
-            h = h + layer.attention(rms_norm(h, layer.input_norm, self.eps), seq.kv[layer.index])
+            normed = rms_norm(h, layer.input_norm, self.eps)
+            if len(parts) == 1:
+                attended = layer.attention(normed, parts[0].seq.kv[layer.index])
+            else:
+                attended = torch.cat([layer.attention(normed[a:b], p.seq.kv[layer.index])
+                                      for p, (a, b) in zip(parts, bounds, strict=True)])
+            h = h + attended
             x = rms_norm(h, layer.post_norm, self.eps)
             if layer.router is None:
                 assert layer.mlp is not None
@@ -147,25 +189,39 @@ class ModelRunner:
             logits = layer.router.logits(x)  # [T, E]
             expert_ids, weights = layer.router.select(logits, x.dtype)  # [T, K]
             cache.on_route(layer.index, logits)
-            guess = schedule.guess(layer.index, x) if schedule is not None else None
-            # the layer's one blocking read: the router's choice and the predictor's guess
-            host_ids, host_weights, host_guess = self.device.readback(expert_ids, weights, guess)
+            guesses = [schedule.guess(layer.index, x[bounds[i][0]:bounds[i][1]]) for i, schedule in scheduled]
+            # the layer's one blocking read: the router's choice and every predictor's guess
+            host_ids, host_weights, *host_guesses = device.readback(expert_ids, weights, *guesses)
             routing = Routing.group(expert_ids, weights, host_ids, host_weights)
-            if schedule is not None:
-                plan = schedule.on_route(layer.index, host_ids, host_guess, set(routing.experts))
+            for (i, schedule), host_guess in zip(scheduled, host_guesses, strict=True):
+                a, b = bounds[i]
+                mine = host_ids[a:b]
+                plan = schedule.on_route(layer.index, mine, host_guess, {e for row in mine for e in row})
                 if plan.loads or plan.cancel or plan.quotas is not None:
                     schedule.started(cache.apply(plan))
-            if routes is not None:
-                routes[layer.index] = torch.tensor(host_ids)  # host copy: traces never read the device
+            for i in traced:
+                a, b = bounds[i]
+                routes[i][layer.index] = torch.tensor(host_ids[a:b])  # host copy: traces never read the device
             h = await run_moe(layer, x, routing, cache, wide, self.miss, self.precision_counters, residual=h)
-        if routes is not None and seq.trace is not None:
-            seq.trace.append(routes)
-        if not head:
-            return None
-        if not all_logits:
-            h = h[-1:]
+        for i in traced:
+            trace = parts[i].seq.trace
+            assert trace is not None
+            trace.append(routes[i])
+        rows: list[torch.Tensor] = []
+        spans: list[tuple[int, int] | None] = []
+        for p, (a, b) in zip(parts, bounds, strict=True):
+            if not p.head:
+                spans.append(None)
+                continue
+            start = sum(r.shape[0] for r in rows)
+            rows.append(h[a:b] if p.all_logits else h[b - 1:b])
+            spans.append((start, start + rows[-1].shape[0]))
+        if not rows:
+            return [None] * len(parts)
+        picked = rows[0] if len(rows) == 1 else torch.cat(rows)
         with wide(m.lm_head.nbytes):
-            return F.linear(rms_norm(h, m.final_norm, self.eps), m.lm_head).float()
+            out = F.linear(rms_norm(picked, m.final_norm, self.eps), m.lm_head).float()
+        return [None if span is None else out[span[0]:span[1]] for span in spans]
 
 
 def pick_token(sampler: Sampler, logits: torch.Tensor, device: ComputeDevice) -> int:

@@ -27,8 +27,7 @@ import torch
 
 from moeflow.errors import InvalidRequest
 from moeflow.memory.entries import CacheCounters
-from moeflow.runtime.batch import Part, forward_parts
-from moeflow.runtime.runner import ModelRunner, Sequence
+from moeflow.runtime.runner import ModelRunner, Part, Sequence
 from moeflow.runtime.sampling import Sampler
 from moeflow.stats import counter_delta
 
@@ -223,7 +222,7 @@ class StepBatcher:
         syncs = device.host_syncs
         started = time.perf_counter()
         parts = [Part(e.seq, ids, all_logits=e.all_logits, head=last or e.all_logits) for e, ids, last in batch]
-        results = await forward_parts(self.runner, parts)
+        results = await self.runner.forward_parts(parts)
         done = [(e, logits) for (e, _, last), logits in zip(batch, results, strict=True) if last]
         tokens = self._pick([(e, logits) for e, logits in done if e.sampler is not None])
         if self.end_step is not None:

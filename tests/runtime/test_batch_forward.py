@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from moeflow import Engine
-from moeflow.runtime.batch import Part, forward_parts
-from moeflow.runtime.runner import ModelRunner
+from moeflow.runtime.runner import ModelRunner, Part
 from tests.conftest import HFCheckpoints
 from tests.hf_models import FAMILIES
 
@@ -39,7 +38,7 @@ async def _batched(runner: ModelRunner, prompts: list[list[int]]) -> list[tuple[
         while any(len(t) < STEPS for t, _ in out):
             active = [i for i in range(len(prompts)) if i <= step and len(out[i][0]) < STEPS]
             parts = [Part(seqs[i], prompts[i] if not out[i][0] else [out[i][0][-1]]) for i in active]
-            for i, logits in zip(active, await forward_parts(runner, parts), strict=True):
+            for i, logits in zip(active, await runner.forward_parts(parts), strict=True):
                 assert logits is not None
                 out[i][1].append(logits[-1].clone())
                 out[i][0].append(int(logits[-1].argmax()))
@@ -75,6 +74,6 @@ async def test_one_sequence_twice_in_a_pass_is_refused(hf_checkpoints: HFCheckpo
         seq = eng.session.runner.new_sequence([1, 2])
         try:
             with pytest.raises(ValueError, match="one part per sequence"):
-                await forward_parts(eng.session.runner, [Part(seq, [1]), Part(seq, [2])])
+                await eng.session.runner.forward_parts([Part(seq, [1]), Part(seq, [2])])
         finally:
             seq.finish()
