@@ -1,0 +1,144 @@
+"""Batch throughput: continuous batching against the same prompts run one at a time, in the same run.
+
+    python benches/bench_batch.py [--prompts 64] [--new-tokens 64] [--models trained,mixtral]
+                                  [--budget 25%] [--streams 32]
+
+For each model (the trained OLMoE-style benches/models/olmoe-stdlib, and the synthesized small
+Mixtral), at the budget with the store read with O_DIRECT, on held-out corpus prompts:
+  throughput_vs_sequential       generated tokens/s of Engine.generate_batch over the same prompts
+                                 generated one at a time (each run on a freshly opened engine);
+  bytes_per_token_vs_sequential  expert bytes loaded per generated token, batched over sequential;
+  p50/p95_inter_token_seconds    the gaps between consecutive tokens of `--streams` concurrent
+                                 streams (all started together);
+  batched/sequential steps and the outputs' equality (greedy: every prompt's tokens must match).
+Prints one JSON line per model, then {"summary": ...}. Token regrouping (issue 11, part 3) is not
+built yet, so regrouping_vs_fifo is reported as null.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from moeflow import Engine, corpus  # noqa: E402
+from moeflow.models.synth import synthesize  # noqa: E402
+
+
+def prompt_ids(eng: Engine, texts: list[str]) -> list[list[int]]:
+    if eng.session.tokenizer is not None:
+        return [eng.encode(t)[:64] for t in texts]
+    vocab = eng.session.arch.vocab_size
+    return [[(ord(c) * 7 + 3) % vocab for c in t[:64]] for t in texts]
+
+
+async def sequential(model: Path, texts: list[str], new_tokens: int, options: dict[str, Any]) -> dict[str, Any]:
+    async with Engine.open(model, **options) as eng:
+        ids = prompt_ids(eng, texts)
+        steps, before = eng.session.steps, eng.stats()["bytes_loaded"]
+        started = time.perf_counter()
+        outs = [(await eng.generate(p, new_tokens, stop_at_eos=False)).tokens for p in ids]
+        seconds = time.perf_counter() - started
+        return {"outs": outs, "seconds": seconds, "steps": eng.session.steps - steps,
+                "bytes": eng.stats()["bytes_loaded"] - before}
+
+
+async def batched(model: Path, texts: list[str], new_tokens: int, options: dict[str, Any]) -> dict[str, Any]:
+    async with Engine.open(model, **options) as eng:
+        ids = prompt_ids(eng, texts)
+        steps, before = eng.session.steps, eng.stats()["bytes_loaded"]
+        started = time.perf_counter()
+        results = await eng.generate_batch(ids, new_tokens, stop_at_eos=False)
+        seconds = time.perf_counter() - started
+        return {"outs": [r.tokens for r in results], "seconds": seconds, "steps": eng.session.steps - steps,
+                "bytes": eng.stats()["bytes_loaded"] - before}
+
+
+async def streams(model: Path, texts: list[str], new_tokens: int, options: dict[str, Any]) -> list[float]:
+    """Gaps between consecutive tokens of every stream, all streams started together."""
+    async with Engine.open(model, **options) as eng:
+        ids = prompt_ids(eng, texts)
+        gaps: list[float] = []
+
+        async def one(p: list[int]) -> None:
+            last = None
+            async for _ in eng.stream(p, new_tokens, stop_at_eos=False):
+                now = time.perf_counter()
+                if last is not None:
+                    gaps.append(now - last)
+                last = now
+
+        await asyncio.gather(*(one(p) for p in ids))
+        return gaps
+
+
+def run_model(name: str, model: Path, args: argparse.Namespace) -> dict[str, Any]:
+    texts = corpus.snippets("heldout", args.prompts, 240)
+    options = dict(device="cpu", expert_budget=args.budget, direct_io="require", prefetch="none")
+    seq = asyncio.run(sequential(model, texts, args.new_tokens, options))
+    bat = asyncio.run(batched(model, texts, args.new_tokens, options))
+    gaps = asyncio.run(streams(model, texts[: args.streams], args.new_tokens, options))
+    tokens = sum(len(o) for o in bat["outs"])
+    seq_tps, bat_tps = tokens / seq["seconds"], tokens / bat["seconds"]
+    q = statistics.quantiles(gaps, n=20)
+    return {
+        "model": name,
+        "budget": args.budget,
+        "prompts": args.prompts,
+        "new_tokens": args.new_tokens,
+        "sequential_tokens_per_second": round(seq_tps, 2),
+        "batched_tokens_per_second": round(bat_tps, 2),
+        "throughput_vs_sequential": round(bat_tps / seq_tps, 3),
+        "sequential_bytes_per_token": round(seq["bytes"] / tokens),
+        "batched_bytes_per_token": round(bat["bytes"] / tokens),
+        "bytes_per_token_vs_sequential": round(bat["bytes"] / seq["bytes"], 4) if seq["bytes"] else None,
+        "sequential_steps": seq["steps"],
+        "batched_steps": bat["steps"],
+        "outputs_equal": bat["outs"] == seq["outs"],
+        "streams": args.streams,
+        "p50_inter_token_seconds": round(statistics.median(gaps), 5),
+        "p95_inter_token_seconds": round(q[18], 5),
+        "regrouping_vs_fifo": None,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--models", default="trained,mixtral")
+    ap.add_argument("--budget", default="25%")
+    ap.add_argument("--streams", type=int, default=32)
+    args = ap.parse_args()
+    work = ROOT / ".artifacts" / "bench-batch"
+    lines = {}
+    for name in args.models.split(","):
+        if name == "trained":
+            model = work / "olmoe-stdlib"
+            if not model.exists():  # a copy: the bench's stores do not go into the repository
+                shutil.copytree(ROOT / "benches" / "models" / "olmoe-stdlib", model)
+        elif name == "mixtral":
+            model = ROOT / ".artifacts" / "mixtral-small"
+            if not (model / "config.json").exists():
+                synthesize(model, "mixtral", "small", progress=False)
+        else:
+            raise SystemExit(f"bench_batch: unknown model {name!r} (trained, mixtral)")
+        line = run_model(name, model, args)
+        print(json.dumps(line), flush=True)
+        lines[name] = line
+    keys = ("throughput_vs_sequential", "bytes_per_token_vs_sequential", "p50_inter_token_seconds",
+            "p95_inter_token_seconds", "outputs_equal")
+    print(json.dumps({"summary": {name: {k: line[k] for k in keys} for name, line in lines.items()}}))
+
+
+if __name__ == "__main__":
+    main()
