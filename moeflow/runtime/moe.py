@@ -43,7 +43,7 @@ class Routing:
     slots: dict[int, torch.Tensor]  # expert -> which of the K picks [n]
     host_ids: list[list[int]]  # [T, K] host copy of `ids`
     host_weights: list[list[float]]  # [T, K] host copy of `weights`
-    scales: dict[int, float] | None = None  # one token: expert -> its combine weight (host copy)
+    host_slots: dict[int, int] | None = None  # one token: expert -> which of the K picks (host)
 
     @staticmethod
     def group(ids: torch.Tensor, weights: torch.Tensor, host_ids: list[list[int]],
@@ -54,10 +54,9 @@ class Routing:
             picks = sorted(zip(host_ids[0], range(k)))  # (expert, slot), experts ascending
             experts = [e for e, _ in picks]
             slots = {e: index[slot] for e, slot in picks}
-            scales = {e: host_weights[0][slot] for e, slot in picks}
             first = index[0]
             return Routing(ids, weights, experts, dict.fromkeys(experts, first), slots, host_ids, host_weights,
-                           scales)
+                           dict(picks))
         flat = [e for row in host_ids for e in row]
         order = sorted(range(len(flat)), key=flat.__getitem__)  # stable: tokens ascending per expert
         order_t = torch.tensor(order, device=ids.device)
@@ -152,44 +151,32 @@ def _split_by_precision(
 
 def _expert_out(routing: Routing, e: int, weights: ExpertView, x: torch.Tensor,
                 wide: Callable[[int], AbstractContextManager[None]]) -> torch.Tensor:
-    """Expert e's part of the layer, to be summed by `_combine`. One token: for float weights
-    the activation silu(gate) * up [1, I] (the down projection is fused with the weighted sum),
-    for quantized weights its output [1, H] (scaled in the sum). Several tokens: its output on
-    its tokens, scaled by their combine weights, [n, H]."""
-    if routing.scales is not None:
-        if weights.bits == 16:
-            gate, up = F.linear(x, weights["gate_up"]).chunk(2, dim=-1)
-            return F.silu(gate).mul_(up)
-        with wide(weights.nbytes):
-            return expert_ffn(weights, x).to(x.dtype)
-    idx = routing.tokens[e]
-    w = routing.weights[idx, routing.slots[e], None]  # [n, 1]
+    """Expert e's output on its tokens, scaled by their combine weights, [n, H], to be summed by
+    `_combine`. Every token gets the same arithmetic whatever else runs in its step (batch
+    invariance: a request's tokens do not depend on what it is batched with); one token only
+    skips the gathers, taking views of the same values."""
+    if routing.host_slots is not None:  # one token: x is its row, the weight a [1, 1] view
+        slot = routing.host_slots[e]
+        w = routing.weights[:, slot:slot + 1]
+        rows = x
+    else:
+        idx = routing.tokens[e]
+        w = routing.weights[idx, routing.slots[e], None]  # [n, 1]
+        rows = x[idx]
     with wide(weights.nbytes):
-        out = expert_ffn(weights, x[idx])
+        out = expert_ffn(weights, rows)
     return (out * w).to(x.dtype)
 
 
 def _combine(residual: torch.Tensor, routing: Routing,
              outputs: dict[int, tuple[ExpertView, torch.Tensor]]) -> torch.Tensor:
-    """residual + the weighted sum of the experts' parts, added in ascending expert order: the
-    same arithmetic whatever order they ran in, so every budget and prefetch gives the same bits.
-    One token: each term is one fused addmm (scale_e * act_e @ down_e^T added to the sum), or one
-    add for a quantized expert's output. Consumes `residual` (the step's own tensor)."""
+    """residual + the experts' scaled outputs, added in ascending expert order: the same
+    arithmetic whatever order they ran in, so every budget and prefetch gives the same bits.
+    Consumes `residual` (the step's own tensor)."""
     acc = residual
-    if routing.scales is None:
-        for e in routing.experts:
-            if e in outputs:
-                acc.index_add_(0, routing.tokens[e], outputs[e][1])
-        return acc
     for e in routing.experts:
-        if e not in outputs:
-            continue
-        weights, part = outputs[e]
-        scale = routing.scales[e]
-        if weights.bits == 16:
-            acc = torch.addmm(acc, part, weights.down_t, alpha=scale)
-        else:
-            acc = torch.add(acc, part, alpha=scale)
+        if e in outputs:
+            acc.index_add_(0, routing.tokens[e], outputs[e][1])
     return acc
 
 
@@ -200,16 +187,13 @@ async def _run_fetch(
     outputs: dict[int, tuple[ExpertView, torch.Tensor]],
     wide: Callable[[int], AbstractContextManager[None]],
 ) -> None:
-    """Run the fetch's experts as they become usable. With one token the combination still
-    reads each expert's down projection, so they stay pinned until `close`; otherwise each is
-    released once run, making room for the rest of the layer."""
-    hold = routing.scales is not None
+    """Run the fetch's experts as they become usable; each is released once run, making room
+    for the rest of the layer."""
     fetch.start()
     while (item := await fetch.next()) is not None:
         e, weights = item
         outputs[e] = (weights, _expert_out(routing, e, weights, x, wide))
-        if not hold:
-            fetch.release(e)
+        fetch.release(e)
 
 
 async def run_moe(

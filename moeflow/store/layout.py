@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,11 +60,6 @@ class ExpertView:
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.tensors[name]
-
-    @functools.cached_property
-    def down_t(self) -> torch.Tensor:
-        """The float down projection [H, I] as [I, H] (a view, made once per block)."""
-        return self.tensors["down"].t()
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +68,19 @@ async def test_requests_beyond_the_kv_budget_wait_instead_of_failing(hf_checkpoi
         with pytest.raises(InvalidRequest, match="kv_budget"):
             await eng.generate([1, 2, 3], 40)  # 43 positions can never fit
         assert batcher.kv_reserved == 0
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(300)
+async def test_batching_does_not_change_a_bf16_models_greedy_tokens(tmp_path: Path) -> None:
+    """bf16 rounds at every op: a token must get the same arithmetic alone or batched (on the
+    trained model, 3 of 16 prompts once changed tokens when single-token steps took a fused path)."""
+    from moeflow import corpus
+
+    model = Path(__file__).resolve().parents[2] / "benches" / "models" / "olmoe-stdlib"
+    options = dict(device="cpu", expert_budget="25%", store_dir=str(tmp_path / "stores"))
+    async with Engine.open(model, **options) as eng:
+        prompts = [eng.encode(t)[:48] for t in corpus.snippets("heldout", 16, 200)]
+        solo = [(await eng.generate(p, 40, stop_at_eos=False)).tokens for p in prompts]
+        batched = [r.tokens for r in await eng.generate_batch(prompts, 40, stop_at_eos=False)]
+    assert batched == solo

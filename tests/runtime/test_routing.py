@@ -26,12 +26,12 @@ def test_grouping_covers_every_pick_once() -> None:
         assert len(seen) == t * 4
 
 
-def test_one_token_routing_carries_host_combine_weights() -> None:
+def test_one_token_routing_carries_each_experts_pick_on_the_host() -> None:
     ids = torch.tensor([[5, 2, 9]])
     weights = torch.tensor([[0.5, 0.3, 0.2]])
     r = Routing.group(ids, weights, ids.tolist(), weights.tolist())
     assert r.experts == [2, 5, 9]
-    assert r.scales == {2: weights[0, 1].item(), 5: weights[0, 0].item(), 9: weights[0, 2].item()}
+    assert r.host_slots == {2: 1, 5: 0, 9: 2}
     assert [int(r.slots[e]) for e in r.experts] == [1, 0, 2]
 
 
