@@ -205,18 +205,31 @@ class GQAAttention:
         return q, torch.cat((k, v))
 
     def __call__(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        s = self.spec
-        t = x.shape[0]
-        start = cache.length
-        qkv = F.linear(x, self.qkv, self.qkv_bias)  # [T, (N+2KV)*D]
-        if s.qk_norm == "proj" or s.clip_qkv is not None:
+        return self.output(self.core(self.project(x), cache))
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """q, k and v of x [T, H] (one product for the tokens of every sequence of a step), with
+        OLMoE's norms and clipping: [T, (N+2KV)*D]."""
+        qkv = F.linear(x, self.qkv, self.qkv_bias)
+        if self.spec.qk_norm == "proj" or self.spec.clip_qkv is not None:
             qkv = self._proj_norm_and_clip(qkv)
+        return qkv
+
+    def core(self, qkv: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One sequence's attention: rotate its rows of `project`, append k and v to its cache,
+        attend; [T, N*D] for `output`."""
+        s = self.spec
+        t = qkv.shape[0]
+        start = cache.length
         q, kv = self._rotate(qkv, start)
         (cached,) = cache.append(kv)  # [2*KV, S, D]
         keys, values = cached.split(s.num_kv_heads)
-        out = attend(q, keys, values, attention_mask(start, t, self.window, x.device), s.scaling)  # [N, T, D]
+        out = attend(q, keys, values, attention_mask(start, t, self.window, qkv.device), s.scaling)  # [N, T, D]
         # One token's [N, 1, D] is already laid out as [1, N*D].
-        out = out.view(1, -1) if t == 1 else out.transpose(0, 1).reshape(t, -1)
+        return out.view(1, -1) if t == 1 else out.transpose(0, 1).reshape(t, -1)
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """The output projection of `core`'s rows (of every sequence of a step at once)."""
         return F.linear(out, self.o_proj, self.o_bias)
 
 

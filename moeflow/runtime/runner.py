@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from moeflow.memory.cache import ExpertCache
 from moeflow.memory.device import ComputeDevice
-from moeflow.runtime.layers import KVCache, rms_norm, silu_mlp
+from moeflow.runtime.layers import GQAAttention, KVCache, rms_norm, silu_mlp
 from moeflow.runtime.model import DenseModel
 from moeflow.runtime.moe import MissPrecision, PrecisionCounters, Routing, run_moe
 from moeflow.runtime.sampling import Sampler
@@ -174,10 +174,15 @@ class ModelRunner:
         h = F.embedding(torch.tensor(flat, device=m.device), m.embed)  # [T, H]
         for layer in m.layers:
             normed = rms_norm(h, layer.input_norm, self.eps)
+            attention = layer.attention
             if len(parts) == 1:
-                attended = layer.attention(normed, parts[0].seq.kv[layer.index])
+                attended = attention(normed, parts[0].seq.kv[layer.index])
+            elif isinstance(attention, GQAAttention):  # projections once for every sequence's rows
+                qkv = attention.project(normed)
+                attended = attention.output(torch.cat([attention.core(qkv[a:b], p.seq.kv[layer.index])
+                                                       for p, (a, b) in zip(parts, bounds, strict=True)]))
             else:
-                attended = torch.cat([layer.attention(normed[a:b], p.seq.kv[layer.index])
+                attended = torch.cat([attention(normed[a:b], p.seq.kv[layer.index])
                                       for p, (a, b) in zip(parts, bounds, strict=True)])
             h = h + attended
             x = rms_norm(h, layer.post_norm, self.eps)
