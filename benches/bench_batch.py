@@ -34,6 +34,19 @@ from moeflow import Engine, corpus  # noqa: E402
 from moeflow.models.synth import synthesize  # noqa: E402
 
 
+def heldout_prompts(count: int, chars: int = 240) -> list[str]:
+    """`count` held-out prompts: consecutive windows of `chars` characters of the held-out
+    documents (the split has fewer long documents than a batch of 64)."""
+    out: list[str] = []
+    for doc in corpus.documents("heldout"):
+        text = doc.strip()
+        for start in range(0, len(text) - chars + 1, chars):
+            out.append(text[start:start + chars])
+            if len(out) == count:
+                return out
+    raise SystemExit(f"bench_batch: the held-out split has only {len(out)} prompts of {chars} characters")
+
+
 def prompt_ids(eng: Engine, texts: list[str]) -> list[list[int]]:
     if eng.session.tokenizer is not None:
         return [eng.encode(t)[:64] for t in texts]
@@ -82,7 +95,7 @@ async def streams(model: Path, texts: list[str], new_tokens: int, options: dict[
 
 
 def run_model(name: str, model: Path, args: argparse.Namespace) -> dict[str, Any]:
-    texts = corpus.snippets("heldout", args.prompts, 240)
+    texts = heldout_prompts(args.prompts)
     options = dict(device="cpu", expert_budget=args.budget, direct_io="require", prefetch="none")
     seq = asyncio.run(sequential(model, texts, args.new_tokens, options))
     bat = asyncio.run(batched(model, texts, args.new_tokens, options))
@@ -93,7 +106,7 @@ def run_model(name: str, model: Path, args: argparse.Namespace) -> dict[str, Any
     return {
         "model": name,
         "budget": args.budget,
-        "prompts": args.prompts,
+        "prompts": len(texts),
         "new_tokens": args.new_tokens,
         "sequential_tokens_per_second": round(seq_tps, 2),
         "batched_tokens_per_second": round(bat_tps, 2),

@@ -146,9 +146,9 @@ class ModelRunner:
         pass each (the caller chunks prompts: `pass_tokens`)."""
         if not parts or len({id(p.seq) for p in parts}) != len(parts):
             raise ValueError("forward_parts: give one part per sequence, at least one")
-        narrow = len(parts) == 1 and len(parts[0].ids) == 1 and self.model.device.type == "cpu"
+        narrow = self.model.device.type == "cpu" and (len(parts) > 1 or len(parts[0].ids) == 1)
         if narrow:
-            self.threads.narrow()  # one decode token: see runtime/threads.py
+            self.threads.narrow()  # decode tokens (one or a batch): see runtime/threads.py
         try:
             with torch.inference_mode():
                 return await self._pass(parts)
