@@ -174,9 +174,13 @@ def _combine(residual: torch.Tensor, routing: Routing,
     arithmetic whatever order they ran in, so every budget and prefetch gives the same bits.
     Consumes `residual` (the step's own tensor)."""
     acc = residual
+    one = routing.host_slots is not None  # one token: its row is acc itself (the same elementwise add)
     for e in routing.experts:
         if e in outputs:
-            acc.index_add_(0, routing.tokens[e], outputs[e][1])
+            if one:
+                acc.add_(outputs[e][1])
+            else:
+                acc.index_add_(0, routing.tokens[e], outputs[e][1])
     return acc
 
 
