@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +44,15 @@ class Sequence:
         """Allocate every layer's KV cache for `positions` positions at once."""
         for cache in self.kv:
             cache.reserve(positions)
+
+    def join_trace(self, mark: int) -> None:
+        """The trace steps recorded since `mark` (one per pass of a prompt run in several) become
+        one step, as if the prompt had run at once."""
+        if self.trace is None or len(self.trace) - mark < 2:
+            return
+        parts = self.trace[mark:]
+        del self.trace[mark:]
+        self.trace.append({layer: torch.cat([p[layer] for p in parts]) for layer in parts[0]})
 
     def finish(self) -> None:
         if self.schedule is not None:
@@ -102,16 +113,23 @@ class ModelRunner:
         the ones before filled) of at most `prefill_chunk` tokens, fewer where one pass's
         attention scores [N, chunk, S] would pass `scores_budget` bytes: a prompt's mask,
         scores and activations stay bounded whatever its length."""
-        narrow = len(ids) == 1 and self.model.device.type == "cpu"
+        with self._mode(narrow=len(ids) == 1):
+            if len(ids) > 1 and len(ids) > self.pass_tokens(seq.length + len(ids)):
+                return await self._chunked(seq, ids, all_logits)
+            (logits,) = await self._pass([Part(seq, ids, all_logits)])
+            assert logits is not None
+            return logits
+
+    @contextmanager
+    def _mode(self, narrow: bool) -> Iterator[None]:
+        """inference_mode for a step; on the CPU, decode steps (narrow) run on one thread (see
+        runtime/threads.py)."""
+        narrow = narrow and self.model.device.type == "cpu"
         if narrow:
-            self.threads.narrow()  # decode: see runtime/threads.py
+            self.threads.narrow()
         try:
             with torch.inference_mode():
-                if len(ids) > 1 and len(ids) > self.pass_tokens(seq.length + len(ids)):
-                    return await self._chunked(seq, ids, all_logits)
-                (logits,) = await self._pass([Part(seq, ids, all_logits)])
-                assert logits is not None
-                return logits
+                yield
         finally:
             if narrow:
                 self.threads.restore()
@@ -122,7 +140,7 @@ class ModelRunner:
 
     async def _chunked(self, seq: Sequence, ids: list[int], all_logits: bool) -> torch.Tensor:
         rows: list[torch.Tensor] = []
-        steps = len(seq.trace) if seq.trace is not None else 0
+        mark = len(seq.trace) if seq.trace is not None else 0
         start = 0
         while start < len(ids):
             end = min(len(ids), start + self.pass_tokens(seq.length + self.prefill_chunk))
@@ -130,10 +148,7 @@ class ModelRunner:
             if logits is not None:
                 rows.append(logits)
             start = end
-        if seq.trace is not None:  # one trace step per forward call, as unchunked: join the chunks'
-            parts = seq.trace[steps:]
-            del seq.trace[steps:]
-            seq.trace.append({layer: torch.cat([p[layer] for p in parts]) for layer in parts[0]})
+        seq.join_trace(mark)  # one trace step per forward call, as unchunked
         return torch.cat(rows) if len(rows) > 1 else rows[0]
 
     async def forward_parts(self, parts: list[Part]) -> list[torch.Tensor | None]:
@@ -146,15 +161,8 @@ class ModelRunner:
         pass each (the caller chunks prompts: `pass_tokens`)."""
         if not parts or len({id(p.seq) for p in parts}) != len(parts):
             raise ValueError("forward_parts: give one part per sequence, at least one")
-        narrow = self.model.device.type == "cpu" and (len(parts) > 1 or len(parts[0].ids) == 1)
-        if narrow:
-            self.threads.narrow()  # decode tokens (one or a batch): see runtime/threads.py
-        try:
-            with torch.inference_mode():
-                return await self._pass(parts)
-        finally:
-            if narrow:
-                self.threads.restore()
+        with self._mode(narrow=len(parts) > 1 or len(parts[0].ids) == 1):  # decode tokens, one or a batch
+            return await self._pass(parts)
 
     async def _pass(self, parts: list[Part]) -> list[torch.Tensor | None]:
         """One pass over every part's ids: see `forward_parts`."""

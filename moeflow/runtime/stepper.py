@@ -54,7 +54,6 @@ class _Waiting:
     future: asyncio.Future[StepOutcome]
     rows: list[torch.Tensor] = field(default_factory=list)  # all_logits: the rows of earlier chunks
     trace_mark: int = 0  # the sequence's trace length when it arrived (chunks' routes are joined)
-    passes: int = 0
     delta: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     host_syncs: int = 0
@@ -234,7 +233,6 @@ class StepBatcher:
         if self.on_step is not None:
             self.on_step(StepRecord(len(batch), sum(len(ids) for _, ids, _ in batch), seconds))
         for (e, _, _), logits in zip(batch, results, strict=True):
-            e.passes += 1
             e.seconds += seconds
             e.host_syncs += step_syncs
             for name, value in delta.items():
@@ -243,7 +241,7 @@ class StepBatcher:
                 e.rows.append(logits)
         outcomes = []
         for e, logits in done:
-            _join_trace(e)
+            e.seq.join_trace(e.trace_mark)  # a prompt run in several passes is one trace step
             assert logits is not None
             if e.sampler is not None:
                 outcome = StepOutcome(tokens[id(e)], None, e.delta, e.seconds, e.host_syncs)
@@ -271,12 +269,3 @@ class StepBatcher:
                 tokens[id(e)] = e.sampler(device.host_tensor(logits[-1]))
         return tokens
 
-
-def _join_trace(entry: _Waiting) -> None:
-    """A prompt run in several passes is one trace step, as if run at once."""
-    trace = entry.seq.trace
-    if trace is None or entry.passes < 2:
-        return
-    parts = trace[entry.trace_mark:]
-    del trace[entry.trace_mark:]
-    trace.append({layer: torch.cat([p[layer] for p in parts]) for layer in parts[0]})
