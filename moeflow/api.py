@@ -5,24 +5,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import inspect
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Generator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import torch
 
 from moeflow.scheduling.traces import SequenceTrace
 from moeflow.config import EngineConfig, MemoryPlan
 from moeflow.errors import EngineClosed, InvalidRequest
+from moeflow.runtime.loop_thread import LoopThread
 from moeflow.runtime.sampling import Sampler, SamplingParams, integer_value
 from moeflow.runtime.stepper import StepBatcher
 from moeflow.session import Session, open_session
 from moeflow.stats import EngineStats, RequestStats
 
 __all__ = ["Engine", "EngineState", "GenerationResult"]
+
+T = TypeVar("T")
 
 
 class EngineState(enum.Enum):
@@ -50,6 +54,12 @@ class Engine:
     running request, plus chunks of new prompts, through each layer in one pass, so one load of
     an expert serves every token routed to it (continuous batching, `runtime/stepper.py`). Each
     request keeps its own KV cache and sampler and gets the tokens it would get alone.
+
+    The steps run on the engine's own thread and event loop (`runtime/loop_thread.py`): the
+    caller's loop only submits and awaits, so it keeps serving its other tasks while a step
+    computes, and a cancelled request ends at the next step boundary. An Engine may be used from
+    any event loop or thread; `call` runs code on the engine thread where it must touch the
+    session's internals (the cache, the runner).
     """
 
     def __init__(self, path: str | os.PathLike[str], config: EngineConfig) -> None:
@@ -61,6 +71,7 @@ class Engine:
         self._requests = 0
         self._active = 0
         self._batcher: StepBatcher | None = None
+        self._core: LoopThread | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
     @classmethod
@@ -73,19 +84,28 @@ class Engine:
         if self.state is not EngineState.CREATED:
             raise EngineClosed(f"engine for {self.path} cannot start from state {self.state.value}")
         self.state = EngineState.OPENING
+        self._core = core = LoopThread("moeflow-engine")
         try:
-            self._session = session = await open_session(self.path, self.config)
+            self._session = await core.call(self._open())
         except BaseException:
             self.state = EngineState.FAILED
+            await core.stop()
             raise
+        self.state = EngineState.READY
+        return self
+
+    async def _open(self) -> Session:
+        """On the engine thread: the session, and the step batcher (its locks live on this loop)."""
+        session = await open_session(self.path, self.config)
+        session.transfers.bind_loop()  # completions wake this loop; using it from another one raises
+        self._step_lock = asyncio.Lock()
         self._batcher = StepBatcher(
             session.runner, self._step_lock, max_tokens=self.config.prefill_chunk,
             max_sequences=self.config.max_batch_sequences, kv_budget=self.config.kv_budget,
             kv_bytes_per_token=session.runner.kv_bytes_per_token(), snapshot=session.counters_snapshot,
             end_step=session.end_step,
         )
-        self.state = EngineState.READY
-        return self
+        return session
 
     def __await__(self) -> Generator[Any, None, Engine]:
         return self.start().__await__()
@@ -99,17 +119,50 @@ class Engine:
         await self.aclose()
 
     async def aclose(self) -> None:
+        """Fail the requests still waiting with EngineClosed, close the session (transfers
+        drained, pinned memory freed) and stop the engine thread. Idempotent."""
         if self.state in (EngineState.CLOSED, EngineState.CLOSING):
             return
         self.state = EngineState.CLOSING
-        if self._batcher is not None:
-            self._batcher.close(EngineClosed(f"engine for {self.path} was closed while the request waited"))
+        core = self._core
         try:
-            async with self._step_lock:
-                if self._session is not None:
-                    await self._session.aclose()
+            if core is not None and self._session is not None:
+                await core.call(self._close())
         finally:
             self.state = EngineState.CLOSED
+            if core is not None:
+                await core.stop()
+
+    async def _close(self) -> None:
+        if self._batcher is not None:
+            self._batcher.close(EngineClosed(f"engine for {self.path} was closed while the request waited"))
+        async with self._step_lock:
+            if self._session is not None:
+                await self._session.aclose()
+
+    @overload
+    async def call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T: ...
+
+    @overload
+    async def call(self, fn: Callable[..., T], *args: Any) -> T: ...
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` on the engine thread (awaited there if it returns an awaitable): the way
+        for tests, benchmarks and embedders to touch `session` internals (cache, runner,
+        transfers), which belong to the engine's loop."""
+
+        async def run() -> Any:
+            out = fn(*args)
+            if inspect.isawaitable(out):
+                return await out
+            return out
+
+        return await self._engine_thread().call(run())
+
+    def _engine_thread(self) -> LoopThread:
+        if self.state is not EngineState.READY or self._core is None:
+            raise EngineClosed(f"engine for {self.path} is {self.state.value}, not ready")
+        return self._core
 
     @property
     def session(self) -> Session:
@@ -175,10 +228,25 @@ class Engine:
                 f"{self.path / 'config.json'}): shorten the prompt or lower max_new_tokens"
             )
 
+    def _checked(self, prompt: str | Sequence[int] | torch.Tensor, max_new_tokens: int) -> tuple[list[int], int]:
+        """The prompt's ids and max_new_tokens, checked on the caller's side before any compute."""
+        try:
+            max_new_tokens = integer_value(max_new_tokens)
+        except TypeError as e:
+            raise InvalidRequest(f"max_new_tokens={max_new_tokens!r}: must be a positive integer, got {e}") from None
+        if max_new_tokens <= 0:
+            raise InvalidRequest(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
+        ids = self._prompt_ids(prompt)
+        self._check_length(len(ids), max_new_tokens)
+        return ids, max_new_tokens
+
     async def logits(self, token_ids: str | Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Prefill logits [len, vocab] (float32) for a fresh sequence."""
         ids = self._prompt_ids(token_ids)
         self._check_length(len(ids))
+        return await self._engine_thread().call(self._logits(ids))
+
+    async def _logits(self, ids: list[int]) -> torch.Tensor:
         session = self.session
         seq = session.runner.new_sequence(ids)
         try:
@@ -198,6 +266,9 @@ class Engine:
             return await self.logits(token_ids)
         ids = self._prompt_ids(token_ids)
         self._check_length(len(ids))
+        return await self._engine_thread().call(self._score_stepwise(ids))
+
+    async def _score_stepwise(self, ids: list[int]) -> torch.Tensor:
         session = self.session
         seq = session.runner.new_sequence(ids[:1])
         rows = []
@@ -222,11 +293,13 @@ class Engine:
         stop_at_eos: bool = True,
     ) -> GenerationResult:
         """Generate up to `max_new_tokens` tokens. Raises InvalidRequest for a bad prompt or length."""
-        tokens: list[int] = []
-        stream = self._stream(prompt, max_new_tokens, SamplingParams(temperature, top_k, top_p, seed), stop_at_eos)
-        request = await anext(stream)
-        async for tok in stream:
-            tokens.append(tok)
+        params = SamplingParams(temperature, top_k, top_p, seed)
+        ids, max_new_tokens = self._checked(prompt, max_new_tokens)
+        return await self._engine_thread().call(self._generate(_Request(ids), max_new_tokens, params, stop_at_eos))
+
+    async def _generate(self, request: _Request, max_new_tokens: int, params: SamplingParams,
+                        stop: bool) -> GenerationResult:
+        tokens = [tok async for tok in self._run(request, max_new_tokens, params, stop)]
         return GenerationResult(
             tokens=tokens,
             prompt_tokens=request.prompt,
@@ -246,35 +319,22 @@ class Engine:
         seed: int | None = None,
         stop_at_eos: bool = True,
     ) -> AsyncIterator[int]:
-        """Yield generated token ids one at a time."""
-        stream = self._stream(prompt, max_new_tokens, SamplingParams(temperature, top_k, top_p, seed), stop_at_eos)
-        async with contextlib.aclosing(stream):  # a consumer that stops early still ends the sequence
-            await anext(stream)
-            async for tok in stream:
+        """Yield generated token ids one at a time, as the engine produces them."""
+        params = SamplingParams(temperature, top_k, top_p, seed)
+        ids, max_new_tokens = self._checked(prompt, max_new_tokens)
+        tokens = self._engine_thread().stream(self._run(_Request(ids), max_new_tokens, params, stop_at_eos))
+        async with contextlib.aclosing(tokens):  # a consumer that stops early still ends the sequence
+            async for tok in tokens:
                 yield tok
 
-    async def _stream(
-        self,
-        prompt: str | Sequence[int] | torch.Tensor,
-        max_new_tokens: int,
-        params: SamplingParams,
-        stop: bool,
-        record: bool = False,
-    ) -> AsyncGenerator[Any, None]:
-        try:
-            max_new_tokens = integer_value(max_new_tokens)
-        except TypeError as e:
-            raise InvalidRequest(f"max_new_tokens={max_new_tokens!r}: must be a positive integer, got {e}") from None
-        if max_new_tokens <= 0:
-            raise InvalidRequest(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
-        ids = self._prompt_ids(prompt)
-        self._check_length(len(ids), max_new_tokens)
+    async def _run(self, request: _Request, max_new_tokens: int, params: SamplingParams, stop: bool,
+                   record: bool = False) -> AsyncGenerator[int, None]:
+        """On the engine thread: one request's tokens, step by step, batched with the others'."""
         session = self.session
         batcher = self._batcher
         assert batcher is not None
-        request = _Request(ids)
+        ids = request.prompt
         self._requests += 1
-        yield request
         sampler = Sampler(params)
         positions = len(ids) + max_new_tokens
         reserved = await batcher.admit(positions)  # waits while the KV budget is full
@@ -324,11 +384,11 @@ class Engine:
 
     async def trace(self, prompt: str | Sequence[int] | torch.Tensor, max_new_tokens: int = 32) -> SequenceTrace:
         """Greedy-generate and record the router's choices for every token (for predictors)."""
-        tokens: list[int] = []
-        stream = self._stream(prompt, max_new_tokens, SamplingParams(), True, record=True)
-        request = await anext(stream)
-        async for tok in stream:
-            tokens.append(tok)
+        ids, max_new_tokens = self._checked(prompt, max_new_tokens)
+        return await self._engine_thread().call(self._trace(_Request(ids), max_new_tokens))
+
+    async def _trace(self, request: _Request, max_new_tokens: int) -> SequenceTrace:
+        tokens = [tok async for tok in self._run(request, max_new_tokens, SamplingParams(), True, record=True)]
         return SequenceTrace.from_steps(request.prompt, tokens, request.trace or [])
 
     # ---- introspection ---------------------------------------------------------------------

@@ -5,17 +5,15 @@
         for result in llm.generate(["def fib(n):", "import os"], max_new_tokens=64):
             print(result.text)
 
-The engine lives on its own event loop in a background thread, so this works where a loop is
-already running (Jupyter) and from plain scripts alike; every call blocks until its results are
-ready, and Ctrl-C while waiting cancels the requests it started.
+The calls run on an event loop in a background thread, so this works where a loop is already
+running (Jupyter) and from plain scripts alike; every call blocks until its results are ready,
+and Ctrl-C while waiting cancels the requests it started.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import os
-import threading
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
@@ -24,6 +22,7 @@ import torch
 from moeflow.api import Engine, GenerationResult
 from moeflow.errors import InvalidRequest, MoeflowError
 from moeflow.jobs import Job, JobSummary, generate_batch, run_job, run_jobs
+from moeflow.runtime.loop_thread import LoopThread
 from moeflow.stats import EngineStats
 
 T = TypeVar("T")
@@ -45,9 +44,7 @@ class LLM:
     """A moeflow Engine behind blocking calls. Options are Engine.open's (expert_budget, device, ...)."""
 
     def __init__(self, model: str | os.PathLike[str], **options: Any) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="moeflow-llm", daemon=True)
-        self._thread.start()
+        self._thread = LoopThread("moeflow-llm")
         self._engine: Engine | None = None
         try:
             self._engine = self._run(Engine.open(model, **options).start())
@@ -56,12 +53,7 @@ class LLM:
             raise
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        try:
-            return future.result()
-        except (KeyboardInterrupt, concurrent.futures.CancelledError):
-            future.cancel()  # the requests this call started end at their next step
-            raise
+        return self._thread.run(coro)  # Ctrl-C: the requests this call started end at their next step
 
     @property
     def engine(self) -> Engine:
@@ -110,12 +102,7 @@ class LLM:
             self._stop_loop()
 
     def _stop_loop(self) -> None:
-        if self._loop.is_closed():
-            return
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=30)
-        if not self._thread.is_alive():
-            self._loop.close()
+        self._thread.close()
 
     def __enter__(self) -> LLM:
         return self

@@ -82,13 +82,14 @@ class ExpertCache:
         return self.entries.get(key)
 
     def resident(self) -> list[ExpertKey]:
-        return [k for k, e in self.entries.items() if e.state is EntryState.READY]
+        # list(): one C-level copy, so stats() may read it from another thread mid-step
+        return [k for k, e in list(self.entries.items()) if e.state is EntryState.READY]
 
     def loading(self) -> int:
-        return sum(1 for e in self.entries.values() if e.state is not EntryState.READY)
+        return sum(1 for e in list(self.entries.values()) if e.state is not EntryState.READY)
 
     def pinned_blocks(self) -> int:
-        return sum(1 for e in self.entries.values() if e.pins > 0)
+        return sum(1 for e in list(self.entries.values()) if e.pins > 0)
 
     # ---- what the policy hears (from here only) ----------------------------------------------
     def begin_step(self) -> None:

@@ -98,8 +98,10 @@ class _GateLookahead(_Nothing):
         self.owner = owner
 
     def guess(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
-        """[T, d, 2(k+1)]: per token and coming layer, the top-(k+1) experts then their scores
-        (expert ids are small integers, exact in float32: one tensor, one read)."""
+        """One token: [1, d, 2(k+1)], per coming layer the top-(k+1) experts then their scores
+        (expert ids are small integers, exact in float32: one tensor, one read). Several tokens
+        (a prompt, a batch): [d, E], each expert's summed score over the tokens that have it in
+        their top-(k+1), voted on the device so the read stays small whatever the token count."""
         o = self.owner
         targets = o.next_layers.get(layer, ())
         if not targets:
@@ -108,18 +110,27 @@ class _GateLookahead(_Nothing):
         logits = F.linear(x.to(weight.dtype), weight).float().view(x.shape[0], len(targets), -1)  # [T, d, E]
         scores = torch.sigmoid(logits) if o.sigmoid else torch.softmax(logits, dim=-1)
         top = torch.topk(scores, min(o.k + 1, scores.shape[-1]), dim=-1)
-        return torch.cat([top.indices.float(), top.values], dim=-1)
+        if x.shape[0] == 1:
+            return torch.cat([top.indices.float(), top.values], dim=-1)
+        d = len(targets)
+        votes = torch.zeros(d, scores.shape[-1], device=scores.device)
+        return votes.scatter_add_(1, top.indices.transpose(0, 1).reshape(d, -1),
+                                  top.values.transpose(0, 1).reshape(d, -1))
 
     def after_route(self, layer: int, ids: list[list[int]], guess: Guess) -> Prediction:
         if guess is None:
             return {}
         targets = self.owner.next_layers[layer]
         out: Prediction = {}
+        if len(ids) > 1:  # votes [d][E] (see guess): every expert some token has, by summed score
+            for i, target in enumerate(targets):
+                voted = [(e, score) for e, score in enumerate(guess[i]) if score > 0]
+                out[target] = sorted(voted, key=lambda p: -p[1])
+            return out
+        (token,) = guess  # [d][2(k+1)]
         for i, target in enumerate(targets):
-            rows = [token[i] for token in guess]  # [T][2(k+1)]
-            width = len(rows[0]) // 2
-            experts = [[int(e) for e in row[:width]] for row in rows]
-            out[target] = _votes(experts, [row[width:] for row in rows])
+            width = len(token[i]) // 2
+            out[target] = _votes([[int(e) for e in token[i][:width]]], [token[i][width:]])
         return out
 
 

@@ -57,9 +57,12 @@ async def test_batched_pass_equals_solo_runs_at_the_smallest_budget(hf_checkpoin
     async with Engine.open(path, device="cpu") as eng:
         smallest = eng.plan.block_bytes * eng.plan.top_k
     async with Engine.open(path, device="cpu", expert_budget=smallest, prefetch="gate-lookahead") as eng:
-        runner = eng.session.runner
-        solo = [await _solo(runner, p) for p in PROMPTS]
-        batched = await _batched(runner, PROMPTS)
+        runner = eng.session.runner  # the runner belongs to the engine thread: run there
+
+        async def both() -> tuple[list[tuple[list[int], list[torch.Tensor]]], list[tuple[list[int], list[torch.Tensor]]]]:
+            return [await _solo(runner, p) for p in PROMPTS], await _batched(runner, PROMPTS)
+
+        solo, batched = await eng.call(both)
         assert eng.stats()["pinned_blocks"] == 0
     for i, ((want_tokens, want_rows), (tokens, rows)) in enumerate(zip(solo, batched, strict=True)):
         assert tokens == want_tokens, f"{family}: sequence {i}"
@@ -74,6 +77,6 @@ async def test_one_sequence_twice_in_a_pass_is_refused(hf_checkpoints: HFCheckpo
         seq = eng.session.runner.new_sequence([1, 2])
         try:
             with pytest.raises(ValueError, match="one part per sequence"):
-                await eng.session.runner.forward_parts([Part(seq, [1]), Part(seq, [2])])
+                await eng.call(eng.session.runner.forward_parts, [Part(seq, [1]), Part(seq, [2])])
         finally:
             seq.finish()

@@ -43,20 +43,25 @@ async def test_concurrent_requests_step_together_and_each_gets_its_solo_tokens(h
     prompts = [[rng.randrange(3, 90) for _ in range(rng.randrange(1, 30))] for _ in range(24)]
     lengths = [rng.randrange(1, 12) for _ in prompts]
     async with Engine.open(hf_checkpoints.path("olmoe"), device="cpu", expert_budget="25%") as eng:
-        runner = eng.session.runner
-        solo = [await _greedy(None, runner, p, n) for p, n in zip(prompts, lengths, strict=True)]
         steps: list[StepRecord] = []
-        session = eng.session
-        batcher = StepBatcher(runner, asyncio.Lock(), max_tokens=16, max_sequences=8, on_step=steps.append,
-                              snapshot=session.counters_snapshot, end_step=session.end_step)
-        tasks = [asyncio.create_task(_greedy(batcher, runner, p, n)) for p, n in zip(prompts, lengths, strict=True)]
-        # a few are cancelled midway: the others are unaffected and nothing stays pinned
-        victims = [asyncio.create_task(_greedy(batcher, runner, p, 40)) for p in prompts[:4]]
-        await asyncio.sleep(0.05)
-        for v in victims:
-            v.cancel()
-        got = await asyncio.gather(*tasks)
-        assert all(v.cancelled() for v in victims)
+        batcher = StepBatcher(eng.session.runner, asyncio.Lock(), max_tokens=16, max_sequences=8, on_step=steps.append,
+                              snapshot=eng.session.counters_snapshot, end_step=eng.session.end_step)
+
+        async def scenario() -> tuple[list[list[int]], list[list[int]]]:  # on the engine thread, which owns the runner
+            runner = eng.session.runner
+            solo = [await _greedy(None, runner, p, n) for p, n in zip(prompts, lengths, strict=True)]
+            tasks = [asyncio.create_task(_greedy(batcher, runner, p, n)) for p, n in zip(prompts, lengths, strict=True)]
+            # a few are cancelled midway: the others are unaffected and nothing stays pinned
+            victims = [asyncio.create_task(_greedy(batcher, runner, p, 40)) for p in prompts[:4]]
+            await asyncio.sleep(0.05)
+            for v in victims:
+                v.cancel()
+            got = await asyncio.gather(*tasks)
+            await asyncio.gather(*victims, return_exceptions=True)
+            assert all(v.cancelled() for v in victims)
+            return solo, got
+
+        solo, got = await eng.call(scenario)
         assert eng.stats()["pinned_blocks"] == 0
     assert got == solo
     assert max(s.sequences for s in steps) == 8 and max(s.tokens for s in steps) <= 16

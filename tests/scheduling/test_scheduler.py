@@ -81,57 +81,64 @@ async def test_predictor_trained_for_another_model_is_refused(predictor_model: P
                           predictor_dir=predictor_model)
 
 
+async def _evictions(eng: Engine) -> None:
+    cache = eng.session.cache
+    slots = cache.capacity
+    keys = [(layer, e) for layer in eng.session.arch.moe_layers for e in range(16)][: slots + 2]
+    for key in keys[:slots]:
+        await cache.acquire(key)  # pinned, cache full
+    assert not cache.start_load(keys[slots], 1)  # everything pinned: no room, nothing evicted
+    for key in keys[:slots]:
+        cache.release(key)
+    assert not cache.start_load(keys[slots], 1)  # all used this step: too recent to trade for a guess
+    cache.begin_step()
+    cache.begin_step()
+    protect = set(keys[:slots])
+    assert not cache.start_load(keys[slots], 1, protect)  # all protected (nearer predictions)
+    assert cache.start_load(keys[slots], 1, set(keys[1:slots]))  # one unprotected victim
+    assert keys[0] not in cache.entries and all(k in cache.entries for k in keys[1:slots])
+    await cache.acquire(keys[slots])
+    cache.release(keys[slots])
+
+
 @pytest.mark.asyncio
 async def test_prefetch_never_evicts_pinned_or_protected_experts(trained_model: Path) -> None:
     async with Engine.open(trained_model, device="cpu", expert_budget="20%", prefetch="none") as eng:
-        cache = eng.session.cache
-        slots = cache.capacity
-        keys = [(layer, e) for layer in eng.session.arch.moe_layers for e in range(16)][: slots + 2]
-        for key in keys[:slots]:
-            await cache.acquire(key)  # pinned, cache full
-        assert not cache.start_load(keys[slots], 1)  # everything pinned: no room, nothing evicted
-        for key in keys[:slots]:
-            cache.release(key)
-        assert not cache.start_load(keys[slots], 1)  # all used this step: too recent to trade for a guess
-        cache.begin_step()
-        cache.begin_step()
-        protect = set(keys[:slots])
-        assert not cache.start_load(keys[slots], 1, protect)  # all protected (nearer predictions)
-        assert cache.start_load(keys[slots], 1, set(keys[1:slots]))  # one unprotected victim
-        assert keys[0] not in cache.entries and all(k in cache.entries for k in keys[1:slots])
-        await cache.acquire(keys[slots])
-        cache.release(keys[slots])
+        await eng.call(_evictions, eng)  # the cache belongs to the engine thread
 
 
 @pytest.mark.asyncio
 async def test_wrong_prefetches_for_a_layer_are_cancelled_when_it_routes(trained_model: Path, tmp_path: Path) -> None:
     """With the single I/O worker busy, prefetches queue; the router's choice cancels the useless ones."""
     async with Engine.open(trained_model, device="cpu", expert_budget="50%", prefetch="none", io_workers=1) as eng:
-        s = eng.session
-        blocker = tmp_path / "busy.bin"
-        blocker.write_bytes(b"\0" * (256 << 20))
-        big = s.transfers.register_file(str(blocker))
-        arena = core.HostArena(256 << 20)
-        own = core.SlabAllocator(arena, 256 << 20, slab_size=256 << 20)
-        handle = own.alloc(own.add_class(256 << 20))
-        busy = s.transfers.submit_read(big, 0, 256 << 20, own, handle, priority=0, direct="never")
-        schedule = s.scheduler.track([1, 2, 3])
-        layer = s.arch.moe_layers[1]
-        wrong = [(e, 1.0) for e in range(2)]  # the next layer's guesses (prefetch_width = top_k)
-        schedule.pending[layer] = _Pending(wrong, 1)
-        schedule.position = 0
-        schedule.started(s.cache.apply(schedule._prefetch(current=None)))
-        queued = [k for k, e in s.cache.entries.items() if e.state is EntryState.LOADING]
-        assert {k[1] for k in queued} == {0, 1}
-        plan = schedule.on_route(layer, torch.zeros(1, s.arch.hidden_size, dtype=s.dtype), torch.tensor([[8, 9]]),
-                                 {8, 9})
-        assert sorted(plan.cancel) == [(layer, 0), (layer, 1)]  # the scheduler decides...
-        s.cache.apply(plan)  # ...the cache does it
-        assert s.cache.counters.prefetch_cancelled == 2
-        assert all((layer, e) not in s.cache.entries for e in range(2))
-        await busy
-        own.free(handle)
-        s.cache.apply(schedule.finish())
+        async def body() -> None:  # on the engine thread, which owns the cache
+            s = eng.session
+            blocker = tmp_path / "busy.bin"
+            blocker.write_bytes(b"\0" * (256 << 20))
+            big = s.transfers.register_file(str(blocker))
+            arena = core.HostArena(256 << 20)
+            own = core.SlabAllocator(arena, 256 << 20, slab_size=256 << 20)
+            handle = own.alloc(own.add_class(256 << 20))
+            busy = s.transfers.submit_read(big, 0, 256 << 20, own, handle, priority=0, direct="never")
+            schedule = s.scheduler.track([1, 2, 3])
+            layer = s.arch.moe_layers[1]
+            wrong = [(e, 1.0) for e in range(2)]  # the next layer's guesses (prefetch_width = top_k)
+            schedule.pending[layer] = _Pending(wrong, 1)
+            schedule.position = 0
+            schedule.started(s.cache.apply(schedule._prefetch(current=None)))
+            queued = [k for k, e in s.cache.entries.items() if e.state is EntryState.LOADING]
+            assert {k[1] for k in queued} == {0, 1}
+            plan = schedule.on_route(layer, torch.zeros(1, s.arch.hidden_size, dtype=s.dtype), torch.tensor([[8, 9]]),
+                                     {8, 9})
+            assert sorted(plan.cancel) == [(layer, 0), (layer, 1)]  # the scheduler decides...
+            s.cache.apply(plan)  # ...the cache does it
+            assert s.cache.counters.prefetch_cancelled == 2
+            assert all((layer, e) not in s.cache.entries for e in range(2))
+            await busy
+            own.free(handle)
+            s.cache.apply(schedule.finish())
+
+        await eng.call(body)
 
 
 @pytest.mark.asyncio
@@ -143,19 +150,22 @@ async def test_a_prefetch_finished_before_its_layer_counts_as_a_hit(trained_mode
     from moeflow.runtime.moe import Routing, run_moe
 
     async with Engine.open(trained_model, device="cpu", expert_budget="50%", prefetch="none") as eng:
-        s = eng.session
-        cache = s.cache
-        layer = next(lay for lay in s.runner.model.layers if lay.router is not None)
-        assert cache.start_load((layer.index, 3), core.PRIORITY_PREFETCH)
-        entry = cache.entries[(layer.index, 3)]
-        deadline = time.monotonic() + 10
-        while cache.transfers.engine.pending() and time.monotonic() < deadline:
-            time.sleep(0.01)  # blocking: the loop cannot drain the eventfd meanwhile
-        assert entry.state is EntryState.LOADING  # not drained yet
-        before = (cache.counters.hits, cache.counters.misses)
-        x = torch.randn(1, s.arch.hidden_size).to(s.runner.model.dtype)
-        routing = Routing.group(torch.tensor([[3]]), torch.ones(1, 1, dtype=x.dtype), [[3]], [[1.0]])
-        out = await run_moe(layer, x, routing, cache)
-        assert out.shape == x.shape
-        assert (cache.counters.hits, cache.counters.misses) == (before[0] + 1, before[1])
-        assert cache.counters.prefetch_used == 1 and eng.stats()["pinned_blocks"] == 0
+        async def body() -> None:  # on the engine thread, which owns the cache
+            s = eng.session
+            cache = s.cache
+            layer = next(lay for lay in s.runner.model.layers if lay.router is not None)
+            assert cache.start_load((layer.index, 3), core.PRIORITY_PREFETCH)
+            entry = cache.entries[(layer.index, 3)]
+            deadline = time.monotonic() + 10
+            while cache.transfers.engine.pending() and time.monotonic() < deadline:
+                time.sleep(0.01)  # blocking: the loop cannot drain the eventfd meanwhile
+            assert entry.state is EntryState.LOADING  # not drained yet
+            before = (cache.counters.hits, cache.counters.misses)
+            x = torch.randn(1, s.arch.hidden_size).to(s.runner.model.dtype)
+            routing = Routing.group(torch.tensor([[3]]), torch.ones(1, 1, dtype=x.dtype), [[3]], [[1.0]])
+            out = await run_moe(layer, x, routing, cache)
+            assert out.shape == x.shape
+            assert (cache.counters.hits, cache.counters.misses) == (before[0] + 1, before[1])
+            assert cache.counters.prefetch_used == 1 and eng.stats()["pinned_blocks"] == 0
+
+        await eng.call(body)
