@@ -138,12 +138,21 @@ class ModelRunner:
         """Tokens one pass may carry when its keys reach `positions` (at least one)."""
         return max(1, min(self.prefill_chunk, self.scores_budget // (4 * self.heads * positions)))
 
+    def next_pass(self, seq: Sequence, remaining: int) -> int:
+        """How many of seq's `remaining` new ids its next pass takes: all of them if they fit one
+        pass, else a chunk of the bounded size. `forward` and the step batcher cut prompts with
+        this one rule, so a prompt runs as the same passes (with the same arithmetic: attention
+        over a chunk rounds differently from attention over the whole prompt) batched or alone."""
+        if remaining <= self.pass_tokens(seq.length + remaining):
+            return remaining
+        return min(remaining, self.pass_tokens(seq.length + self.prefill_chunk))
+
     async def _chunked(self, seq: Sequence, ids: list[int], all_logits: bool) -> torch.Tensor:
         rows: list[torch.Tensor] = []
         mark = len(seq.trace) if seq.trace is not None else 0
         start = 0
         while start < len(ids):
-            end = min(len(ids), start + self.pass_tokens(seq.length + self.prefill_chunk))
+            end = start + self.next_pass(seq, len(ids) - start)
             (logits,) = await self._pass([Part(seq, ids[start:end], all_logits, head=all_logits or end == len(ids))])
             if logits is not None:
                 rows.append(logits)
@@ -158,7 +167,7 @@ class ModelRunner:
         expert, so one load of an expert serves every token routed to it. Each sequence's prefetch
         schedule sees its own rows, and the predictors' guesses come back with the router's
         choice in the layer's one blocking read. Parts must name distinct sequences and fit one
-        pass each (the caller chunks prompts: `pass_tokens`)."""
+        pass each (the caller chunks prompts: `next_pass`)."""
         if not parts or len({id(p.seq) for p in parts}) != len(parts):
             raise ValueError("forward_parts: give one part per sequence, at least one")
         with self._mode(narrow=len(parts) > 1 or len(parts[0].ids) == 1):  # decode tokens, one or a batch

@@ -3,9 +3,10 @@
 A request hands its sequence's new ids (a prompt, or the token it just sampled) to `run` and
 awaits the outcome: the next token when it gave a sampler, else the logits. One loop task forms
 each step from what is waiting: decode tokens first, in arrival order, then prompts in arrival
-order, cut into chunks so that a step carries at most `max_tokens` tokens (a long prompt is
-spread over several steps and never stalls the running streams) and at most `max_sequences`
-sequences. Before it forms a step the loop yields once, so the streams that have just received a
+order, each cut into the passes it would run alone (`ModelRunner.next_pass`: the same
+arithmetic batched or alone), as many whole passes as fit `max_tokens` tokens (the first
+always runs: a long prompt is spread over several steps and never stalls the running streams),
+and at most `max_sequences` sequences. Before it forms a step the loop yields once, so the streams that have just received a
 token have queued their next one. After the pass, the greedy sequences' tokens come back in one
 read, then `end_step` closes the step; each request gets the step's counters (shared with the
 requests batched with it), its wall time and its device reads.
@@ -180,16 +181,23 @@ class StepBatcher:
             entry = self._decode.popleft()
             batch.append((entry, entry.ids, True))
             budget -= 1
+        chunks = 0
         for entry in list(self._prefill):
-            if budget <= 0 or len(batch) >= self.max_sequences:
+            if len(batch) >= self.max_sequences:
                 break
-            room = min(budget, self.runner.pass_tokens(entry.seq.length + min(len(entry.ids), budget)))
+            # A prompt's passes are the ones it runs alone (runner.next_pass), whole or not at
+            # all in this step; the first prompt waiting always gets its pass (so a step may
+            # pass max_tokens by its decode tokens), later ones fill the room that is left.
+            room = self.runner.next_pass(entry.seq, len(entry.ids))
+            if chunks and room > budget:
+                continue
             chunk, rest = entry.ids[:room], entry.ids[room:]
             entry.ids = rest
             if not rest:
                 self._prefill.remove(entry)
             batch.append((entry, chunk, not rest))
             budget -= len(chunk)
+            chunks += 1
         return batch
 
     async def _loop(self) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import random
 
 import pytest
+import torch
 
 from moeflow import Engine
 from moeflow.runtime.runner import ModelRunner
@@ -64,7 +65,8 @@ async def test_concurrent_requests_step_together_and_each_gets_its_solo_tokens(h
         solo, got = await eng.call(scenario)
         assert eng.stats()["pinned_blocks"] == 0
     assert got == solo
-    assert max(s.sequences for s in steps) == 8 and max(s.tokens for s in steps) <= 16
+    # a step holds max_tokens, or a prompt's first pass beside the decode tokens
+    assert max(s.sequences for s in steps) == 8 and max(s.tokens for s in steps) <= 8 + max(map(len, prompts))
     assert batcher.steps < sum(lengths)  # requests shared steps
     assert batcher.waiting == 0
 
@@ -87,3 +89,35 @@ async def test_requests_wait_for_kv_room_and_one_larger_than_the_budget_is_refus
         assert await asyncio.wait_for(second, 5) == 500 and batcher.kv_reserved == 500
         with pytest.raises(InvalidRequest, match="kv_budget=1000"):
             await batcher.admit(101)
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
+async def test_a_prompt_runs_the_passes_it_runs_alone_so_its_logits_are_bitwise_the_same(
+    hf_checkpoints: HFCheckpoints,
+) -> None:
+    """Two 6-token prompts arrive together with room for 8 tokens a step: the second waits for
+    the next step whole (cut into 2 + 4 it attended over a chunk, which rounds differently), and
+    both get, bit for bit, the logits of their solo runs."""
+    prompts = [[5, 17, 42, 3, 77, 12], [9, 8, 60, 31, 8, 12]]
+    async with Engine.open(hf_checkpoints.path("qwen2_moe"), device="cpu") as eng:
+        steps: list[StepRecord] = []
+        batcher = StepBatcher(eng.session.runner, asyncio.Lock(), max_tokens=8, max_sequences=4, on_step=steps.append)
+
+        async def logits(prompt: list[int]) -> torch.Tensor:
+            seq = eng.session.runner.new_sequence(prompt)
+            try:
+                outcome = await batcher.run(seq, prompt, all_logits=True)
+            finally:
+                await batcher.finish(seq)
+            assert outcome.logits is not None
+            return outcome.logits
+
+        async def scenario() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+            solo = [await logits(p) for p in prompts]
+            return solo, list(await asyncio.gather(*(logits(p) for p in prompts)))
+
+        solo, together = await eng.call(scenario)
+    assert [s.tokens for s in steps] == [6, 6, 6, 6]  # each prompt's one pass, whole
+    for want, got in zip(solo, together, strict=True):
+        assert torch.equal(want, got)
