@@ -10,9 +10,13 @@ Mixtral), at the budget with the store read with O_DIRECT, on held-out corpus pr
   bytes_per_token_vs_sequential  expert bytes loaded per generated token, batched over sequential;
   p50/p95_inter_token_seconds    the gaps between consecutive tokens of `--streams` concurrent
                                  streams (all started together);
-  batched/sequential steps and the outputs' equality (greedy: every prompt's tokens must match).
-Prints one JSON line per model, then {"summary": ...}. Token regrouping (issue 11, part 3) is not
-built yet, so regrouping_vs_fifo is reported as null.
+  batched/sequential steps and the outputs' equality (greedy: every prompt's tokens must match);
+  regrouping_vs_fifo             tokens/s with token regrouping (batch_order='regroup') over plain
+                                 continuous batching in arrival order ('fifo'), the same prompts
+                                 with `--regroup-batch` (16) sequences a step, so that more wait
+                                 than a step takes and the order matters; with the p95 gap between
+                                 a stream's tokens under each (regrouping bounds every wait).
+Prints one JSON line per model, then {"summary": ...}.
 """
 
 from __future__ import annotations
@@ -76,6 +80,31 @@ async def batched(model: Path, texts: list[str], new_tokens: int, options: dict[
                 "bytes": eng.stats()["bytes_loaded"] - before}
 
 
+async def ordered(model: Path, texts: list[str], new_tokens: int, options: dict[str, Any]) -> dict[str, Any]:
+    """generate_batch under `options` (batch_order, max_batch_sequences): tokens/s, outputs and
+    each token's gap to the previous one of its request, from the streams' arrival times."""
+    async with Engine.open(model, **options) as eng:
+        ids = prompt_ids(eng, texts)
+        gaps: list[float] = []
+        outs: list[list[int]] = [[] for _ in ids]
+
+        async def one(i: int) -> None:
+            last = None
+            async for tok in eng.stream(ids[i], new_tokens, stop_at_eos=False):
+                outs[i].append(tok)
+                now = time.perf_counter()
+                if last is not None:
+                    gaps.append(now - last)
+                last = now
+
+        before = eng.stats()["bytes_loaded"]
+        started = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(len(ids))))
+        seconds = time.perf_counter() - started
+        return {"outs": outs, "tps": sum(map(len, outs)) / seconds, "bytes": eng.stats()["bytes_loaded"] - before,
+                "p95_gap": statistics.quantiles(gaps, n=20)[18]}
+
+
 async def streams(model: Path, texts: list[str], new_tokens: int, options: dict[str, Any]) -> list[float]:
     """Gaps between consecutive tokens of every stream, all streams started together."""
     async with Engine.open(model, **options) as eng:
@@ -100,6 +129,10 @@ def run_model(name: str, model: Path, args: argparse.Namespace) -> dict[str, Any
     seq = asyncio.run(sequential(model, texts, args.new_tokens, options))
     bat = asyncio.run(batched(model, texts, args.new_tokens, options))
     gaps = asyncio.run(streams(model, texts[: args.streams], args.new_tokens, options))
+    fifo = asyncio.run(ordered(model, texts, args.new_tokens,
+                               dict(options, batch_order="fifo", max_batch_sequences=args.regroup_batch)))
+    regrouped = asyncio.run(ordered(model, texts, args.new_tokens,
+                                    dict(options, batch_order="regroup", max_batch_sequences=args.regroup_batch)))
     tokens = sum(len(o) for o in bat["outs"])
     seq_tps, bat_tps = tokens / seq["seconds"], tokens / bat["seconds"]
     q = statistics.quantiles(gaps, n=20)
@@ -120,7 +153,14 @@ def run_model(name: str, model: Path, args: argparse.Namespace) -> dict[str, Any
         "streams": args.streams,
         "p50_inter_token_seconds": round(statistics.median(gaps), 5),
         "p95_inter_token_seconds": round(q[18], 5),
-        "regrouping_vs_fifo": None,
+        "regroup_batch": args.regroup_batch,
+        "regrouping_vs_fifo": round(regrouped["tps"] / fifo["tps"], 3),
+        "fifo_tokens_per_second": round(fifo["tps"], 2),
+        "regrouped_tokens_per_second": round(regrouped["tps"], 2),
+        "regrouped_bytes_vs_fifo": round(regrouped["bytes"] / fifo["bytes"], 4) if fifo["bytes"] else None,
+        "fifo_p95_inter_token_seconds": round(fifo["p95_gap"], 5),
+        "regrouped_p95_inter_token_seconds": round(regrouped["p95_gap"], 5),
+        "regrouped_outputs_equal": regrouped["outs"] == seq["outs"] and fifo["outs"] == seq["outs"],
     }
 
 
@@ -131,6 +171,7 @@ def main() -> None:
     ap.add_argument("--models", default="trained,mixtral")
     ap.add_argument("--budget", default="25%")
     ap.add_argument("--streams", type=int, default=32)
+    ap.add_argument("--regroup-batch", type=int, default=16, help="sequences a step for the regrouping comparison")
     args = ap.parse_args()
     work = ROOT / ".artifacts" / "bench-batch"
     lines = {}
@@ -149,7 +190,7 @@ def main() -> None:
         print(json.dumps(line), flush=True)
         lines[name] = line
     keys = ("throughput_vs_sequential", "bytes_per_token_vs_sequential", "p50_inter_token_seconds",
-            "p95_inter_token_seconds", "outputs_equal")
+            "p95_inter_token_seconds", "outputs_equal", "regrouping_vs_fifo")
     print(json.dumps({"summary": {name: {k: line[k] for k in keys} for name, line in lines.items()}}))
 
 

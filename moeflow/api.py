@@ -103,7 +103,9 @@ class Engine:
             session.runner, self._step_lock, max_tokens=self.config.prefill_chunk,
             max_sequences=self.config.max_batch_sequences, kv_budget=self.config.kv_budget,
             kv_bytes_per_token=session.runner.kv_bytes_per_token(), snapshot=session.counters_snapshot,
-            end_step=session.end_step,
+            end_step=session.end_step, max_wait=self.config.regroup_max_wait,
+            resident=(lambda: session.runner.route_bits(session.cache.resident()))
+            if self.config.batch_order == "regroup" else None,
         )
         return session
 

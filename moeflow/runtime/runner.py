@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -35,6 +35,7 @@ class Sequence:
         self.schedule = schedule
         # per step: {layer: [T, K] expert ids}, when recording a routing trace
         self.trace: list[dict[int, torch.Tensor]] | None = [] if record else None
+        self.route = 0  # the experts its last token used, bit (layer * experts + expert): see scheduling/regroup.py
 
     @property
     def length(self) -> int:
@@ -97,6 +98,15 @@ class ModelRunner:
         self.precision_counters = PrecisionCounters()
         self.eps = model.arch.rms_norm_eps
         self.threads = ThreadPlan()
+        self.track_routes = False  # keep each sequence's recent routing path (for token regrouping)
+        self.num_experts = model.arch.num_experts
+
+    def route_bits(self, keys: Iterable[tuple[int, int]]) -> int:
+        """(layer, expert) keys as a routing-path bit mask (see Sequence.route)."""
+        bits = 0
+        for layer, e in keys:
+            bits |= 1 << (layer * self.num_experts + e)
+        return bits
 
     def kv_bytes_per_token(self) -> int:
         """KV cache bytes one position of one sequence takes, over all layers."""
@@ -188,6 +198,7 @@ class ModelRunner:
             schedule.started(cache.apply(schedule.begin_step(parts[i].ids)))
         traced = [i for i, p in enumerate(parts) if p.seq.trace is not None]
         routes: list[dict[int, torch.Tensor]] = [{} for _ in parts]
+        paths = [0] * len(parts)
         h = F.embedding(torch.tensor(flat, device=m.device), m.embed)  # [T, H]
         for layer in m.layers:
             normed = rms_norm(h, layer.input_norm, self.eps)
@@ -224,7 +235,15 @@ class ModelRunner:
             for i in traced:
                 a, b = bounds[i]
                 routes[i][layer.index] = torch.tensor(host_ids[a:b])  # host copy: traces never read the device
+            if self.track_routes:
+                base = layer.index * self.num_experts
+                for i, (_, b) in enumerate(bounds):
+                    for e in host_ids[b - 1]:
+                        paths[i] |= 1 << (base + e)
             h = await run_moe(layer, x, routing, cache, wide, self.miss, self.precision_counters, residual=h)
+        if self.track_routes:
+            for p, path in zip(parts, paths, strict=True):
+                p.seq.route = path
         for i in traced:
             trace = parts[i].seq.trace
             assert trace is not None

@@ -11,6 +11,11 @@ token have queued their next one. After the pass, the greedy sequences' tokens c
 read, then `end_step` closes the step; each request gets the step's counters (shared with the
 requests batched with it), its wall time and its device reads.
 
+When more decode tokens wait than a step takes (`max_sequences`, `max_tokens`), a `resident`
+callback turns on token regrouping (scheduling/regroup.py): the step takes the sequences whose
+recent routing paths need the fewest experts beyond those resident and those of the others
+chosen, and any that waited `max_wait` steps first. Without it they go in arrival order.
+
 Admission is separate: `admit(tokens)` waits until the sequence's KV cache (prompt plus new
 tokens, at `kv_bytes_per_token`) fits in `kv_budget` next to those already admitted, so when
 memory is full new requests queue instead of failing; `release` returns the room.
@@ -30,6 +35,7 @@ from moeflow.errors import InvalidRequest
 from moeflow.memory.entries import CacheCounters
 from moeflow.runtime.runner import ModelRunner, Part, Sequence
 from moeflow.runtime.sampling import Sampler
+from moeflow.scheduling.regroup import Candidate, regroup
 from moeflow.stats import counter_delta
 
 
@@ -55,6 +61,7 @@ class _Waiting:
     future: asyncio.Future[StepOutcome]
     rows: list[torch.Tensor] = field(default_factory=list)  # all_logits: the rows of earlier chunks
     trace_mark: int = 0  # the sequence's trace length when it arrived (chunks' routes are joined)
+    since: int = 0  # the batcher's step count when it arrived (its wait, for regrouping)
     delta: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     host_syncs: int = 0
@@ -77,7 +84,8 @@ class StepBatcher:
     def __init__(self, runner: ModelRunner, lock: asyncio.Lock, *, max_tokens: int, max_sequences: int,
                  kv_budget: int | None = None, kv_bytes_per_token: int = 0,
                  snapshot: Callable[[], CacheCounters] | None = None, end_step: Callable[[], None] | None = None,
-                 on_step: Callable[[StepRecord], None] | None = None) -> None:
+                 on_step: Callable[[StepRecord], None] | None = None,
+                 resident: Callable[[], int] | None = None, max_wait: int = 4) -> None:
         if max_tokens < 1 or max_sequences < 1:
             raise ValueError(f"max_tokens={max_tokens}, max_sequences={max_sequences}: must be >= 1")
         self.runner = runner
@@ -89,6 +97,11 @@ class StepBatcher:
         self.snapshot = snapshot
         self.end_step = end_step
         self.on_step = on_step
+        # Token regrouping (scheduling/regroup.py) when more decode tokens wait than a step takes:
+        # `resident` gives the resident experts' bit mask; None runs them in arrival order.
+        self.resident = resident
+        self.max_wait = max_wait
+        runner.track_routes = runner.track_routes or resident is not None
         self._decode: deque[_Waiting] = deque()  # one token each
         self._prefill: deque[_Waiting] = deque()
         self._loop_task: asyncio.Task[None] | None = None
@@ -141,7 +154,8 @@ class StepBatcher:
         if sampler is not None and all_logits:
             raise ValueError("a step either samples a token or returns all logits")
         future: asyncio.Future[StepOutcome] = asyncio.get_running_loop().create_future()
-        entry = _Waiting(seq, list(ids), all_logits, sampler, future, trace_mark=len(seq.trace or ()))
+        entry = _Waiting(seq, list(ids), all_logits, sampler, future, trace_mark=len(seq.trace or ()),
+                         since=self.steps)
         (self._decode if len(ids) == 1 and not all_logits else self._prefill).append(entry)
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.create_task(self._loop(), name="moeflow-steps")
@@ -177,6 +191,15 @@ class StepBatcher:
         """The next step: (entry, ids this pass, is its last pass)."""
         batch: list[tuple[_Waiting, list[int], bool]] = []
         budget = self.max_tokens
+        room = min(budget, self.max_sequences)
+        if self.resident is not None and len(self._decode) > room:
+            waiting = list(self._decode)
+            picked = regroup([Candidate(self.steps - e.since, e.seq.route) for e in waiting], room,
+                             self.resident(), self.max_wait)
+            self._decode = deque(e for i, e in enumerate(waiting) if i not in set(picked))
+            for i in picked:
+                batch.append((waiting[i], waiting[i].ids, True))
+            budget -= len(picked)
         while self._decode and budget > 0 and len(batch) < self.max_sequences:
             entry = self._decode.popleft()
             batch.append((entry, entry.ids, True))
