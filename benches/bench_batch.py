@@ -1,7 +1,7 @@
 """Batch throughput: continuous batching against the same prompts run one at a time, in the same run.
 
     python benches/bench_batch.py [--prompts 64] [--new-tokens 64] [--models trained,mixtral]
-                                  [--budget 25%] [--streams 32]
+                                  [--budget 25%] [--streams 32] [--dtype float32]
 
 For each model (the trained OLMoE-style benches/models/olmoe-stdlib, and the synthesized small
 Mixtral), at the budget with the store read with O_DIRECT, on held-out corpus prompts:
@@ -126,6 +126,8 @@ async def streams(model: Path, texts: list[str], new_tokens: int, options: dict[
 def run_model(name: str, model: Path, args: argparse.Namespace) -> dict[str, Any]:
     texts = heldout_prompts(args.prompts)
     options = dict(device="cpu", expert_budget=args.budget, direct_io="require", prefetch="none")
+    if args.dtype:
+        options["dtype"] = args.dtype
     seq = asyncio.run(sequential(model, texts, args.new_tokens, options))
     bat = asyncio.run(batched(model, texts, args.new_tokens, options))
     gaps = asyncio.run(streams(model, texts[: args.streams], args.new_tokens, options))
@@ -139,6 +141,7 @@ def run_model(name: str, model: Path, args: argparse.Namespace) -> dict[str, Any
     return {
         "model": name,
         "budget": args.budget,
+        "dtype": args.dtype or "checkpoint",
         "prompts": len(texts),
         "new_tokens": args.new_tokens,
         "sequential_tokens_per_second": round(seq_tps, 2),
@@ -171,6 +174,7 @@ def main() -> None:
     ap.add_argument("--models", default="trained,mixtral")
     ap.add_argument("--budget", default="25%")
     ap.add_argument("--streams", type=int, default=32)
+    ap.add_argument("--dtype", default=None, help="compute dtype (default the checkpoint's, bf16 for both models)")
     ap.add_argument("--regroup-batch", type=int, default=16, help="sequences a step for the regrouping comparison")
     args = ap.parse_args()
     work = ROOT / ".artifacts" / "bench-batch"

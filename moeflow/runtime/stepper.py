@@ -11,10 +11,12 @@ token have queued their next one. After the pass, the greedy sequences' tokens c
 read, then `end_step` closes the step; each request gets the step's counters (shared with the
 requests batched with it), its wall time and its device reads.
 
-When more decode tokens wait than a step takes (`max_sequences`, `max_tokens`), a `resident`
-callback turns on token regrouping (scheduling/regroup.py): the step takes the sequences whose
-recent routing paths need the fewest experts beyond those resident and those of the others
-chosen, and any that waited `max_wait` steps first. Without it they go in arrival order.
+A `resident` callback turns on token regrouping (scheduling/regroup.py): a step takes the
+decode tokens that waited `max_wait` steps, then prompt passes (so every admitted sequence
+runs, more than one step takes, and the step can choose among them), then the decode tokens
+whose sequences' recent routing paths need the fewest experts beyond those resident and those
+of the others chosen. Without it, decode tokens go first in arrival order, then prompts (so at
+most `max_sequences` sequences run at once).
 
 Admission is separate: `admit(tokens)` waits until the sequence's KV cache (prompt plus new
 tokens, at `kv_bytes_per_token`) fits in `kv_budget` next to those already admitted, so when
@@ -190,27 +192,41 @@ class StepBatcher:
     def _take(self) -> list[tuple[_Waiting, list[int], bool]]:
         """The next step: (entry, ids this pass, is its last pass)."""
         batch: list[tuple[_Waiting, list[int], bool]] = []
-        budget = self.max_tokens
-        room = min(budget, self.max_sequences)
-        if self.resident is not None and len(self._decode) > room:
-            waiting = list(self._decode)
-            picked = regroup([Candidate(self.steps - e.since, e.seq.route) for e in waiting], room,
-                             self.resident(), self.max_wait)
-            self._decode = deque(e for i, e in enumerate(waiting) if i not in set(picked))
-            for i in picked:
-                batch.append((waiting[i], waiting[i].ids, True))
-            budget -= len(picked)
-        while self._decode and budget > 0 and len(batch) < self.max_sequences:
-            entry = self._decode.popleft()
-            batch.append((entry, entry.ids, True))
-            budget -= 1
+        if self.resident is None:  # arrival order: decode tokens first, then prompts
+            while self._decode and len(batch) < min(self.max_tokens, self.max_sequences):
+                entry = self._decode.popleft()
+                batch.append((entry, entry.ids, True))
+            self._take_prompts(batch, self.max_tokens - len(batch))
+            return batch
+        # Regrouping: the decodes that waited max_wait steps, then prompts (so every admitted
+        # sequence is running and the step can choose among them), then the decodes that add
+        # the fewest experts to what is resident and already chosen.
+        room = min(self.max_tokens, self.max_sequences)
+        waiting = list(self._decode)
+        overdue = [i for i, e in enumerate(waiting) if self.steps - e.since >= self.max_wait][:room]
+        for i in overdue:
+            batch.append((waiting[i], waiting[i].ids, True))
+        self._take_prompts(batch, self.max_tokens - len(batch))
+        rest = [e for i, e in enumerate(waiting) if i not in set(overdue)]
+        slots = min(self.max_tokens - sum(len(ids) for _, ids, _ in batch), self.max_sequences - len(batch))
+        covered = self.resident()
+        for e, _, _ in batch:
+            covered |= e.seq.route
+        picked = set(regroup([Candidate(self.steps - e.since, e.seq.route) for e in rest], max(slots, 0), covered,
+                             self.max_wait)) if slots > 0 else set()
+        batch.extend((e, e.ids, True) for i, e in enumerate(rest) if i in picked)
+        self._decode = deque(e for i, e in enumerate(rest) if i not in picked)
+        return batch
+
+    def _take_prompts(self, batch: list[tuple[_Waiting, list[int], bool]], budget: int) -> None:
+        """Add prompt passes to the step, in arrival order, within `budget` tokens. A prompt's
+        passes are the ones it runs alone (runner.next_pass), whole or not at all in this step;
+        the first prompt waiting always gets its pass (so a step may pass max_tokens by its
+        decode tokens), later ones fill the room that is left."""
         chunks = 0
         for entry in list(self._prefill):
             if len(batch) >= self.max_sequences:
                 break
-            # A prompt's passes are the ones it runs alone (runner.next_pass), whole or not at
-            # all in this step; the first prompt waiting always gets its pass (so a step may
-            # pass max_tokens by its decode tokens), later ones fill the room that is left.
             room = self.runner.next_pass(entry.seq, len(entry.ids))
             if chunks and room > budget:
                 continue
@@ -221,7 +237,6 @@ class StepBatcher:
             batch.append((entry, chunk, not rest))
             budget -= len(chunk)
             chunks += 1
-        return batch
 
     async def _loop(self) -> None:
         while self._decode or self._prefill:

@@ -51,8 +51,20 @@ def test_no_sequence_waits_more_than_max_wait_steps_in_a_long_run() -> None:
 
 @pytest.mark.asyncio
 @pytest.mark.timeout(180)
-async def test_regrouped_and_fifo_steps_give_every_request_its_solo_tokens(hf_checkpoints: HFCheckpoints) -> None:
-    """24 requests, 6 a step: whichever sequences step together, each request gets its solo tokens."""
+async def test_regrouped_and_fifo_steps_give_every_request_its_solo_tokens(
+    hf_checkpoints: HFCheckpoints, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """24 requests, 6 a step: whichever sequences step together, each request gets its solo
+    tokens; regrouping did choose (more decode tokens waited than a step took)."""
+    import moeflow.runtime.stepper as stepper
+
+    choices: list[tuple[int, int]] = []
+
+    def spy(candidates: list[Candidate], take: int, resident: int, max_wait: int) -> list[int]:
+        choices.append((len(candidates), take))
+        return regroup(candidates, take, resident, max_wait)
+
+    monkeypatch.setattr(stepper, "regroup", spy)
     rng = random.Random(5)
     prompts = [[rng.randrange(3, 90) for _ in range(rng.randrange(2, 12))] for _ in range(24)]
     path = hf_checkpoints.path("olmoe")
@@ -66,3 +78,4 @@ async def test_regrouped_and_fifo_steps_give_every_request_its_solo_tokens(hf_ch
             results[order] = [r.tokens for r in got]
             assert eng.stats()["pinned_blocks"] == 0
     assert results["fifo"] == solo and results["regroup"] == solo
+    assert sum(1 for n, take in choices if n > take) >= 10, choices
