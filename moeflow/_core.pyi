@@ -485,8 +485,10 @@ class TransferEngine:
         """Transfers submitted and not yet completed."""
 
     def stats(self) -> dict[str, int]:
-        """submitted, completed, failed, cancelled, bytes, direct_bytes, busy_nanos,
-        queued (per lane: queued_demand, queued_prefetch, queued_background)."""
+        """submitted, completed, failed, cancelled, bytes, direct_bytes, busy_nanos (the read
+        workers' time on their parts plus the copy stream's busy time, from each part's issue or
+        the previous part's landing to its own landing), queued (per lane: queued_demand,
+        queued_prefetch, queued_background)."""
 
     def close(self) -> None:
         """Cancel what is queued, wait for running parts, stop the workers. Idempotent."""

@@ -146,6 +146,12 @@ fn bandwidth_and_latency_are_respected() {
         "busy {busy} s, model {model:?}"
     );
     assert_eq!(sim.bytes_copied(), 32 * MIB);
+    // the engine's busy time counts the copy stream's time too, as the completer saw it land
+    let counted = engine.stats().busy_nanos as f64 / 1e9;
+    assert!(
+        counted >= busy * 0.95 && counted <= elapsed.as_secs_f64() + 1e-3,
+        "busy_nanos {counted} s, stream busy {busy} s, elapsed {elapsed:?}"
+    );
 }
 
 #[test]

@@ -13,6 +13,7 @@ use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 mod complete;
 
@@ -55,6 +56,7 @@ struct Marker {
     len: u64,
     event: Landing,
     speculative: bool,
+    issued: Instant, // when it was queued on the stream (its copy starts then or after the one before)
 }
 
 #[derive(Debug, Default)]
@@ -276,9 +278,10 @@ impl DeviceQueue {
         while let Some(part) = self.next_part() {
             let transfer = &part.transfer;
             transfer.mark_started();
-            let issued = self.issue_guarded(shared, &part);
+            let outcome = self.issue_guarded(shared, &part);
+            let issued = Instant::now();
             let mut state = self.lock();
-            let finished = match issued {
+            let finished = match outcome {
                 Ok(event) => {
                     if part.last {
                         // Posted before the completer can see the part, so 'issued'
@@ -301,6 +304,7 @@ impl DeviceQueue {
                             len: part.len,
                             event: Landing::Shared(shared_event),
                             speculative: part.speculative,
+                            issued,
                         });
                     } else {
                         state.markers.push_back(Marker {
@@ -308,6 +312,7 @@ impl DeviceQueue {
                             len: part.len,
                             event: Landing::Own(event),
                             speculative: part.speculative,
+                            issued,
                         });
                     }
                     self.complete.notify_one();

@@ -36,6 +36,7 @@ pub struct EngineStats {
     pub cancelled: u64,
     pub bytes: u64,
     pub direct_bytes: u64,
+    /// Read workers' time on parts, plus the copy stream's busy time (device copies).
     pub busy_nanos: u64,
     /// Queue entries waiting per lane (demand, prefetch, background).
     pub queued: [u64; PRIORITY_LANES],

@@ -3,6 +3,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
+use std::time::Instant;
 
 use super::{DeviceQueue, End, Progress, QueueState};
 use crate::error::CoreError;
@@ -12,6 +13,9 @@ use crate::transfer::Shared;
 
 impl DeviceQueue {
     pub(super) fn complete_loop(&self, shared: &Shared) {
+        // The copy stream runs parts in order: one is busy from when it was issued, or the one
+        // before landed if later, until it lands (the stream's wait on a reuse fence counts).
+        let mut last_landed: Option<Instant> = None;
         loop {
             let marker = {
                 let mut state = self.lock();
@@ -29,6 +33,13 @@ impl DeviceQueue {
                 }
             };
             let landed = marker.event.get().wait_quietly();
+            let now = Instant::now();
+            let began = last_landed.map_or(marker.issued, |t| t.max(marker.issued));
+            shared.stats.busy_nanos.fetch_add(
+                now.saturating_duration_since(began).as_nanos() as u64,
+                Ordering::Relaxed,
+            );
+            last_landed = Some(now);
             if landed.is_ok() {
                 shared.stats.bytes.fetch_add(marker.len, Ordering::Relaxed);
             }
