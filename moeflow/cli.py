@@ -1,4 +1,4 @@
-"""The `moeflow` command: synth, convert, verify, run, bench, batch, trace, train-predictor, analyze."""
+"""The `moeflow` command: synth, convert, verify, run, bench, batch, serve, trace, train-predictor, analyze."""
 
 from __future__ import annotations
 
@@ -207,6 +207,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Check every argument, then load the model and serve it (`moeflow.serve.server`)."""
+    if not 0 <= args.port <= 65535:
+        raise SystemExit(f"moeflow: --port {args.port}: must be in 0..65535")
+    if args.max_queue is not None and args.max_queue < 1:
+        raise SystemExit(f"moeflow: --max-queue {args.max_queue}: must be >= 1")
+    if args.drain_seconds < 0:
+        raise SystemExit(f"moeflow: --drain-seconds {args.drain_seconds}: must be >= 0")
+    if not (Path(args.model) / "config.json").is_file():
+        raise CheckpointError(f"{args.model}: no config.json there; give a checkpoint directory", path=args.model)
+    try:
+        import uvicorn  # noqa: F401 -- fail before loading the model
+        from moeflow.serve.server import serve
+    except ImportError as e:
+        raise SystemExit(f"moeflow: serve needs the serve extra ({e}): pip install 'moeflow[serve]'") from None
+    from moeflow.api import Engine
+
+    engine = Engine.open(args.model, **_engine_options(args))
+    asyncio.run(serve(engine, host=args.host, port=args.port, model_name=args.model_name,
+                      max_queue=args.max_queue, drain_seconds=args.drain_seconds))
+    return 0
+
+
 async def _trace_all(args: argparse.Namespace) -> tuple[Any, list[Any], int]:
     from moeflow.scheduling.traces import TraceHeader, iter_prompts
     from moeflow.api import Engine
@@ -356,6 +379,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     cli_batch.add_parser(sub, _common_engine_args, _engine_options)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the serve extra)")
+    _common_engine_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the folder name)")
+    p.add_argument("--max-queue", type=int, default=None,
+                   help="completion requests in flight beyond which new ones get 503 (default: no limit)")
+    p.add_argument("--drain-seconds", type=int, default=30,
+                   help="on SIGTERM, how long in-flight requests may finish before they are cancelled (default 30)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("train-predictor", help="train the routing-path predictor on traces")
     p.add_argument("model")

@@ -1,0 +1,30 @@
+"""`moeflow serve`: one Engine behind uvicorn, drained for a bounded time on SIGTERM, closed on the way out."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+from moeflow.serve.app import create_app
+
+if TYPE_CHECKING:
+    from moeflow.api import Engine
+
+
+async def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
+                max_queue: int | None = None, drain_seconds: int = 30, log_level: str = "info") -> None:
+    """Open `engine`, serve it until SIGINT/SIGTERM, then close it. On the signal uvicorn stops
+    accepting, lets in-flight requests finish for up to `drain_seconds`, then cancels the rest
+    (each cancelled request frees its KV and pins); the engine closes after that."""
+    import uvicorn
+
+    async with engine:
+        app = create_app(engine, model_name=model_name, max_queue=max_queue)
+        name = app.state.openai_server.model_name
+        plan = engine.plan
+        print(f"moeflow serve: {name} on http://{host}:{port}/v1 - expert budget {plan.budget_bytes} bytes, "
+              f"{plan.slots} of {plan.experts_total} experts resident, context "
+              f"{engine.session.arch.max_position_embeddings} tokens", file=sys.stderr, flush=True)
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
+                                timeout_graceful_shutdown=drain_seconds)
+        await uvicorn.Server(config).serve()
