@@ -22,14 +22,24 @@ class _Detokenizer:
         self._emitted = ""
 
     def push(self, token: int) -> str:
-        if self._stream is not None:
-            return self._stream.step(self.tokenizer, token) or ""
         self._ids.append(token)
-        text = self.tokenizer.decode(self._ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # a character still missing its later bytes
-            return ""
-        delta, self._emitted = text[len(self._emitted):], text
+        if self._stream is not None:
+            delta = self._stream.step(self.tokenizer, token) or ""
+        else:
+            text = self.tokenizer.decode(self._ids, skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # a character still missing its later bytes
+                return ""
+            delta = text[len(self._emitted):]
+        self._emitted += delta
         return delta
+
+    def flush(self) -> str:
+        """Once no token follows: bytes still held (a character never completed) come out as
+        U+FFFD, so the whole stream reads as the full list decodes."""
+        if not self._ids:
+            return ""
+        text = self.tokenizer.decode(self._ids, skip_special_tokens=True)
+        return text[len(self._emitted):] if text.startswith(self._emitted) else ""
 
 
 class TextStream:
@@ -45,7 +55,20 @@ class TextStream:
     def push(self, token: int) -> str:
         if self.stopped:
             return ""
-        self._held += self._detok.push(token)
+        return self._release(self._detok.push(token))
+
+    def flush(self) -> str:
+        """What is left once no more tokens come: held text, and bytes of a character never
+        completed (as U+FFFD, the way the whole list decodes)."""
+        if self.stopped:
+            return ""
+        out = self._release(self._detok.flush())
+        if not self.stopped:
+            out, self._held = out + self._held, ""
+        return out
+
+    def _release(self, delta: str) -> str:
+        self._held += delta
         if not self.stop:
             out, self._held = self._held, ""
             return out
@@ -57,8 +80,3 @@ class TextStream:
         keep = max((k for s in self.stop for k in range(1, len(s)) if self._held.endswith(s[:k])), default=0)
         out, self._held = self._held[: len(self._held) - keep], self._held[len(self._held) - keep:]
         return out
-
-    def flush(self) -> str:
-        """The text held back once no more tokens come."""
-        out, self._held = self._held, ""
-        return "" if self.stopped else out

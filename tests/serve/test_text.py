@@ -55,3 +55,18 @@ def test_text_that_only_starts_a_stop_string_is_released_at_the_end(tokenizer: T
     assert not stream.stopped
     assert deltas[-1].endswith("don")  # held back while it could have become "done"
     assert "".join(deltas) == "abc don"
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_a_character_never_completed_comes_out_at_the_end_as_the_full_decode_has_it(
+    tokenizer: Tokenizer, fallback: bool
+) -> None:
+    ids = tokenizer.encode("ok 日本", add_special_tokens=False).ids[:-1]  # the last character cut short
+    full = tokenizer.decode(ids)
+    assert full.endswith("\ufffd")
+    stream = TextStream(tokenizer)
+    if fallback:
+        stream._detok._stream = None
+    deltas = _deltas(stream, ids)
+    assert all("\ufffd" not in d for d in deltas[:-1])
+    assert "".join(deltas) == full
