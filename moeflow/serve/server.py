@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 import sys
+from types import FrameType
 from typing import TYPE_CHECKING
 
 from moeflow.serve.app import create_app
 
 if TYPE_CHECKING:
     from moeflow.api import Engine
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        """uvicorn re-raises a caught SIGINT/SIGTERM once it has stopped, and the default handler
+        would kill the process before the engine closes: the signal has done its work (the drain)."""
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            super().handle_exit(sig, frame)
+            captured = getattr(self, "_captured_signals", None)
+            if isinstance(captured, list):
+                captured.clear()
+
+    return _Server
 
 
 async def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
@@ -27,4 +44,5 @@ async def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, mo
               f"{engine.session.arch.max_position_embeddings} tokens", file=sys.stderr, flush=True)
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
                                 timeout_graceful_shutdown=drain_seconds)
-        await uvicorn.Server(config).serve()
+        await _server_class()(config).serve()
+    print(f"moeflow serve: stopped, engine for {engine.path} closed", file=sys.stderr, flush=True)
