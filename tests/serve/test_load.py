@@ -62,6 +62,7 @@ async def test_concurrent_streams_equal_solo_runs_and_leavers_free_everything(ti
                     for i, p in enumerate(prompts)))
                 assert await wait_idle(eng) == (0, 0)
                 metrics = _samples((await http.get("/metrics")).text)
+                engine_stats = eng.stats()  # nothing runs now: the scrape saw these same figures
 
     seen_by_leavers = 0
     for i, (text, usage, finish, events) in enumerate(results):
@@ -90,3 +91,7 @@ async def test_concurrent_streams_equal_solo_runs_and_leavers_free_everything(ti
     assert metrics[("moeflow_requests_in_flight", ())] == 0
     assert metrics[("moeflow_queue_depth", ())] == 0
     assert metrics[("moeflow_pinned_blocks", ())] == 0
+    for field, name in (("hit_rate", "moeflow_expert_hit_rate"), ("stall_seconds", "moeflow_stall_seconds_total"),
+                        ("bytes_loaded", "moeflow_bytes_loaded_total"), ("host_syncs", "moeflow_host_syncs_total")):
+        assert metrics[(name, ())] == pytest.approx(engine_stats[field], rel=1e-12), name
+    assert engine_stats["bytes_loaded"] > 0 and engine_stats["host_syncs"] > 0

@@ -148,3 +148,22 @@ async def test_models_health_and_queue_full(served: tuple[Engine, openai.AsyncOp
         await client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5000)
     with pytest.raises(openai.NotFoundError):
         await client.completions.create(model="other", prompt=PROMPT, max_tokens=2)
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(180)
+async def test_non_streamed_request_is_cancelled_when_its_client_leaves(served: tuple[Engine, openai.AsyncOpenAI, str]) -> None:
+    eng, client, url = served
+    ids = eng.encode(PROMPT)
+    solo = await eng.generate(ids, 6)
+    done = await client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0)  # token ids
+    assert done.choices[0].text == solo.text
+    tokens = eng.stats()["tokens"]
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(60, read=0.5)) as http:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+            await http.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 3000,
+                                                          "temperature": 0})
+        assert await wait_idle(eng) == (0, 0)
+        metrics = (await http.get("/metrics")).text
+    assert 'moeflow_completions_finished_total{finish_reason="cancelled"} 1.0' in metrics
+    assert eng.stats()["tokens"] - tokens < 1500  # stopped long before its 3000 tokens
