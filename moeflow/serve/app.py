@@ -67,19 +67,16 @@ class OpenAIServer:
         self.in_flight = 0
         self.metrics = ServerMetrics()
         self.created = int(time.time())
-        self._template: ChatTemplate | None = None
-        self._template_loaded = False
+        # read now, so a broken tokenizer_config.json fails at start-up rather than per request
+        self.template: ChatTemplate | None = load_chat_template(engine.path)
         self._tasks: set[asyncio.Task[None]] = set()  # n > 1 pumps: kept alive until they end
 
     # ---- checks ----------------------------------------------------------------------------
     def _chat_template(self) -> ChatTemplate:
-        if not self._template_loaded:
-            self._template = load_chat_template(self.engine.path)
-            self._template_loaded = True
-        if self._template is None:
+        if self.template is None:
             raise bad("messages", f"{self.model_name} has no chat template (no chat_template in "
                                   f"tokenizer_config.json, no chat_template.jinja): use /v1/completions")
-        return self._template
+        return self.template
 
     def _prompt_ids(self, req: CompletionRequest) -> list[int]:
         engine = self.engine
@@ -286,7 +283,6 @@ class OpenAIServer:
             if self.max_queue is not None and self.in_flight >= self.max_queue:
                 raise APIError(503, f"server busy: {self.in_flight} requests in flight, --max-queue is "
                                     f"{self.max_queue}; retry later", kind="server_error", code="queue_full")
-            self.engine.session  # noqa: B018 -- EngineClosed (503) before the request counts as started
         except APIError as e:
             return self._error(endpoint, e)
         except EngineClosed as e:
@@ -312,7 +308,10 @@ class OpenAIServer:
         return JSONResponse(result)
 
     async def models(self, request: Request) -> Response:
-        plan = self.engine.plan
+        try:
+            plan = self.engine.plan
+        except EngineClosed as e:
+            return self._error("/v1/models", APIError(503, str(e), kind="server_error"))
         card = {
             "id": self.model_name, "object": "model", "created": self.created, "owned_by": "moeflow",
             "max_model_len": self.engine.session.arch.max_position_embeddings,

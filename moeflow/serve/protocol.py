@@ -78,6 +78,12 @@ def _float(body: dict[str, Any], name: str, lo: float, hi: float, *, lo_open: bo
     return value
 
 
+def _top_k(body: dict[str, Any]) -> int | None:
+    """top_k, with vLLM's -1 (and 0) for "all tokens", which clients written for it send."""
+    value = _int(body, "top_k", minimum=-1)
+    return None if value is None or value <= 0 else value
+
+
 def _prompt(value: object) -> str | list[int]:
     """A text or a list of token ids; a list holding one of those is that prompt. Several
     prompts in one request are refused: each would need its own choices and usage."""
@@ -163,7 +169,7 @@ def parse_request(body: object, *, chat: bool) -> CompletionRequest:
     return CompletionRequest(
         chat=chat, model=model, prompt=prompt, messages=messages, max_tokens=max_tokens,
         temperature=1.0 if temperature is None else temperature,  # the OpenAI default
-        top_p=_float(body, "top_p", 0.0, 1.0, lo_open=True), top_k=_int(body, "top_k", minimum=1),
+        top_p=_float(body, "top_p", 0.0, 1.0, lo_open=True), top_k=_top_k(body),
         seed=_int(body, "seed"), stop=_stop(body.get("stop")), n=_int(body, "n", minimum=1) or 1,
         stream=stream, include_usage=bool(options and options.get("include_usage")),
     )
