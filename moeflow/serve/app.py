@@ -81,6 +81,8 @@ class OpenAIServer:
     def _prompt_ids(self, req: CompletionRequest) -> list[int]:
         engine = self.engine
         param = "messages" if req.chat else "prompt"
+        if engine.session.tokenizer is None:  # the API answers in text
+            raise APIError(400, f"{self.model_name} has no tokenizer.json, which the server needs to return text")
         if req.chat:
             assert req.messages is not None
             try:

@@ -167,3 +167,13 @@ async def test_errors_are_counted_by_endpoint_and_status(client: httpx.AsyncClie
     assert 'moeflow_http_requests_total{endpoint="/v1/completions",status="404"} 1.0' in metrics
     assert 'moeflow_http_requests_total{endpoint="/v1/completions",status="200"} 1.0' in metrics
     assert "moeflow_completion_tokens_total 2.0" in metrics
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(120)
+async def test_a_checkpoint_without_tokenizer_is_refused_with_a_reason(model_copy: Path) -> None:
+    (model_copy / "tokenizer.json").unlink()
+    async with Engine.open(model_copy, **engine_options()) as eng:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(eng)), base_url="http://m") as c:
+            error = _error(await c.post(COMPLETIONS, json={"prompt": [1, 2, 3], "max_tokens": 2}), 400, None)
+            assert "no tokenizer.json" in error["message"]
