@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sys
+from collections.abc import AsyncIterator
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
 
 from moeflow.serve.app import create_app
 
@@ -46,3 +49,24 @@ async def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, mo
                                 timeout_graceful_shutdown=drain_seconds)
         await _server_class()(config).serve()
     print(f"moeflow serve: stopped, engine for {engine.path} closed", file=sys.stderr, flush=True)
+
+
+@contextlib.asynccontextmanager
+async def running(app: Any, *, lifespan: Literal["auto", "on", "off"] = "off") -> AsyncIterator[str]:
+    """`app` served by uvicorn on 127.0.0.1 (a free port) in this loop, for tests and benches;
+    yields its base URL and stops the server on the way out."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan=lifespan, log_level="warning")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                task.result()  # raises why it did not start
+            await asyncio.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+from moeflow.serve.server import running
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
@@ -42,24 +42,7 @@ def engine_options(**extra: Any) -> dict[str, Any]:
     return {"progress": False, **extra}
 
 
-@contextlib.asynccontextmanager
-async def live_server(app: Any, *, lifespan: str = "off") -> AsyncIterator[str]:
-    """`app` served by uvicorn on 127.0.0.1 (a free port) in this loop; yields its base URL."""
-    import uvicorn
-
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan=lifespan, log_level="warning")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    try:
-        while not server.started:
-            if task.done():
-                task.result()  # raises why it did not start
-            await asyncio.sleep(0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
+live_server = running  # uvicorn on a free port of 127.0.0.1, yielding the base URL
 
 
 async def wait_idle(engine: Any, timeout: float = 10.0) -> tuple[int, int]:

@@ -1,0 +1,103 @@
+"""The HTTP server against the engine it serves: what streaming clients cost, in the same run.
+
+    python benches/bench_serve.py [--clients 32] [--new-tokens 32] [--budget 25%]
+
+On the trained model (benches/models/olmoe-stdlib, copied to .artifacts), `--clients` held-out
+prompts first run through `Engine.generate_batch` (the baseline), then as as many concurrent
+streaming clients of `/v1/completions` on a live uvicorn server over the same engine (greedy,
+so both give the same tokens). Prints one JSON line:
+  serve_vs_generate_batch   aggregate tokens/s of the clients over the baseline's (goal >= 0.9);
+  ttft_p50/p95_seconds      from a client's request to its first text;
+  itl_p50/p95_seconds       between a client's consecutive text events;
+  outputs_equal             every client's text equals the baseline's for its prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+
+from benches.bench_batch import heldout_prompts  # noqa: E402
+from moeflow import Engine  # noqa: E402
+from moeflow.serve import create_app  # noqa: E402
+from moeflow.serve.server import running  # noqa: E402
+
+
+async def client(http: httpx.AsyncClient, prompt: str, new_tokens: int) -> dict[str, Any]:
+    body = {"model": "olmoe-stdlib", "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    started = time.perf_counter()
+    stamps: list[float] = []
+    text, tokens = "", 0
+    async with http.stream("POST", "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[len("data: "):])
+            if event["choices"] and event["choices"][0]["text"]:
+                stamps.append(time.perf_counter())
+                text += event["choices"][0]["text"]
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    return {"started": started, "stamps": stamps, "text": text, "tokens": tokens}
+
+
+def quantile(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else values[0]
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    model = ROOT / ".artifacts" / "bench-serve" / "olmoe-stdlib"
+    if not model.exists():  # a copy: the bench's stores do not go into the repository
+        shutil.copytree(ROOT / "benches" / "models" / "olmoe-stdlib", model)
+    prompts = heldout_prompts(args.clients)
+    async with Engine.open(model, expert_budget=args.budget, device="cpu") as eng:
+        await eng.generate(prompts[0], 4, stop_at_eos=False)  # warm up
+        started = time.perf_counter()
+        baseline = await eng.generate_batch(prompts, args.new_tokens, temperature=0.0, stop_at_eos=False)
+        batch_seconds = time.perf_counter() - started
+        batch_tokens = sum(len(r.tokens) for r in baseline)
+        async with running(create_app(eng, model_name="olmoe-stdlib")) as url:
+            limits = httpx.Limits(max_connections=args.clients)
+            async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+                started = time.perf_counter()
+                served = await asyncio.gather(*(client(http, p, args.new_tokens) for p in prompts))
+                serve_seconds = time.perf_counter() - started
+    serve_tokens = sum(s["tokens"] for s in served)
+    ttft = [s["stamps"][0] - s["started"] for s in served if s["stamps"]]
+    itl = [b - a for s in served for a, b in zip(s["stamps"], s["stamps"][1:])]
+    batch_tps, serve_tps = batch_tokens / batch_seconds, serve_tokens / serve_seconds
+    return {
+        "model": "olmoe-stdlib", "budget": args.budget, "clients": args.clients, "new_tokens": args.new_tokens,
+        "generate_batch_tokens_per_second": round(batch_tps, 2),
+        "serve_tokens_per_second": round(serve_tps, 2),
+        "serve_vs_generate_batch": round(serve_tps / batch_tps, 3),
+        "ttft_p50_seconds": round(quantile(ttft, 50), 4), "ttft_p95_seconds": round(quantile(ttft, 95), 4),
+        "itl_p50_seconds": round(quantile(itl, 50), 4), "itl_p95_seconds": round(quantile(itl, 95), 4),
+        "outputs_equal": [s["text"] for s in served] == [r.text for r in baseline],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--budget", default="25%")
+    print(json.dumps(asyncio.run(run(ap.parse_args()))))
+
+
+if __name__ == "__main__":
+    main()
