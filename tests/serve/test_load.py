@@ -14,7 +14,7 @@ from moeflow.api import Engine
 from moeflow.serve import create_app
 from tests.serve.conftest import engine_options, live_server, wait_idle
 
-CLIENTS, LEAVERS, TOKENS, LEAVER_TOKENS, LEAVE_AFTER = 16, 4, 20, 400, 3
+CLIENTS, LEAVERS, TOKENS, LEAVER_TOKENS, LEAVE_AFTER = 64, 8, 20, 400, 3
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
