@@ -5,40 +5,52 @@
         res = await eng.generate("def fib(n):", max_new_tokens=32)
 """
 
-from moeflow._core import __version__
-from moeflow.api import Engine, EngineState, GenerationResult
-from moeflow.config import EngineConfig, MemoryPlan
-from moeflow.errors import (
-    CheckpointError,
-    ConfigError,
-    EngineClosed,
-    InvalidRequest,
-    MoeflowError,
-    OutOfBudget,
-    StoreError,
-    TransferError,
-    UnsupportedModel,
-)
-from moeflow.llm import LLM
-from moeflow.stats import EngineStats, RequestStats
+from __future__ import annotations
 
-__all__ = [
-    "CheckpointError",
-    "ConfigError",
-    "Engine",
-    "EngineClosed",
-    "EngineConfig",
-    "EngineState",
-    "EngineStats",
-    "GenerationResult",
-    "InvalidRequest",
-    "LLM",
-    "MemoryPlan",
-    "MoeflowError",
-    "OutOfBudget",
-    "RequestStats",
-    "StoreError",
-    "TransferError",
-    "UnsupportedModel",
-    "__version__",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from moeflow._core import __version__
+
+if TYPE_CHECKING:
+    from moeflow.api import Engine, EngineState, GenerationResult
+    from moeflow.config import EngineConfig, MemoryPlan
+    from moeflow.errors import (
+        CheckpointError,
+        ConfigError,
+        EngineClosed,
+        InvalidRequest,
+        MoeflowError,
+        OutOfBudget,
+        StoreError,
+        TransferError,
+        UnsupportedModel,
+    )
+    from moeflow.llm import LLM
+    from moeflow.stats import EngineStats, RequestStats
+
+# Imported on first use (PEP 562): the engine pulls in torch, which takes seconds, and the
+# command line (`moeflow --help`) or a light import must not wait for it.
+_LAZY = {
+    "Engine": "moeflow.api", "EngineState": "moeflow.api", "GenerationResult": "moeflow.api",
+    "EngineConfig": "moeflow.config", "MemoryPlan": "moeflow.config",
+    "CheckpointError": "moeflow.errors", "ConfigError": "moeflow.errors", "EngineClosed": "moeflow.errors",
+    "InvalidRequest": "moeflow.errors", "MoeflowError": "moeflow.errors", "OutOfBudget": "moeflow.errors",
+    "StoreError": "moeflow.errors", "TransferError": "moeflow.errors", "UnsupportedModel": "moeflow.errors",
+    "LLM": "moeflow.llm", "EngineStats": "moeflow.stats", "RequestStats": "moeflow.stats",
+}
+
+__all__ = sorted([*_LAZY, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'moeflow' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

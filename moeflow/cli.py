@@ -25,7 +25,7 @@ def _common_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sim-latency-us", type=float, default=None, help="device=sim: latency of each copy, us")
     p.add_argument("--prefetch", default=None, choices=config.PREFETCHERS, help="expert predictor (default auto)")
     p.add_argument("--policy", default=None, choices=config.POLICIES, help="cache eviction policy (default lru)")
-    p.add_argument("--dtype", default=None, choices=tuple(config.COMPUTE_DTYPES), help="compute dtype")
+    p.add_argument("--dtype", default=None, choices=config.DTYPE_NAMES, help="compute dtype")
     p.add_argument("--direct-io", default=None, choices=config.DIRECT_IO, help="O_DIRECT store reads")
     p.add_argument("--store-dir", default=None, help="where the expert store lives (default DIR/.moeflow)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -83,7 +83,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
             f"{', ...' if len(existing) > 4 else ''}); pass --force to overwrite it or choose another folder",
             path=str(out),
         )
-    dtype = config.COMPUTE_DTYPES.get(args.dtype or "")
+    dtype = config.compute_dtypes().get(args.dtype or "")
     arch = synthesize(args.out, args.arch, args.size, dtype=dtype, seed=args.seed, progress=not args.quiet)
     print(f"wrote {arch.family} ({args.size}) to {args.out}: {arch.num_layers} layers, "
           f"{arch.num_experts} experts x {len(arch.moe_layers)} MoE layers, top-{arch.top_k}")
@@ -316,14 +316,17 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from moeflow import __version__
+
     parser = argparse.ArgumentParser(prog="moeflow", description="Run MoE checkpoints under an expert memory budget.")
+    parser.add_argument("--version", action="version", version=f"moeflow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="write a Hub-format checkpoint with random weights")
     p.add_argument("--arch", required=True, help="mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3")
     p.add_argument("--size", default="tiny", choices=("tiny", "small"))
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--dtype", default=None, choices=tuple(config.COMPUTE_DTYPES))
+    p.add_argument("--dtype", default=None, choices=config.DTYPE_NAMES)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--force", action="store_true", help="overwrite a checkpoint already in --out")

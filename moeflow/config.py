@@ -6,12 +6,12 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from moeflow.errors import ConfigError
-from moeflow.memory.policies import POLICIES
+
+if TYPE_CHECKING:
+    import torch
 
 _UNITS = {
     "": 1,
@@ -38,7 +38,16 @@ BUDGET_SPLITS = ("pooled", "plec")
 BATCH_ORDERS = ("regroup", "fifo")
 DIRECT_IO = ("auto", "require", "never")
 STORE_MODES = ("auto", "never", "rebuild")
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Names only: importing torch here would make `moeflow --help` wait seconds for it.
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+POLICIES = ("lru", "lfu", "mrs", "hobbit", "shallow", "predicted")  # eviction policies (memory/policies.py)
+
+
+def compute_dtypes() -> dict[str, torch.dtype]:
+    """The compute dtypes by name."""
+    import torch
+
+    return {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 @dataclass(frozen=True)
@@ -191,9 +200,9 @@ class EngineConfig:
         if kw.get("dtype") is not None:
             dtype = kw["dtype"]
             if isinstance(dtype, str):
-                dtype = COMPUTE_DTYPES.get(dtype.replace("torch.", ""))
-            if dtype not in COMPUTE_DTYPES.values():
-                raise ConfigError(f"dtype={kw['dtype']!r}: expected one of {', '.join(COMPUTE_DTYPES)}")
+                dtype = compute_dtypes().get(dtype.replace("torch.", ""))
+            if dtype not in compute_dtypes().values():
+                raise ConfigError(f"dtype={kw['dtype']!r}: expected one of {', '.join(DTYPE_NAMES)}")
             out["dtype"] = dtype
         if out.get("prefetch") == "predictor":
             out["prefetch"] = "auto"

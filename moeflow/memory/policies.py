@@ -281,9 +281,6 @@ class PredictedPolicy(EvictionPolicy):
         return best
 
 
-POLICIES = ("lru", "lfu", "mrs", "hobbit", "shallow", "predicted")
-
-
 def make_policy(name: str, *, moe_layers: tuple[int, ...], num_layers: int, num_experts: int, top_k: int,
                 slots: int) -> EvictionPolicy:
     if name == "lru":
@@ -296,5 +293,5 @@ def make_policy(name: str, *, moe_layers: tuple[int, ...], num_layers: int, num_
         return HobbitPolicy(num_layers)
     if name == "shallow":
         return ShallowPolicy(moe_layers, num_experts, top_k, slots)
-    assert name == "predicted", name  # EngineConfig validated it against POLICIES
+    assert name == "predicted", name  # EngineConfig validated it against config.POLICIES
     return PredictedPolicy()
