@@ -31,8 +31,8 @@ _ITEM, _ERROR, _END = 0, 1, 2
 
 
 class _Remote:
-    """A task on the thread's loop, started from another loop; `finished` (a future of the
-    caller's loop) gets its outcome once it is over, cancelled or not."""
+    """A task on the thread's loop, started from another thread; `on_done` runs there once it
+    is over, cancelled or not."""
 
     def __init__(self, owner: LoopThread, coro: Coroutine[Any, Any, Any],
                  on_done: Callable[[asyncio.Task[Any]], None]) -> None:
@@ -73,15 +73,22 @@ class LoopThread:
     def alive(self) -> bool:
         return self._thread.is_alive() and not self.loop.is_closed()
 
-    def call_soon(self, fn: Callable[[], None], coro: Coroutine[Any, Any, Any] | None = None) -> None:
-        if not self.alive:
-            if coro is not None:
-                coro.close()
-            raise EngineClosed(f"the {self.name} thread has stopped")
+    def call_soon(self, fn: Callable[[], None], coro: Coroutine[Any, Any, Any]) -> None:
+        """fn() on this thread's loop, for work on `coro` (closed unrun if the thread stopped)."""
+        self._require_alive(coro)
         self.loop.call_soon_threadsafe(fn)
 
-    def _stopped(self) -> EngineClosed:
-        return EngineClosed(f"the {self.name} thread stopped before the call finished")
+    def _require_alive(self, coro: Coroutine[Any, Any, Any]) -> None:
+        if not self.alive:
+            coro.close()
+            raise EngineClosed(f"the {self.name} thread has stopped")
+
+    def _failure(self, task: asyncio.Task[Any]) -> BaseException | None:
+        """Why a finished task returned nothing: cancelled (only `stop` cancels there: the
+        thread stopped), or its exception; None if it returned."""
+        if task.cancelled():
+            return EngineClosed(f"the {self.name} thread stopped before the call finished")
+        return task.exception()
 
     async def call(self, coro: Coroutine[Any, Any, T]) -> T:
         """`await coro` on this thread's loop; see the module doc for cancellation."""
@@ -93,10 +100,9 @@ class LoopThread:
         def settle(task: asyncio.Task[T]) -> None:  # on the caller's loop
             if finished.done():
                 return
-            if task.cancelled():
-                finished.set_exception(self._stopped())
-            elif task.exception() is not None:
-                finished.set_exception(task.exception())  # type: ignore[arg-type]
+            error = self._failure(task)
+            if error is not None:
+                finished.set_exception(error)
             else:
                 finished.set_result(task.result())
 
@@ -117,9 +123,7 @@ class LoopThread:
         if self.here:
             coro.close()
             raise RuntimeError(f"{self.name}: run() would block its own loop; await call() instead")
-        if not self.alive:
-            coro.close()
-            raise EngineClosed(f"the {self.name} thread has stopped")
+        self._require_alive(coro)
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return future.result()
@@ -144,13 +148,8 @@ class LoopThread:
                     _post(caller, queue.put_nowait, (_ITEM, item))
 
         def ended(task: asyncio.Task[None]) -> None:  # on the thread's loop, after every item
-            if task.cancelled():
-                outcome: tuple[int, Any] = (_ERROR, self._stopped())
-            elif task.exception() is not None:
-                outcome = (_ERROR, task.exception())
-            else:
-                outcome = (_END, None)
-            _post(caller, queue.put_nowait, outcome)
+            error = self._failure(task)
+            _post(caller, queue.put_nowait, (_END, None) if error is None else (_ERROR, error))
 
         remote = _Remote(self, pump(), ended)
         over = False

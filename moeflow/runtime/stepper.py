@@ -37,7 +37,7 @@ from moeflow.errors import InvalidRequest
 from moeflow.memory.entries import CacheCounters
 from moeflow.runtime.runner import ModelRunner, Part, Sequence
 from moeflow.runtime.sampling import Sampler
-from moeflow.scheduling.regroup import Candidate, regroup
+from moeflow.scheduling.regroup import Candidate, overdue, regroup
 from moeflow.stats import counter_delta
 
 
@@ -201,21 +201,21 @@ class StepBatcher:
         # Regrouping: the decodes that waited max_wait steps, then prompts (so every admitted
         # sequence is running and the step can choose among them), then the decodes that add
         # the fewest experts to what is resident and already chosen.
-        room = min(self.max_tokens, self.max_sequences)
         waiting = list(self._decode)
-        overdue = [i for i, e in enumerate(waiting) if self.steps - e.since >= self.max_wait][:room]
-        for i in overdue:
-            batch.append((waiting[i], waiting[i].ids, True))
+        candidates = [Candidate(self.steps - e.since, e.seq.route) for e in waiting]
+        due = set(overdue(candidates, min(self.max_tokens, self.max_sequences), self.max_wait))
+        batch.extend((waiting[i], waiting[i].ids, True) for i in sorted(due))
         self._take_prompts(batch, self.max_tokens - len(batch))
-        rest = [e for i, e in enumerate(waiting) if i not in set(overdue)]
+        rest = [i for i in range(len(waiting)) if i not in due]
         slots = min(self.max_tokens - sum(len(ids) for _, ids, _ in batch), self.max_sequences - len(batch))
-        covered = self.resident()
-        for e, _, _ in batch:
-            covered |= e.seq.route
-        picked = set(regroup([Candidate(self.steps - e.since, e.seq.route) for e in rest], max(slots, 0), covered,
-                             self.max_wait)) if slots > 0 else set()
-        batch.extend((e, e.ids, True) for i, e in enumerate(rest) if i in picked)
-        self._decode = deque(e for i, e in enumerate(rest) if i not in picked)
+        picked: set[int] = set()
+        if slots > 0:
+            covered = self.resident()
+            for e, _, _ in batch:
+                covered |= e.seq.route
+            picked = {rest[j] for j in regroup([candidates[i] for i in rest], slots, covered, self.max_wait)}
+        batch.extend((waiting[i], waiting[i].ids, True) for i in rest if i in picked)
+        self._decode = deque(waiting[i] for i in rest if i not in picked)
         return batch
 
     def _take_prompts(self, batch: list[tuple[_Waiting, list[int], bool]], budget: int) -> None:

@@ -22,12 +22,16 @@ class Candidate:
     route: int  # its recent path: bit (layer * experts + expert)
 
 
+def overdue(candidates: list[Candidate], take: int, max_wait: int) -> list[int]:
+    """The indices of at most `take` candidates that waited `max_wait` steps or more, oldest first."""
+    return sorted((i for i, c in enumerate(candidates) if c.age >= max_wait), key=lambda i: -candidates[i].age)[:take]
+
+
 def regroup(candidates: list[Candidate], take: int, resident: int, max_wait: int) -> list[int]:
     """The indices (into `candidates`, in arrival order) of at most `take` sequences to step."""
     if len(candidates) <= take:
         return list(range(len(candidates)))
-    chosen = sorted((i for i, c in enumerate(candidates) if c.age >= max_wait), key=lambda i: -candidates[i].age)
-    chosen = chosen[:take]
+    chosen = overdue(candidates, take, max_wait)
     covered = resident
     for i in chosen:
         covered |= candidates[i].route

@@ -38,6 +38,20 @@ async def _heartbeat(period: float, gaps: list[float], stop: asyncio.Event) -> N
         last = now
 
 
+async def _streaming(eng: Engine, max_new_tokens: int, *, until: int) -> tuple[asyncio.Task[None], list[int]]:
+    """A task streaming a long generation into a list, once `until` tokens have arrived."""
+    got: list[int] = []
+
+    async def consume() -> None:
+        async for tok in eng.stream([9, 10, 11], max_new_tokens, stop_at_eos=False):
+            got.append(tok)
+
+    task = asyncio.create_task(consume())
+    while len(got) < until:
+        await asyncio.sleep(0.001)
+    return task, got
+
+
 @pytest.mark.asyncio
 @pytest.mark.timeout(240)
 async def test_a_heartbeat_on_the_callers_loop_keeps_its_period_during_a_long_generate(wide_model: Path) -> None:
@@ -76,15 +90,7 @@ async def test_a_cancel_takes_effect_within_a_step_and_frees_everything_at_once(
     async with Engine.open(hf_checkpoints.path("mixtral"), device="cpu", expert_budget="50%",
                            kv_budget=1 << 30) as eng:
         solo = await eng.generate([5, 6, 7], 20)
-        got: list[int] = []
-
-        async def consume() -> None:
-            async for tok in eng.stream([9, 10, 11], 2000, stop_at_eos=False):
-                got.append(tok)
-
-        task = asyncio.create_task(consume())
-        while len(got) < 20:
-            await asyncio.sleep(0.001)
+        task, got = await _streaming(eng, 2000, until=20)
         per_step = solo.stats["seconds"] / 20 if solo.stats["seconds"] else 0.01
         asked = time.perf_counter()
         task.cancel()
@@ -124,15 +130,7 @@ async def test_one_engine_serves_callers_on_other_loops_and_threads(hf_checkpoin
 @pytest.mark.timeout(120)
 async def test_close_fails_waiting_streams_and_ends_the_thread(hf_checkpoints: HFCheckpoints) -> None:
     eng = await Engine.open(hf_checkpoints.path("mixtral"), device="cpu", expert_budget="50%")
-    got: list[int] = []
-
-    async def consume() -> None:
-        async for tok in eng.stream([9, 10, 11], 5000, stop_at_eos=False):
-            got.append(tok)
-
-    task = asyncio.create_task(consume())
-    while len(got) < 5:
-        await asyncio.sleep(0.001)
+    task, _ = await _streaming(eng, 5000, until=5)
     await asyncio.wait_for(eng.aclose(), 10)
     with pytest.raises(EngineClosed):
         await asyncio.wait_for(task, 10)

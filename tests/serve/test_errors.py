@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -126,16 +127,23 @@ async def test_prompt_longer_than_the_context_is_400_naming_both_lengths(client:
     assert prompt > 4096
 
 
+@contextlib.asynccontextmanager
+async def _client_without(model: Path, name: str) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the app over `model` with its file `name` removed."""
+    (model / name).unlink()
+    async with Engine.open(model, **engine_options()) as eng:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(eng)), base_url="http://m") as c:
+            yield c
+
+
 @pytest.mark.asyncio
 @pytest.mark.timeout(120)
 async def test_chat_on_a_checkpoint_without_template_is_400_saying_so(model_copy: Path) -> None:
-    (model_copy / "tokenizer_config.json").unlink()
-    async with Engine.open(model_copy, **engine_options()) as eng:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(eng)), base_url="http://m") as c:
-            error = _error(await c.post(CHAT, json={"messages": USER, "max_tokens": 2}), 400, "messages")
-            assert "no chat template" in error["message"]
-            ok = await c.post(COMPLETIONS, json={"prompt": "x", "max_tokens": 2, "model": "model"})
-            assert ok.status_code == 200  # the model name defaults to the folder's
+    async with _client_without(model_copy, "tokenizer_config.json") as c:
+        error = _error(await c.post(CHAT, json={"messages": USER, "max_tokens": 2}), 400, "messages")
+        assert "no chat template" in error["message"]
+        ok = await c.post(COMPLETIONS, json={"prompt": "x", "max_tokens": 2, "model": "model"})
+        assert ok.status_code == 200  # the model name defaults to the folder's
 
 
 @pytest.mark.asyncio
@@ -172,8 +180,6 @@ async def test_errors_are_counted_by_endpoint_and_status(client: httpx.AsyncClie
 @pytest.mark.asyncio
 @pytest.mark.timeout(120)
 async def test_a_checkpoint_without_tokenizer_is_refused_with_a_reason(model_copy: Path) -> None:
-    (model_copy / "tokenizer.json").unlink()
-    async with Engine.open(model_copy, **engine_options()) as eng:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(eng)), base_url="http://m") as c:
-            error = _error(await c.post(COMPLETIONS, json={"prompt": [1, 2, 3], "max_tokens": 2}), 400, None)
-            assert "no tokenizer.json" in error["message"]
+    async with _client_without(model_copy, "tokenizer.json") as c:
+        error = _error(await c.post(COMPLETIONS, json={"prompt": [1, 2, 3], "max_tokens": 2}), 400, None)
+        assert "no tokenizer.json" in error["message"]
