@@ -101,7 +101,7 @@ class Engine:
         self._step_lock = asyncio.Lock()
         self._batcher = StepBatcher(
             session.runner, self._step_lock, max_tokens=self.config.prefill_chunk,
-            max_sequences=self.config.max_batch_sequences, kv_budget=self.config.kv_budget,
+            max_sequences=self.config.max_batch_sequences, kv_budget=session.kv_budget,
             kv_bytes_per_token=session.runner.kv_bytes_per_token(), snapshot=session.counters_snapshot,
             end_step=session.end_step, max_wait=self.config.regroup_max_wait,
             resident=(lambda: session.runner.route_bits(session.cache.resident()))
