@@ -50,20 +50,37 @@ def compute_dtypes() -> dict[str, torch.dtype]:
     return {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
+# expert_budget='auto' keeps back memory_reserve bytes for the KV cache and activations; unset, the
+# reserve is 10% of the free memory and at least 1 GiB. Of the reserve, the KV cache gets this share
+# (kv_budget, when the user set none); the rest is for activations (one prefill chunk's worth).
+MIN_RESERVE = 1 << 30
+KV_SHARE_OF_RESERVE = 0.75
+
+
+def default_reserve(free_bytes: int) -> int:
+    """The reserve expert_budget='auto' keeps when memory_reserve is unset: 10% of free, at least 1 GiB."""
+    return max(MIN_RESERVE, free_bytes // 10)
+
+
 @dataclass(frozen=True)
 class Budget:
-    """An expert budget: absolute bytes, or a fraction of all experts' bytes."""
+    """An expert budget: absolute bytes, a fraction of all experts' bytes, or 'auto' (what the
+    fast tier has free, sized by the planner: memory/planner.py fit_budget)."""
 
     bytes: int | None = None
     fraction: float | None = None
+    auto: bool = False
 
     def resolve(self, total_expert_bytes: int) -> int:
         if self.bytes is not None:
             return self.bytes
-        assert self.fraction is not None
+        if self.fraction is None:  # 'auto' is sized against free memory before any resolve
+            raise ConfigError("expert_budget='auto' must be sized by the planner (plan_tiers) before use")
         return int(self.fraction * total_expert_bytes)
 
     def __str__(self) -> str:
+        if self.auto:
+            return "auto"
         return f"{self.fraction * 100:g}%" if self.fraction is not None else format_bytes(self.bytes or 0)
 
 
@@ -82,9 +99,14 @@ def parse_size(value: object, option: str = "size") -> int:
     raise ConfigError(f"{option}={value!r}: cannot parse as a size (examples: 4096, '512MiB', '2GiB', '1.5GB')")
 
 
-def parse_budget(value: object, option: str = "expert_budget") -> Budget:
+def parse_budget(value: object, option: str = "expert_budget", *, allow_auto: bool = True) -> Budget:
+    """A Budget from bytes, a size string, a fraction in (0, 1], a percentage, or 'auto' (when allowed)."""
     if value is None:
         return Budget(fraction=1.0)
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        if not allow_auto:
+            raise ConfigError(f"{option}={value!r}: 'auto' applies to expert_budget only; give a size or a percentage")
+        return Budget(auto=True)
     if isinstance(value, float) and not isinstance(value, bool):
         if 0 < value <= 1:
             return Budget(fraction=value)
@@ -161,7 +183,10 @@ class EngineConfig:
     # a regrouped sequence waits at most regroup_max_wait steps
     batch_order: str = "fifo"
     regroup_max_wait: int = 4
-    kv_budget: int | None = None  # bytes of KV cache for all admitted requests; None: no bound
+    kv_budget: int | None = None  # bytes of KV cache for all admitted requests; None: no bound (auto: see below)
+    # expert_budget='auto': bytes kept free for the KV cache and activations (None: 10% of the free
+    # memory, at least 1 GiB); the KV cache gets 3/4 of it as kv_budget unless kv_budget is set
+    memory_reserve: int | None = None
     verify_checksums: bool = True
     progress: bool = False
     threads: int | None = None
@@ -185,7 +210,7 @@ class EngineConfig:
         if "expert_budget" in kw:
             out["expert_budget"] = parse_budget(kw["expert_budget"])
         if kw.get("host_budget") is not None:
-            out["host_budget"] = parse_budget(kw["host_budget"], "host_budget")
+            out["host_budget"] = parse_budget(kw["host_budget"], "host_budget", allow_auto=False)
         for name, allowed in (
             ("device", DEVICES),
             ("prefetch", PREFETCHERS),
@@ -212,6 +237,11 @@ class EngineConfig:
             out["kv_budget"] = parse_size(kw["kv_budget"], "kv_budget")
             if out["kv_budget"] == 0:
                 raise ConfigError(f"kv_budget={kw['kv_budget']!r}: expected a positive size, or None for no bound")
+        if kw.get("memory_reserve") is not None:
+            out["memory_reserve"] = parse_size(kw["memory_reserve"], "memory_reserve")
+            if not out.get("expert_budget", Budget()).auto:
+                raise ConfigError(f"memory_reserve={kw['memory_reserve']!r} applies only to expert_budget='auto'; "
+                                  "with a fixed expert_budget, drop it (or set expert_budget='auto')")
         for name in ("prefetch_depth", "prefill_chunk", "max_batch_sequences", "regroup_max_wait"):
             if name in kw:
                 out[name] = _positive_int(name, kw[name])

@@ -6,14 +6,16 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer
 
 from moeflow import _core
-from moeflow.config import EngineConfig, MemoryPlan
+from moeflow.config import EngineConfig, MemoryPlan, format_bytes
 from moeflow.errors import CheckpointError, ConfigError, CudaUnavailable
 from moeflow.memory.transfers import AsyncTransfers
 from moeflow.memory.assembly import ExpertMemory, build_memory
@@ -76,6 +78,51 @@ class Session:
     @property
     def tier(self) -> Tier:
         return self.memory.cache.tier
+
+    @property
+    def kv_budget(self) -> int | None:
+        """Bytes of KV cache all admitted requests may hold: kv_budget as set, or the share of the
+        memory reserve the auto plan gave the KV cache; None: no bound."""
+        return self.tiers.kv_budget if self.tiers.kv_budget is not None else self.config.kv_budget
+
+    def plan_report(self) -> dict[str, Any]:
+        """The memory plan as JSON-able values (the CLI prints plan_line, the server shows this at
+        /v1/models): budget as asked and resolved, slots per tier, predictor, policy, KV capacity."""
+        kv_per_token = self.runner.kv_bytes_per_token()
+        kv_budget = self.kv_budget
+        slots = {"fast": self.tiers.fast.slots}
+        if self.tiers.low is not None:
+            slots["low_precision"] = self.tiers.low.slots
+        if self.tiers.host is not None:
+            slots["host"] = self.tiers.host.slots
+        report: dict[str, Any] = {
+            "expert_budget": str(self.config.expert_budget),
+            "budget_bytes": self.plan.budget_bytes,
+            "block_bytes": self.plan.block_bytes,
+            "experts_total": self.plan.experts_total,
+            "slots": slots,
+            "predictor": self.scheduler.predictor.name,
+            "policy": self.cache.policy.name,
+            "device": self.device,
+            "kv_bytes_per_token": kv_per_token,
+            "kv_budget_bytes": kv_budget,
+            "kv_capacity_tokens": kv_budget // kv_per_token if kv_budget is not None and kv_per_token else None,
+        }
+        if self.tiers.fit is not None:
+            report.update(self.tiers.fit.as_dict())
+        return report
+
+    def plan_line(self) -> str:
+        """One line for a start-up log: budget, slots per tier, predictor, policy, KV capacity."""
+        r = self.plan_report()
+        budget = f"{r['expert_budget']} = {format_bytes(r['budget_bytes'])}"
+        if "free_bytes" in r:
+            budget += (f" (free {format_bytes(r['free_bytes'])} - reserve {format_bytes(r['reserve_bytes'])}"
+                       f" - dense {format_bytes(r['dense_bytes'])})")
+        slots = ", ".join(f"{n} {tier}" for tier, n in r["slots"].items())
+        kv = "unbounded" if r["kv_capacity_tokens"] is None else f"{r['kv_capacity_tokens']} tokens"
+        return (f"plan: budget {budget}; slots {slots} of {r['experts_total']} experts; "
+                f"predictor {r['predictor']}; policy {r['policy']}; KV capacity {kv}; device {r['device']}")
 
     def counters_snapshot(self) -> CacheCounters:
         return dataclasses.replace(self.cache.counters)
@@ -171,7 +218,9 @@ async def open_session(path: Path, config: EngineConfig) -> Session:
     low_codec = codec_for(config.miss_precision, config.group_size) if config.miss_precision else None
     block = codec.layout(arch.hidden_size, arch.expert_intermediate).size
     low_block = low_codec.layout(arch.hidden_size, arch.expert_intermediate).size if low_codec else None
-    tiers = plan_tiers(config, device, block, low_block, experts_total, arch.top_k)
+    tiers = plan_tiers(config, device, block, low_block, experts_total, arch.top_k,
+                       dense_bytes=dense_weight_bytes(ckpt, experts_total * arch.hidden_size * arch.expert_intermediate * 3,
+                                                      dtype))
     location = located_store(path, config.store_dir)
     root = location.root
     # Cancelling the open (Ctrl-C under asyncio.run) stops a conversion within an expert and
@@ -241,6 +290,13 @@ def _assemble(
         miss = MissPrecision(config.miss_thresholds[0], config.miss_thresholds[1], low_cache)
     runner = ModelRunner(model, cache, memory.device, scheduler, miss, config.prefill_chunk)
     return Session(config, ckpt, arch, dtype, device, store, tiers, model, memory, runner, tokenizer, scheduler)
+
+
+def dense_weight_bytes(ckpt: Checkpoint, expert_elements: int, dtype: torch.dtype) -> int:
+    """Bytes of the weights outside the routed experts (attention, norms, embeddings, shared experts)
+    in the compute dtype: they live in the fast tier beside the expert slots."""
+    elements = sum(math.prod(info.shape) for info in ckpt.tensors.values())
+    return max(0, elements - expert_elements) * dtype.itemsize
 
 
 def model_signature(ckpt: Checkpoint, arch: Arch) -> str:
