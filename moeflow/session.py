@@ -209,6 +209,7 @@ async def open_session(path: Path, config: EngineConfig) -> Session:
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     ckpt = await asyncio.to_thread(Checkpoint, path)
+    path = ckpt.path  # a repo id resolves to its snapshot folder in the Hugging Face cache
     arch = parse_arch(ckpt)
     dtype = config.dtype or arch.dtype
     codec = codec_for(config.precision or DTYPE_NAMES[dtype], config.group_size)
@@ -221,7 +222,7 @@ async def open_session(path: Path, config: EngineConfig) -> Session:
     tiers = plan_tiers(config, device, block, low_block, experts_total, arch.top_k,
                        dense_bytes=dense_weight_bytes(ckpt, experts_total * arch.hidden_size * arch.expert_intermediate * 3,
                                                       dtype))
-    location = located_store(path, config.store_dir)
+    location = await asyncio.to_thread(located_store, path, config.store_dir, identity=ckpt.fingerprint)
     root = location.root
     # Cancelling the open (Ctrl-C under asyncio.run) stops a conversion within an expert and
     # removes its temporary folder before the cancellation completes.

@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from moeflow.errors import CheckpointError
 from moeflow.models.fingerprint import checkpoint_fingerprint
+from moeflow.models.hub import resolve_model
 
 _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -91,9 +92,8 @@ class Checkpoint:
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        if not self.path.is_dir():
-            raise CheckpointError(f"{self.path}: not a checkpoint directory", path=str(self.path))
+        """`path`: a checkpoint folder, or a Hugging Face repo id in the local cache (models/hub.py)."""
+        self.path = resolve_model(path)
         self.config = self._read_config()
         self.files = self._shard_files()
         self.tensors: dict[str, TensorInfo] = {}

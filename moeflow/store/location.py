@@ -1,15 +1,17 @@
-"""Where a checkpoint's expert stores live: store_dir when given, else beside the checkpoint, else the user cache."""
+"""Where a checkpoint's expert stores live: store_dir, else beside the checkpoint, else the user cache (always for a hub snapshot)."""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import xxhash
 
 from moeflow.errors import ConfigError
+from moeflow.models.hub import hub_snapshot, resolve_model
 from moeflow.store.store import MANIFEST
 
 log = logging.getLogger("moeflow.store")
@@ -60,16 +62,31 @@ def _writable(path: Path) -> bool:
 
 
 def resolve_store_root(
-    checkpoint_dir: Path, override: str | os.PathLike[str] | None, *, cache_dir: Path | None = None
+    checkpoint_dir: Path, override: str | os.PathLike[str] | None, *, cache_dir: Path | None = None,
+    identity: Callable[[], str] | None = None,
 ) -> StoreLocation:
-    """The store root of a checkpoint: `override` (checked), else `<checkpoint>/.moeflow` when it can be
-    written or holds stores already (a read-only prebuilt store is used in place), else a folder of the
-    per-user cache named after the checkpoint's path. A note says when the root is read-only or in the cache.
+    """The store root of a checkpoint: `override` (checked); else, for a snapshot of the Hugging Face
+    cache, a folder of the per-user cache keyed by repo id and commit (never inside the snapshot: the
+    hub owns it, and a snapshot shares its blobs with others); else `<checkpoint>/.moeflow` when it can
+    be written or holds stores already (a read-only prebuilt store is used in place); else a folder of
+    the per-user cache keyed by the checkpoint's `identity` (its content fingerprint; the path's hash
+    when not given). A note says when the root is read-only or in the cache. `checkpoint_dir` may be
+    a repo id (models/hub.py resolves it).
 
     ConfigError naming store_dir: an empty path, a path in /proc or /sys, a file, or no writable place.
     """
     if override is not None:
         return StoreLocation(check_store_dir(override))
+    if not checkpoint_dir.is_dir():
+        checkpoint_dir = resolve_model(checkpoint_dir)
+    cache_root = cache_dir or user_cache_dir()
+    snapshot = hub_snapshot(checkpoint_dir)
+    if snapshot is not None:
+        cache = cache_root / "hub" / snapshot.repo_id.replace("/", "--") / snapshot.commit
+        _make_cache(cache, f"{checkpoint_dir} is a Hugging Face cache snapshot")
+        return StoreLocation(
+            cache, f"{checkpoint_dir} is a Hugging Face cache snapshot ({snapshot.repo_id} at {snapshot.commit}): "
+                   f"the expert store lives in {cache} (set store_dir to choose)")
     beside = checkpoint_dir / DEFAULT_DIR
     if _writable(beside):
         return StoreLocation(beside)
@@ -79,15 +96,22 @@ def resolve_store_root(
             f"{beside} is read-only: its stores are used as they are, a rebuild needs store_dir (a writable folder)",
         )
     real = os.path.realpath(checkpoint_dir)
-    cache = (cache_dir or user_cache_dir()) / f"{Path(real).name}-{xxhash.xxh3_64_hexdigest(real.encode())}"
+    # keyed by content when the caller can say it (a copy of the same weights shares the store),
+    # else by where the checkpoint is
+    key = identity() if identity is not None else real
+    cache = cache_root / f"{Path(real).name}-{xxhash.xxh3_64_hexdigest(key.encode())}"
+    _make_cache(cache, f"{checkpoint_dir} is read-only")
+    return StoreLocation(cache, f"{checkpoint_dir} is read-only: the expert store lives in {cache} (set store_dir to choose)")
+
+
+def _make_cache(cache: Path, why: str) -> None:
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(
-            f"store_dir: {checkpoint_dir} is read-only and the cache folder {cache} cannot be made ({e.strerror}); "
+            f"store_dir: {why} and the cache folder {cache} cannot be made ({e.strerror}); "
             f"set store_dir (or MOEFLOW_CACHE) to a writable folder"
         ) from e
-    return StoreLocation(cache, f"{checkpoint_dir} is read-only: the expert store lives in {cache} (set store_dir to choose)")
 
 
 def store_root(checkpoint_dir: Path, override: str | os.PathLike[str] | None) -> Path:
@@ -95,9 +119,10 @@ def store_root(checkpoint_dir: Path, override: str | os.PathLike[str] | None) ->
     return located_store(checkpoint_dir, override).root
 
 
-def located_store(checkpoint_dir: Path, override: str | os.PathLike[str] | None) -> StoreLocation:
+def located_store(checkpoint_dir: Path, override: str | os.PathLike[str] | None, *,
+                  identity: Callable[[], str] | None = None) -> StoreLocation:
     """resolve_store_root, with its note (a read-only checkpoint, the user cache) logged as a warning."""
-    location = resolve_store_root(checkpoint_dir, override)
+    location = resolve_store_root(checkpoint_dir, override, identity=identity)
     if location.note:
         log.warning("%s", location.note)
     return location
