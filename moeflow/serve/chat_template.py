@@ -53,14 +53,27 @@ class ChatTemplate:
         self._jinja_error = jinja2.exceptions.TemplateError
         self.source = source
         self.special_tokens = special_tokens
+        self._env = env
         self._render: Callable[..., str] = env.from_string(source).render
 
-    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None,
+               add_generation_prompt: bool = True) -> str:
+        """The prompt, as apply_chat_template(messages, tools=tools, tokenize=False) gives it: tools are
+        JSON-schema dicts handed over as they are."""
         try:
-            return self._render(messages=messages, tools=None, documents=None,
+            return self._render(messages=messages, tools=tools, documents=None,
                                 add_generation_prompt=add_generation_prompt, **self.special_tokens)
         except self._jinja_error as e:
             raise TemplateError(str(e)) from None
+        except (TypeError, ValueError, LookupError) as e:  # e.g. `'x' + none` on a message without content
+            raise TemplateError(f"{type(e).__name__}: {e}") from None
+
+    @property
+    def takes_tools(self) -> bool:
+        """Whether the template reads the `tools` variable at all (one that does not would drop them)."""
+        import jinja2.meta
+
+        return "tools" in jinja2.meta.find_undeclared_variables(self._env.parse(self.source))
 
 
 def load_chat_template(checkpoint: Path) -> ChatTemplate | None:
