@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -75,9 +76,15 @@ def _write_all(fd: int, data: memoryview, offset: int) -> None:
         done += n
 
 
+def _existing(path: Path) -> Path:
+    """`path`, or its nearest ancestor that exists (the disk a folder not made yet will be on)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def _free_bytes(root: Path) -> int:
-    st = os.statvfs(root)
-    return st.f_bavail * st.f_frsize
+    return shutil.disk_usage(_existing(root)).free
 
 
 def _needed_bytes(layout: BlobLayout, blobs: int) -> int:
@@ -89,12 +96,24 @@ def _mib(n: int) -> str:
     return f"{n} bytes ({n / (1 << 20):.1f} MiB)"
 
 
-def _disk_full(root: Path, what: str, needed: int) -> StoreError:
+def _disk_full(root: Path, what: str, needed: int, free: int | None = None) -> StoreError:
+    free = _free_bytes(root) if free is None else free
     return StoreError(
         f"{root}: not enough disk space for the expert store ({what}): it needs {_mib(needed)}, "
-        f"{_mib(_free_bytes(root))} are free; free some space or set store_dir to a folder on another disk",
+        f"{_mib(free)} are free on the disk holding {_existing(root)}; free some space or set store_dir "
+        f"to a folder on another disk",
         path=str(root),
     )
+
+
+def require_space(root: Path, arch: Arch, codec: Codec) -> None:
+    """StoreError naming the bytes needed, the bytes free and where, when the disk holding `root`
+    cannot take a store of `codec` for `arch`; checked before anything is written (not even `root`)."""
+    spec = store_spec(arch, codec)
+    needed = _needed_bytes(spec.layout, len(spec.layers) * spec.num_experts)
+    free = _free_bytes(root)
+    if free < needed:
+        raise _disk_full(root, "checked before conversion", needed, free)
 
 
 def _write_error(root: Path, error: OSError, needed: int) -> StoreError:
@@ -136,6 +155,7 @@ def convert(
     and renamed into place, so an interrupted conversion never leaves something that looks like
     a valid store, and the folder is removed on any error, Ctrl-C or `cancel`.
     """
+    require_space(root, arch, codec)
     with _locked(root):
         return _build(ckpt, arch, codec, root, progress, cancel)
 
@@ -148,8 +168,9 @@ def _build(
     final = root / layout.precision
     clean_stale_tmp(root)
     needed = _needed_bytes(layout, len(spec.layers) * spec.num_experts)
-    if _free_bytes(root) < needed:
-        raise _disk_full(root, "checked before conversion", needed)
+    free = _free_bytes(root)  # again under the lock: another build may have taken space meanwhile
+    if free < needed:
+        raise _disk_full(root, "checked before conversion", needed, free)
     try:
         tmp = make_tmp(root, layout.precision)
     except OSError as e:
@@ -262,6 +283,7 @@ def open_or_convert(
                     path=e.path,
                 ) from e
             log.info("building the expert store: %s", e)
+    require_space(root, arch, codec)
     with _locked(root) as lock:
         if mode != "rebuild" or lock.waited:  # another process may have built it meanwhile
             try:
