@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -12,54 +11,69 @@ from pathlib import Path
 from typing import Any
 
 from moeflow import cli_batch, config
-from moeflow.errors import CheckpointError, MoeflowError
+from moeflow.cli_checks import (
+    MissingExtra,
+    at_least,
+    checkpoint_dir,
+    engine_defaults,
+    engine_options,
+    within,
+    writable_dir,
+)
+from moeflow.cli_generate import cmd_bench, cmd_run
+from moeflow.cli_routing import cmd_analyze, cmd_trace, cmd_train_predictor
+from moeflow.errors import CheckpointError, ConfigError, MoeflowError, StoreError
 
 
-def _common_engine_args(p: argparse.ArgumentParser) -> None:
+class _Help(argparse.HelpFormatter):
+    """Help that shows every option's default: argparse's own "(default: X)" where the default is
+    a value, nothing where it is None or a switch (their help says what leaving them out means)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or any(action.default is v for v in (None, False, argparse.SUPPRESS)) or action.required:
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return f"{text} (default: %(default)s)"
+        return text
+
+
+def _common_engine_args(p: argparse.ArgumentParser, *, budget_default: str | None = None) -> None:
     """Engine options; defaults come from EngineConfig (an option left out is not passed)."""
-    p.add_argument("model", help="checkpoint directory (config.json + *.safetensors)")
-    p.add_argument("--expert-budget", default=None, help="fast-tier bytes for experts: '512MiB', '2GiB', '25%%'")
+    d = {name: value.replace("%", "%%") for name, value in engine_defaults().items()}  # help text is %-formatted
+    p.add_argument("model", help="checkpoint directory (config.json + *.safetensors), or a Hugging Face repo id "
+                                 "in the local Hugging Face cache")
+    p.add_argument("--expert-budget", default=budget_default,
+                   help="fast-tier memory for experts: 'auto' (what the device has free, less --memory-reserve), "
+                        "'512MiB', '2GiB', '25%%'" + ("" if budget_default else f" (default: {d['expert_budget']})"))
+    p.add_argument("--memory-reserve", default=None,
+                   help="with --expert-budget auto: memory kept for the KV cache and activations "
+                        "(default: 10%% of free memory, at least 1 GiB)")
+    p.add_argument("--kv-budget", default=None, help="bytes of KV cache for all requests at once (default: no bound; "
+                                                     "with --expert-budget auto, 3/4 of the reserve)")
     p.add_argument("--device", default=None, choices=config.DEVICES,
-                   help="cpu, cuda, auto, or sim: the simulated GPU (a test device: the GPU orchestration on the CPU)")
-    p.add_argument("--sim-bandwidth-gbps", type=float, default=None, help="device=sim: its copy engine's GB/s")
-    p.add_argument("--sim-latency-us", type=float, default=None, help="device=sim: latency of each copy, us")
-    p.add_argument("--prefetch", default=None, choices=config.PREFETCHERS, help="expert predictor (default auto)")
-    p.add_argument("--policy", default=None, choices=config.POLICIES, help="cache eviction policy (default lru)")
-    p.add_argument("--dtype", default=None, choices=config.DTYPE_NAMES, help="compute dtype")
-    p.add_argument("--direct-io", default=None, choices=config.DIRECT_IO, help="O_DIRECT store reads")
-    p.add_argument("--store-dir", default=None, help="where the expert store lives (default DIR/.moeflow)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--precision", default=None, help="run experts from this store precision (e.g. int4)")
-    p.add_argument("--miss-precision", default=None, help="HOBBIT: low-precision copies on unimportant misses")
-
-
-def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
-    given = {
-        "expert_budget": args.expert_budget,
-        "device": args.device,
-        "prefetch": args.prefetch,
-        "policy": args.policy,
-        "dtype": args.dtype,
-        "direct_io": args.direct_io,
-        "store_dir": args.store_dir,
-        "threads": args.threads,
-        "precision": args.precision,
-        "miss_precision": args.miss_precision,
-        "sim_bandwidth_gbps": args.sim_bandwidth_gbps,
-        "sim_latency_us": args.sim_latency_us,
-    }
-    return {**{k: v for k, v in given.items() if v is not None}, "progress": not getattr(args, "json", False)}
-
-
-def _prompt(args: argparse.Namespace) -> str | list[int]:
-    if args.prompt_ids is not None:
-        try:
-            return [int(x) for x in args.prompt_ids.split(",") if x.strip()]
-        except ValueError:
-            raise SystemExit(f"moeflow: --prompt-ids {args.prompt_ids!r}: expected comma-separated integers") from None
-    if args.prompt is None:
-        raise SystemExit("moeflow: give --prompt TEXT or --prompt-ids 1,2,3")
-    return str(args.prompt)
+                   help=f"cpu, cuda, auto, or sim: the simulated GPU (a test device) (default: {d['device']})")
+    p.add_argument("--sim-bandwidth-gbps", type=float, default=None,
+                   help=f"device=sim: its copy engine's GB/s (default: {d['sim_bandwidth_gbps']})")
+    p.add_argument("--sim-latency-us", type=float, default=None,
+                   help=f"device=sim: latency of each copy, us (default: {d['sim_latency_us']})")
+    p.add_argument("--prefetch", default=None, choices=config.PREFETCHERS,
+                   help=f"expert predictor (default: {d['prefetch']}: the trained predictor when present, "
+                        "else gate-lookahead)")
+    p.add_argument("--policy", default=None, choices=config.POLICIES,
+                   help=f"cache eviction policy (default: {d['policy']})")
+    p.add_argument("--dtype", default=None, choices=config.DTYPE_NAMES,
+                   help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--direct-io", default=None, choices=config.DIRECT_IO,
+                   help=f"O_DIRECT store reads (default: {d['direct_io']})")
+    p.add_argument("--store-dir", default=None,
+                   help="where the expert store lives (default: DIR/.moeflow, or the user cache where DIR is "
+                        "read-only)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--precision", default=None,
+                   help="run experts from this store precision, e.g. int4 (default: the compute dtype)")
+    p.add_argument("--miss-precision", default=None,
+                   help="HOBBIT: low-precision copies on unimportant misses, e.g. int4 (default: off)")
 
 
 def _existing_checkpoint(out: Path) -> list[str]:
@@ -90,19 +104,38 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _precisions(args: argparse.Namespace) -> list[str] | None:
+    """The --precision list, each name checked now (ConfigError naming it) before the checkpoint is read."""
+    if not args.precision:
+        return None
+    from moeflow.store.codecs import codec_for
+
+    names = [p.strip() for p in args.precision.split(",") if p.strip()]
+    for name in names:
+        try:
+            codec_for(name, getattr(args, "group_size", None))
+        except ConfigError as e:
+            raise ConfigError(f"--precision {name!r}: {e}") from e
+    return names
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
+    at_least(args, "group_size", 1)
+    precisions = _precisions(args)
+    if args.store_dir:
+        writable_dir("--store-dir", args.store_dir)
+    path = checkpoint_dir(args.model)
     from moeflow.models import Checkpoint, parse_arch
     from moeflow.store import codec_for, open_or_convert, store_root
     from moeflow.store.layout import DTYPE_NAMES
 
-    ckpt = Checkpoint(args.model)
+    ckpt = Checkpoint(path)
     arch = parse_arch(ckpt)
-    precisions = args.precision.split(",") if args.precision else [DTYPE_NAMES[arch.dtype]]
-    root = store_root(Path(args.model), args.store_dir)
-    for precision in precisions:
+    root = store_root(path, args.store_dir)
+    for precision in precisions or [DTYPE_NAMES[arch.dtype]]:
         started = time.perf_counter()
         store = open_or_convert(
-            ckpt, arch, codec_for(precision.strip(), args.group_size), root,
+            ckpt, arch, codec_for(precision, args.group_size), root,
             mode="rebuild" if args.force else "auto", progress=True,
         )
         print(f"{store.path}: {len(store.manifest.crc32)} experts, {store.blob_size} bytes each "
@@ -111,20 +144,24 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    """Exit 0 when every store matches, 1 when one does not (or cannot be checked)."""
+    precisions = _precisions(args)
+    path = checkpoint_dir(args.model)
     from moeflow.models import Checkpoint, parse_arch
     from moeflow.store import codec_for, store_root
     from moeflow.store.store import MANIFEST
     from moeflow.store.verify import open_for_verify, verify_store
 
-    ckpt = Checkpoint(args.model)
+    ckpt = Checkpoint(path)
     arch = parse_arch(ckpt)
-    root = store_root(Path(args.model), args.store_dir)
-    if args.precision:
-        folders = [root / p.strip() for p in args.precision.split(",")]
+    root = store_root(path, args.store_dir)
+    if precisions:
+        folders = [root / p for p in precisions]
     else:
         folders = sorted(p.parent for p in root.glob(f"*/{MANIFEST}")) if root.is_dir() else []
     if not folders:
-        raise CheckpointError(f"{root}: no expert store to verify; build one with `moeflow convert {args.model}`")
+        raise StoreError(f"{root}: no expert store to verify; build one with `moeflow convert {args.model}`",
+                         path=str(root))
     ok = True
     for folder in folders:
         store = open_for_verify(folder, arch, codec_for(folder.name))
@@ -132,286 +169,154 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print("\n".join(report.lines()))
         ok = ok and report.ok
     if not ok:
-        print("moeflow: verify: the store does not match; rebuild it with `moeflow convert --force`", file=sys.stderr)
+        print("moeflow: error: the store does not match; rebuild it with `moeflow convert --force`", file=sys.stderr)
     return 0 if ok else 1
-
-
-async def _run(args: argparse.Namespace) -> dict[str, Any]:
-    from moeflow.api import Engine
-
-    async with Engine.open(args.model, **_engine_options(args)) as eng:
-        res = await eng.generate(
-            _prompt(args),
-            args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            seed=args.seed,
-            stop_at_eos=not args.ignore_eos,
-        )
-        return {
-            "tokens": res.tokens,
-            **({"text": res.text} if res.text is not None else {}),
-            "prompt_tokens": len(res.prompt_tokens),
-            "finish_reason": res.finish_reason,
-            "request": res.stats.as_dict(),
-            "stats": eng.stats().as_dict(),
-        }
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    out = asyncio.run(_run(args))
-    if args.json:
-        print(json.dumps(out))
-    else:
-        print(out.get("text", " ".join(map(str, out["tokens"]))))
-        r = out["request"]
-        print(f"[{len(out['tokens'])} tokens, {r['decode_tokens_per_second']:.2f} tok/s decode, "
-              f"hit rate {r['hit_rate']:.2f}, stall {r['stall_seconds']:.3f}s]", file=sys.stderr)
-    return 0
-
-
-async def _bench(args: argparse.Namespace) -> dict[str, Any]:
-    from moeflow.api import Engine
-
-    async with Engine.open(args.model, **_engine_options(args)) as eng:
-        prompt = [(7 * i + 3) % eng.session.arch.vocab_size for i in range(args.prompt_len)]
-        await eng.generate(prompt, 2, stop_at_eos=False)  # warm-up: page in code paths
-        res = await eng.generate(prompt, args.max_new_tokens, stop_at_eos=False)
-        s = res.stats
-        return {
-            "model": str(args.model),
-            "expert_budget": args.expert_budget,
-            "budget_bytes": eng.plan.budget_bytes,
-            "expert_slots": eng.plan.slots,
-            "experts_total": eng.plan.experts_total,
-            "prompt_tokens": args.prompt_len,
-            "new_tokens": len(res.tokens),
-            "decode_tokens_per_second": s["decode_tokens_per_second"],
-            "prefill_seconds": s["prefill_seconds"],
-            "hit_rate": s["hit_rate"],
-            "bytes_loaded_per_token": s["bytes_loaded_per_token"],
-            "stall_seconds_per_token": s["stall_seconds_per_token"],
-            "stats": eng.stats().as_dict(),
-        }
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    out = asyncio.run(_bench(args))
-    if args.json:
-        print(json.dumps(out))
-    else:
-        for k, v in out.items():
-            if k != "stats":
-                print(f"{k:>28}: {v}")
-    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Check every argument, then load the model and serve it (`moeflow.serve.server`)."""
-    if not 0 <= args.port <= 65535:
-        raise SystemExit(f"moeflow: --port {args.port}: must be in 0..65535")
-    if args.max_queue is not None and args.max_queue < 1:
-        raise SystemExit(f"moeflow: --max-queue {args.max_queue}: must be >= 1")
-    if args.drain_seconds < 0:
-        raise SystemExit(f"moeflow: --drain-seconds {args.drain_seconds}: must be >= 0")
-    if not (Path(args.model) / "config.json").is_file():
-        raise CheckpointError(f"{args.model}: no config.json there; give a checkpoint directory", path=args.model)
+    within(args, "port", 0, 65535)
+    at_least(args, "max_queue", 1)
+    at_least(args, "drain_seconds", 0)
+    options = engine_options(args)
     try:
         import uvicorn  # noqa: F401 -- fail before loading the model
-        from moeflow.serve.server import serve
     except ImportError as e:
-        raise SystemExit(f"moeflow: serve needs the serve extra ({e}): pip install 'moeflow[serve]'") from None
+        raise MissingExtra(f"serve needs the serve extra ({e}): pip install 'moeflow[serve]'") from None
+    path = checkpoint_dir(args.model)
     from moeflow.api import Engine
+    from moeflow.serve.server import serve
 
-    engine = Engine.open(args.model, **_engine_options(args))
-    asyncio.run(serve(engine, host=args.host, port=args.port, model_name=args.model_name,
+    # A Hub repo id is what clients know the model by (its snapshot folder is a commit hash).
+    name = args.model_name or (None if Path(args.model).is_dir() else args.model)
+    engine = Engine.open(path, **options)
+    asyncio.run(serve(engine, host=args.host, port=args.port, model_name=name,
                       max_queue=args.max_queue, drain_seconds=args.drain_seconds))
-    return 0
-
-
-async def _trace_all(args: argparse.Namespace) -> tuple[Any, list[Any], int]:
-    from moeflow.scheduling.traces import TraceHeader, iter_prompts
-    from moeflow.api import Engine
-    from moeflow.session import model_signature
-
-    options = {**_engine_options(args), "prefetch": "none", "progress": False}
-    async with Engine.open(args.model, **options) as eng:
-        session = eng.session
-        header = TraceHeader(
-            model_signature(session.checkpoint, session.arch),
-            session.arch.moe_layers,
-            session.arch.num_experts,
-            session.arch.top_k,
-        )
-        prompts = list(iter_prompts(args.prompts))
-        if not prompts:
-            raise SystemExit(f"moeflow: {args.prompts}: no prompts")
-        from tqdm import tqdm
-
-        traces = []
-        for text in tqdm(prompts, desc="tracing", unit="prompt", disable=getattr(args, "json", False)):
-            ids = eng.encode(text) if session.tokenizer is not None else [int(x) for x in text.split(",")]
-            traces.append(await eng.trace(ids[: args.max_prompt_tokens], args.max_new_tokens))
-        return header, traces, session.plan.block_bytes
-
-
-def cmd_trace(args: argparse.Namespace) -> int:
-    from moeflow.scheduling.traces import write_trace
-
-    header, traces, _ = asyncio.run(_trace_all(args))
-    write_trace(args.out, header, traces)
-    tokens = sum(len(t.prompt) + len(t.decode) for t in traces)
-    print(f"wrote {len(traces)} routing traces ({tokens} tokens) to {args.out}")
-    return 0
-
-
-def cmd_train_predictor(args: argparse.Namespace) -> int:
-    from moeflow.scheduling.traces import read_trace
-    from moeflow.models import Checkpoint, parse_arch
-    from moeflow.scheduling import expertflow
-    from moeflow.session import model_signature
-
-    ckpt = Checkpoint(args.model)
-    arch = parse_arch(ckpt)
-    signature = model_signature(ckpt, arch)
-    traces = []
-    header = None
-    for path in args.traces:
-        header, seqs = read_trace(path)
-        if header.model != signature:
-            raise SystemExit(f"moeflow: {path}: traces of model {header.model!r}, not {signature!r}")
-        traces.extend(seqs)
-    assert header is not None
-    model, metrics = expertflow.train(traces, header, arch.vocab_size, epochs=args.epochs, seed=args.seed)
-    out = Path(args.out or args.model)
-    saved = expertflow.save(model, out, metrics)
-    print(json.dumps({"saved": str(saved), "sequences": len(traces), **metrics}))
-    return 0
-
-
-def cmd_analyze(args: argparse.Namespace) -> int:
-    from moeflow.analysis.advisor import analyze, plot, summary
-
-    header, traces, block_bytes = asyncio.run(_trace_all(args))
-    reports = analyze(header, traces)
-    result = summary(header, reports, block_bytes)
-    png = plot(reports, header.top_k, args.plot, f"{Path(args.model).name}: hit rate vs cache size")
-    result["plot"] = str(png)
-    if args.json:
-        print(json.dumps(result))
-        return 0
-    print(f"{'layer':>6} " + " ".join(f"SRP{s:<4}" for s in (4, 16, 64, 256)) + "  flattens at")
-    for layer in result["layers"]:
-        srps = " ".join(
-            f"{v:<7.3f}" if (v := layer["srp"][str(s)]) is not None else "n/a    " for s in (4, 16, 64, 256)
-        )
-        print(f"{layer['layer']:>6} {srps}  {layer['flattens_at']} experts")
-    from moeflow.config import format_bytes
-
-    print(f"recommended budget: {result['recommended_experts']} experts = "
-          f"{format_bytes(result['recommended_budget_bytes'])} ({result['recommended_fraction']:.0%} of all experts)")
-    print(f"plot: {png}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     from moeflow import __version__
 
-    parser = argparse.ArgumentParser(prog="moeflow", description="Run MoE checkpoints under an expert memory budget.")
+    parser = argparse.ArgumentParser(prog="moeflow", description="Run MoE checkpoints under an expert memory budget.",
+                                     formatter_class=_Help)
     parser.add_argument("--version", action="version", version=f"moeflow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("synth", help="write a Hub-format checkpoint with random weights")
+    def command(name: str, help_: str, **kw: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_, description=kw.pop("description", help_), formatter_class=_Help, **kw)
+
+    p = command("synth", "write a Hub-format checkpoint with random weights")
     p.add_argument("--arch", required=True, help="mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3")
-    p.add_argument("--size", default="tiny", choices=("tiny", "small"))
+    p.add_argument("--size", default="tiny", choices=("tiny", "small"), help="model size")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--dtype", default=None, choices=config.DTYPE_NAMES)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--dtype", default=None, choices=config.DTYPE_NAMES, help="weight dtype (default: float32 for tiny, bfloat16 for small)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--force", action="store_true", help="overwrite a checkpoint already in --out")
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("convert", help="build (or check) the expert store of a checkpoint")
-    p.add_argument("model")
+    p = command("convert", "build (or check) the expert store of a checkpoint")
+    p.add_argument("model", help="checkpoint directory, or a Hugging Face repo id in the local cache")
     p.add_argument("--precision", default=None,
                    help="comma-separated store precisions: bfloat16, float16, float32, int8, int4, int2 "
                         "(a group size may be given as int4-g64; default: the checkpoint's dtype)")
-    p.add_argument("--group-size", type=int, default=None, help="quantization group size (default 64; int2: 32)")
-    p.add_argument("--store-dir", default=None)
+    p.add_argument("--group-size", type=int, default=None, help="quantization group size (default: 64; int2: 32)")
+    p.add_argument("--store-dir", default=None, help="where the expert store goes (default: DIR/.moeflow)")
     p.add_argument("--force", action="store_true", help="rebuild even when a valid store exists")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("verify", help="check every expert of the store against its manifest and the checkpoint")
-    p.add_argument("model")
+    p = command("verify", "check every expert of the store against its manifest and the checkpoint")
+    p.add_argument("model", help="checkpoint directory, or a Hugging Face repo id in the local cache")
     p.add_argument("--precision", default=None, help="comma-separated store precisions (default: every store)")
-    p.add_argument("--store-dir", default=None)
+    p.add_argument("--store-dir", default=None, help="where the expert store is (default: DIR/.moeflow)")
     p.set_defaults(func=cmd_verify)
 
-    for name, func, help_ in (("run", cmd_run, "generate from a prompt"), ("bench", cmd_bench, "measure decode speed")):
-        p = sub.add_parser(name, help=help_)
-        _common_engine_args(p)
-        p.add_argument("--max-new-tokens", type=int, default=32)
-        p.add_argument("--json", action="store_true", help="print one JSON object")
-        if name == "run":
-            p.add_argument("--prompt", default=None, help="prompt text (needs tokenizer.json)")
-            p.add_argument("--prompt-ids", default=None, help="prompt token ids, e.g. 1,2,3")
-            p.add_argument("--temperature", type=float, default=0.0)
-            p.add_argument("--top-k", type=int, default=None)
-            p.add_argument("--top-p", type=float, default=None)
-            p.add_argument("--seed", type=int, default=None)
-            p.add_argument("--ignore-eos", action="store_true")
-        else:
-            p.add_argument("--prompt-len", type=int, default=32)
-        p.set_defaults(func=func)
+    p = command("run", "generate from a prompt, streaming the text as it comes")
+    _common_engine_args(p)
+    p.add_argument("--prompt", default=None, help="prompt text (needs tokenizer.json)")
+    p.add_argument("--prompt-ids", default=None, help="prompt token ids, e.g. 1,2,3")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens (default: all)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default: 1)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end the text before this string (repeatable; default: none)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+    p.add_argument("--json", action="store_true", help="no streaming: print one JSON object at the end")
+    p.set_defaults(func=cmd_run)
 
+    p = command("bench", "prefill and decode tokens/s, repeated, as mean ± sd (llama-bench style)")
+    _common_engine_args(p)
+    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (test ppN)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="generated tokens (test tgN)")
+    p.add_argument("--repetitions", "-r", type=int, default=3, help="measured runs, after one warm-up run")
+    p.add_argument("--json", action="store_true", help="print one JSON object: every run, mean and sd")
+    p.set_defaults(func=cmd_bench)
+
+    prompts_help = ("prompt file: .jsonl or .json = one JSON object per line with \"prompt\" (text or token ids); "
+                    "any other name = plain text, one prompt per line (empty lines skipped)")
     for name, func, help_ in (
         ("trace", cmd_trace, "record routing paths of prompts (for predictors and the advisor)"),
-        ("analyze", cmd_analyze, "routing locality (SRP, SCH) and a recommended expert budget"),
+        ("analyze", cmd_analyze, "routing locality (SRP, SCH) and a recommended --expert-budget"),
     ):
-        p = sub.add_parser(name, help=help_)
+        p = command(name, help_)
         _common_engine_args(p)
-        p.add_argument("--prompts", required=True, help="text file: one prompt per line (or blank-line separated)")
-        p.add_argument("--max-new-tokens", type=int, default=64)
-        p.add_argument("--max-prompt-tokens", type=int, default=256)
+        p.add_argument("--prompts", required=True, help=prompts_help)
+        p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
+        p.add_argument("--max-prompt-tokens", type=int, default=256, help="prompt tokens kept per prompt")
         if name == "trace":
             p.add_argument("--out", required=True, help="trace file to write (JSON lines)")
         else:
-            p.add_argument("--plot", default="locality.png", help="PNG to write")
-            p.add_argument("--json", action="store_true")
+            p.add_argument("--plot", default=None, metavar="PNG",
+                           help="write a PNG of hit rate against cache size (needs matplotlib; default: no plot)")
+            p.add_argument("--json", action="store_true", help="print one JSON object")
         p.set_defaults(func=func)
 
-    cli_batch.add_parser(sub, _common_engine_args, _engine_options)
+    cli_batch.add_parser(command, _common_engine_args, engine_options)
 
-    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the serve extra)")
-    _common_engine_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
-    p.add_argument("--model-name", default=None, help="the model id clients send (default: the folder name)")
+    p = command("serve", "an OpenAI-compatible HTTP server (needs the serve extra)")
+    _common_engine_args(p, budget_default="auto")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--model-name", default=None,
+                   help="the model id clients send (default: the repo id, or the folder name)")
     p.add_argument("--max-queue", type=int, default=None,
                    help="completion requests in flight beyond which new ones get 503 (default: no limit)")
     p.add_argument("--drain-seconds", type=int, default=30,
-                   help="on SIGTERM, how long in-flight requests may finish before they are cancelled (default 30)")
+                   help="on SIGTERM, how long in-flight requests may finish before they are cancelled")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("train-predictor", help="train the routing-path predictor on traces")
-    p.add_argument("model")
-    p.add_argument("--traces", nargs="+", required=True)
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="directory to save into (default: beside the model)")
+    p = command("train-predictor", "train the routing-path predictor on traces")
+    p.add_argument("model", help="checkpoint directory, or a Hugging Face repo id in the local cache")
+    p.add_argument("--traces", nargs="+", required=True, help="trace files written by `moeflow trace`")
+    p.add_argument("--epochs", type=int, default=30, help="training epochs")
+    p.add_argument("--seed", type=int, default=0, help="training seed")
+    p.add_argument("--out", default=None, help="directory to save into (default: the model's folder)")
     p.set_defaults(func=cmd_train_predictor)
     return parser
 
 
+def _os_message(e: OSError) -> str:
+    """One line for an OSError: the file, then what went wrong (no traceback)."""
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{e.strerror or e}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit codes: 0 done; 1 an error (bad option value, missing or unreadable file, a checkpoint or
+    request refused, `verify` found a mismatch); 2 a usage error argparse found; 130 Ctrl-C."""
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
     except MoeflowError as e:
         print(f"moeflow: error: {e}", file=sys.stderr)
-        return 2
+        return 1
+    except OSError as e:
+        print(f"moeflow: error: {_os_message(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -3,7 +3,9 @@
 Input, one JSON object per line:
     {"id": "q1", "prompt": "text" | [token ids], "max_new_tokens": 64,
      "temperature": 0.0, "top_k": null, "top_p": null, "seed": null, "stop_at_eos": true}
-Only "prompt" is required; "id" defaults to the line number. Output, one line per prompt as it
+Only "prompt" is required; "id" defaults to the line number. A file whose name ends in .jsonl or
+.json is read so; any other file is plain text, one prompt per line (its id the line number), with
+empty lines skipped: no guessing from the content. Output, one line per prompt as it
 finishes (not in input order):
     {"id", "line", "prompt_tokens", "tokens", "text", "finish_reason", "stats"}
 or, for a line that could not run, {"id", "line", "error": {"type", "message"}}.
@@ -32,10 +34,10 @@ KEYS = {"id", "prompt", *PARAMS}
 
 
 class JobFileError(InvalidRequest):
-    """A line of a job file that cannot run; `line` is its 1-based number."""
+    """A line of a job file that cannot run; `line` is its 1-based number (0: the whole file)."""
 
     def __init__(self, path: Path, line: int, message: str) -> None:
-        super().__init__(f"{path}:{line}: {message}")
+        super().__init__(f"{path}:{line}: {message}" if line else f"{path}: {message}")
         self.path, self.line, self.reason = path, line, message
 
 
@@ -115,9 +117,18 @@ def job_from_row(row: dict[str, Any], index: int) -> Job:
     return parse_job(Path("<row>"), index, json.dumps(clean))
 
 
+JSONL_SUFFIXES = (".jsonl", ".json")
+
+
+def is_jsonl(path: Path) -> bool:
+    """Whether a prompt file is JSON lines (by its name alone) rather than one plain prompt per line."""
+    return path.suffix.lower() in JSONL_SUFFIXES
+
+
 def read_jobs(path: Path) -> tuple[list[Job], list[JobFileError]]:
     """Every runnable job of the file, and an error per line that cannot run (blank lines skipped;
-    a repeated id is an error on its later line)."""
+    a repeated id is an error on its later line). A .jsonl / .json file holds one JSON object per
+    line; any other file one plain-text prompt per line."""
     jobs: list[Job] = []
     errors: list[JobFileError] = []
     seen: dict[str, int] = {}
@@ -125,8 +136,12 @@ def read_jobs(path: Path) -> tuple[list[Job], list[JobFileError]]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise InvalidRequest(f"cannot read the job file {path}: {e}") from e
+    jsonl = is_jsonl(path)
     for number, text in enumerate(lines, start=1):
         if not text.strip():
+            continue
+        if not jsonl:
+            jobs.append(Job(number, str(number), text))
             continue
         try:
             job = parse_job(path, number, text)
@@ -138,6 +153,19 @@ def read_jobs(path: Path) -> tuple[list[Job], list[JobFileError]]:
         seen[job.id] = number
         jobs.append(job)
     return jobs, errors
+
+
+def read_prompts(path: Path) -> list[Job]:
+    """The prompts of a prompt file (`moeflow trace --prompts`): JSON lines with "prompt", or plain
+    text, one prompt per line (see `read_jobs`). JobFileError naming file:line for the first line
+    that cannot run, or for a file with no prompt."""
+    jobs, errors = read_jobs(path)
+    if errors:
+        raise errors[0]
+    if not jobs:
+        raise JobFileError(path, 0, "no prompts in the file" + (
+            ' (one JSON object with "prompt" per line)' if is_jsonl(path) else " (one prompt per line)"))
+    return jobs
 
 
 class ResultFile:

@@ -2,16 +2,19 @@
 
 From routing traces it reports, per MoE layer, SRP and SCH at segment lengths 4, 16, 64 and 256,
 with LRU, LFU and Belady hit rates at the same cache sizes (multiples of top-k, per layer), the
-cache size where SCH flattens, and the budget that follows; and plots hit rate against cache size.
+cache size where SCH flattens, and the budget that follows (as `--expert-budget` flags to paste);
+and, where matplotlib is installed, plots hit rate against cache size.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from moeflow.analysis.locality import belady, flattening_point, lfu, lru, sch, srp
+from moeflow.config import Budget
 from moeflow.scheduling.traces import SequenceTrace, TraceHeader
 
 SEGMENTS = (4, 16, 64, 256)
@@ -64,9 +67,27 @@ def analyze(header: TraceHeader, traces: list[SequenceTrace]) -> list[LayerRepor
     return reports
 
 
+def budget_flags(experts: int, total: int, block_bytes: int) -> tuple[str, str]:
+    """`--expert-budget` flags to paste that give at least `experts` slots: as a whole percentage
+    (rounded up) and as a size (rounded up to 0.1 of its unit)."""
+    percent = max(1, math.ceil(experts * 100 / total)) if total else 100
+    # parse_budget reads "P%" as P / 100 of all experts' bytes; step up where float rounding loses a slot
+    while percent < 100 and Budget(fraction=percent / 100).resolve(total * block_bytes) // block_bytes < experts:
+        percent += 1
+    need = experts * block_bytes
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if need >= scale:
+            size = f"{math.ceil(need * 10 / scale) / 10:g}{unit}"
+            break
+    else:
+        size = str(need)
+    return f"--expert-budget {min(percent, 100)}%", f"--expert-budget {size}"
+
+
 def summary(header: TraceHeader, reports: list[LayerReport], block_bytes: int) -> dict[str, Any]:
     experts = sum(r.flattens_at for r in reports)
     total = len(header.moe_layers) * header.num_experts
+    flag, flag_bytes = budget_flags(experts, total, block_bytes)
     return {
         "model": header.model,
         "top_k": header.top_k,
@@ -75,6 +96,8 @@ def summary(header: TraceHeader, reports: list[LayerReport], block_bytes: int) -
         "recommended_experts": experts,
         "recommended_fraction": round(experts / total, 4) if total else 0.0,
         "recommended_budget_bytes": experts * block_bytes,
+        "recommended_flag": flag,
+        "recommended_flag_bytes": flag_bytes,
         "layers": [
             {
                 "layer": r.layer,

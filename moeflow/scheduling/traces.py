@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,9 +94,3 @@ def read_trace(path: str | os.PathLike[str]) -> tuple[TraceHeader, list[Sequence
     except (IndexError, ValueError, KeyError, TypeError) as e:
         raise TraceError(f"{path}: not a routing trace ({e})") from e
 
-
-def iter_prompts(path: str | os.PathLike[str]) -> Iterator[str]:
-    """Prompts from a text file: one per line, or blocks separated by blank lines if any exist."""
-    text = Path(path).read_text()
-    blocks = [b.strip() for b in text.split("\n\n")] if "\n\n" in text else [ln.strip() for ln in text.splitlines()]
-    yield from (b for b in blocks if b)

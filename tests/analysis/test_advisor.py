@@ -20,8 +20,8 @@ def model(tmp_path: Path) -> Path:
 
 
 def test_trace_train_predictor_and_analyze(model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n\n".join(PROMPTS))
+    prompts = tmp_path / "prompts.jsonl"  # the prompts span lines: JSON lines keep each whole
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     trace = tmp_path / "routes.jsonl"
     assert main(["trace", str(model), "--prompts", str(prompts), "--out", str(trace), "--max-new-tokens", "16"]) == 0
     lines = trace.read_text().splitlines()

@@ -34,4 +34,4 @@ def test_batch_command_runs_resumes_and_reports_bad_lines(hf_checkpoints: HFChec
 
 def test_batch_command_names_a_missing_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["batch", str(tmp_path), "--input", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "o")])
-    assert code == 2 and "nope.jsonl" in capsys.readouterr().err
+    assert code == 1 and "nope.jsonl" in capsys.readouterr().err
