@@ -107,7 +107,7 @@ def test_a_disk_too_small_is_refused_before_conversion(model, tmp_path: Path) ->
     try:
         with pytest.raises(StoreError, match=r"needs \d+ bytes .* are free"):
             open_or_convert(ckpt, arch, codec_for("float32"), small / "stores", progress=False)
-        assert list((small / "stores").iterdir()) == []
+        assert not (small / "stores").exists()  # checked before anything is written, the folder included
     finally:
         subprocess.run(["umount", str(small)], check=True)
 
