@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ from moeflow.scheduling import Predictor, Scheduler, make_predictor, router_tabl
 from moeflow.stats import EngineStats, counters_dict
 from moeflow.store import ExpertStore, codec_for, located_store, open_or_convert_async
 from moeflow.store.layout import DTYPE_NAMES
+
+log = logging.getLogger("moeflow")
 
 
 @dataclass
@@ -253,6 +256,7 @@ async def open_session(path: Path, config: EngineConfig) -> Session:
         session = _assemble(config, ckpt, arch, dtype, device, store, tiers, model, memory, policy, predictor,
                             tokenizer)
         session.store_root, session.store_note = root, location.note
+        log.info("%s", session.plan_line())
         return session
     except BaseException:
         await memory.aclose()

@@ -3,6 +3,7 @@ precisions, and which tiers hold the experts (device, pinned host, disk)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -26,10 +27,14 @@ class FitPlan:
     reserve_bytes: int  # left for the KV cache and activations (memory_reserve)
     dense_bytes: int  # the non-expert weights, which live in the fast tier too
     source: str  # the probe: torch.cuda.mem_get_info, /proc/meminfo MemAvailable, ...
+    host_free_bytes: int | None = None  # a GPU's host side: what sized the pinned host tier
 
     def as_dict(self) -> dict[str, int | str]:
-        return {"free_bytes": self.free_bytes, "reserve_bytes": self.reserve_bytes,
-                "dense_bytes": self.dense_bytes, "free_source": self.source}
+        out: dict[str, int | str] = {"free_bytes": self.free_bytes, "reserve_bytes": self.reserve_bytes,
+                                     "dense_bytes": self.dense_bytes, "free_source": self.source}
+        if self.host_free_bytes is not None:
+            out["host_free_bytes"] = self.host_free_bytes
+        return out
 
 
 def free_memory(device: str) -> tuple[int, str]:
@@ -102,6 +107,27 @@ def fit_budget(
     return Budget(bytes=min(left, block_bytes * experts_total)), fit
 
 
+def fit_host(
+    fit: FitPlan, block_bytes: int, experts_total: int, top_k: int, probe: Callable[[str], tuple[int, str]] | None,
+) -> tuple[MemoryPlan | None, FitPlan]:
+    """expert_budget='auto' on a GPU with host_budget unset: pinned host memory holds every expert when
+    the host's free memory has room for them beside a reserve (10%, at least 1 GiB); else it is a
+    pinned cache of what is free, with the disk behind it. (The simulated device is left out: its
+    device memory is host memory too, and its host home is sized as asked.)"""
+    free, _source = (probe or free_memory)("cpu")
+    left = free - default_reserve(free)
+    fit = dataclasses.replace(fit, host_free_bytes=free)
+    if left >= block_bytes * experts_total:
+        return None, fit
+    if left < block_bytes * top_k:
+        raise ConfigError(
+            f"expert_budget='auto': the host has {format_bytes(free)} free ({free} bytes); after a reserve of "
+            f"{format_bytes(default_reserve(free))} that is below the minimum pinned host cache of "
+            f"{block_bytes * top_k} bytes (the top-{top_k} experts of one layer); free host memory or set host_budget"
+        )
+    return MemoryPlan.build(Budget(bytes=left), block_bytes, experts_total, top_k, option="host_budget"), fit
+
+
 def plan_tiers(
     config: EngineConfig, device: str, block_bytes: int, low_block_bytes: int | None, experts_total: int, top_k: int,
     *, dense_bytes: int = 0, probe: Callable[[str], tuple[int, str]] | None = None,
@@ -135,6 +161,8 @@ def plan_tiers(
         total = block_bytes * experts_total
         if config.host_budget.resolve(total) < total:
             host = MemoryPlan.build(config.host_budget, block_bytes, experts_total, top_k, option="host_budget")
+    elif device == "cuda" and fit is not None:
+        host, fit = fit_host(fit, block_bytes, experts_total, top_k, probe)
     plan = TierPlan(device, fast, low, host, fit, kv_budget)
     if fit is not None:
         log.info("expert_budget=auto on %s: %s free (%s) - reserve %s - dense weights %s -> %s, %d of %d experts",

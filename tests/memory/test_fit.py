@@ -120,3 +120,26 @@ async def test_engine_reports_an_auto_plan(hf_checkpoints, monkeypatch) -> None:
     assert report["predictor"] and report["policy"] == "lru" and report["device"] == "cpu"
     assert line.startswith("plan: budget auto") and f"KV capacity {report['kv_capacity_tokens']} tokens" in line
     assert f"{report['slots']['fast']} fast" in line and "policy lru" in line
+
+
+def _probes(device_free: int, host_free: int):  # type: ignore[no-untyped-def]
+    return lambda device: (host_free if device == "cpu" else device_free, device)
+
+
+def test_auto_on_a_gpu_keeps_every_expert_in_host_memory_when_it_fits() -> None:
+    config = EngineConfig.from_user(expert_budget="auto", memory_reserve=0)
+    tiers = plan_tiers(config, "cuda", BLOCK, None, EXPERTS, TOP_K, probe=_probes(16 << 20, MIN_RESERVE + (64 << 20)))
+    assert tiers.fast.slots == 16 and tiers.host is None
+    assert tiers.fit is not None and tiers.fit.as_dict()["host_free_bytes"] == MIN_RESERVE + (64 << 20)
+
+
+def test_auto_on_a_gpu_makes_a_host_cache_of_what_the_host_has_free() -> None:
+    config = EngineConfig.from_user(expert_budget="auto", memory_reserve=0)
+    tiers = plan_tiers(config, "cuda", BLOCK, None, EXPERTS, TOP_K, probe=_probes(16 << 20, MIN_RESERVE + (40 << 20)))
+    assert tiers.host is not None and tiers.host.slots == 40  # three tiers: device <- host cache <- disk
+    with pytest.raises(ConfigError, match="host has .* free.*set host_budget"):
+        plan_tiers(config, "cuda", BLOCK, None, EXPERTS, TOP_K, probe=_probes(16 << 20, MIN_RESERVE + BLOCK))
+    # a host_budget the user set stands
+    config = EngineConfig.from_user(expert_budget="auto", memory_reserve=0, host_budget="50%")
+    tiers = plan_tiers(config, "cuda", BLOCK, None, EXPERTS, TOP_K, probe=_probes(16 << 20, 0))
+    assert tiers.host is not None and tiers.host.slots == EXPERTS // 2
