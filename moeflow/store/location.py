@@ -11,6 +11,7 @@ from pathlib import Path
 import xxhash
 
 from moeflow.errors import ConfigError
+from moeflow.models.checkpoint import Checkpoint
 from moeflow.models.hub import hub_snapshot, resolve_model
 from moeflow.store.store import MANIFEST
 
@@ -69,8 +70,8 @@ def resolve_store_root(
     cache, a folder of the per-user cache keyed by repo id and commit (never inside the snapshot: the
     hub owns it, and a snapshot shares its blobs with others); else `<checkpoint>/.moeflow` when it can
     be written or holds stores already (a read-only prebuilt store is used in place); else a folder of
-    the per-user cache keyed by the checkpoint's `identity` (its content fingerprint; the path's hash
-    when not given). A note says when the root is read-only or in the cache. `checkpoint_dir` may be
+    the per-user cache keyed by the checkpoint's content fingerprint (`identity`, when the caller has
+    it already). A note says when the root is read-only or in the cache. `checkpoint_dir` may be
     a repo id (models/hub.py resolves it).
 
     ConfigError naming store_dir: an empty path, a path in /proc or /sys, a file, or no writable place.
@@ -96,9 +97,9 @@ def resolve_store_root(
             f"{beside} is read-only: its stores are used as they are, a rebuild needs store_dir (a writable folder)",
         )
     real = os.path.realpath(checkpoint_dir)
-    # keyed by content when the caller can say it (a copy of the same weights shares the store),
-    # else by where the checkpoint is
-    key = identity() if identity is not None else real
+    # keyed by content, so every caller (engine, convert, verify) finds the same folder, and a copy
+    # of the same weights shares it
+    key = identity() if identity is not None else Checkpoint(checkpoint_dir).fingerprint()
     cache = cache_root / f"{Path(real).name}-{xxhash.xxh3_64_hexdigest(key.encode())}"
     _make_cache(cache, f"{checkpoint_dir} is read-only")
     return StoreLocation(cache, f"{checkpoint_dir} is read-only: the expert store lives in {cache} (set store_dir to choose)")

@@ -143,3 +143,14 @@ def test_auto_on_a_gpu_makes_a_host_cache_of_what_the_host_has_free() -> None:
     config = EngineConfig.from_user(expert_budget="auto", memory_reserve=0, host_budget="50%")
     tiers = plan_tiers(config, "cuda", BLOCK, None, EXPERTS, TOP_K, probe=_probes(16 << 20, 0))
     assert tiers.host is not None and tiers.host.slots == EXPERTS // 2
+
+
+@pytest.mark.gpu
+def test_free_memory_probe_on_a_gpu_is_positive_and_below_its_total() -> None:
+    import torch
+
+    free, source = free_memory("cuda")
+    assert 0 < free <= torch.cuda.get_device_properties(0).total_memory and source == "torch.cuda.mem_get_info"
+    config = EngineConfig.from_user(expert_budget="auto", memory_reserve=0)
+    tiers = plan_tiers(config, "cuda", BLOCK, None, EXPERTS, TOP_K)
+    assert 0 < tiers.fast.slots <= EXPERTS

@@ -78,3 +78,14 @@ def test_read_only_copies_of_the_same_weights_share_one_cached_store(hf_checkpoi
         ckpt.close()
     assert roots[0] == roots[1] and roots[0].parent == tmp_path / "cache"
     assert roots[0].name.startswith("model-")
+
+
+def test_every_caller_finds_the_same_cached_store_of_a_read_only_checkpoint(hf_checkpoints, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """`moeflow convert` (store_root, no identity given) and the engine (its checkpoint's fingerprint) agree."""
+    monkeypatch.setenv("MOEFLOW_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "model"
+    shutil.copytree(hf_checkpoints.path("qwen2_moe"), model, ignore=shutil.ignore_patterns(".moeflow"))
+    ckpt = Checkpoint(model)
+    with read_only(model):
+        assert resolve_store_root(model, None).root == resolve_store_root(model, None, identity=ckpt.fingerprint).root
+    ckpt.close()
