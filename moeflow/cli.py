@@ -234,8 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("run", "generate from a prompt, streaming the text as it comes")
     _common_engine_args(p)
-    p.add_argument("--prompt", default=None, help="prompt text (needs tokenizer.json)")
-    p.add_argument("--prompt-ids", default=None, help="prompt token ids, e.g. 1,2,3")
+    p.add_argument("--prompt", default=None, help="prompt text, needs tokenizer.json (required unless --prompt-ids)")
+    p.add_argument("--prompt-ids", default=None, help="prompt token ids, e.g. 1,2,3 (required unless --prompt)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens (default: all)")

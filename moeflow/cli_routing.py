@@ -127,8 +127,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             f"{v:<7.3f}" if (v := layer["srp"][str(s)]) is not None else "n/a    " for s in (4, 16, 64, 256)
         )
         print(f"{layer['layer']:>6} {srps}  {layer['flattens_at']} experts")
-    print(f"recommended: {result['recommended_flag']}  ({result['recommended_experts']} of "
-          f"{len(header.moe_layers) * header.num_experts} experts = {result['recommended_flag_bytes'].split()[-1]})")
+    print(f"recommended: {result['recommended_flag']}  (or {result['recommended_flag_bytes']}: "
+          f"{result['recommended_experts']} of {len(header.moe_layers) * header.num_experts} experts)")
     if png is not None:
         print(f"plot: {png}")
     elif note is not None:

@@ -35,3 +35,18 @@ def test_batch_command_runs_resumes_and_reports_bad_lines(hf_checkpoints: HFChec
 def test_batch_command_names_a_missing_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["batch", str(tmp_path), "--input", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "o")])
     assert code == 1 and "nope.jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(120)
+def test_batch_takes_a_plain_text_file_one_prompt_per_line(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.cli_models import synth_model
+
+    model = synth_model(tmp_path_factory)
+    inp, out = tmp_path / "prompts.txt", tmp_path / "out.jsonl"
+    inp.write_text('The quick brown fox\n\n{"prompt": "not JSON here: a prompt like any other"}\n')
+    assert main(["batch", str(model), "--input", str(inp), "--output", str(out), "--device", "cpu",
+                 "--max-new-tokens", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["done"] == 2
+    records = sorted(map(json.loads, out.read_text().splitlines()), key=lambda r: r["line"])
+    assert [(r["id"], r["line"], len(r["tokens"])) for r in records] == [("1", 1, 3), ("3", 3, 3)]
