@@ -120,8 +120,9 @@ class Session:
         r = self.plan_report()
         budget = f"{r['expert_budget']} = {format_bytes(r['budget_bytes'])}"
         if "free_bytes" in r:
+            capped = ", capped at all experts" if r["slots"]["fast"] == r["experts_total"] else ""
             budget += (f" (free {format_bytes(r['free_bytes'])} - reserve {format_bytes(r['reserve_bytes'])}"
-                       f" - dense {format_bytes(r['dense_bytes'])})")
+                       f" - dense {format_bytes(r['dense_bytes'])}{capped})")
         slots = ", ".join(f"{n} {tier}" for tier, n in r["slots"].items())
         kv = "unbounded" if r["kv_capacity_tokens"] is None else f"{r['kv_capacity_tokens']} tokens"
         return (f"plan: budget {budget}; slots {slots} of {r['experts_total']} experts; "

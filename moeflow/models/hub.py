@@ -69,7 +69,7 @@ def resolve_model(name: str | os.PathLike[str]) -> Path:
         raise CheckpointError(
             f"{text}: not a folder here, and not in the local Hugging Face cache: looked for {folder} "
             f"({wanted}) in the cache {cache} (chosen by {rule}; set HF_HUB_CACHE or HF_HOME to look elsewhere). "
-            f"moeflow downloads nothing: fetch it first (huggingface-cli download {repo_id}) or give its folder",
+            f"moeflow downloads nothing: fetch it first (hf download {repo_id}) or give its folder",
             path=str(folder),
         )
     return snapshot

@@ -27,6 +27,7 @@ class StoreLocation:
 
     root: Path
     note: str | None = None
+    expected: bool = False  # the note describes the usual place (a hub snapshot's store), not a fallback
 
 
 def user_cache_dir() -> Path:
@@ -87,7 +88,7 @@ def resolve_store_root(
         _make_cache(cache, f"{checkpoint_dir} is a Hugging Face cache snapshot")
         return StoreLocation(
             cache, f"{checkpoint_dir} is a Hugging Face cache snapshot ({snapshot.repo_id} at {snapshot.commit}): "
-                   f"the expert store lives in {cache} (set store_dir to choose)")
+                   f"the expert store lives in {cache} (set store_dir to choose)", expected=True)
     beside = checkpoint_dir / DEFAULT_DIR
     if _writable(beside):
         return StoreLocation(beside)
@@ -122,8 +123,8 @@ def store_root(checkpoint_dir: Path, override: str | os.PathLike[str] | None) ->
 
 def located_store(checkpoint_dir: Path, override: str | os.PathLike[str] | None, *,
                   identity: Callable[[], str] | None = None) -> StoreLocation:
-    """resolve_store_root, with its note (a read-only checkpoint, the user cache) logged as a warning."""
+    """resolve_store_root, with its note logged: a warning for a fallback (a read-only checkpoint), else info."""
     location = resolve_store_root(checkpoint_dir, override, identity=identity)
     if location.note:
-        log.warning("%s", location.note)
+        log.log(logging.INFO if location.expected else logging.WARNING, "%s", location.note)
     return location

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -87,7 +88,7 @@ def test_a_missing_model_says_where_moeflow_looked(hub_cache: Path) -> None:
         resolve_model("nobody/missing-model")
     text = str(err.value)
     assert str(hub_cache / "models--nobody--missing-model") in text and "HF_HUB_CACHE" in text
-    assert "downloads nothing" in text and "refs/main" in text
+    assert "downloads nothing" in text and "refs/main" in text and "hf download nobody/missing-model" in text
     with pytest.raises(CheckpointError, match=f"revision 'v9'.*{hub_cache}"):
         resolve_model(f"{REPO}@v9")
     with pytest.raises(CheckpointError, match="no such checkpoint folder"):
@@ -104,12 +105,16 @@ def test_a_snapshot_without_refs_main_is_missing(tmp_path: Path, tiny: Path, mon
 
 
 @pytest.mark.asyncio
-async def test_engine_opens_a_repo_id_and_keeps_its_store_out_of_the_snapshot(hub_cache: Path, tiny: Path, tmp_path: Path) -> None:
+async def test_engine_opens_a_repo_id_and_keeps_its_store_out_of_the_snapshot(hub_cache: Path, tiny: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     async with Engine.open(tiny, device="cpu", store_dir=str(tmp_path / "reference")) as eng:
         expected = (await eng.generate(PROMPT, 6, stop_at_eos=False)).tokens
     snapshot = hub_cache / "models--tiny-org--tiny-moe" / "snapshots" / COMMIT
     before = sorted(p.name for p in snapshot.iterdir())
-    async with Engine.open(REPO, device="cpu", expert_budget="50%") as eng:
+    with caplog.at_level(logging.INFO, logger="moeflow.store"):
+        eng = await Engine.open(REPO, device="cpu", expert_budget="50%")
+    # the usual place for a hub model's store: said, not warned about
+    assert [r.levelno for r in caplog.records if "cache snapshot" in r.getMessage()] == [logging.INFO]
+    async with eng:
         assert (await eng.generate(PROMPT, 6, stop_at_eos=False)).tokens == expected
         root = eng.session.store_root
         assert eng.session.store_note and "Hugging Face cache snapshot" in eng.session.store_note
