@@ -223,9 +223,9 @@ async def open_session(path: Path, config: EngineConfig) -> Session:
     low_codec = codec_for(config.miss_precision, config.group_size) if config.miss_precision else None
     block = codec.layout(arch.hidden_size, arch.expert_intermediate).size
     low_block = low_codec.layout(arch.hidden_size, arch.expert_intermediate).size if low_codec else None
+    expert_elements = experts_total * 3 * arch.hidden_size * arch.expert_intermediate  # gate, up, down
     tiers = plan_tiers(config, device, block, low_block, experts_total, arch.top_k,
-                       dense_bytes=dense_weight_bytes(ckpt, experts_total * arch.hidden_size * arch.expert_intermediate * 3,
-                                                      dtype))
+                       dense_bytes=dense_weight_bytes(ckpt, expert_elements, dtype))
     location = await asyncio.to_thread(located_store, path, config.store_dir, identity=ckpt.fingerprint)
     root = location.root
     # Cancelling the open (Ctrl-C under asyncio.run) stops a conversion within an expert and
