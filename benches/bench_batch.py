@@ -1,7 +1,7 @@
 """Batch throughput: continuous batching against the same prompts run one at a time, in the same run.
 
     python benches/bench_batch.py [--prompts 64] [--new-tokens 64] [--models trained,mixtral]
-                                  [--budget 25%] [--streams 32] [--dtype float32]
+                                  [--budget 25%] [--streams 32] [--dtype float32] [--only regroup]
 
 For each model (the trained OLMoE-style benches/models/olmoe-stdlib, and the synthesized small
 Mixtral), at the budget with the store read with O_DIRECT, on held-out corpus prompts:
@@ -15,8 +15,11 @@ Mixtral), at the budget with the store read with O_DIRECT, on held-out corpus pr
                                  continuous batching in arrival order ('fifo'), the same prompts
                                  with `--regroup-batch` (16) sequences a step, so that more wait
                                  than a step takes and the order matters; with the p95 gap between
-                                 a stream's tokens under each (regrouping bounds every wait).
-Prints one JSON line per model, then {"summary": ...}.
+                                 a stream's tokens under each (regrouping bounds every wait);
+                                 regrouped_split_steps / _sent_ahead count the resident-first
+                                 steps, and unsplit_* is regrouping without them, in the same run.
+Prints one JSON line per model, then {"summary": ...}. `--only regroup` runs only the last
+comparison (its outputs checked against each other, not against sequential runs).
 """
 
 from __future__ import annotations
@@ -83,10 +86,14 @@ async def batched(model: Path, texts: list[str], new_tokens: int, options: dict[
 async def ordered(model: Path, texts: list[str], new_tokens: int, options: dict[str, Any]) -> dict[str, Any]:
     """generate_batch under `options` (batch_order, max_batch_sequences): tokens/s, outputs and
     each token's gap to the previous one of its request, from the streams' arrival times."""
+    resident_first = options.pop("resident_first", True)
     async with Engine.open(model, **options) as eng:
         ids = prompt_ids(eng, texts)
         gaps: list[float] = []
         outs: list[list[int]] = [[] for _ in ids]
+        batcher = eng._batcher
+        assert batcher is not None
+        batcher.resident_first = resident_first
 
         async def one(i: int) -> None:
             last = None
@@ -102,7 +109,8 @@ async def ordered(model: Path, texts: list[str], new_tokens: int, options: dict[
         await asyncio.gather(*(one(i) for i in range(len(ids))))
         seconds = time.perf_counter() - started
         return {"outs": outs, "tps": sum(map(len, outs)) / seconds, "bytes": eng.stats()["bytes_loaded"] - before,
-                "p95_gap": statistics.quantiles(gaps, n=20)[18]}
+                "p95_gap": statistics.quantiles(gaps, n=20)[18], "steps": batcher.steps,
+                "split_steps": batcher.split_steps, "sent_ahead": batcher.sent_ahead}
 
 
 async def streams(model: Path, texts: list[str], new_tokens: int, options: dict[str, Any]) -> list[float]:
@@ -128,13 +136,21 @@ def run_model(name: str, model: Path, args: argparse.Namespace) -> dict[str, Any
     options = dict(device="cpu", expert_budget=args.budget, direct_io="require", prefetch="none")
     if args.dtype:
         options["dtype"] = args.dtype
-    seq = asyncio.run(sequential(model, texts, args.new_tokens, options))
-    bat = asyncio.run(batched(model, texts, args.new_tokens, options))
-    gaps = asyncio.run(streams(model, texts[: args.streams], args.new_tokens, options))
     fifo = asyncio.run(ordered(model, texts, args.new_tokens,
                                dict(options, batch_order="fifo", max_batch_sequences=args.regroup_batch)))
     regrouped = asyncio.run(ordered(model, texts, args.new_tokens,
                                     dict(options, batch_order="regroup", max_batch_sequences=args.regroup_batch)))
+    unsplit = asyncio.run(ordered(model, texts, args.new_tokens,
+                                  dict(options, batch_order="regroup", max_batch_sequences=args.regroup_batch,
+                                       resident_first=False)))
+    compared = regrouping(fifo, regrouped, unsplit, args)
+    if args.only == "regroup":
+        return {"model": name, "budget": args.budget, "dtype": args.dtype or "checkpoint", "prompts": len(texts),
+                "new_tokens": args.new_tokens, **compared,
+                "regrouped_outputs_equal": regrouped["outs"] == fifo["outs"] == unsplit["outs"]}
+    seq = asyncio.run(sequential(model, texts, args.new_tokens, options))
+    bat = asyncio.run(batched(model, texts, args.new_tokens, options))
+    gaps = asyncio.run(streams(model, texts[: args.streams], args.new_tokens, options))
     tokens = sum(len(o) for o in bat["outs"])
     seq_tps, bat_tps = tokens / seq["seconds"], tokens / bat["seconds"]
     q = statistics.quantiles(gaps, n=20)
@@ -156,6 +172,15 @@ def run_model(name: str, model: Path, args: argparse.Namespace) -> dict[str, Any
         "streams": args.streams,
         "p50_inter_token_seconds": round(statistics.median(gaps), 5),
         "p95_inter_token_seconds": round(q[18], 5),
+        **compared,
+        "regrouped_outputs_equal": regrouped["outs"] == fifo["outs"] == unsplit["outs"] == seq["outs"],
+    }
+
+
+def regrouping(fifo: dict[str, Any], regrouped: dict[str, Any], unsplit: dict[str, Any],
+               args: argparse.Namespace) -> dict[str, Any]:
+    """The regrouping figures; `unsplit` is regrouping without resident-first steps (as before them)."""
+    return {
         "regroup_batch": args.regroup_batch,
         "regrouping_vs_fifo": round(regrouped["tps"] / fifo["tps"], 3),
         "fifo_tokens_per_second": round(fifo["tps"], 2),
@@ -163,7 +188,13 @@ def run_model(name: str, model: Path, args: argparse.Namespace) -> dict[str, Any
         "regrouped_bytes_vs_fifo": round(regrouped["bytes"] / fifo["bytes"], 4) if fifo["bytes"] else None,
         "fifo_p95_inter_token_seconds": round(fifo["p95_gap"], 5),
         "regrouped_p95_inter_token_seconds": round(regrouped["p95_gap"], 5),
-        "regrouped_outputs_equal": regrouped["outs"] == seq["outs"] and fifo["outs"] == seq["outs"],
+        "regrouped_steps": regrouped["steps"],
+        "regrouped_split_steps": regrouped["split_steps"],
+        "regrouped_sent_ahead": regrouped["sent_ahead"],
+        "unsplit_regrouping_vs_fifo": round(unsplit["tps"] / fifo["tps"], 3),
+        "unsplit_regrouped_tokens_per_second": round(unsplit["tps"], 2),
+        "unsplit_regrouped_p95_inter_token_seconds": round(unsplit["p95_gap"], 5),
+        "unsplit_regrouped_steps": unsplit["steps"],
     }
 
 
@@ -176,6 +207,8 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=32)
     ap.add_argument("--dtype", default=None, help="compute dtype (default the checkpoint's, bf16 for both models)")
     ap.add_argument("--regroup-batch", type=int, default=16, help="sequences a step for the regrouping comparison")
+    ap.add_argument("--only", choices=("all", "regroup"), default="all",
+                    help="'regroup': only the regrouping-vs-fifo comparison (minutes less)")
     args = ap.parse_args()
     work = ROOT / ".artifacts" / "bench-batch"
     lines = {}
@@ -195,7 +228,7 @@ def main() -> None:
         lines[name] = line
     keys = ("throughput_vs_sequential", "bytes_per_token_vs_sequential", "p50_inter_token_seconds",
             "p95_inter_token_seconds", "outputs_equal", "regrouping_vs_fifo")
-    print(json.dumps({"summary": {name: {k: line[k] for k in keys} for name, line in lines.items()}}))
+    print(json.dumps({"summary": {name: {k: line[k] for k in keys if k in line} for name, line in lines.items()}}))
 
 
 if __name__ == "__main__":

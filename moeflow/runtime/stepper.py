@@ -16,7 +16,11 @@ decode tokens that waited `max_wait` steps, then prompt passes (so every admitte
 runs, more than one step takes, and the step can choose among them), then the decode tokens
 whose sequences' recent routing paths need the fewest experts beyond those resident and those
 of the others chosen. Without it, decode tokens go first in arrival order, then prompts (so at
-most `max_sequences` sequences run at once).
+most `max_sequences` sequences run at once). A regrouped step whose decode tokens are in part
+predicted (their last routing path) to need only resident experts splits: those go ahead as a
+step of their own while the others' missing experts load (prefetches issued before the first
+step computes, so the copies overlap it), and the others run as the very next step (so they
+wait one step more, never longer). `split_steps`, `sent_ahead` and `early_loads` count it.
 
 Admission is separate: `admit(tokens)` waits until the sequence's KV cache (prompt plus new
 tokens, at `kv_bytes_per_token`) fits in `kv_budget` next to those already admitted, so when
@@ -34,10 +38,10 @@ from dataclasses import dataclass, field
 import torch
 
 from moeflow.errors import InvalidRequest
-from moeflow.memory.entries import CacheCounters
+from moeflow.memory.entries import DEMAND, CacheCounters, PrefetchPlan
 from moeflow.runtime.runner import ModelRunner, Part, Sequence
 from moeflow.runtime.sampling import Sampler
-from moeflow.scheduling.regroup import Candidate, overdue, regroup
+from moeflow.scheduling.regroup import Candidate, overdue, regroup, resident_first, route_keys
 from moeflow.stats import counter_delta
 
 
@@ -69,6 +73,9 @@ class _Waiting:
     host_syncs: int = 0
 
 
+_Pass = tuple[_Waiting, list[int], bool]  # a step's share of a request: its ids this pass, is it the last
+
+
 @dataclass(frozen=True)
 class StepRecord:
     """What one step ran: sequences, tokens, wall seconds (token readback included)."""
@@ -87,7 +94,7 @@ class StepBatcher:
                  kv_budget: int | None = None, kv_bytes_per_token: int = 0,
                  snapshot: Callable[[], CacheCounters] | None = None, end_step: Callable[[], None] | None = None,
                  on_step: Callable[[StepRecord], None] | None = None,
-                 resident: Callable[[], int] | None = None, max_wait: int = 4) -> None:
+                 resident: Callable[[], int] | None = None, max_wait: int = 4, resident_first: bool = True) -> None:
         if max_tokens < 1 or max_sequences < 1:
             raise ValueError(f"max_tokens={max_tokens}, max_sequences={max_sequences}: must be >= 1")
         self.runner = runner
@@ -103,9 +110,14 @@ class StepBatcher:
         # `resident` gives the resident experts' bit mask; None runs them in arrival order.
         self.resident = resident
         self.max_wait = max_wait
+        self.resident_first = resident_first  # split regrouped steps (see the module docs)
         runner.track_routes = runner.track_routes or resident is not None
         self._decode: deque[_Waiting] = deque()  # one token each
         self._prefill: deque[_Waiting] = deque()
+        self._behind: list[_Pass] = []  # the second half of a split step: the next step
+        self.split_steps = 0  # regrouped steps split into resident-first and the rest
+        self.sent_ahead = 0  # decode tokens those splits ran first
+        self.early_loads = 0  # loads those splits started for the tokens kept behind
         self._loop_task: asyncio.Task[None] | None = None
         self._kv_reserved = 0
         self._admission = asyncio.Condition()
@@ -142,7 +154,7 @@ class StepBatcher:
     @property
     def waiting(self) -> int:
         """Sequences with tokens queued for a coming step."""
-        return len(self._decode) + len(self._prefill)
+        return len(self._decode) + len(self._prefill) + len(self._behind)
 
     # ---- steps -----------------------------------------------------------------------------
     async def run(self, seq: Sequence, ids: list[int], *, sampler: Sampler | None = None,
@@ -170,11 +182,12 @@ class StepBatcher:
     def close(self, error: BaseException) -> None:
         """Refuse new work with `error` and fail every request still waiting for a step with it."""
         self._closed = error
-        for queue in (self._decode, self._prefill):
-            while queue:
-                entry = queue.popleft()
-                if not entry.future.done():
-                    entry.future.set_exception(error)
+        behind, self._behind = self._behind, []
+        for entry in [e for e, _, _ in behind] + list(self._decode) + list(self._prefill):
+            if not entry.future.done():
+                entry.future.set_exception(error)
+        self._decode.clear()
+        self._prefill.clear()
 
     async def finish(self, seq: Sequence) -> None:
         """End seq (cancel its prefetches) once no running step still uses it: a request
@@ -188,10 +201,14 @@ class StepBatcher:
         for queue in (self._decode, self._prefill):
             if entry in queue:
                 queue.remove(entry)
+        self._behind = [b for b in self._behind if b[0] is not entry]
 
-    def _take(self) -> list[tuple[_Waiting, list[int], bool]]:
+    def _take(self) -> list[_Pass]:
         """The next step: (entry, ids this pass, is its last pass)."""
-        batch: list[tuple[_Waiting, list[int], bool]] = []
+        if self._behind:  # the rest of a split step
+            behind, self._behind = self._behind, []
+            return behind
+        batch: list[_Pass] = []
         if self.resident is None:  # arrival order: decode tokens first, then prompts
             while self._decode and len(batch) < min(self.max_tokens, self.max_sequences):
                 entry = self._decode.popleft()
@@ -216,9 +233,38 @@ class StepBatcher:
             picked = {rest[j] for j in regroup([candidates[i] for i in rest], slots, covered, self.max_wait)}
         batch.extend((waiting[i], waiting[i].ids, True) for i in rest if i in picked)
         self._decode = deque(waiting[i] for i in rest if i not in picked)
-        return batch
+        return self._split(batch)
 
-    def _take_prompts(self, batch: list[tuple[_Waiting, list[int], bool]], budget: int) -> None:
+    def _split(self, batch: list[_Pass]) -> list[_Pass]:
+        """The decode tokens of `batch` predicted to need only resident experts, when the others
+        need misses: those misses start loading now, nearest layer first, so the copies overlap
+        the first step's compute, and the others are kept as the next step. They are early demand
+        loads (the next step needs them): unlike a speculative prefetch they may evict an expert
+        used a step ago, by sequences not in this step (those step later), but never one this
+        step's sequences need (protected), and they stop at the first that finds no room."""
+        if not self.resident_first or self.resident is None:
+            return batch
+        resident = self.resident()
+        routes = [e.seq.route if len(ids) == 1 and last and not e.all_logits else 0 for e, ids, last in batch]
+        ahead = set(resident_first(routes, resident))
+        if not ahead or len(ahead) == len(batch):
+            return batch
+        needed = misses = 0
+        for i, route in enumerate(routes):
+            needed |= route
+            if i not in ahead:
+                misses |= route
+        experts = self.runner.num_experts
+        started = self.runner.cache.apply(PrefetchPlan(
+            loads=[(key, DEMAND) for key in route_keys(misses & ~resident, experts)],
+            protect=set(route_keys(needed & resident, experts))))
+        self.early_loads += len(started)
+        self._behind = [b for i, b in enumerate(batch) if i not in ahead]
+        self.split_steps += 1
+        self.sent_ahead += len(ahead)
+        return [b for i, b in enumerate(batch) if i in ahead]
+
+    def _take_prompts(self, batch: list[_Pass], budget: int) -> None:
         """Add prompt passes to the step, in arrival order, within `budget` tokens. A prompt's
         passes are the ones it runs alone (runner.next_pass), whole or not at all in this step;
         the first prompt waiting always gets its pass (so a step may pass max_tokens by its
@@ -239,7 +285,7 @@ class StepBatcher:
             chunks += 1
 
     async def _loop(self) -> None:
-        while self._decode or self._prefill:
+        while self._decode or self._prefill or self._behind:
             await asyncio.sleep(0)  # the streams that just got a token queue their next one
             async with self.lock:
                 batch = [(e, ids, last) for e, ids, last in self._take() if not e.future.done()]
@@ -260,7 +306,7 @@ class StepBatcher:
                 if not e.future.done():
                     e.future.set_result(outcome)
 
-    async def _step(self, batch: list[tuple[_Waiting, list[int], bool]]) -> list[tuple[_Waiting, StepOutcome]]:
+    async def _step(self, batch: list[_Pass]) -> list[tuple[_Waiting, StepOutcome]]:
         """One pass, the tokens of the requests it completes, and its accounting."""
         device = self.runner.device
         before = self.snapshot() if self.snapshot is not None else None

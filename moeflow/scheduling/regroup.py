@@ -9,6 +9,9 @@ again and again, the waiting sequence that adds the fewest experts to those alre
 resident ones and the chosen sequences' paths), the older on a tie. Sequences whose experts are
 resident go ahead while the others wait for a step that loads what they share, so each load
 serves more tokens: the Hamming-similarity grouping of ExpertFlow, done incrementally.
+
+A chosen step may then split (`resident_first`): the sequences whose path lies inside the resident
+experts run first as a step of their own, while the others' missing experts (`route_keys`) load.
 """
 
 from __future__ import annotations
@@ -42,3 +45,20 @@ def regroup(candidates: list[Candidate], take: int, resident: int, max_wait: int
         left.remove(best)
         covered |= candidates[best].route
     return sorted(chosen)
+
+
+def resident_first(routes: list[int], resident: int) -> list[int]:
+    """The indices of the sequences predicted to need only resident experts: a known path (not 0,
+    which means none yet, e.g. a prompt) with no bit outside `resident`."""
+    return [i for i, route in enumerate(routes) if route and not route & ~resident]
+
+
+def route_keys(bits: int, experts: int) -> list[tuple[int, int]]:
+    """The (layer, expert) of every bit of a path mask, nearest layer first (the order a pass needs them)."""
+    keys = []
+    while bits:
+        low = bits & -bits
+        layer, expert = divmod(low.bit_length() - 1, experts)
+        keys.append((layer, expert))
+        bits ^= low
+    return keys
