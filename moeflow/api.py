@@ -3,28 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import inspect
 import os
-import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar, overload
+from typing import Any, Literal, TypeVar, overload
 
 import torch
 
-from moeflow.scheduling.traces import SequenceTrace
 from moeflow.config import EngineConfig, MemoryPlan
 from moeflow.errors import EngineClosed, InvalidRequest
+from moeflow.generate import GenerationMixin
+from moeflow.models.generation import GenerationConfig, load_generation_config
+from moeflow.request import GenerationResult, Prompt, StreamStep, prompt_ids
 from moeflow.runtime.loop_thread import LoopThread
-from moeflow.runtime.sampling import Sampler, SamplingParams, integer_value
+from moeflow.runtime.sampling import SamplingParams, TokenLogprob, integer_value
 from moeflow.runtime.stepper import StepBatcher
 from moeflow.session import Session, open_session
-from moeflow.stats import EngineStats, RequestStats
+from moeflow.stats import EngineStats
 
-__all__ = ["Engine", "EngineState", "GenerationResult"]
+__all__ = ["Engine", "EngineState", "GenerationResult", "SamplingParams", "StreamStep", "TokenLogprob"]
 
 T = TypeVar("T")
 
@@ -38,16 +37,7 @@ class EngineState(enum.Enum):
     FAILED = "failed"
 
 
-@dataclass(frozen=True)
-class GenerationResult:
-    tokens: list[int]  # generated token ids (the prompt excluded)
-    prompt_tokens: list[int]
-    text: str | None  # decoded tokens, when the checkpoint has a tokenizer
-    finish_reason: str  # "length" | "eos"
-    stats: RequestStats
-
-
-class Engine:
+class Engine(GenerationMixin):
     """A model opened under an expert budget. Use as `async with Engine.open(path, ...) as eng:`.
 
     Concurrent `generate` / `stream` calls are batched: each step runs the next token of every
@@ -72,12 +62,89 @@ class Engine:
         self._active = 0
         self._batcher: StepBatcher | None = None
         self._core: LoopThread | None = None
+        self._generation = GenerationConfig()  # the checkpoint's generation_config.json, read at open
 
     # ---- lifecycle -------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | os.PathLike[str], **options: Any) -> Engine:
-        """Validate options now (TypeError for unknown names, ConfigError for bad values);
-        the checkpoint is opened on `async with` or `await`."""
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        expert_budget: int | float | str | None = None,
+        host_budget: int | float | str | None = None,
+        device: Literal["auto", "cpu", "cuda", "sim"] = "auto",
+        prefetch: Literal["auto", "predictor", "none", "last-token", "gate-lookahead", "eam", "expertflow"] = "auto",
+        policy: Literal["lru", "lfu", "mrs", "hobbit", "shallow", "predicted"] = "lru",
+        prefetch_depth: int = 2,
+        prefetch_width: int | None = None,
+        max_speculative_loads: int | None = None,
+        budget_split: Literal["pooled", "plec"] = "pooled",
+        predictor_dir: str | os.PathLike[str] | None = None,
+        dtype: str | torch.dtype | None = None,
+        direct_io: Literal["auto", "require", "never"] = "auto",
+        io_workers: int = 4,
+        io_chunk: int | str = 4 << 20,
+        store_dir: str | os.PathLike[str] | None = None,
+        store_mode: Literal["auto", "never", "rebuild"] = "auto",
+        prefill_chunk: int = 512,
+        max_batch_sequences: int = 64,
+        batch_order: Literal["fifo", "regroup"] = "fifo",
+        regroup_max_wait: int = 4,
+        kv_budget: int | str | None = None,
+        memory_reserve: int | str | None = None,
+        verify_checksums: bool = True,
+        progress: bool = False,
+        threads: int | None = None,
+        precision: str | None = None,
+        group_size: int | None = None,
+        miss_precision: str | None = None,
+        miss_thresholds: tuple[float, float] = (0.6, 0.9),
+        low_precision_share: float = 0.25,
+        sim_bandwidth_gbps: float = 25.0,
+        sim_latency_us: float = 10.0,
+    ) -> Engine:
+        """An engine for the checkpoint at `path`, opened on `async with` or `await`. The options
+        are checked now (ConfigError naming the bad value; TypeError for an unknown name):
+
+        expert_budget: fast-tier bytes for experts: bytes, "2GiB", a fraction in (0, 1], "25%", or
+            "auto" (what the device has free, minus memory_reserve); None: every expert.
+        host_budget: on a GPU, pinned host memory for experts (same forms, no "auto"); None: all.
+        device: "cpu", "cuda", "auto" (cuda when available) or "sim" (a simulated GPU, for tests).
+        prefetch: the expert predictor; "auto": expertflow when a trained one is present, else
+            gate-lookahead; "predictor" is "auto"; "none" turns prefetching off.
+        policy: the fast tier's eviction policy.
+        prefetch_depth: MoE layers ahead the predictor looks.
+        prefetch_width: guesses loaded for the next layer (None: the model's top-k).
+        max_speculative_loads: speculative loads in flight at once (None: the model's top-k).
+        budget_split: "pooled" (one budget for all layers) or "plec" (per-layer shares in
+            proportion to smoothed demand, ExpertFlow's PLEC).
+        predictor_dir: where a trained routing predictor lives (None: the model folder).
+        dtype: compute dtype, "float32", "bfloat16" or "float16" (None: the checkpoint's).
+        direct_io: read the store with O_DIRECT: "auto" (where it works), "require" or "never".
+        io_workers: read threads of the transfer engine.
+        io_chunk: largest part of one read (a multiple of 4 KiB): a demand read waits for one part.
+        store_dir: where the expert store goes (None: beside the checkpoint, or the user cache).
+        store_mode: "auto" (reuse or convert), "never" (refuse to convert) or "rebuild".
+        prefill_chunk: tokens per forward pass (and per step); bounds a long prompt's memory.
+        max_batch_sequences: sequences one step runs together (continuous batching).
+        batch_order: which waiting sequences a full step takes: "fifo" or "regroup" (by routing).
+        regroup_max_wait: steps a sequence regrouping passes over may wait at most.
+        kv_budget: bytes of KV cache for all admitted requests (None: no bound, or a share of
+            memory_reserve under expert_budget="auto").
+        memory_reserve: under expert_budget="auto", bytes kept free for KV cache and activations
+            (None: 10% of free memory, at least 1 GiB).
+        verify_checksums: check expert blobs' checksums as they are read from the store.
+        progress: show a progress bar while converting the store.
+        threads: torch compute threads (None: torch's default), at most the CPU count.
+        precision: the expert store's precision, e.g. "int8", "int4-g64" (None: the compute dtype).
+        group_size: quantization group size (None: the precision's default).
+        miss_precision: a low-precision copy run for unimportant misses (HOBBIT; None: exact only).
+        miss_thresholds: (T1, T2) on the cumulative gate weight that pick the low-precision copy.
+        low_precision_share: share of expert_budget given to the low-precision cache, in (0, 1).
+        sim_bandwidth_gbps: device="sim": its copy engine's bandwidth.
+        sim_latency_us: device="sim": its per-copy latency.
+        """
+        options = {name: value for name, value in locals().items() if name not in ("cls", "path")}
         return cls(path, EngineConfig.from_user(**options))
 
     async def start(self) -> Engine:
@@ -97,6 +164,11 @@ class Engine:
     async def _open(self) -> Session:
         """On the engine thread: the session, and the step batcher (its locks live on this loop)."""
         session = await open_session(self.path, self.config)
+        try:
+            self._generation = load_generation_config(session.checkpoint.path)
+        except BaseException:
+            await session.aclose()
+            raise
         session.transfers.bind_loop()  # completions wake this loop; using it from another one raises
         self._step_lock = asyncio.Lock()
         self._batcher = StepBatcher(
@@ -176,47 +248,35 @@ class Engine:
     def plan(self) -> MemoryPlan:
         return self.session.plan
 
+    @property
+    def generation_config(self) -> GenerationConfig:
+        """The checkpoint's generation_config.json: EOS ids and the sampling defaults a request
+        gets for the values it leaves unset (None)."""
+        self.session  # noqa: B018  (EngineClosed unless ready)
+        return self._generation
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Ids that end generation: generation_config.json's, then config.json's (transformers'
+        generate uses the former; both end it here, so neither file's EOS is missed)."""
+        return tuple(dict.fromkeys((*self.generation_config.eos_token_ids, *self.session.arch.eos_token_ids)))
+
     # ---- requests --------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`. The tokenizer's own post-processor adds what the model expects
+        (a BOS, say) unless add_special_tokens=False: for a prompt already holding them, such as
+        a rendered chat template."""
         tok = self.session.tokenizer
         if tok is None:
             raise InvalidRequest(f"{self.path} has no tokenizer.json: pass token ids instead of text")
-        return list(tok.encode(text, add_special_tokens=False).ids)
+        return list(tok.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: Sequence[int]) -> str | None:
         tok = self.session.tokenizer
         return None if tok is None else tok.decode(list(ids))
 
-    def _prompt_ids(self, prompt: str | Sequence[int] | torch.Tensor) -> list[int]:
-        """The prompt as plain ints, each checked against the vocabulary. numpy and torch integer
-        scalars are ids; a float (or a float tensor) is refused, never rounded."""
-        if isinstance(prompt, str):
-            ids = self.encode(prompt)
-            if not ids:
-                raise InvalidRequest("empty prompt: it encodes to no tokens")
-            return ids
-        if isinstance(prompt, torch.Tensor):
-            if prompt.dim() != 1:
-                raise InvalidRequest(f"token ids must be a 1-D tensor, got shape {list(prompt.shape)}")
-            if prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool:
-                raise InvalidRequest(f"token ids must be an integer tensor, got {prompt.dtype}: ids are never rounded")
-            prompt = prompt.tolist()
-        prompt = list(prompt)  # a numpy array has no truth value
-        if not prompt:
-            raise InvalidRequest("empty prompt: give at least one token")
-        vocab = self.session.arch.vocab_size
-        ids = []
-        for pos, value in enumerate(prompt):
-            try:
-                i = integer_value(value)
-            except TypeError as e:
-                raise InvalidRequest(
-                    f"token id {value!r} at position {pos} is {e}: token ids are integers (never rounded)"
-                ) from None
-            if not 0 <= i < vocab:
-                raise InvalidRequest(f"token id {i!r} out of range [0, {vocab}) at position {pos}")
-            ids.append(i)
-        return ids
+    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        return prompt_ids(prompt, self.encode, self.session.arch.vocab_size)
 
     def _check_length(self, prompt: int, max_new_tokens: int = 0) -> None:
         """Refuse, before any compute, a request whose positions would pass the model's context."""
@@ -283,125 +343,8 @@ class Engine:
             seq.finish()
         return torch.cat(rows)
 
-    async def generate(
-        self,
-        prompt: str | Sequence[int] | torch.Tensor,
-        max_new_tokens: int = 32,
-        *,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        stop_at_eos: bool = True,
-    ) -> GenerationResult:
-        """Generate up to `max_new_tokens` tokens. Raises InvalidRequest for a bad prompt or length."""
-        params = SamplingParams(temperature, top_k, top_p, seed)
-        ids, max_new_tokens = self._checked(prompt, max_new_tokens)
-        return await self._engine_thread().call(self._generate(_Request(ids), max_new_tokens, params, stop_at_eos))
-
-    async def _generate(self, request: _Request, max_new_tokens: int, params: SamplingParams,
-                        stop: bool) -> GenerationResult:
-        tokens = [tok async for tok in self._run(request, max_new_tokens, params, stop)]
-        return GenerationResult(
-            tokens=tokens,
-            prompt_tokens=request.prompt,
-            text=self.decode(tokens),
-            finish_reason=request.finish_reason,
-            stats=request.stats.freeze(len(tokens)),
-        )
-
-    async def stream(
-        self,
-        prompt: str | Sequence[int] | torch.Tensor,
-        max_new_tokens: int = 32,
-        *,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        stop_at_eos: bool = True,
-    ) -> AsyncIterator[int]:
-        """Yield generated token ids one at a time, as the engine produces them."""
-        params = SamplingParams(temperature, top_k, top_p, seed)
-        ids, max_new_tokens = self._checked(prompt, max_new_tokens)
-        tokens = self._engine_thread().stream(self._run(_Request(ids), max_new_tokens, params, stop_at_eos))
-        async with contextlib.aclosing(tokens):  # a consumer that stops early still ends the sequence
-            async for tok in tokens:
-                yield tok
-
-    async def _run(self, request: _Request, max_new_tokens: int, params: SamplingParams, stop: bool,
-                   record: bool = False) -> AsyncGenerator[int, None]:
-        """On the engine thread: one request's tokens, step by step, batched with the others'."""
-        session = self.session
-        batcher = self._batcher
-        assert batcher is not None
-        ids = request.prompt
-        self._requests += 1
-        sampler = Sampler(params)
-        positions = len(ids) + max_new_tokens
-        reserved = await batcher.admit(positions)  # waits while the KV budget is full
-        seq = None
-        try:
-            if self._active == 0:
-                session.cache.begin_request()
-            self._active += 1
-            seq = session.runner.new_sequence(ids, record=record)
-            if batcher.kv_budget is not None:
-                seq.reserve(positions)  # its cache occupies what was admitted, no more
-            eos = set(session.arch.eos_token_ids) if stop else set()
-            step_input = ids
-            for _ in range(max_new_tokens):
-                # The step's time includes its tokens' readback; its counters are shared with the
-                # requests batched with it.
-                outcome = await batcher.run(seq, step_input, sampler=sampler)
-                assert outcome.token is not None
-                request.stats.add_delta(outcome.delta, outcome.seconds, outcome.host_syncs)
-                session.tokens_generated += 1
-                yield outcome.token
-                if outcome.token in eos:
-                    request.finish_reason = "eos"
-                    return
-                step_input = [outcome.token]
-        finally:
-            if seq is not None:
-                self._active -= 1
-                await batcher.finish(seq)
-                request.trace = seq.trace
-            await batcher.release(reserved)
-
-    async def generate_batch(
-        self,
-        prompts: Sequence[str | Sequence[int] | torch.Tensor],
-        max_new_tokens: int = 32,
-        *,
-        concurrency: int | None = None,
-        **sampling: Any,
-    ) -> list[GenerationResult]:
-        """One result per prompt, in order, all running as one continuous batch (at most
-        `concurrency` at a time if given). A refused prompt raises and cancels the others; for
-        per-prompt errors use a job file (`moeflow.jobs.run_jobs`)."""
-        from moeflow.jobs import generate_batch
-
-        return await generate_batch(self, prompts, max_new_tokens, concurrency=concurrency, **sampling)
-
-    async def trace(self, prompt: str | Sequence[int] | torch.Tensor, max_new_tokens: int = 32) -> SequenceTrace:
-        """Greedy-generate and record the router's choices for every token (for predictors)."""
-        ids, max_new_tokens = self._checked(prompt, max_new_tokens)
-        return await self._engine_thread().call(self._trace(_Request(ids), max_new_tokens))
-
-    async def _trace(self, request: _Request, max_new_tokens: int) -> SequenceTrace:
-        tokens = [tok async for tok in self._run(request, max_new_tokens, SamplingParams(), True, record=True)]
-        return SequenceTrace.from_steps(request.prompt, tokens, request.trace or [])
-
     # ---- introspection ---------------------------------------------------------------------
     def stats(self) -> EngineStats:
         """Counters since open: hits, misses, prefetches, bytes loaded, stall time, blocks in use, ..."""
         return self.session.stats(requests=self._requests)
 
-
-class _Request:
-    def __init__(self, prompt: list[int]) -> None:
-        self.prompt = prompt
-        self.finish_reason = "length"
-        self.stats = RequestStats.builder()
-        self.trace: list[dict[int, torch.Tensor]] | None = None

@@ -1,17 +1,20 @@
-"""Choosing the next token: greedy, or temperature sampling with top-k / top-p and a seed."""
+"""Choosing the next token: greedy or sampled (temperature, top-k, top-p, min-p, seed), with
+repetition / presence / frequency penalties and the chosen token's logprobs."""
 
 from __future__ import annotations
 
 import math
 import numbers
 import operator
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from moeflow.errors import InvalidRequest
 
 SEED_RANGE = (-(1 << 63), 1 << 64)  # what torch.Generator.manual_seed takes: any 64-bit pattern
+MAX_LOGPROBS = 20  # OpenAI's limit on top logprobs per token
 
 
 def integer_value(value: object) -> int:
@@ -48,12 +51,25 @@ def _real(name: str, value: object) -> float:
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens; checked (and numpy / torch scalars made plain) when built, so a bad
-    value is refused before the request computes anything."""
+    value is refused before the request computes anything.
+
+    Order of work on one step's logits (that of transformers' generate and vLLM): penalties on
+    the raw logits (repetition: HF's, over prompt and output, dividing a positive logit and
+    multiplying a negative one; presence and frequency: OpenAI's, over the output only), then
+    temperature (0: argmax of the penalised logits), top_k, top_p and min_p, then the draw.
+    `logprobs` (None: none; 0: the chosen token's; k: also the k most likely) are those of the
+    model's own distribution, log_softmax of the raw logits before penalties and temperature,
+    as vLLM returns them by default (its logprobs_mode='raw_logprobs')."""
 
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         temperature = _real("temperature", self.temperature)
@@ -75,20 +91,60 @@ class SamplingParams:
             if not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
                 raise InvalidRequest(f"seed={self.seed!r}: must fit in 64 bits (an integer in [-2**63, 2**64))")
             object.__setattr__(self, "seed", seed)
+        if self.min_p is not None:
+            min_p = _real("min_p", self.min_p)
+            if not 0 <= min_p <= 1:
+                raise InvalidRequest(f"min_p={self.min_p!r}: must be in [0, 1]")
+            object.__setattr__(self, "min_p", min_p)
+        penalty = _real("repetition_penalty", self.repetition_penalty)
+        if penalty <= 0:
+            raise InvalidRequest(f"repetition_penalty={self.repetition_penalty!r}: must be > 0 (1 is none)")
+        object.__setattr__(self, "repetition_penalty", penalty)
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = _real(name, getattr(self, name))
+            if not -2 <= value <= 2:
+                raise InvalidRequest(f"{name}={getattr(self, name)!r}: must be in [-2, 2] (0 is none)")
+            object.__setattr__(self, name, value)
+        if self.logprobs is not None:
+            logprobs = _integer("logprobs", self.logprobs)
+            if not 0 <= logprobs <= MAX_LOGPROBS:
+                raise InvalidRequest(f"logprobs={self.logprobs!r}: must be in [0, {MAX_LOGPROBS}] "
+                                     "(0: the chosen token's logprob only)")
+            object.__setattr__(self, "logprobs", logprobs)
+
+    @property
+    def penalised(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """The token is the argmax of the raw logits and nothing else is wanted (no penalty, no
+        logprobs): the step batcher then picks it with other such rows, without the Sampler."""
+        return self.temperature == 0 and not self.penalised and self.logprobs is None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's logprob, and the `logprobs` most likely tokens' (ids, most likely first)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 class Sampler:
     """Per-request sampler with its own generator, so concurrent requests stay reproducible.
-    It samples where the logits are: the generator is made on their device at the first draw
-    (torch.multinomial refuses a generator of another device)."""
+    It works where the logits are: the generator, and the token history the penalties read
+    (counts of output tokens, a mask of prompt + output tokens), are made on their device at the
+    first call; each call reads back one small tensor (the token, and its logprobs when asked)."""
 
-    def __init__(self, params: SamplingParams) -> None:
+    def __init__(self, params: SamplingParams, prompt: Sequence[int] = ()) -> None:
         self.params = params
+        self.prompt = list(prompt)
         self.generator: torch.Generator | None = None
+        self.last: TokenLogprob | None = None  # the last call's logprobs, when params.logprobs is set
+        self._counts: torch.Tensor | None = None  # [V] float: times each token was generated
+        self._seen: torch.Tensor | None = None  # [V] bool: in the prompt or generated
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if self.generator is None or self.generator.device != device:
@@ -99,12 +155,30 @@ class Sampler:
                 self.generator.seed()
         return self.generator
 
-    def __call__(self, logits: torch.Tensor) -> int:
-        """Next token from float32 logits [V] on any device; the int is the step's one readback."""
+    def penalised_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """`logits` [V] with the penalties of the tokens seen so far applied (a new tensor)."""
         p = self.params
-        if p.greedy:
-            return int(torch.argmax(logits))
-        scores = logits / p.temperature
+        if self._counts is None or self._counts.device != logits.device:
+            self._counts = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device)
+            self._seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            if self.prompt:
+                self._seen[torch.tensor(self.prompt, device=logits.device)] = True
+        assert self._seen is not None
+        if p.repetition_penalty != 1:
+            hit = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
+            logits = torch.where(self._seen, hit, logits)
+        if p.frequency_penalty != 0:
+            logits = logits - p.frequency_penalty * self._counts
+        if p.presence_penalty != 0:
+            logits = logits - p.presence_penalty * (self._counts > 0).to(logits.dtype)
+        return logits
+
+    def _draw(self, scores: torch.Tensor) -> torch.Tensor:
+        """The token (a 1-element tensor on the logits' device) from penalised logits [V]."""
+        p = self.params
+        if p.temperature == 0:
+            return torch.argmax(scores).view(1)
+        scores = scores / p.temperature
         if p.top_k is not None and p.top_k < scores.shape[-1]:
             kth = torch.topk(scores, p.top_k).values[-1]
             scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -114,4 +188,29 @@ class Sampler:
             drop = cumulative - torch.softmax(sorted_scores, dim=-1) >= p.top_p  # keep the first past top_p
             scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
         probs = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self._generator(probs.device)))
+        if p.min_p is not None and p.min_p > 0:
+            # the ratio to the likeliest token is the same before and after renormalising
+            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+        return torch.multinomial(probs, 1, generator=self._generator(probs.device))
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        """Next token from float32 logits [V] on any device; one readback per call."""
+        p = self.params
+        with torch.inference_mode():  # the history tensors are made and updated in it, always
+            scores = self.penalised_logits(logits) if p.penalised else logits
+            token = self._draw(scores)
+            if p.penalised:
+                assert self._counts is not None and self._seen is not None
+                self._counts.index_add_(0, token, torch.ones(1, dtype=self._counts.dtype, device=token.device))
+                self._seen[token] = True
+            if p.logprobs is None:
+                return int(token.item())
+            raw = torch.log_softmax(logits.double(), dim=-1)
+            top = torch.topk(raw, min(p.logprobs, raw.shape[-1]))
+            # ids travel as float64 (exact below 2**53) so token and logprobs are one readback
+            packed = torch.cat([token.double(), raw[token], top.indices.double(), top.values]).tolist()
+        k = len(top.indices)
+        chosen = int(packed[0])
+        self.last = TokenLogprob(chosen, packed[1], [(int(i), v) for i, v in zip(packed[2:2 + k], packed[2 + k:],
+                                                                                   strict=True)])
+        return chosen
