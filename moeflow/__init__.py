@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from moeflow._core import __version__
 
 if TYPE_CHECKING:
-    from moeflow.api import Engine, EngineState, GenerationResult
+    from moeflow.api import Engine, EngineState, GenerationResult, SamplingParams, StreamStep, TokenLogprob
     from moeflow.config import EngineConfig, MemoryPlan
     from moeflow.errors import (
         CheckpointError,
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 # command line (`moeflow --help`) or a light import must not wait for it.
 _LAZY = {
     "Engine": "moeflow.api", "EngineState": "moeflow.api", "GenerationResult": "moeflow.api",
+    "SamplingParams": "moeflow.api", "StreamStep": "moeflow.api", "TokenLogprob": "moeflow.api",
     "EngineConfig": "moeflow.config", "MemoryPlan": "moeflow.config",
     "CheckpointError": "moeflow.errors", "ConfigError": "moeflow.errors", "EngineClosed": "moeflow.errors",
     "InvalidRequest": "moeflow.errors", "MoeflowError": "moeflow.errors", "OutOfBudget": "moeflow.errors",
