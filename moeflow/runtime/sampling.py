@@ -6,8 +6,9 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -193,9 +194,11 @@ class Sampler:
             probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
         return torch.multinomial(probs, 1, generator=self._generator(probs.device))
 
-    def __call__(self, logits: torch.Tensor) -> int:
-        """Next token from float32 logits [V] on any device; one readback per call."""
+    def __call__(self, logits: torch.Tensor, readback: Callable[..., list[Any]] | None = None) -> int:
+        """Next token from float32 logits [V] on any device; one readback per call: `readback`
+        (a ComputeDevice's, which counts it) given device logits, else `.tolist()`."""
         p = self.params
+        read = readback or (lambda t: [t.tolist()])
         with torch.inference_mode():  # the history tensors are made and updated in it, always
             scores = self.penalised_logits(logits) if p.penalised else logits
             token = self._draw(scores)
@@ -204,11 +207,11 @@ class Sampler:
                 self._counts.index_add_(0, token, torch.ones(1, dtype=self._counts.dtype, device=token.device))
                 self._seen[token] = True
             if p.logprobs is None:
-                return int(token.item())
+                return int(read(token)[0][0])
             raw = torch.log_softmax(logits.double(), dim=-1)
             top = torch.topk(raw, min(p.logprobs, raw.shape[-1]))
             # ids travel as float64 (exact below 2**53) so token and logprobs are one readback
-            packed = torch.cat([token.double(), raw[token], top.indices.double(), top.values]).tolist()
+            (packed,) = read(torch.cat([token.double(), raw[token], top.indices.double(), top.values]))
         k = len(top.indices)
         chosen = int(packed[0])
         self.last = TokenLogprob(chosen, packed[1], [(int(i), v) for i, v in zip(packed[2:2 + k], packed[2 + k:],

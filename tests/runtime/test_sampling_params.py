@@ -10,6 +10,7 @@ from torch.overrides import TorchFunctionMode
 from transformers.generation.logits_process import MinPLogitsWarper, RepetitionPenaltyLogitsProcessor
 
 from moeflow.errors import InvalidRequest
+from moeflow.memory.device import ComputeDevice
 from moeflow.runtime.sampling import MAX_LOGPROBS, Sampler, SamplingParams
 
 V = 64
@@ -156,3 +157,9 @@ def test_one_readback_per_call_however_many_parameters(params: SamplingParams) -
         with _Readbacks() as reads:
             sampler(logits)
         assert reads.count == 1, (step, reads.count)
+    device = ComputeDevice()  # given the device's readback, the one read is the device's (counted)
+    again = Sampler(params, list(range(10)))
+    tokens = [again(_logits(step), device.readback) for step in range(3)]
+    assert device.host_syncs == 3
+    fresh = Sampler(params, list(range(10)))
+    assert tokens == [fresh(_logits(step)) for step in range(3)]
