@@ -237,9 +237,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help="prompt text, needs tokenizer.json (required unless --prompt-ids)")
     p.add_argument("--prompt-ids", default=None, help="prompt token ids, e.g. 1,2,3 (required unless --prompt)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens (default: all)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default: 1)")
+    model_default = "(default: the checkpoint's generation_config.json, else {})"
+    p.add_argument("--temperature", type=float, default=None, help="0 is greedy " + model_default.format("0"))
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample from the k likeliest tokens " + model_default.format("all"))
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] " + model_default.format(1))
+    p.add_argument("--min-p", type=float, default=None,
+                   help="drop tokens below this fraction of the likeliest one's probability, in [0, 1] "
+                        + model_default.format("off"))
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="> 1 discourages repeating prompt and output tokens " + model_default.format("1: off"))
+    p.add_argument("--presence-penalty", type=float, default=None,
+                   help="OpenAI's, in [-2, 2], on tokens already generated (default: 0)")
+    p.add_argument("--frequency-penalty", type=float, default=None,
+                   help="OpenAI's, in [-2, 2], by how often a token was generated (default: 0)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="end the text before this string (repeatable; default: none)")

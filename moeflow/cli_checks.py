@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -86,13 +87,17 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     options = {**{k: v for k, v in given.items() if v is not None}, "progress": not getattr(args, "json", False)}
     try:
         EngineConfig.from_user(**options)
-    except ConfigError as e:  # `expert_budget='x'` -> `--expert-budget 'x'`: name the flag the user typed
-        message = str(e)
-        for name in options:
-            if message.startswith(f"{name}="):
-                message = f"{flag(name)} {message[len(name) + 1:]}"
-        raise ConfigError(message) from e
+    except ConfigError as e:
+        raise ConfigError(flagged(str(e), options)) from e
     return options
+
+
+def flagged(message: str, names: Iterable[str]) -> str:
+    """An API error message as the command line says it: `expert_budget='x': ...` -> `--expert-budget 'x': ...`."""
+    for name in names:
+        if message.startswith(f"{name}="):
+            return f"{flag(name)} {message[len(name) + 1:]}"
+    return message
 
 
 def engine_defaults() -> dict[str, str]:

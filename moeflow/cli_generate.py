@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from moeflow.cli_checks import at_least, checkpoint_dir, engine_options, within
+from moeflow.cli_checks import at_least, checkpoint_dir, engine_options, flagged
 from moeflow.errors import ConfigError
 
 
@@ -32,50 +32,45 @@ def _prompt(args: argparse.Namespace) -> str | list[int]:
     return str(args.prompt)
 
 
+SAMPLING = ("temperature", "top_k", "top_p", "seed", "min_p", "repetition_penalty", "presence_penalty",
+            "frequency_penalty")
+
+
 def sampling(args: argparse.Namespace) -> dict[str, Any]:
-    """The run's sampling options, range-checked (ConfigError naming the flag)."""
+    """The run's sampling keywords for generate / stream_steps, checked now by the engine's own
+    SamplingParams (a ConfigError naming the flag); left-out options take generation_config.json's."""
+    from moeflow.errors import InvalidRequest
+    from moeflow.runtime.sampling import SamplingParams
+
     at_least(args, "max_new_tokens", 1)
-    at_least(args, "temperature", 0)
-    at_least(args, "top_k", 1)
-    within(args, "top_p", 0, 1, open_low=True)
-    out = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
-           "stop_at_eos": not args.ignore_eos}
-    return out
-
-
-def _plan_line(eng: Any) -> str:
-    return str(eng.session.plan_line())
+    given = {name: getattr(args, name) for name in SAMPLING if getattr(args, name) is not None}
+    try:
+        SamplingParams(**given)
+    except InvalidRequest as e:
+        raise ConfigError(flagged(str(e), given)) from e
+    return {**given, "stop": args.stop, "stop_at_eos": not args.ignore_eos}
 
 
 async def _stream(eng: Any, prompt: str | list[int], args: argparse.Namespace, out: TextIO) -> dict[str, Any]:
     """Write the text (or token ids, without a tokenizer) to `out` as each token comes, flushed;
     the figures of the stream: tokens, seconds to the first token, decode tokens/s, finish."""
-    from moeflow.text import TextStream
-
-    tokenizer = eng.session.tokenizer
-    text = TextStream(tokenizer, args.stop or ()) if tokenizer is not None else None
+    has_text = eng.session.tokenizer is not None
     started = time.perf_counter()
     first = last = started
     count = 0
     finish = "length"
-    tokens = eng.stream(prompt, args.max_new_tokens, **sampling(args))
-    async with contextlib.aclosing(tokens):  # leaving early (a stop string) ends the request
-        async for token in tokens:
+    steps = eng.stream_steps(prompt, args.max_new_tokens, **sampling(args))
+    async with contextlib.aclosing(steps):
+        async for step in steps:
             count += 1
             last = time.perf_counter()
             if count == 1:
                 first = last
-            out.write(text.push(token) if text is not None else f"{token} ")
+            out.write(step.text if has_text else f"{step.token} ")
             out.flush()
-            if text is not None and text.stopped:
-                finish = "stop"
-                break
-    if text is not None:
-        out.write(text.flush())
+            finish = step.finish_reason or finish
     out.write("\n")
     out.flush()
-    if finish == "length" and count < args.max_new_tokens:
-        finish = "eos"
     decode = last - first
     return {"tokens": count, "first_token_seconds": first - started, "finish_reason": finish,
             "decode_tokens_per_second": (count - 1) / decode if count > 1 and decode > 0 else 0.0}
@@ -97,7 +92,7 @@ async def _run(args: argparse.Namespace, path: Path, prompt: str | list[int], op
                 "stats": eng.stats().as_dict(),
             }))
             return 0
-        print(_plan_line(eng), file=sys.stderr, flush=True)
+        print(eng.session.plan_line(), file=sys.stderr, flush=True)
         figures = await _stream(eng, prompt, args, sys.stdout)
         stats = eng.stats()
         print(f"[{figures['tokens']} tokens ({figures['finish_reason']}), first token "
@@ -110,10 +105,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Check every argument, then load the model, print the plan and stream the text."""
     prompt = _prompt(args)
     sampling(args)
-    if args.stop and args.json:
-        raise ConfigError("--stop applies to streamed text; leave out --json to use it")
     options = engine_options(args)
-    return asyncio.run(_run(args, checkpoint_dir(args.model), prompt, options))
+    path = checkpoint_dir(args.model)
+    if not (path / "tokenizer.json").is_file():
+        needs = "--prompt TEXT" if isinstance(prompt, str) else "--stop" if args.stop else None
+        if needs:
+            raise ConfigError(f"{needs} needs the checkpoint's tokenizer.json, which {path} lacks; "
+                              "give the prompt as --prompt-ids 1,2,3 (the output is then token ids)")
+    return asyncio.run(_run(args, path, prompt, options))
 
 
 # ---- bench ---------------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ CASES = [
     (["run", "{model}", "--prompt", "x", "--top-p", "1.5"], "--top-p 1.5: must be in (0, 1]"),
     (["run", "{model}", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens 0: must be >= 1"),
     (["run", "{model}", "--prompt", "x", "--temperature", "-1"], "--temperature -1.0: must be >= 0"),
+    (["run", "{model}", "--prompt", "x", "--min-p", "2"], "--min-p 2.0: must be in [0, 1]"),
+    (["run", "{model}", "--prompt", "x", "--repetition-penalty", "0"], "--repetition-penalty 0.0: must be > 0"),
     (["run", "{model}"], "no prompt: give --prompt TEXT or --prompt-ids"),
     (["run", "{model}", "--prompt-ids", "1,x"], "--prompt-ids '1,x': expected comma-separated integers"),
     (["run", "{model}", "--prompt", "x", "--expert-budget", "lots"], "--expert-budget 'lots': cannot parse"),
@@ -69,6 +71,16 @@ def test_a_missing_model_names_where_it_looked(tmp_path: Path, capsys: pytest.Ca
     assert main(["run", str(tmp_path / "absent"), "--prompt", "x"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("moeflow: error: ") and str(tmp_path / "absent") in err
+
+
+def test_a_text_prompt_for_a_model_without_a_tokenizer_is_refused_before_loading(
+        model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (model / "tokenizer.json").unlink()
+    assert main(["run", str(model), "--prompt", "hello"]) == 1
+    assert "--prompt TEXT needs the checkpoint's tokenizer.json" in capsys.readouterr().err
+    assert main(["run", str(model), "--prompt-ids", "1,2", "--stop", "x"]) == 1
+    assert "--stop needs the checkpoint's tokenizer.json" in capsys.readouterr().err
+    assert not (model / ".moeflow").exists()
 
 
 def test_os_errors_are_one_clean_line_with_exit_code_1(model: Path, tmp_path: Path) -> None:

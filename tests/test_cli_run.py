@@ -68,6 +68,28 @@ def test_run_stops_before_a_stop_string(model: Path, capsys: pytest.CaptureFixtu
 
 
 @pytest.mark.timeout(120)
+def test_run_passes_stop_and_the_sampling_options_to_the_engine(model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import asyncio
+
+    from moeflow.api import Engine
+
+    greedy = _greedy(model, capsys)
+    stop = greedy["text"][4:6]
+    stopped = _greedy(model, capsys, "--stop", stop)
+    assert stopped["text"] == greedy["text"][: greedy["text"].index(stop)] and stopped["finish_reason"] == "stop"
+    options = {"repetition_penalty": 3.0, "temperature": 1.0, "seed": 5, "min_p": 0.2, "top_k": 50}
+    flags = [x for name, value in options.items() for x in (f"--{name.replace('_', '-')}", str(value))]
+    sampled = _greedy(model, capsys, *flags)
+
+    async def api() -> list[int]:
+        async with Engine.open(model, device="cpu") as eng:
+            res = await eng.generate("The quick brown fox", 12, stop_at_eos=False, **options)  # type: ignore[arg-type]
+            return res.tokens
+
+    assert sampled["tokens"] == asyncio.run(api()) != greedy["tokens"]
+
+
+@pytest.mark.timeout(120)
 def test_run_json_prints_one_object_with_the_plan(model: Path, capsys: pytest.CaptureFixture[str]) -> None:
     result = _greedy(model, capsys, "--expert-budget", "50%")
     assert len(result["tokens"]) == 12 and result["finish_reason"] == "length"
