@@ -1,4 +1,4 @@
-"""The OpenAI-compatible ASGI app over one Engine: routes, request checks, choices, SSE streams."""
+"""The OpenAI-compatible ASGI app over one Engine: routes, request checks, prompts x n choices, responses and SSE streams."""
 
 from __future__ import annotations
 
@@ -21,22 +21,16 @@ from moeflow.errors import EngineClosed, InvalidRequest
 from moeflow.runtime.sampling import SamplingParams
 from moeflow.serve.chat_template import ChatTemplate, TemplateError, load_chat_template
 from moeflow.serve.metrics import ServerMetrics
+from moeflow.serve.choices import Choice, Merged, Piece, pieces, sampling_args
+from moeflow.serve.logprobs import TokenText
 from moeflow.serve.protocol import APIError, CompletionRequest, bad, parse_request
-from moeflow.serve.text import TextStream
+from moeflow.serve.responses import ChoiceView, ToolUse
+from moeflow.serve.tools import parser_for, special_marker
 
 if TYPE_CHECKING:
     from moeflow.api import Engine
 
 _CHAT, _COMPLETIONS = "/v1/chat/completions", "/v1/completions"
-
-
-class _Choice:
-    """One of a request's n generations: its token count and how it ended (None while running)."""
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.tokens = 0
-        self.finish_reason: str | None = None
 
 
 class _Tracked(StreamingResponse):
@@ -69,7 +63,7 @@ class OpenAIServer:
         self.created = int(time.time())
         # read now, so a broken tokenizer_config.json fails at start-up rather than per request
         self.template: ChatTemplate | None = load_chat_template(engine.path)
-        self._tasks: set[asyncio.Task[None]] = set()  # n > 1 pumps: kept alive until they end
+        self._merged = Merged()
 
     # ---- checks ----------------------------------------------------------------------------
     def _chat_template(self) -> ChatTemplate:
@@ -78,33 +72,56 @@ class OpenAIServer:
                                   f"tokenizer_config.json, no chat_template.jinja): use /v1/completions")
         return self.template
 
-    def _prompt_ids(self, req: CompletionRequest) -> list[int]:
-        engine = self.engine
-        param = "messages" if req.chat else "prompt"
-        if engine.session.tokenizer is None:  # the API answers in text
-            raise APIError(400, f"{self.model_name} has no tokenizer.json, which the server needs to return text")
-        if req.chat:
-            assert req.messages is not None
-            try:
-                prompt: str | list[int] = self._chat_template().render(req.messages)
-            except TemplateError as e:
-                raise bad("messages", f"the chat template refused them: {e}") from None
-        else:
-            assert req.prompt is not None
-            prompt = req.prompt
-        if isinstance(prompt, list):
-            vocab = engine.session.arch.vocab_size
-            for pos, i in enumerate(prompt):
-                if not 0 <= i < vocab:
-                    raise bad("prompt", f"token id {i} at position {pos} is out of range [0, {vocab})")
-            return prompt
+    def _tool_use(self, req: CompletionRequest) -> ToolUse | None:
+        """How the request's tools are used: None when it offers none or tool_choice is "none" (the
+        template still shows them, as vLLM does; the output is plain content)."""
+        if req.tools is None or req.tools.choice == "none":
+            return None
+        template = self._chat_template()
+        parser = parser_for(template.source)
+        if parser is None or not template.takes_tools:
+            raise bad("tools", f"the chat template of {self.model_name} does not "
+                               f"{'render tools' if not template.takes_tools else 'teach a tool-call format moeflow parses'}"
+                               " (moeflow reads Hermes/Qwen <tool_call> and Mistral [TOOL_CALLS] calls)")
+        tokenizer = self.engine.session.tokenizer
+        marker = None if tokenizer is None else special_marker(tokenizer, parser)
+        return ToolUse(parser, req.tools.function, req.tools.parallel, marker)
+
+    def _encode(self, text: str, param: str, *, special: bool) -> list[int]:
         try:
-            ids = engine.encode(prompt)
+            ids = self.engine.encode(text, add_special_tokens=special)
         except InvalidRequest as e:
             raise bad(param, str(e)) from None
         if not ids:
             raise bad(param, "encodes to no tokens")
         return ids
+
+    def _prompt_ids(self, req: CompletionRequest, tools: ToolUse | None) -> list[list[int]]:
+        """The token ids of each prompt (chat: the rendered conversation, one prompt)."""
+        engine = self.engine
+        if engine.session.tokenizer is None:  # the API answers in text
+            raise APIError(400, f"{self.model_name} has no tokenizer.json, which the server needs to return text")
+        if req.chat:
+            assert req.messages is not None
+            try:
+                text = self._chat_template().render(
+                    req.messages, tools=None if req.tools is None else list(req.tools.specs))
+            except TemplateError as e:
+                raise bad("messages", f"the chat template refused them: {e}") from None
+            # the template wrote the BOS it wants; the tokenizer must not add another
+            return [self._encode(text + (tools.prefix if tools else ""), "messages", special=False)]
+        out = []
+        vocab = engine.session.arch.vocab_size
+        for p, prompt in enumerate(req.prompts):
+            where = "prompt" if len(req.prompts) == 1 else f"prompt[{p}]"
+            if isinstance(prompt, str):
+                out.append(self._encode(prompt, "prompt", special=True))
+                continue
+            for pos, i in enumerate(prompt):
+                if not 0 <= i < vocab:
+                    raise bad("prompt", f"{where}: token id {i} at position {pos} is out of range [0, {vocab})")
+            out.append(prompt)
+        return out
 
     def _max_tokens(self, req: CompletionRequest, prompt: int) -> int:
         """max_tokens, or what the context leaves; 400 naming both lengths if they pass it."""
@@ -120,140 +137,80 @@ class OpenAIServer:
                                     f"{prompt + req.max_tokens} tokens exceeds the model's context of {limit} tokens")
         return req.max_tokens
 
-    def _seeds(self, req: CompletionRequest) -> list[int | None]:
-        """One seed per choice (seed + index), so n choices differ yet repeat; checked now."""
+    def _choices(self, req: CompletionRequest, prompts: list[list[int]]) -> list[Choice]:
+        """prompts x n choices, each seed checked now (choice i of every prompt draws with seed + i)."""
         seeds = [None if req.seed is None else req.seed + i for i in range(req.n)]
+        defaults = self.engine.generation_config
         for seed in seeds:
+            args = sampling_args(req, seed, defaults)
             try:
-                SamplingParams(req.temperature, req.top_k, req.top_p, seed)
+                SamplingParams(**{k: v for k, v in args.items() if v is not None}, logprobs=req.logprobs)
             except InvalidRequest as e:
                 name = str(e).split("=", 1)[0]
-                raise bad(name if name in ("temperature", "top_k", "top_p", "seed") else "seed", str(e)) from None
-        return seeds
+                raise bad(name if name in args else "seed", str(e)) from None
+        return [Choice(p * req.n + i, p, ids, seed, self._max_tokens(req, len(ids)))
+                for p, ids in enumerate(prompts) for i, seed in enumerate(seeds)]
 
     # ---- generation ------------------------------------------------------------------------
-    async def _deltas(self, choice: _Choice, ids: list[int], req: CompletionRequest, max_tokens: int,
-                      seed: int | None) -> AsyncGenerator[str, None]:
-        """The text of one choice as it is generated, cut at a stop string (which ends the request)."""
-        engine = self.engine
-        tokenizer = engine.session.tokenizer
+    def _runs(self, req: CompletionRequest, choices: list[Choice], tools: ToolUse | None
+              ) -> tuple[list[ChoiceView], AsyncGenerator[tuple[int, Piece | None], None]]:
+        """Each choice's view, and its pieces merged across choices (closing the merge cancels them)."""
+        tokenizer = self.engine.session.tokenizer
         assert tokenizer is not None
-        text = TextStream(tokenizer, req.stop)
-        eos = set(engine.session.arch.eos_token_ids)
-        ended_by_eos = False
-        tokens = engine.stream(ids, max_tokens, temperature=req.temperature, top_k=req.top_k,
-                               top_p=req.top_p, seed=seed)
-        try:
-            async with contextlib.aclosing(tokens):  # type: ignore[type-var]  # leaving early (stop string, cancel) ends the request
-                async for tok in tokens:
-                    choice.tokens += 1
-                    if tok in eos:
-                        ended_by_eos = True
-                        break
-                    if piece := text.push(tok):
-                        yield piece
-                    if text.stopped:
-                        break
-            if rest := text.flush():
-                yield rest
-            choice.finish_reason = "stop" if text.stopped or ended_by_eos else "length"
-        finally:
-            self.metrics.completion_tokens.inc(choice.tokens)
-            self.metrics.finished.labels(choice.finish_reason or "cancelled").inc()
+        token_text = None if req.logprobs is None else TokenText(tokenizer)
+        views = [ChoiceView(c, chat=req.chat, token_text=token_text, tools=tools, whole_only=not req.stream)
+                 for c in choices]
+        stop = req.stop + (tools.stop if tools else ())
+        marker = tools.marker if tools else None
+        runs = [pieces(self.engine, c, req, self.metrics, stop, marker) for c in choices]
+        return views, self._merged(runs)
 
-    async def _merged(self, runs: list[AsyncGenerator[str, None]]) -> AsyncGenerator[tuple[int, str | None], None]:
-        """(choice index, text delta) as any choice produces it; (index, None) when it ends."""
-        if len(runs) == 1:
-            async with contextlib.aclosing(runs[0]) as run:
-                async for delta in run:
-                    yield 0, delta
-            yield 0, None
-            return
-        queue: asyncio.Queue[tuple[int, str | None | Exception]] = asyncio.Queue()
-
-        async def pump(index: int, run: AsyncGenerator[str, None]) -> None:
-            try:
-                async with contextlib.aclosing(run):
-                    async for delta in run:
-                        queue.put_nowait((index, delta))
-                queue.put_nowait((index, None))
-            except Exception as e:  # handed to the reader, which raises it
-                queue.put_nowait((index, e))
-
-        tasks = [asyncio.create_task(pump(i, run)) for i, run in enumerate(runs)]
-        for task in tasks:
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        try:
-            running = len(tasks)
-            while running:
-                index, item = await queue.get()
-                if isinstance(item, Exception):
-                    raise item
-                running -= item is None
-                yield index, item
-        finally:
-            for task in tasks:  # a cancelled pump closes its engine stream, freeing KV and pins
-                task.cancel()
-
-    def _runs(self, req: CompletionRequest, ids: list[int], max_tokens: int) -> tuple[list[_Choice], list[AsyncGenerator[str, None]]]:
-        choices = [_Choice(i) for i in range(req.n)]
-        runs = [self._deltas(c, ids, req, max_tokens, seed) for c, seed in zip(choices, self._seeds(req), strict=True)]
-        return choices, runs
-
-    def _usage(self, prompt: int, choices: list[_Choice]) -> dict[str, int]:
+    def _usage(self, choices: list[Choice]) -> dict[str, int]:
+        """Each prompt's tokens once (not once per choice), every choice's generated tokens."""
+        prompt = sum({c.prompt_index: len(c.ids) for c in choices}.values())
         completion = sum(c.tokens for c in choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    async def _complete(self, req: CompletionRequest, ids: list[int], max_tokens: int) -> dict[str, Any]:
-        choices, runs = self._runs(req, ids, max_tokens)
-        texts: list[list[str]] = [[] for _ in choices]
-        merged = self._merged(runs)
+    async def _complete(self, req: CompletionRequest, choices: list[Choice], tools: ToolUse | None) -> dict[str, Any]:
+        views, merged = self._runs(req, choices, tools)
         async with contextlib.aclosing(merged):
-            async for index, delta in merged:
-                if delta is not None:
-                    texts[index].append(delta)
-        out = []
-        for c in choices:
-            text = "".join(texts[c.index])
-            out.append({"index": c.index, "logprobs": None, "finish_reason": c.finish_reason,
-                        **({"message": {"role": "assistant", "content": text}} if req.chat else {"text": text})})
+            async for index, piece in merged:
+                if piece is not None:
+                    views[index].add(piece)
         return {"id": self._id(req), "object": "chat.completion" if req.chat else "text_completion",
-                "created": int(time.time()), "model": self.model_name, "choices": out,
-                "usage": self._usage(len(ids), choices)}
+                "created": int(time.time()), "model": self.model_name, "choices": [v.whole() for v in views],
+                "usage": self._usage(choices)}
 
-    async def _stream(self, req: CompletionRequest, ids: list[int], max_tokens: int) -> AsyncGenerator[str, None]:
+    async def _stream(self, req: CompletionRequest, choices: list[Choice], tools: ToolUse | None) -> AsyncGenerator[str, None]:
         """The SSE events of a streamed request; closing it (client gone) cancels every choice."""
         rid, created = self._id(req), int(time.time())
         kind = "chat.completion.chunk" if req.chat else "text_completion"
         usage_field: dict[str, Any] = {"usage": None} if req.include_usage else {}
 
-        def chunk(index: int, text: str | None, finish: str | None, role: bool = False) -> str:
-            if req.chat:
-                delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else (
-                    {} if text is None else {"content": text})
-                body: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-            else:
-                body = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+        def event(body: dict[str, Any]) -> str:
             return _sse({"id": rid, "object": kind, "created": created, "model": self.model_name,
                          "choices": [body], **usage_field})
 
-        choices, runs = self._runs(req, ids, max_tokens)
+        views, merged = self._runs(req, choices, tools)
         if req.chat:
-            for c in choices:
-                yield chunk(c.index, None, None, role=True)
-        merged = self._merged(runs)
+            for view in views:
+                yield event(view.role())
         try:
             async with contextlib.aclosing(merged):
-                async for index, delta in merged:
-                    yield chunk(index, delta, None if delta is not None else choices[index].finish_reason)
+                async for index, piece in merged:
+                    if piece is not None:
+                        if (body := views[index].add(piece)) is not None:
+                            yield event(body)
+                        continue
+                    for body in views[index].ending():
+                        yield event(body)
         except (InvalidRequest, EngineClosed) as e:  # after the 200 went out: the error is an event
             yield _sse(APIError(503 if isinstance(e, EngineClosed) else 400, str(e)).body())
             yield "data: [DONE]\n\n"
             return
         if req.include_usage:
             yield _sse({"id": rid, "object": kind, "created": created, "model": self.model_name, "choices": [],
-                        "usage": self._usage(len(ids), choices)})
+                        "usage": self._usage(choices)})
         yield "data: [DONE]\n\n"
 
     def _id(self, req: CompletionRequest) -> str:
@@ -279,9 +236,8 @@ class OpenAIServer:
             if req.model is not None and req.model != self.model_name:
                 raise APIError(404, f"model {req.model!r} does not exist: this server serves {self.model_name!r}",
                                param="model", code="model_not_found")
-            ids = self._prompt_ids(req)
-            max_tokens = self._max_tokens(req, len(ids))
-            self._seeds(req)
+            tools = self._tool_use(req)
+            choices = self._choices(req, self._prompt_ids(req, tools))
             if self.max_queue is not None and self.in_flight >= self.max_queue:
                 raise APIError(503, f"server busy: {self.in_flight} requests in flight, --max-queue is "
                                     f"{self.max_queue}; retry later", kind="server_error", code="queue_full")
@@ -291,12 +247,12 @@ class OpenAIServer:
             return self._error(endpoint, APIError(503, str(e), kind="server_error"))
         self.in_flight += 1
         self.metrics.in_flight.set(self.in_flight)
-        self.metrics.prompt_tokens.inc(len(ids))
+        self.metrics.prompt_tokens.inc(self._usage(choices)["prompt_tokens"])
         if req.stream:
             self.metrics.requests.labels(endpoint, "200").inc()
-            return _Tracked(self._stream(req, ids, max_tokens), self._release)
+            return _Tracked(self._stream(req, choices, tools), self._release)
         try:
-            result = await _unless_disconnected(request, self._complete(req, ids, max_tokens))
+            result = await _unless_disconnected(request, self._complete(req, choices, tools))
         except InvalidRequest as e:
             return self._error(endpoint, APIError(400, str(e)))
         except EngineClosed as e:
@@ -310,15 +266,18 @@ class OpenAIServer:
         return JSONResponse(result)
 
     async def models(self, request: Request) -> Response:
+        """The model card, with the memory plan (Session.plan_report: budget, slots per tier, KV
+        capacity, and what auto fitting saw) in the manner of llama.cpp's --fit report."""
         try:
-            plan = self.engine.plan
+            session = self.engine.session
+            plan = session.plan
+            report = session.plan_report()
         except EngineClosed as e:
             return self._error("/v1/models", APIError(503, str(e), kind="server_error"))
         card = {
             "id": self.model_name, "object": "model", "created": self.created, "owned_by": "moeflow",
-            "max_model_len": self.engine.session.arch.max_position_embeddings,
-            "plan": {"budget_bytes": plan.budget_bytes, "expert_slots": plan.slots,
-                     "experts_total": plan.experts_total, "block_bytes": plan.block_bytes},
+            "max_model_len": session.arch.max_position_embeddings,
+            "plan": {**report, "expert_slots": plan.slots},
         }
         self.metrics.requests.labels("/v1/models", "200").inc()
         return JSONResponse({"object": "list", "data": [card]})

@@ -13,7 +13,8 @@ from moeflow.serve.metrics import ServerMetrics
 from moeflow.serve.protocol import CompletionRequest
 
 if TYPE_CHECKING:
-    from moeflow.api import Engine
+    from moeflow.api import Engine, StreamStep
+    from moeflow.models.generation import GenerationConfig
 
 
 @dataclass
@@ -38,26 +39,42 @@ class Piece:
     logprobs: tuple[Any, ...] = ()  # moeflow.runtime.sampling.TokenLogprob
 
 
-def sampling_args(req: CompletionRequest, seed: int | None) -> dict[str, Any]:
-    """The engine's keyword arguments for one choice; unset ones stay None so the engine takes the
-    model's generation_config.json defaults."""
-    return {"temperature": req.temperature, "top_k": req.top_k, "top_p": req.top_p, "min_p": req.min_p,
-            "seed": seed, "repetition_penalty": req.repetition_penalty, "presence_penalty": req.presence_penalty,
-            "frequency_penalty": req.frequency_penalty}
+def sampling_args(req: CompletionRequest, seed: int | None, defaults: GenerationConfig) -> dict[str, Any]:
+    """The engine's keyword arguments for one choice. An unset field takes the checkpoint's
+    generation_config.json value when it has one, as vLLM serves it (do_sample aside: the API
+    samples), and temperature otherwise the API's default, 1.0."""
+    temperature = req.temperature if req.temperature is not None else defaults.temperature
+    top_k = req.top_k if req.top_k is not None else defaults.top_k
+    return {"temperature": 1.0 if temperature is None else temperature,
+            "top_k": top_k or None,  # the file's 0: no top-k
+            "top_p": req.top_p if req.top_p is not None else defaults.top_p,
+            "min_p": req.min_p if req.min_p is not None else defaults.min_p, "seed": seed,
+            "repetition_penalty": req.repetition_penalty,  # None: the engine reads the file's
+            "presence_penalty": req.presence_penalty or 0.0, "frequency_penalty": req.frequency_penalty or 0.0}
+
+
+def step_text(step: StreamStep, marker: tuple[int, str] | None) -> str:
+    """The text a step shows; `marker` (id, text) is a special token the text must keep although
+    decoding skips special tokens: Mistral's [TOOL_CALLS], which the tool parser looks for (vLLM
+    decodes with skip_special_tokens=False for that parser)."""
+    if marker is not None and step.token == marker[0]:
+        return marker[1] + step.text
+    return step.text
 
 
 async def pieces(engine: Engine, choice: Choice, req: CompletionRequest, metrics: ServerMetrics,
-                 stop: tuple[str, ...]) -> AsyncGenerator[Piece, None]:
+                 stop: tuple[str, ...], marker: tuple[int, str] | None = None) -> AsyncGenerator[Piece, None]:
     """One choice's text as it is generated, cut before a stop string (which ends the request)."""
     steps = engine.stream_steps(choice.ids, choice.max_tokens, stop=list(stop), logprobs=req.logprobs,
-                                **sampling_args(req, choice.seed))
+                                stop_at_eos=not req.ignore_eos, **sampling_args(req, choice.seed, engine.generation_config))
     try:
-        async with contextlib.aclosing(steps):  # leaving early (client gone) ends the request
+        async with contextlib.aclosing(steps):  # type: ignore[type-var]  # leaving early (client gone) ends the request
             async for step in steps:
                 choice.tokens += 1
-                if step.text or step.logprob is not None:
-                    choice.text.append(step.text)
-                    yield Piece(step.text, () if step.logprob is None else (step.logprob,))
+                text = step_text(step, marker)
+                if text or step.logprob is not None:
+                    choice.text.append(text)
+                    yield Piece(text, () if step.logprob is None else (step.logprob,))
                 if step.finish_reason is not None:
                     choice.finish_reason = "length" if step.finish_reason == "length" else "stop"
     finally:

@@ -6,34 +6,18 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from moeflow.serve.api_error import APIError, bad
+from moeflow.serve.tools import Tools, parse_tools, template_messages
+
+__all__ = ["APIError", "CompletionRequest", "bad", "parse_request"]
+
 # Parameters of the OpenAI API that moeflow does not implement: a request that sets one to
 # anything but its neutral value is refused, never silently ignored.
 _UNSUPPORTED: dict[str, tuple[object, ...]] = {
-    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
-    "suffix": (None,), "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0), "tools": (None, []), "tool_choice": (None, "none"),
-    "response_format": (None,),
+    "echo": (None, False), "best_of": (None, 1), "suffix": (None,), "logit_bias": (None, {}),
+    "response_format": (None, {"type": "text"}),
 }
-
-
-class APIError(Exception):
-    """An error sent as the OpenAI error body {"error": {message, type, param, code}}."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None,
-                 kind: str = "invalid_request_error", code: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.kind = kind
-        self.code = code
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-
-def bad(param: str, message: str) -> APIError:
-    return APIError(400, f"{param}: {message}", param=param)
+MAX_LOGPROBS = 20  # top alternatives per token, as vLLM's default max_logprobs and the chat API's top_logprobs
 
 
 @dataclass(frozen=True)
@@ -42,17 +26,24 @@ class CompletionRequest:
 
     chat: bool
     model: str | None
-    prompt: str | list[int] | None  # completions
+    prompts: tuple[str | list[int], ...]  # completions: one or several; chat: ()
     messages: list[dict[str, Any]] | None  # chat
     max_tokens: int | None  # None: up to the model's context
-    temperature: float
+    temperature: float | None  # None: the model's generation_config.json, else 1.0
     top_p: float | None
     top_k: int | None
+    min_p: float | None
     seed: int | None
+    presence_penalty: float | None
+    frequency_penalty: float | None
+    repetition_penalty: float | None
     stop: tuple[str, ...]
     n: int
     stream: bool
     include_usage: bool
+    logprobs: int | None  # None: none; 0: the chosen token's; k: and the k most likely
+    tools: Tools | None  # chat: the functions offered and how the model may use them
+    ignore_eos: bool = False  # vLLM's: generate past EOS up to max_tokens (benchmarks)
 
 
 def _int(body: dict[str, Any], name: str, *, minimum: int | None = None) -> int | None:
@@ -84,18 +75,29 @@ def _top_k(body: dict[str, Any]) -> int | None:
     return None if value is None or value <= 0 else value
 
 
-def _prompt(value: object) -> str | list[int]:
-    """A text or a list of token ids; a list holding one of those is that prompt. Several
-    prompts in one request are refused: each would need its own choices and usage."""
+def _token_ids(value: object) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
+def _prompts(value: object) -> tuple[str | list[int], ...]:
+    """A text, a list of token ids, or a non-empty list of those (several prompts, each with its
+    own n choices, as the OpenAI API and vLLM take them)."""
     if isinstance(value, str):
-        return value
-    if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        return list(value)
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str | list):
-        return _prompt(value[0])
-    if isinstance(value, list) and len(value) > 1 and all(isinstance(v, str | list) for v in value):
-        raise bad("prompt", f"{len(value)} prompts in one request are not supported: send one request per prompt")
-    raise bad("prompt", "expected a string or a non-empty list of token ids")
+        return (value,)
+    if _token_ids(value):
+        assert isinstance(value, list)
+        return (list(value),)
+    if isinstance(value, list) and value:
+        out: list[str | list[int]] = []
+        for i, p in enumerate(value):
+            if isinstance(p, str):
+                out.append(p)
+            elif _token_ids(p):
+                out.append(list(p))
+            else:
+                raise bad("prompt", f"prompt[{i}]: expected a string or a non-empty list of token ids, got {p!r:.40}")
+        return tuple(out)
+    raise bad("prompt", "expected a string, a non-empty list of token ids, or a list of those")
 
 
 def _messages(value: object) -> list[dict[str, Any]]:
@@ -141,16 +143,21 @@ def parse_request(body: object, *, chat: bool) -> CompletionRequest:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad("model", f"expected a string, got {type(model).__name__}")
-    prompt: str | list[int] | None = None
+    prompts: tuple[str | list[int], ...] = ()
     messages = None
+    tools = None
     if chat:
         if "messages" not in body:
             raise bad("messages", "missing: a chat completion needs messages")
-        messages = _messages(body["messages"])
+        messages = template_messages(_messages(body["messages"]))
+        tools = parse_tools(body)
     else:
         if body.get("prompt") is None:
             raise bad("prompt", "missing: a completion needs a prompt")
-        prompt = _prompt(body["prompt"])
+        prompts = _prompts(body["prompt"])
+        for name in ("tools", "tool_choice"):
+            if body.get(name) is not None:
+                raise bad(name, "tools are for /v1/chat/completions")
     max_tokens = _int(body, "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens",
                       minimum=1)
     if max_tokens is None and not chat:
@@ -167,9 +174,39 @@ def parse_request(body: object, *, chat: bool) -> CompletionRequest:
     if options is not None and not stream:
         raise bad("stream_options", "only allowed when stream is true")
     return CompletionRequest(
-        chat=chat, model=model, prompt=prompt, messages=messages, max_tokens=max_tokens,
-        temperature=1.0 if temperature is None else temperature,  # the OpenAI default
-        top_p=_float(body, "top_p", 0.0, 1.0, lo_open=True), top_k=_top_k(body),
-        seed=_int(body, "seed"), stop=_stop(body.get("stop")), n=_int(body, "n", minimum=1) or 1,
+        chat=chat, model=model, prompts=prompts, messages=messages, max_tokens=max_tokens,
+        temperature=temperature, top_p=_float(body, "top_p", 0.0, 1.0, lo_open=True), top_k=_top_k(body),
+        min_p=_float(body, "min_p", 0.0, 1.0), seed=_int(body, "seed"),
+        presence_penalty=_float(body, "presence_penalty", -2.0, 2.0),
+        frequency_penalty=_float(body, "frequency_penalty", -2.0, 2.0),
+        repetition_penalty=_float(body, "repetition_penalty", 0.0, math.inf, lo_open=True),
+        stop=_stop(body.get("stop")), n=_int(body, "n", minimum=1) or 1,
         stream=stream, include_usage=bool(options and options.get("include_usage")),
+        logprobs=_logprobs(body, chat=chat), tools=tools, ignore_eos=_bool(body, "ignore_eos"),
     )
+
+
+def _bool(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise bad(name, f"expected a boolean, got {value!r}")
+    return bool(value)
+
+
+def _logprobs(body: dict[str, Any], *, chat: bool) -> int | None:
+    """How many alternatives per token to return: completions' `logprobs: k`; chat's
+    `logprobs: true` with `top_logprobs: k`. None: no log-probabilities."""
+    if not chat:
+        value = _int(body, "logprobs", minimum=0)
+        if value is not None and value > MAX_LOGPROBS:
+            raise bad("logprobs", f"at most {MAX_LOGPROBS}, got {value}")
+        return value
+    wanted = body.get("logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise bad("logprobs", f"expected a boolean (chat), got {wanted!r}: the count goes in top_logprobs")
+    top = _int(body, "top_logprobs", minimum=0)
+    if top is not None and top > MAX_LOGPROBS:
+        raise bad("top_logprobs", f"at most {MAX_LOGPROBS}, got {top}")
+    if top is not None and not wanted:
+        raise bad("top_logprobs", "needs \"logprobs\": true")
+    return (top or 0) if wanted else None

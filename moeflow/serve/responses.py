@@ -15,10 +15,12 @@ class ToolUse:
     """What a chat request does with tool calls: parse them from the output ("auto"), or, with a named
     function, read the output as that function's arguments after a forced opening (`prefix`)."""
 
-    def __init__(self, parser: ToolParser, function: str | None = None, parallel: bool = True) -> None:
+    def __init__(self, parser: ToolParser, function: str | None = None, parallel: bool = True,
+                 marker: tuple[int, str] | None = None) -> None:
         self.parser = parser
         self.function = function
         self.parallel = parallel  # False: at most one call (parallel_tool_calls: false)
+        self.marker = marker  # the opener as a special token (id, text), which decoding would drop
 
     @property
     def prefix(self) -> str:
@@ -49,8 +51,10 @@ class ChoiceView:
     """One choice's client-facing state: `add` each piece (it returns the stream body to send, if any),
     then `ending` (the stream's last bodies) or `whole` (the response's choice)."""
 
-    def __init__(self, choice: Choice, *, chat: bool, token_text: TokenText | None, tools: ToolUse | None) -> None:
+    def __init__(self, choice: Choice, *, chat: bool, token_text: TokenText | None, tools: ToolUse | None,
+                 whole_only: bool = False) -> None:
         self.choice = choice
+        self.whole_only = whole_only  # a response, not a stream: `add` only keeps the pieces
         self.chat = chat
         self.token_text = token_text  # None: no logprobs asked for
         self.tools = tools
@@ -78,7 +82,10 @@ class ChoiceView:
         return self._body(None, None, None, {"role": "assistant", "content": ""})
 
     def add(self, piece: Piece) -> dict[str, Any] | None:
+        """The stream body for `piece`, if it shows anything; the piece is kept for `whole` either way."""
         self._entries.extend(piece.logprobs)
+        if self.whole_only:
+            return None
         text = piece.text
         if self.tools is not None:
             text = "" if self._held is None else self._held.push(text)  # a named call's output is its arguments

@@ -41,10 +41,9 @@ async def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, mo
     async with engine:
         app = create_app(engine, model_name=model_name, max_queue=max_queue)
         name = app.state.openai_server.model_name
-        plan = engine.plan
-        print(f"moeflow serve: {name} on http://{host}:{port}/v1 - expert budget {plan.budget_bytes} bytes, "
-              f"{plan.slots} of {plan.experts_total} experts resident, context "
-              f"{engine.session.arch.max_position_embeddings} tokens", file=sys.stderr, flush=True)
+        print(f"moeflow serve: {name} on http://{host}:{port}/v1, context "
+              f"{engine.session.arch.max_position_embeddings} tokens\nmoeflow serve: {engine.session.plan_line()}",
+              file=sys.stderr, flush=True)
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
                                 timeout_graceful_shutdown=drain_seconds)
         await _server_class()(config).serve()

@@ -11,6 +11,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from tokenizers import Tokenizer
+
 from moeflow.serve.api_error import bad
 
 
@@ -173,6 +175,15 @@ class MistralParser(ToolParser):
             return text, []
         content = text.split(self.opener)[0]
         return content or None, parsed
+
+
+def special_marker(tokenizer: Tokenizer, parser: ToolParser) -> tuple[int, str] | None:
+    """(id, text) of the parser's opener when the tokenizer holds it as a special token, which
+    decoding drops (Mistral v3 tokenizers' [TOOL_CALLS]); None when it is ordinary text."""
+    for token_id, added in tokenizer.get_added_tokens_decoder().items():
+        if added.content == parser.opener and added.special:
+            return token_id, added.content
+    return None
 
 
 def parser_for(template_source: str) -> ToolParser | None:

@@ -177,7 +177,7 @@ HISTORY: list[dict[str, Any]] = [
     {"role": "user", "content": "And the time?"},
 ]
 
-TOOL_TEMPLATES = {"qwen2.5": ({"chat_template": QWEN25, "eos_token": "<|im_end|>"}, HermesParser),
+TOOL_TEMPLATES: dict[str, tuple[dict[str, object], type]] = {"qwen2.5": ({"chat_template": QWEN25, "eos_token": "<|im_end|>"}, HermesParser),
                   "mistral": ({"chat_template": MISTRAL, "bos_token": "<s>", "eos_token": "</s>"}, MistralParser)}
 
 
@@ -339,3 +339,24 @@ def test_bad_tool_call_history_is_refused_naming_the_message() -> None:
     with pytest.raises(APIError) as raised:
         template_messages([{"role": "user", "content": "x", "tool_calls": []}])
     assert raised.value.param == "messages[0].tool_calls"
+
+
+def test_a_special_tool_call_token_is_kept_in_the_text_the_parser_reads(tiny_model: Path) -> None:
+    from tokenizers import Tokenizer
+
+    from moeflow.request import StreamStep
+    from moeflow.serve.choices import step_text
+    from moeflow.serve.tools import special_marker
+
+    tok = Tokenizer.from_file(str(tiny_model / "tokenizer.json"))
+    assert special_marker(tok, MistralParser()) is None  # not in this vocabulary: plain text, decoded as such
+    tok.add_tokens(["<tool_call>"])  # Qwen's: an added token, not special, so decoding keeps it
+    tok.add_special_tokens(["[TOOL_CALLS]"])  # Mistral v3's: special, so decoding drops it
+    assert special_marker(tok, HermesParser()) is None
+    marker = special_marker(tok, MistralParser())
+    assert marker is not None and marker[1] == "[TOOL_CALLS]"
+    calls = tok.encode('[TOOL_CALLS] [{"name": "f", "arguments": {}}]', add_special_tokens=False).ids
+    assert calls[0] == marker[0] and "[TOOL_CALLS]" not in tok.decode(calls, skip_special_tokens=True)
+    text = "".join(step_text(StreamStep(i, tok.decode([i], skip_special_tokens=True)), marker) for i in calls)
+    assert [c.name for c in MistralParser().parse(text)[1]] == ["f"]
+    assert step_text(StreamStep(calls[1], "x"), marker) == "x"
