@@ -36,8 +36,9 @@ from moeflow.serve.server import running  # noqa: E402
 
 
 async def client(http: httpx.AsyncClient, prompt: str, new_tokens: int) -> dict[str, Any]:
+    # ignore_eos: the same work as the generate_batch baseline (stop_at_eos=False), token for token
     body = {"model": "olmoe-stdlib", "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
     started = time.perf_counter()
     stamps: list[float] = []
     text, tokens = "", 0
