@@ -261,3 +261,29 @@ async def test_ignore_eos_generates_past_the_end_of_sequence(served: tuple[Engin
                                            extra_body={"ignore_eos": True})
     assert past.choices[0].finish_reason == "length" and past.usage is not None and past.usage.completion_tokens == 20
     assert past.choices[0].text == (await eng.generate(prompt, 20, temperature=0, stop_at_eos=False)).text
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(240)
+async def test_bos_is_added_to_completion_prompts_but_not_to_rendered_chats(model_copy: Path) -> None:
+    """With a tokenizer whose post-processor adds BOS (as Llama's and Mistral's do): a completion's
+    prompt gets it from the tokenizer, a chat's from the template, never twice."""
+    from tokenizers import Tokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    tok = Tokenizer.from_file(str(model_copy / "tokenizer.json"))
+    tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save(str(model_copy / "tokenizer.json"))
+    template = "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+    (model_copy / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "bos_token": "<s>"}))
+    async with Engine.open(model_copy, **engine_options()) as eng:
+        async with live_server(create_app(eng, model_name=MODEL)) as url:
+            async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client:
+                done = await client.completions.create(model=MODEL, prompt="hi there", max_tokens=1, temperature=0)
+                chat = await client.chat.completions.create(model=MODEL, max_tokens=1, temperature=0,
+                                                            messages=[{"role": "user", "content": "hi there"}])
+        bare = tok.encode("hi there", add_special_tokens=False).ids
+        assert done.usage is not None and done.usage.prompt_tokens == len(bare) + 1  # the tokenizer's BOS
+        rendered = tok.encode("<s>[INST] hi there [/INST]", add_special_tokens=False).ids
+        assert rendered.count(1) == 1  # the template's BOS
+        assert chat.usage is not None and chat.usage.prompt_tokens == len(rendered)  # and no second one
