@@ -21,8 +21,9 @@ def add_parser(command: Callable[..., argparse.ArgumentParser],
     p = command("batch", "generate for every prompt of a prompt file (resumable)",
                 description="A .jsonl / .json input holds one JSON object per line: {\"prompt\": text or ids, "
                             "\"id\", \"max_new_tokens\", \"temperature\", \"top_k\", \"top_p\", \"seed\", "
-                            "\"stop_at_eos\"}; any other file is plain text, one prompt per line. Results are "
-                            "appended to --output as each prompt finishes, and a rerun skips those done.")
+                            "\"min_p\", \"repetition_penalty\", \"presence_penalty\", \"frequency_penalty\", "
+                            "\"stop\", \"stop_at_eos\"}; any other file is plain text, one prompt per line. "
+                            "Results are appended to --output as each prompt finishes, and a rerun skips those done.")
     engine_args(p)
     p.add_argument("--input", required=True,
                    help="prompts: .jsonl/.json = JSON lines, any other name = one plain-text prompt per line")

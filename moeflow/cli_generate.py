@@ -129,10 +129,11 @@ async def _bench(args: argparse.Namespace, path: Path, options: dict[str, Any]) 
         prompt = [(7 * i + 3) % eng.session.arch.vocab_size for i in range(args.prompt_len)]
         if not args.json:
             print(eng.session.plan_line(), file=sys.stderr, flush=True)
-        await eng.generate(prompt, args.max_new_tokens, stop_at_eos=False)  # warm-up, not counted
+        # greedy whatever generation_config.json says: the runs time the same tokens
+        await eng.generate(prompt, args.max_new_tokens, temperature=0.0, stop_at_eos=False)  # warm-up, not counted
         runs = []
         for _ in range(args.repetitions):
-            s = (await eng.generate(prompt, args.max_new_tokens, stop_at_eos=False)).stats
+            s = (await eng.generate(prompt, args.max_new_tokens, temperature=0.0, stop_at_eos=False)).stats
             runs.append({
                 "prefill_tokens_per_second": args.prompt_len / s["prefill_seconds"] if s["prefill_seconds"] else 0.0,
                 "decode_tokens_per_second": s["decode_tokens_per_second"],

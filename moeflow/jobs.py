@@ -2,7 +2,9 @@
 
 Input, one JSON object per line:
     {"id": "q1", "prompt": "text" | [token ids], "max_new_tokens": 64,
-     "temperature": 0.0, "top_k": null, "top_p": null, "seed": null, "stop_at_eos": true}
+     "temperature": 0.0, "top_k": null, "top_p": null, "seed": null, "min_p": null,
+     "repetition_penalty": null, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+     "stop": "text" | ["text", ...], "stop_at_eos": true}
 Only "prompt" is required; "id" defaults to the line number. A file whose name ends in .jsonl or
 .json is read so; any other file is plain text, one prompt per line (its id the line number), with
 empty lines skipped: no guessing from the content. Output, one line per prompt as it
@@ -29,7 +31,9 @@ from typing import Any, Protocol
 from moeflow.errors import InvalidRequest, MoeflowError
 
 PARAMS = {"max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float, "seed": int,
-          "stop_at_eos": bool}
+          "min_p": float, "repetition_penalty": float, "presence_penalty": float, "frequency_penalty": float,
+          "stop": list, "stop_at_eos": bool}
+OPTIONAL = ("temperature", "top_k", "top_p", "seed", "min_p", "repetition_penalty", "stop")  # null: the default
 KEYS = {"id", "prompt", *PARAMS}
 
 
@@ -53,8 +57,13 @@ class Job:
 
 def _check_value(key: str, value: Any) -> Any:
     want = PARAMS[key]
-    if value is None and key in ("top_k", "top_p", "seed"):
+    if value is None and key in OPTIONAL:
         return None
+    if want is list:  # stop: one string or a list of strings
+        if isinstance(value, str) and value or (
+                isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)):
+            return value
+        raise ValueError(f"{key}={value!r}: must be a non-empty string or a list of non-empty strings")
     if want is bool:
         ok = isinstance(value, bool)
     elif want is int:
