@@ -92,6 +92,8 @@ def test_sigterm_lets_an_in_flight_stream_finish_within_the_drain(tiny_model: Pa
         out = served.process.stdout.read() if served.process.stdout else ""
         assert "Traceback" not in out and "Waiting for connections to close" in out, out
         assert out.rstrip().endswith("closed"), out  # the engine closed after the drain
+        # the start-up names the memory plan, as `moeflow run` does (Session.plan_line)
+        assert "moeflow serve: plan: budget " in out and " experts; predictor " in out, out
 
 
 @pytest.mark.timeout(240)
