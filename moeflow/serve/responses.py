@@ -40,9 +40,9 @@ class ToolUse:
         body = text.strip()
         try:
             arguments, _ = json.JSONDecoder().raw_decode(body)
-            arguments_text = json.dumps(arguments, ensure_ascii=False)
         except ValueError:
-            arguments_text = body
+            arguments = None
+        arguments_text = json.dumps(arguments, ensure_ascii=False) if isinstance(arguments, dict) else body
         assert self.function is not None
         return ToolCall(self.parser.new_id(), self.function, arguments_text)
 

@@ -301,6 +301,8 @@ def test_a_named_function_reads_the_output_as_its_arguments() -> None:
     assert whole["finish_reason"] == "stop"  # vLLM's: a forced call keeps how the generation ended
     garbled = _view(MistralParser(), "get_weather", ["no json"]).whole()["message"]["tool_calls"][0]
     assert garbled["function"]["arguments"] == "no json" and len(garbled["id"]) == 9
+    number = _view(HermesParser(), "get_weather", [" 5 apples"]).whole()["message"]["tool_calls"][0]
+    assert number["function"]["arguments"] == "5 apples"  # JSON, but not an object: the text as written
     assert ToolUse(MistralParser(), "f").prefix == '[TOOL_CALLS] [{"name": "f", "arguments": '
 
 
