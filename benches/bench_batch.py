@@ -110,7 +110,8 @@ async def ordered(model: Path, texts: list[str], new_tokens: int, options: dict[
         seconds = time.perf_counter() - started
         return {"outs": outs, "tps": sum(map(len, outs)) / seconds, "bytes": eng.stats()["bytes_loaded"] - before,
                 "p95_gap": statistics.quantiles(gaps, n=20)[18], "steps": batcher.steps,
-                "split_steps": batcher.split_steps, "sent_ahead": batcher.sent_ahead}
+                "split_steps": batcher.split_steps, "sent_ahead": batcher.sent_ahead,
+                "early_loads": batcher.early_loads}
 
 
 async def streams(model: Path, texts: list[str], new_tokens: int, options: dict[str, Any]) -> list[float]:
@@ -191,6 +192,7 @@ def regrouping(fifo: dict[str, Any], regrouped: dict[str, Any], unsplit: dict[st
         "regrouped_steps": regrouped["steps"],
         "regrouped_split_steps": regrouped["split_steps"],
         "regrouped_sent_ahead": regrouped["sent_ahead"],
+        "regrouped_early_loads": regrouped["early_loads"],
         "unsplit_regrouping_vs_fifo": round(unsplit["tps"] / fifo["tps"], 3),
         "unsplit_regrouped_tokens_per_second": round(unsplit["tps"], 2),
         "unsplit_regrouped_p95_inter_token_seconds": round(unsplit["p95_gap"], 5),

@@ -18,9 +18,10 @@ whose sequences' recent routing paths need the fewest experts beyond those resid
 of the others chosen. Without it, decode tokens go first in arrival order, then prompts (so at
 most `max_sequences` sequences run at once). A regrouped step whose decode tokens are in part
 predicted (their last routing path) to need only resident experts splits: those go ahead as a
-step of their own while the others' missing experts load (prefetches issued before the first
-step computes, so the copies overlap it), and the others run as the very next step (so they
-wait one step more, never longer). `split_steps`, `sent_ahead` and `early_loads` count it.
+step of their own while the others' missing experts load (loads issued before the first step
+computes, so the copies overlap it; with no room for any, the step does not split), and the
+others run as the very next step (they wait one step more, never longer). `split_steps`,
+`sent_ahead` and `early_loads` count it.
 
 Admission is separate: `admit(tokens)` waits until the sequence's KV cache (prompt plus new
 tokens, at `kv_bytes_per_token`) fits in `kv_budget` next to those already admitted, so when
@@ -241,7 +242,8 @@ class StepBatcher:
         the first step's compute, and the others are kept as the next step. They are early demand
         loads (the next step needs them): unlike a speculative prefetch they may evict an expert
         used a step ago, by sequences not in this step (those step later), but never one this
-        step's sequences need (protected), and they stop at the first that finds no room."""
+        step's sequences need (protected), and they stop at the first that finds no room. When
+        none can start (the step's own experts fill the budget) the step does not split."""
         if not self.resident_first or self.resident is None:
             return batch
         resident = self.resident()
@@ -258,6 +260,8 @@ class StepBatcher:
         started = self.runner.cache.apply(PrefetchPlan(
             loads=[(key, DEMAND) for key in route_keys(misses & ~resident, experts)],
             protect=set(route_keys(needed & resident, experts))))
+        if not started:  # no room to load while the first group runs: two steps would only cost more
+            return batch
         self.early_loads += len(started)
         self._behind = [b for i, b in enumerate(batch) if i not in ahead]
         self.split_steps += 1

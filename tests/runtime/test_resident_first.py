@@ -67,7 +67,8 @@ async def _split_run(eng: Engine, prompts: list[list[int]], n: int) -> dict[str,
                           snapshot=session.counters_snapshot, end_step=session.end_step,
                           resident=lambda: runner.route_bits(session.cache.resident()))
     stepped: list[set[int]] = []
-    splits: list[tuple[int, set[int]]] = []  # (the step after the one sent ahead, the sequences kept behind)
+    # (the step after the one sent ahead, the sequences kept behind, the loads the split started)
+    splits: list[tuple[int, set[int], int]] = []
     forward_parts, split = runner.forward_parts, batcher._split
 
     async def spy_forward(parts: list[Part]) -> list[torch.Tensor | None]:
@@ -75,9 +76,11 @@ async def _split_run(eng: Engine, prompts: list[list[int]], n: int) -> dict[str,
         return await forward_parts(parts)
 
     def spy_split(batch: list[Any]) -> list[Any]:
+        loads = batcher.early_loads
         ahead = split(batch)
         if len(ahead) < len(batch):
-            splits.append((len(stepped) + 1, {id(e.seq) for e, _, _ in batch} - {id(e.seq) for e, _, _ in ahead}))
+            behind = {id(e.seq) for e, _, _ in batch} - {id(e.seq) for e, _, _ in ahead}
+            splits.append((len(stepped) + 1, behind, batcher.early_loads - loads))
         return ahead
 
     runner.forward_parts = spy_forward  # type: ignore[method-assign]
@@ -104,9 +107,9 @@ def _check(got: dict[str, Any]) -> None:
     # the resident-first steps happened, and the step after each ran exactly the ones kept behind
     assert got["split_steps"] >= 3 and got["sent_ahead"] >= got["split_steps"], got["splits"]
     assert len(got["splits"]) == got["split_steps"]
-    for after, behind in got["splits"]:
+    for after, behind, loads in got["splits"]:
         assert got["stepped"][after] == behind
-    assert got["early_loads"] > 0  # the misses of those kept behind loaded while the others ran
+        assert loads > 0  # some misses of those kept behind loaded while the others ran (else no split)
     assert got["waiting"] == 0 and got["pinned"] == 0
 
 
