@@ -64,6 +64,7 @@ class OpenAIServer:
         # read now, so a broken tokenizer_config.json fails at start-up rather than per request
         self.template: ChatTemplate | None = load_chat_template(engine.path)
         self._merged = Merged()
+        self._token_text: TokenText | None = None
 
     # ---- checks ----------------------------------------------------------------------------
     def _chat_template(self) -> ChatTemplate:
@@ -157,7 +158,9 @@ class OpenAIServer:
         """Each choice's view, and its pieces merged across choices (closing the merge cancels them)."""
         tokenizer = self.engine.session.tokenizer
         assert tokenizer is not None
-        token_text = None if req.logprobs is None else TokenText(tokenizer)
+        if req.logprobs is not None and (self._token_text is None or self._token_text.tokenizer is not tokenizer):
+            self._token_text = TokenText(tokenizer)  # one per server: its cache of token texts serves every request
+        token_text = None if req.logprobs is None else self._token_text
         views = [ChoiceView(c, chat=req.chat, token_text=token_text, tools=tools, whole_only=not req.stream)
                  for c in choices]
         stop = req.stop + (tools.stop if tools else ())
