@@ -2,6 +2,7 @@
 
     python benches/bench_batch.py [--prompts 64] [--new-tokens 64] [--models trained,mixtral]
                                   [--budget 25%] [--streams 32] [--dtype float32] [--only regroup]
+                                  [--device sim --sim-bandwidth-gbps 1]
 
 For each model (the trained OLMoE-style benches/models/olmoe-stdlib, and the synthesized small
 Mixtral), at the budget with the store read with O_DIRECT, on held-out corpus prompts:
@@ -19,7 +20,9 @@ Mixtral), at the budget with the store read with O_DIRECT, on held-out corpus pr
                                  regrouped_split_steps / _sent_ahead count the resident-first
                                  steps, and unsplit_* is regrouping without them, in the same run.
 Prints one JSON line per model, then {"summary": ...}. `--only regroup` runs only the last
-comparison (its outputs checked against each other, not against sequential runs).
+comparison (its outputs checked against each other, not against sequential runs). `--device sim`
+runs on the simulated GPU (experts copied over a link of `--sim-bandwidth-gbps`), a setting where
+loading, not the CPU's matmuls, takes the time.
 """
 
 from __future__ import annotations
@@ -134,7 +137,9 @@ async def streams(model: Path, texts: list[str], new_tokens: int, options: dict[
 
 def run_model(name: str, model: Path, args: argparse.Namespace) -> dict[str, Any]:
     texts = heldout_prompts(args.prompts)
-    options = dict(device="cpu", expert_budget=args.budget, direct_io="require", prefetch="none")
+    options = dict(device=args.device, expert_budget=args.budget, direct_io="require", prefetch="none")
+    if args.device == "sim":
+        options["sim_bandwidth_gbps"] = args.sim_bandwidth_gbps
     if args.dtype:
         options["dtype"] = args.dtype
     fifo = asyncio.run(ordered(model, texts, args.new_tokens,
@@ -146,8 +151,8 @@ def run_model(name: str, model: Path, args: argparse.Namespace) -> dict[str, Any
                                        resident_first=False)))
     compared = regrouping(fifo, regrouped, unsplit, args)
     if args.only == "regroup":
-        return {"model": name, "budget": args.budget, "dtype": args.dtype or "checkpoint", "prompts": len(texts),
-                "new_tokens": args.new_tokens, **compared,
+        return {"model": name, "budget": args.budget, "device": args.device, "dtype": args.dtype or "checkpoint",
+                "prompts": len(texts), "new_tokens": args.new_tokens, **compared,
                 "regrouped_outputs_equal": regrouped["outs"] == fifo["outs"] == unsplit["outs"]}
     seq = asyncio.run(sequential(model, texts, args.new_tokens, options))
     bat = asyncio.run(batched(model, texts, args.new_tokens, options))
@@ -158,6 +163,7 @@ def run_model(name: str, model: Path, args: argparse.Namespace) -> dict[str, Any
     return {
         "model": name,
         "budget": args.budget,
+        "device": args.device,
         "dtype": args.dtype or "checkpoint",
         "prompts": len(texts),
         "new_tokens": args.new_tokens,
@@ -209,6 +215,8 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=32)
     ap.add_argument("--dtype", default=None, help="compute dtype (default the checkpoint's, bf16 for both models)")
     ap.add_argument("--regroup-batch", type=int, default=16, help="sequences a step for the regrouping comparison")
+    ap.add_argument("--device", choices=("cpu", "sim"), default="cpu")
+    ap.add_argument("--sim-bandwidth-gbps", type=float, default=1.0, help="the simulated link (--device sim)")
     ap.add_argument("--only", choices=("all", "regroup"), default="all",
                     help="'regroup': only the regrouping-vs-fifo comparison (minutes less)")
     args = ap.parse_args()
