@@ -12,9 +12,9 @@ from typing import Any
 from moeflow.config import EngineConfig
 from moeflow.errors import CheckpointError, ConfigError, MoeflowError
 
-# Engine options of every model command: the CLI flag's dest -> the EngineConfig field.
-ENGINE_OPTIONS = ("expert_budget", "memory_reserve", "kv_budget", "device", "prefetch", "policy", "dtype", "direct_io", "store_dir", "threads",
-                  "precision", "miss_precision", "sim_bandwidth_gbps", "sim_latency_us")
+# Engine options of every model command: each flag's dest is the EngineConfig field of that name.
+ENGINE_OPTIONS = ("expert_budget", "memory_reserve", "kv_budget", "device", "prefetch", "policy", "dtype", "direct_io",
+                  "store_dir", "threads", "precision", "miss_precision", "sim_bandwidth_gbps", "sim_latency_us")
 
 
 class MissingExtra(MoeflowError, ImportError):
@@ -32,14 +32,11 @@ def at_least(args: argparse.Namespace, dest: str, low: float) -> None:
         raise ConfigError(f"{flag(dest)} {value}: must be >= {low:g}")
 
 
-def within(args: argparse.Namespace, dest: str, low: float, high: float, *, open_low: bool = False) -> None:
-    """ConfigError naming the flag when `args.dest` is given and outside [low, high] ((low, high] if open_low)."""
+def within(args: argparse.Namespace, dest: str, low: float, high: float) -> None:
+    """ConfigError naming the flag when `args.dest` is given and outside [low, high]."""
     value = getattr(args, dest, None)
-    if value is None:
-        return
-    if value != value or value > high or value < low or (open_low and value == low):
-        bounds = f"{'(' if open_low else '['}{low:g}, {high:g}]"
-        raise ConfigError(f"{flag(dest)} {value}: must be in {bounds}")
+    if value is not None and not low <= value <= high:
+        raise ConfigError(f"{flag(dest)} {value}: must be in [{low:g}, {high:g}]")
 
 
 def readable_file(option: str, path: str | os.PathLike[str]) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from moeflow.cli_checks import at_least, checkpoint_dir, engine_options, flagged
-from moeflow.errors import ConfigError
+from moeflow.errors import ConfigError, InvalidRequest
 
 
 def _prompt(args: argparse.Namespace) -> str | list[int]:
@@ -39,8 +39,7 @@ SAMPLING = ("temperature", "top_k", "top_p", "seed", "min_p", "repetition_penalt
 def sampling(args: argparse.Namespace) -> dict[str, Any]:
     """The run's sampling keywords for generate / stream_steps, checked now by the engine's own
     SamplingParams (a ConfigError naming the flag); left-out options take generation_config.json's."""
-    from moeflow.errors import InvalidRequest
-    from moeflow.runtime.sampling import SamplingParams
+    from moeflow.runtime.sampling import SamplingParams  # imports torch: after --help, before the model
 
     at_least(args, "max_new_tokens", 1)
     given = {name: getattr(args, name) for name in SAMPLING if getattr(args, name) is not None}
