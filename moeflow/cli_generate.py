@@ -103,9 +103,9 @@ async def _run(args: argparse.Namespace, path: Path, prompt: str | list[int], op
 def cmd_run(args: argparse.Namespace) -> int:
     """Check every argument, then load the model, print the plan and stream the text."""
     prompt = _prompt(args)
-    sampling(args)
     options = engine_options(args)
-    path = checkpoint_dir(args.model)
+    path = checkpoint_dir(args.model)  # before sampling's check, which imports torch (seconds)
+    sampling(args)
     if not (path / "tokenizer.json").is_file():
         needs = "--prompt TEXT" if isinstance(prompt, str) else "--stop" if args.stop else None
         if needs:

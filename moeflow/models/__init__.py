@@ -2,32 +2,29 @@
 
 from __future__ import annotations
 
-from types import ModuleType
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from moeflow.errors import UnsupportedModel
-from moeflow.models import deepseek, mixtral, olmoe, qwen_moe
-from moeflow.models.base import Arch, ConfigReader
-from moeflow.models.checkpoint import Checkpoint
+if TYPE_CHECKING:
+    from moeflow.models.base import Arch, ConfigReader
+    from moeflow.models.checkpoint import Checkpoint
+    from moeflow.models.families import FAMILIES, parse_arch
 
-_FAMILIES: tuple[ModuleType, ...] = (mixtral, qwen_moe, olmoe, deepseek)
-FAMILIES: dict[str, ModuleType] = {t: m for m in _FAMILIES for t in m.MODEL_TYPES}
+__all__ = ["FAMILIES", "Arch", "Checkpoint", "ConfigReader", "parse_arch"]
 
-__all__ = ["FAMILIES", "Arch", "Checkpoint", "parse_arch"]
+# Imported on first use (PEP 562): these pull in torch, and a light import of a submodule
+# (moeflow.models.hub, to resolve a repo id before anything loads) must not wait for it.
+_LAZY = {
+    "Arch": "moeflow.models.base", "ConfigReader": "moeflow.models.base",
+    "Checkpoint": "moeflow.models.checkpoint",
+    "FAMILIES": "moeflow.models.families", "parse_arch": "moeflow.models.families",
+}
 
 
-def parse_arch(checkpoint: Checkpoint) -> Arch:
-    """The normalized architecture of a checkpoint; UnsupportedModel names what is not supported."""
-    cfg = ConfigReader(checkpoint.config, checkpoint.path)
-    model_type = cfg.req("model_type", str)
-    family = FAMILIES.get(model_type)
-    if family is None:
-        archs = checkpoint.config.get("architectures") or [model_type]
-        raise UnsupportedModel(
-            f"{checkpoint.path / 'config.json'}: unsupported architecture {archs[0]!r} (model_type {model_type!r}); "
-            f"supported model types: {', '.join(sorted(FAMILIES))}",
-            path=str(checkpoint.path / "config.json"),
-            field="model_type",
-        )
-    arch: Arch = family.parse(cfg)
-    cfg.check_layers(arch, checkpoint.tensors)
-    return arch
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'moeflow.models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
