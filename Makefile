@@ -1,5 +1,6 @@
 # Two entry points on a fresh machine (Rust toolchain + Python >= 3.11):
-#   make demo   install moeflow into .venv, synthesize a small MoE checkpoint, generate with 25% of its experts
+#   make demo   install moeflow into .venv, synthesize a small MoE checkpoint and generate with 25% of its experts,
+#               then generate Python with the trained small model (olmoe-stdlib) at 25%
 #   make test   install with test dependencies, then run cargo test, pytest and the stub/kernel checks
 PYTHON ?= python3
 VENV   ?= .venv
@@ -21,6 +22,7 @@ install-test: $(BIN)/python
 demo: install
 	test -f $(DEMO)/config.json || $(BIN)/moeflow synth --arch mixtral --size tiny --out $(DEMO)
 	$(BIN)/moeflow run $(DEMO) --prompt "def fibonacci(n):" --max-new-tokens 32 --expert-budget 25%
+	$(BIN)/moeflow run benches/models/olmoe-stdlib --prompt "def read_config(path):" --max-new-tokens 48 --expert-budget 25%
 
 rust-test:
 	cargo test --workspace --quiet

@@ -1,4 +1,4 @@
-"""The embedding example of docs/serve.md, run as written: a Starlette app mounting create_app(engine)."""
+"""The embedding example of docs/serve.md (and README.md), run as written: a Starlette app mounting create_app(engine)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,11 @@ def _example() -> str:
     blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), flags=re.DOTALL)
     assert len(blocks) == 1, f"{DOC}: expected one python example, found {len(blocks)}"
     return str(blocks[0])
+
+
+def test_the_readme_shows_the_same_example() -> None:
+    readme = (DOC.parents[1] / "README.md").read_text(encoding="utf-8")
+    assert f"```python\n{_example()}```" in readme, "README.md's embedding example differs from docs/serve.md's"
 
 
 def test_the_example_is_about_ten_lines() -> None:
