@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from moeflow.memory.cache import ExpertCache
 from moeflow.memory.device import ComputeDevice
+from moeflow.runtime.cpu_experts import CpuExperts
 from moeflow.runtime.layers import GQAAttention, KVCache, rms_norm, silu_mlp
 from moeflow.runtime.model import DenseModel
 from moeflow.runtime.moe import MissPrecision, PrecisionCounters, Routing, run_moe
@@ -100,6 +101,7 @@ class ModelRunner:
         self.threads = ThreadPlan()
         self.track_routes = False  # keep each sequence's recent routing path (for token regrouping)
         self.num_experts = model.arch.num_experts
+        self.cpu_experts: CpuExperts | None = None  # misses computed on the CPU (miss_compute, cpu_layers)
 
     def route_bits(self, keys: Iterable[tuple[int, int]]) -> int:
         """(layer, expert) keys as a routing-path bit mask (see Sequence.route)."""
@@ -240,7 +242,8 @@ class ModelRunner:
                 for i, (_, b) in enumerate(bounds):
                     for e in host_ids[b - 1]:
                         paths[i] |= 1 << (base + e)
-            h = await run_moe(layer, x, routing, cache, wide, self.miss, self.precision_counters, residual=h)
+            h = await run_moe(layer, x, routing, cache, wide, self.miss, self.precision_counters, residual=h,
+                              cpu=self.cpu_experts)
         if self.track_routes:
             for p, path in zip(parts, paths, strict=True):
                 p.seq.route = path
