@@ -40,6 +40,7 @@ DIRECT_IO = ("auto", "require", "never")
 STORE_MODES = ("auto", "never", "rebuild")
 # Names only: importing torch here would make `moeflow --help` wait seconds for it.
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+MISS_COMPUTE = ("copy", "cpu", "auto")  # where a missing expert runs (scheduling/placement.py)
 POLICIES = ("lru", "lfu", "mrs", "hobbit", "shallow", "predicted")  # eviction policies (memory/policies.py)
 
 
@@ -156,6 +157,29 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def parse_cpu_layers(value: object) -> int | tuple[int, ...]:
+    """cpu_layers as given: an int N >= 0 (the first N MoE layers, as llama.cpp's --n-cpu-moe) or
+    a string of layer indices and ranges such as "0-3,7". Raises ValueError with the reason."""
+    if isinstance(value, bool):
+        raise ValueError("expected an int >= 0 or a string of layer indices such as '0-3,7'")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a layer count cannot be negative")
+        return value
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected an int >= 0 or a string of layer indices such as '0-3,7'")
+    layers: set[int] = set()
+    for part in value.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ValueError(f"{part.strip()!r} is not a layer index or a range such as '0-3'")
+        first, last = int(lo), int(hi) if sep else int(lo)
+        if last < first:
+            raise ValueError(f"the range {part.strip()!r} runs backwards")
+        layers.update(range(first, last + 1))
+    return tuple(sorted(layers))
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything a user can set on an engine; build it with `EngineConfig.from_user(**kw)`."""
@@ -198,6 +222,12 @@ class EngineConfig:
     # device="sim" (a test device): its copy engine's bandwidth and per-copy latency
     sim_bandwidth_gbps: float = 25.0
     sim_latency_us: float = 10.0
+    # GPU / sim: where a missing expert runs (scheduling/placement.py): "copy" (wait for its copy),
+    # "cpu" (compute it on the CPU from its pinned host home), "auto" (the cost model decides)
+    miss_compute: str = "copy"
+    # GPU / sim: MoE layers whose experts always run on the CPU, never copied (llama.cpp's
+    # --n-cpu-moe): the first N MoE layers, or a tuple of layer indices ("0-3,7" as given)
+    cpu_layers: int | tuple[int, ...] = 0
 
     @classmethod
     def from_user(cls, **kw: Any) -> EngineConfig:
@@ -219,6 +249,7 @@ class EngineConfig:
             ("store_mode", STORE_MODES),
             ("budget_split", BUDGET_SPLITS),
             ("batch_order", BATCH_ORDERS),
+            ("miss_compute", MISS_COMPUTE),
         ):
             if name in kw:
                 out[name] = _choice(name, kw[name], allowed)
@@ -296,6 +327,17 @@ class EngineConfig:
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v < 1e9 or v != v:
                     raise ConfigError(f"{name}={v!r}: expected a finite number >= {low:g}")
                 out[name] = float(v)
+        if kw.get("cpu_layers") is not None:
+            try:
+                out["cpu_layers"] = parse_cpu_layers(kw["cpu_layers"])
+            except ValueError as e:
+                raise ConfigError(f"cpu_layers={kw['cpu_layers']!r}: {e}") from None
+        if out.get("device") == "cpu":
+            for name, unset in (("miss_compute", "copy"), ("cpu_layers", 0)):
+                if out.get(name, unset) != unset:
+                    raise ConfigError(
+                        f"{name}={kw[name]!r} with device='cpu': experts already run on the CPU (there is no "
+                        f"second tier to compute in); drop {name}, or use device='cuda' (or 'sim')")
         for name in ("verify_checksums", "progress"):
             if name in kw:
                 if not isinstance(kw[name], bool):

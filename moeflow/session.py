@@ -24,13 +24,17 @@ from moeflow.memory.cache import ExpertCache, Tier
 from moeflow.memory.device import ComputeDevice, make_device
 from moeflow.memory.entries import CacheCounters
 from moeflow.memory.planner import TierPlan, plan_tiers
+from moeflow.memory.sources import HomeSource, HostCacheSource
 from moeflow.memory.policies import EvictionPolicy, PredictedPolicy, make_policy
 from moeflow.models import Arch, Checkpoint, parse_arch
+from moeflow.runtime.cpu_experts import CpuExperts, HostExperts, calibrate, measure_cuda_link, read_expert, sim_link
+from moeflow.runtime.moe import expert_ffn
 from moeflow.runtime.runner import ModelRunner
 from moeflow.runtime.moe import MissPrecision
 from moeflow.runtime.model import DenseModel, load_dense
 from moeflow.scheduling import Predictor, Scheduler, make_predictor, router_table
-from moeflow.stats import EngineStats, counters_dict
+from moeflow.scheduling.placement import resolve_cpu_layers
+from moeflow.stats import EngineStats, counters_dict, expert_use_share
 from moeflow.store import ExpertStore, codec_for, located_store, open_or_convert_async
 from moeflow.store.layout import DTYPE_NAMES
 
@@ -140,11 +144,15 @@ class Session:
 
     def stats(self, *, requests: int) -> EngineStats:
         alloc = self.tier.allocator
+        cpu = self.runner.cpu_experts
+        c = self.cache.counters
+        low_uses = self.runner.precision_counters.low_precision_uses
         return EngineStats.build(
             counters_dict(self.cache.counters),
             tokens=self.tokens_generated,
             requests=requests,
-            pinned_blocks=self.cache.pinned_blocks() + (self.low_cache.pinned_blocks() if self.low_cache else 0),
+            pinned_blocks=self.cache.pinned_blocks() + (self.low_cache.pinned_blocks() if self.low_cache else 0)
+            + (cpu.host.pinned_blocks() if cpu is not None else 0),
             transfer_pinned_blocks=alloc.pinned_blocks,  # pinned by loads in flight
             loads_in_flight=self.cache.loading(),
             blocks_in_use=alloc.live_blocks,
@@ -168,11 +176,24 @@ class Session:
             skipped_experts=self.runner.precision_counters.skipped_experts,
             low_precision_bytes_loaded=self.low_cache.counters.bytes_loaded if self.low_cache else 0,
             miss_precision=self.config.miss_precision,
+            miss_compute=self.config.miss_compute,
+            cpu_layers=sorted(cpu.layers) if cpu is not None else [],
+            cpu_expert_uses=cpu.counters.uses if cpu is not None else 0,
+            cpu_expert_rows=cpu.counters.rows if cpu is not None else 0,
+            cpu_expert_seconds=cpu.counters.seconds if cpu is not None else 0.0,
+            cpu_seconds_per_expert=cpu.speed.seconds_fixed if cpu is not None else None,
+            cpu_seconds_per_row=cpu.speed.seconds_per_row if cpu is not None else None,
+            link_bytes_per_second=cpu.link.bytes_per_second if cpu is not None else None,
+            link_source=cpu.link.source if cpu is not None else None,
+            expert_use_share=expert_use_share(c.hits + c.inflight_hits, c.misses,
+                                              cpu.counters.uses if cpu is not None else 0, low_uses),
             **self.scheduler.metrics.as_dict(),
         )
 
     async def aclose(self) -> None:
         try:
+            if self.runner.cpu_experts is not None:
+                self.runner.cpu_experts.close()  # its jobs ended with their steps: this only stops the worker
             await self.memory.aclose()
         finally:
             self.checkpoint.close()
@@ -257,6 +278,7 @@ async def open_session(path: Path, config: EngineConfig) -> Session:
         session = _assemble(config, ckpt, arch, dtype, device, store, tiers, model, memory, policy, predictor,
                             tokenizer)
         session.store_root, session.store_note = root, location.note
+        session.runner.cpu_experts = await _cpu_experts(config, arch, device, store, tiers, memory, dtype)
         log.info("%s", session.plan_line())
         return session
     except BaseException:
@@ -296,6 +318,43 @@ def _assemble(
         miss = MissPrecision(config.miss_thresholds[0], config.miss_thresholds[1], low_cache)
     runner = ModelRunner(model, cache, memory.device, scheduler, miss, config.prefill_chunk)
     return Session(config, ckpt, arch, dtype, device, store, tiers, model, memory, runner, tokenizer, scheduler)
+
+
+async def _cpu_experts(config: EngineConfig, arch: Arch, device: str, store: ExpertStore, tiers: TierPlan,
+                       memory: ExpertMemory, dtype: torch.dtype) -> CpuExperts | None:
+    """miss_compute / cpu_layers: the CPU worker, calibrated on a real expert of the store, and the
+    link's speed (configured on the simulated device, measured on a GPU). None when both are off."""
+    if config.miss_compute == "copy" and not config.cpu_layers:
+        return None
+    if device == "cpu":  # device='auto' resolved to the CPU (an explicit 'cpu' is refused earlier)
+        name = "miss_compute" if config.miss_compute != "copy" else "cpu_layers"
+        raise ConfigError(f"{name}={getattr(config, name)!r}: the engine runs on the CPU (no GPU found for "
+                          "device='auto'), where experts already run on the CPU; drop the option")
+    try:
+        layers = resolve_cpu_layers(config.cpu_layers, arch.moe_layers)
+    except ValueError as e:
+        raise ConfigError(f"cpu_layers={config.cpu_layers!r}: {e}") from None
+    source = memory.cache.source
+    if isinstance(source, HomeSource):
+        host = HostExperts(home=source.home)
+    elif isinstance(source, HostCacheSource):
+        host = HostExperts(host_cache=source.host)
+    else:
+        raise ConfigError(f"miss_compute={config.miss_compute!r}: the experts have no host copy to compute from")
+    compute = memory.device
+    # The worker leaves one CPU to the event loop (which launches the GPU's work and lands copies).
+    threads = max(1, torch.get_num_threads() - 1) if device == "cuda" else torch.get_num_threads()
+    weights = await asyncio.to_thread(read_expert, store, (arch.moe_layers[0], 0))
+    speed = await asyncio.to_thread(calibrate, weights, arch.hidden_size, dtype, expert_ffn, threads)
+    block = tiers.fast.block_bytes
+    if device == "cuda":
+        link = await asyncio.to_thread(measure_cuda_link, block, compute.torch_device)
+    else:
+        link = sim_link(config.sim_bandwidth_gbps, config.sim_latency_us, block, config.io_chunk)
+    memory.cache.host_layers = layers
+    low_block = tiers.low.block_bytes if tiers.low is not None else None
+    return CpuExperts(config.miss_compute, host, speed, link, block_bytes=block, low_block_bytes=low_block,
+                      layers=layers, device=compute, threads=threads)
 
 
 def dense_weight_bytes(ckpt: Checkpoint, expert_elements: int, dtype: torch.dtype) -> int:

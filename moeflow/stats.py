@@ -29,6 +29,14 @@ def counters_dict(c: CacheCounters) -> dict[str, Any]:
     return {name: getattr(c, name) for name in _COUNTERS}
 
 
+def expert_use_share(device_hits: int, copied: int, cpu: int, low_precision: int) -> dict[str, float]:
+    """Where expert uses ran, as shares of all uses: resident on the device (hits, in-flight hits),
+    copied on a miss, computed on the CPU from the host home, or a low-precision copy (HOBBIT)."""
+    total = device_hits + copied + cpu + low_precision
+    ways = {"device_hit": device_hits, "copied": copied, "cpu": cpu, "low_precision": low_precision}
+    return {way: n / total if total else 0.0 for way, n in ways.items()}
+
+
 class _Record(Mapping[str, Any]):
     """A frozen mapping of named figures (stats()['hits'] and stats().hits both work)."""
 

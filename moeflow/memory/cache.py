@@ -68,6 +68,8 @@ class ExpertCache:
         self.step = 0
         self._speculative = 0  # prefetched loads still in flight
         self._draining = 0  # cancelled loads whose blocks the core has not freed yet
+        # MoE layers whose experts are computed where they live and never loaded here (cpu_layers)
+        self.host_layers: frozenset[int] = frozenset()
 
     # ---- queries -------------------------------------------------------------------------
     @property
@@ -90,6 +92,13 @@ class ExpertCache:
 
     def pinned_blocks(self) -> int:
         return sum(1 for e in list(self.entries.values()) if e.pins > 0)
+
+    def queued_bytes(self) -> int:
+        """Bytes a demand load submitted now would wait behind: the demand loads not landed yet
+        and the copies already issued to the copy stream (prefetches still queued are passed)."""
+        return self.block_bytes * sum(
+            1 for e in self.entries.values()
+            if e.state is not EntryState.READY and (e.priority == DEMAND or e.state is EntryState.ISSUED))
 
     # ---- what the policy hears (from here only) ----------------------------------------------
     def begin_step(self) -> None:
@@ -236,7 +245,10 @@ class ExpertCache:
             self.quotas = dict(plan.quotas)
         started: set[ExpertKey] = set()
         protect = set(plan.protect)
+        host_layers = self.host_layers
         for key, priority in plan.loads:
+            if host_layers and key[0] in host_layers:
+                continue  # computed where it lives: never loaded
             protect.add(key)
             if key not in self.entries and priority != DEMAND and self._speculative >= plan.max_speculative:
                 break
@@ -255,6 +267,8 @@ class ExpertCache:
         if entry is not None:
             if entry.state is not EntryState.READY and priority < entry.priority:
                 self._promote(entry, priority)
+            return False
+        if key[0] in self.host_layers:
             return False
         speculative = priority != DEMAND
         min_idle = SPECULATIVE_MIN_IDLE_STEPS if speculative else 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,9 @@ from moeflow.runtime import reference
 from moeflow.runtime.layers import silu_mlp
 from moeflow.runtime.model import Layer, SharedMLP
 from moeflow.store.layout import ExpertView
+
+if TYPE_CHECKING:
+    from moeflow.runtime.cpu_experts import CpuExperts
 
 # T = tokens of the step, K = experts per token, H = hidden, E = experts in the layer.
 
@@ -71,6 +75,15 @@ class Routing:
             experts.append(e)
             start = end
         return Routing(ids, weights, experts, tokens, slots, host_ids, host_weights)
+
+    def on_host(self) -> Routing:
+        """The same routing on CPU tensors, built from the host lists (no device read): for
+        experts computed on the CPU while the step runs on a GPU."""
+        if self.ids.device.type == "cpu":
+            return self
+        ids = torch.tensor(self.host_ids, dtype=self.ids.dtype)
+        weights = torch.tensor(self.host_weights, dtype=self.weights.dtype)  # exact: read from this dtype
+        return Routing.group(ids, weights, self.host_ids, self.host_weights)
 
 
 def shared_mlp(mlp: SharedMLP, x: torch.Tensor) -> torch.Tensor:
@@ -149,7 +162,7 @@ def _split_by_precision(
     return high, low, skipped
 
 
-def _expert_out(routing: Routing, e: int, weights: ExpertView, x: torch.Tensor,
+def expert_out(routing: Routing, e: int, weights: ExpertView, x: torch.Tensor,
                 wide: Callable[[int], AbstractContextManager[None]]) -> torch.Tensor:
     """Expert e's output on its tokens, scaled by their combine weights, [n, H], to be summed by
     `_combine`. Every token gets the same arithmetic whatever else runs in its step (batch
@@ -169,7 +182,7 @@ def _expert_out(routing: Routing, e: int, weights: ExpertView, x: torch.Tensor,
 
 
 def _combine(residual: torch.Tensor, routing: Routing,
-             outputs: dict[int, tuple[ExpertView, torch.Tensor]]) -> torch.Tensor:
+             outputs: dict[int, torch.Tensor]) -> torch.Tensor:
     """residual + the experts' scaled outputs, added in ascending expert order: the same
     arithmetic whatever order they ran in, so every budget and prefetch gives the same bits.
     Consumes `residual` (the step's own tensor)."""
@@ -178,9 +191,9 @@ def _combine(residual: torch.Tensor, routing: Routing,
     for e in routing.experts:
         if e in outputs:
             if one:
-                acc.add_(outputs[e][1])
+                acc.add_(outputs[e])
             else:
-                acc.index_add_(0, routing.tokens[e], outputs[e][1])
+                acc.index_add_(0, routing.tokens[e], outputs[e])
     return acc
 
 
@@ -188,7 +201,7 @@ async def _run_fetch(
     fetch: LayerFetch,
     x: torch.Tensor,
     routing: Routing,
-    outputs: dict[int, tuple[ExpertView, torch.Tensor]],
+    outputs: dict[int, torch.Tensor],
     wide: Callable[[int], AbstractContextManager[None]],
 ) -> None:
     """Run the fetch's experts as they become usable; each is released once run, making room
@@ -196,7 +209,7 @@ async def _run_fetch(
     fetch.start()
     while (item := await fetch.next()) is not None:
         e, weights = item
-        outputs[e] = (weights, _expert_out(routing, e, weights, x, wide))
+        outputs[e] = expert_out(routing, e, weights, x, wide)
         fetch.release(e)
 
 
@@ -209,14 +222,16 @@ async def run_moe(
     miss: MissPrecision | None = None,
     counters: PrecisionCounters | None = None,
     residual: torch.Tensor | None = None,
+    cpu: CpuExperts | None = None,
 ) -> torch.Tensor:
     """residual + the routed-experts output of `layer` for x [T, H] (plus its shared expert);
     `residual` (default zeros) is the step's own tensor and is consumed.
 
     Experts run in whatever order they become available, but their outputs are summed in
     ascending expert order, so the result is the same bits at every budget and prefetch
-    (unless `miss` allows low-precision copies and skips)."""
-    outputs: dict[int, tuple[ExpertView, torch.Tensor]] = {}
+    (unless `miss` allows low-precision copies and skips). With `cpu`, some misses run on the
+    CPU from their host home meanwhile (see runtime/cpu_experts.py); their outputs join the same sum."""
+    outputs: dict[int, torch.Tensor] = {}
     index = layer.index
     if residual is None:
         residual = torch.zeros_like(x)
@@ -224,7 +239,7 @@ async def run_moe(
     if resident is not None:  # every expert landed: run them now, no waiting, no task switch
         try:
             for e, weights in zip(routing.experts, resident, strict=True):
-                outputs[e] = (weights, _expert_out(routing, e, weights, x, wide))
+                outputs[e] = expert_out(routing, e, weights, x, wide)
             out = _combine(residual, routing, outputs)
         finally:
             for e in routing.experts:
@@ -235,7 +250,9 @@ async def run_moe(
         # one transfer engine) before anything classifies experts: a finished prefetch is
         # resident, a hit, and never degraded to a low-precision copy or skipped.
         cache.transfers.poll()
-        if miss is None:
+        if cpu is not None:
+            out = await _run_placed(index, x, routing, cache, wide, miss, counters, residual, cpu)
+        elif miss is None:
             fetch = cache.fetch(index, routing.experts)
             try:
                 await _run_fetch(fetch, x, routing, outputs, wide)
@@ -262,4 +279,54 @@ async def run_moe(
     if layer.mlp is not None:
         with wide(layer.mlp.nbytes):
             out = out + shared_mlp(layer.mlp, x)
+    return out
+
+
+async def _run_placed(
+    index: int,
+    x: torch.Tensor,
+    routing: Routing,
+    cache: ExpertCache,
+    wide: Callable[[int], AbstractContextManager[None]],
+    miss: MissPrecision | None,
+    counters: PrecisionCounters | None,
+    residual: torch.Tensor,
+    cpu: CpuExperts,
+) -> torch.Tensor:
+    """A layer whose misses may run on the CPU: the CPU's experts start on its worker first, then
+    the device runs the rest as they land (HOBBIT's low copies too), then the CPU's outputs are
+    collected; everything is summed by `_combine` in ascending expert order."""
+    outputs: dict[int, torch.Tensor] = {}
+    if miss is not None and index not in cpu.layers:
+        high, low, skipped = _split_by_precision(index, routing, cache, miss)
+    else:
+        high, low, skipped = list(routing.experts), [], []
+    on_cpu = cpu.choose(index, routing, cache, high, low, miss.low_cache if miss is not None else None)
+    if on_cpu:
+        chosen = set(on_cpu)
+        high = [e for e in high if e not in chosen]
+        low = [e for e in low if e not in chosen]
+    jobs = cpu.start(index, on_cpu, routing, x, wide, expert_out)
+    high_fetch = cache.fetch(index, high)
+    low_fetch = miss.low_cache.fetch(index, low) if miss is not None else None
+    try:
+        if low_fetch is not None:
+            low_fetch.start()  # low copies load while the high-precision experts run
+        await _run_fetch(high_fetch, x, routing, outputs, wide)
+        if low_fetch is not None:
+            await _run_fetch(low_fetch, x, routing, outputs, wide)
+        for job in jobs:
+            outputs[job.key[1]] = await cpu.result(job, x.device)
+        out = _combine(residual, routing, outputs)
+    finally:
+        high_fetch.close()
+        if low_fetch is not None:
+            low_fetch.close()
+        await cpu.settle(jobs)  # an error or a cancel: no host block stays pinned
+    if miss is not None:
+        for e in low:
+            cache.note_low_precision((index, e))
+        if counters is not None:
+            counters.low_precision_uses += len(low)
+            counters.skipped_experts += len(skipped)
     return out
