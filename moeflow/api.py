@@ -102,6 +102,8 @@ class Engine(GenerationMixin):
         low_precision_share: float = 0.25,
         sim_bandwidth_gbps: float = 25.0,
         sim_latency_us: float = 10.0,
+        miss_compute: Literal["copy", "cpu", "auto"] = "copy",
+        cpu_layers: int | str = 0,
     ) -> Engine:
         """An engine for the checkpoint at `path`, opened on `async with` or `await`. The options
         are checked now (ConfigError naming the bad value; TypeError for an unknown name):
@@ -143,6 +145,10 @@ class Engine(GenerationMixin):
         low_precision_share: share of expert_budget given to the low-precision cache, in (0, 1).
         sim_bandwidth_gbps: device="sim": its copy engine's bandwidth.
         sim_latency_us: device="sim": its per-copy latency.
+        miss_compute: GPU/sim: where a missing expert runs: "copy" (wait for it), "cpu" (compute it
+            on the CPU from its pinned host copy) or "auto" (a cost model picks per expert).
+        cpu_layers: GPU/sim: MoE layers whose experts always run on the CPU: the first N, or
+            indices such as "0-3,7" (llama.cpp's --n-cpu-moe).
         """
         options = {name: value for name, value in locals().items() if name not in ("cls", "path")}
         return cls(path, EngineConfig.from_user(**options))
