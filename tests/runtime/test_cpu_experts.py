@@ -1,0 +1,167 @@
+"""Misses computed on the CPU from their host home (miss_compute, cpu_layers): on the simulated GPU
+every placement gives the all-copy logits bit for bit; a slow link sends misses to the CPU, a
+fast one copies them; cpu_layers' experts are never loaded; nothing stays pinned, even when a
+forward pass is cancelled while CPU experts compute."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from moeflow import Engine
+from moeflow.errors import ConfigError
+from moeflow.memory.device import SimDevice
+
+PROMPT = [5, 17, 42, 3, 77, 12, 9, 60, 31, 8]
+DECODE = [11, 4, 90, 23, 7, 66]
+CHUNK = 4096  # every tiny expert crosses several parts of a copy
+# a 20 KiB expert takes 1 ms to copy: the CPU (~30 us, milliseconds on a loaded machine) is faster
+SLOW = dict(sim_bandwidth_gbps=0.02)
+FAST = dict(sim_bandwidth_gbps=500.0, sim_latency_us=0.0)  # 40 ns a copy: the CPU never is
+
+
+async def _run(path: Path, **options: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    async with Engine.open(path, device="sim", io_chunk=CHUNK, prefetch="gate-lookahead", **options) as eng:
+        prefill = await eng.logits(PROMPT)
+        stepwise = await eng.score(PROMPT + DECODE, stepwise=True)
+        stats = eng.stats().as_dict()
+        sim = eng.session.compute
+        assert isinstance(sim, SimDevice)
+        stats["hazards"] = sim.sim.hazards
+        stats["resident_layers"] = sorted({layer for layer, _ in eng.session.cache.resident()})
+        stats["moe_layers"] = eng.session.arch.moe_layers
+    return prefill, stepwise, stats
+
+
+@pytest.mark.asyncio
+async def test_misses_on_the_cpu_give_the_all_copy_logits_bit_for_bit(hf_checkpoints) -> None:  # type: ignore[no-untyped-def]
+    path = hf_checkpoints.path("mixtral")
+    full_prefill, full_steps, _ = await _run(path)
+    copy_prefill, copy_steps, copied = await _run(path, expert_budget="25%", **SLOW)
+    assert torch.equal(copy_prefill, full_prefill) and torch.equal(copy_steps, full_steps)
+    assert copied["cpu_expert_uses"] == 0 and copied["misses"] > 0
+    for name, options in (("auto, slow link", dict(miss_compute="auto", **SLOW)),
+                          ("auto, fast link", dict(miss_compute="auto", **FAST)),
+                          ("cpu", dict(miss_compute="cpu", **FAST)),
+                          ("cpu_layers=1", dict(cpu_layers=1, **FAST))):
+        prefill, steps, stats = await _run(path, expert_budget="25%", **options)
+        assert torch.equal(prefill, copy_prefill), f"{name}: prefill logits differ"
+        assert torch.equal(steps, copy_steps), f"{name}: decode logits differ"
+        assert stats["hazards"] == 0 and stats["pinned_blocks"] == 0, name
+        share = stats["expert_use_share"]
+        assert abs(sum(share.values()) - 1.0) < 1e-9, name
+        if name == "auto, fast link":  # copying is cheaper: the cost model copies every miss
+            assert stats["cpu_expert_uses"] == 0 and stats["misses"] > 0 and share["cpu"] == 0.0
+        else:
+            assert stats["cpu_expert_uses"] > 0 and share["cpu"] > share["copied"], (name, share)
+        assert stats["cpu_expert_seconds"] > 0 or stats["cpu_expert_uses"] == 0
+        assert stats["cpu_seconds_per_expert"] > 0 and stats["cpu_seconds_per_row"] >= 0
+        assert stats["link_source"] == "sim_bandwidth_gbps"
+    # the slow link: every miss on the CPU is one the all-copy run had to load
+    _, _, slow = await _run(path, expert_budget="25%", miss_compute="auto", **SLOW)
+    assert slow["bytes_loaded"] < copied["bytes_loaded"]
+
+
+@pytest.mark.parametrize("cpu_layers", [1, "1"])
+@pytest.mark.asyncio
+async def test_cpu_layers_experts_are_never_loaded_to_the_device(hf_checkpoints, cpu_layers) -> None:  # type: ignore[no-untyped-def]
+    """The first MoE layer (a count), or the second (an index: the one gate-lookahead prefetches
+    into from the first) computes on the CPU; the device holds only the other layer's experts."""
+    path = hf_checkpoints.path("mixtral")
+    ref_prefill, ref_steps, _ = await _run(path)
+    prefill, steps, stats = await _run(path, expert_budget="50%", cpu_layers=cpu_layers)
+    assert torch.equal(prefill, ref_prefill) and torch.equal(steps, ref_steps)
+    on_cpu = stats["moe_layers"][0] if cpu_layers == 1 else 1
+    assert stats["cpu_layers"] == [on_cpu]
+    assert on_cpu not in stats["resident_layers"] and stats["resident_layers"]
+    assert stats["cpu_expert_uses"] > 0 and stats["miss_compute"] == "copy"
+
+
+@pytest.mark.asyncio
+async def test_three_tiers_compute_misses_from_the_host_cache(hf_checkpoints) -> None:  # type: ignore[no-untyped-def]
+    path = hf_checkpoints.path("mixtral")
+    ref_prefill, ref_steps, _ = await _run(path)
+    prefill, steps, stats = await _run(path, expert_budget="25%", host_budget="50%", miss_compute="cpu")
+    assert torch.equal(prefill, ref_prefill) and torch.equal(steps, ref_steps)
+    assert stats["cpu_expert_uses"] > 0 and stats["pinned_blocks"] == 0 and stats["hazards"] == 0
+
+
+@pytest.mark.asyncio
+async def test_low_precision_misses_and_the_cpu_share_the_layer(hf_checkpoints) -> None:  # type: ignore[no-untyped-def]
+    path = hf_checkpoints.path("mixtral")
+    _, steps, stats = await _run(path, expert_budget="40%", miss_precision="int8", group_size=16, miss_thresholds=(0.0, 1.0),
+                                 miss_compute="auto", **SLOW)
+    assert torch.isfinite(steps).all()
+    assert stats["cpu_expert_uses"] > 0 and stats["pinned_blocks"] == 0 and stats["hazards"] == 0
+    assert abs(sum(stats["expert_use_share"].values()) - 1.0) < 1e-9
+
+
+@pytest.mark.asyncio
+async def test_a_forward_cancelled_while_cpu_experts_compute_leaves_nothing_pinned(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.hf_models import save_tiny
+
+    # 6 MiB experts: one takes milliseconds on the CPU, so the cancel lands while they compute
+    path = save_tiny("mixtral", tmp_path / "wide", hidden_size=256, intermediate_size=2048, num_hidden_layers=2,
+                     num_local_experts=4, num_attention_heads=4, num_key_value_heads=2)
+    async with Engine.open(path, device="sim", expert_budget="50%", miss_compute="cpu", prefetch="none") as eng:
+
+        async def cancel_mid_layer() -> tuple[int, int, int]:
+            runner = eng.session.runner
+            cpu = runner.cpu_experts
+            assert cpu is not None
+            seq = runner.new_sequence(PROMPT)
+            task = asyncio.ensure_future(runner.forward(seq, PROMPT))
+            deadline = time.monotonic() + 60
+            while cpu.host.pinned_blocks() == 0:  # a CPU expert holds its host block
+                assert not task.done() and time.monotonic() < deadline, "no CPU expert ever ran"
+                await asyncio.sleep(0)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return cpu.host.pinned_blocks(), eng.session.cache.pinned_blocks(), cpu.counters.uses
+
+        host_pins, device_pins, _ = await eng.call(cancel_mid_layer)
+        assert host_pins == 0 and device_pins == 0
+        assert eng.stats().pinned_blocks == 0
+        # the engine serves the next request, the same as ever
+        assert len((await eng.generate(PROMPT, max_new_tokens=3, temperature=0.0)).tokens) == 3
+
+
+@pytest.mark.asyncio
+async def test_options_the_model_cannot_take_are_refused_at_open(hf_checkpoints) -> None:  # type: ignore[no-untyped-def]
+    path = hf_checkpoints.path("mixtral")  # two MoE layers
+    with pytest.raises(ConfigError, match=r"^cpu_layers=3: the model has 2 MoE layers"):
+        await Engine.open(path, device="sim", cpu_layers=3)
+    with pytest.raises(ConfigError, match=r"^cpu_layers=\(7,\): layer.s. 7 are not MoE layers"):
+        await Engine.open(path, device="sim", cpu_layers="7")
+    if not torch.cuda.is_available():  # 'auto' resolves to the CPU: no second tier
+        with pytest.raises(ConfigError, match=r"^miss_compute='auto': the engine runs on the CPU"):
+            await Engine.open(path, device="auto", miss_compute="auto")
+
+
+@pytest.mark.gpu
+@pytest.mark.asyncio
+async def test_cpu_experts_on_a_gpu_match_the_copied_logits_within_bf16_tolerance(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """On a GPU the CPU's bf16 arithmetic differs from the GPU's: exact per placement, equal
+    across placements only to the GPU tests' bf16 tolerance."""
+    from tests.hf_models import save_tiny
+
+    path = save_tiny("mixtral", tmp_path / "big", hidden_size=1024, intermediate_size=2816, num_hidden_layers=2,
+                     num_attention_heads=16, num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2,
+                     vocab_size=512)
+    outs = {}
+    for mode in ("copy", "cpu"):
+        async with Engine.open(path, device="cuda", dtype="bfloat16", expert_budget="25%",
+                               miss_compute=mode) as eng:
+            logits = await eng.score(PROMPT + DECODE, stepwise=True)
+            stats = eng.stats()
+            assert stats.pinned_blocks == 0
+            assert (stats.cpu_expert_uses > 0) == (mode == "cpu")
+            outs[mode] = logits
+    err = ((outs["cpu"] - outs["copy"]).abs().max() / outs["copy"].abs().max()).item()
+    assert err <= 2e-2, f"max |diff| / max |logit| = {err:.4f}"
