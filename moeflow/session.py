@@ -27,7 +27,15 @@ from moeflow.memory.planner import TierPlan, plan_tiers
 from moeflow.memory.sources import HomeSource, HostCacheSource
 from moeflow.memory.policies import EvictionPolicy, PredictedPolicy, make_policy
 from moeflow.models import Arch, Checkpoint, parse_arch
-from moeflow.runtime.cpu_experts import CpuExperts, HostExperts, calibrate, measure_cuda_link, read_expert, sim_link
+from moeflow.runtime.cpu_experts import (
+    CpuExperts,
+    HostExperts,
+    calibrate,
+    measure_cuda_link,
+    pick_path,
+    read_expert,
+    sim_link,
+)
 from moeflow.runtime.moe import expert_ffn
 from moeflow.runtime.runner import ModelRunner
 from moeflow.runtime.moe import MissPrecision
@@ -185,6 +193,7 @@ class Session:
             cpu_seconds_per_row=cpu.speed.seconds_per_row if cpu is not None else None,
             link_bytes_per_second=cpu.link.bytes_per_second if cpu is not None else None,
             link_source=cpu.link.source if cpu is not None else None,
+            cpu_path=cpu.path if cpu is not None else None,
             expert_use_share=expert_use_share(c.hits + c.inflight_hits, c.misses,
                                               cpu.counters.uses if cpu is not None else 0, low_uses),
             **self.scheduler.metrics.as_dict(),
@@ -345,16 +354,18 @@ async def _cpu_experts(config: EngineConfig, arch: Arch, device: str, store: Exp
     # The worker leaves one CPU to the event loop (which launches the GPU's work and lands copies).
     threads = max(1, torch.get_num_threads() - 1) if device == "cuda" else torch.get_num_threads()
     weights = await asyncio.to_thread(read_expert, store, (arch.moe_layers[0], 0))
-    speed = await asyncio.to_thread(calibrate, weights, arch.hidden_size, dtype, expert_ffn, threads)
     block = tiers.fast.block_bytes
-    if device == "cuda":
+    if device == "cuda":  # the CPU's fastest path: results differ from the GPU's whichever it is
+        path, ffn, speed = await asyncio.to_thread(pick_path, weights, arch.hidden_size, dtype, expert_ffn, threads)
         link = await asyncio.to_thread(measure_cuda_link, block, compute.torch_device)
-    else:
+    else:  # sim: the device path's own arithmetic, so every placement gives the same bits
+        path, ffn = "as_device", None
+        speed = await asyncio.to_thread(calibrate, weights, arch.hidden_size, dtype, expert_ffn, threads)
         link = sim_link(config.sim_bandwidth_gbps, config.sim_latency_us, block, config.io_chunk)
     memory.cache.host_layers = layers
     low_block = tiers.low.block_bytes if tiers.low is not None else None
     return CpuExperts(config.miss_compute, host, speed, link, block_bytes=block, low_block_bytes=low_block,
-                      layers=layers, device=compute, threads=threads)
+                      layers=layers, device=compute, threads=threads, path=path, ffn=ffn)
 
 
 def dense_weight_bytes(ckpt: Checkpoint, expert_elements: int, dtype: torch.dtype) -> int:

@@ -22,6 +22,7 @@ from moeflow.memory.device import ComputeDevice
 from moeflow.memory.entries import EntryState, usable
 from moeflow.memory.policies import ExpertKey
 from moeflow.memory.tiers import HostHome
+from moeflow.runtime.layers import silu_mlp
 from moeflow.scheduling.placement import CpuSpeed, LinkSpeed, Miss, place
 from moeflow.store.layout import ExpertView
 from moeflow.store.store import ExpertStore
@@ -31,8 +32,8 @@ if TYPE_CHECKING:
 
 # T = tokens of the step, H = hidden.
 
-ExpertOut = Callable[["Routing", int, ExpertView, torch.Tensor, Callable[[int], AbstractContextManager[None]]],
-                     torch.Tensor]
+ExpertFfn = Callable[[ExpertView, torch.Tensor], torch.Tensor]
+ExpertOut = Callable[..., torch.Tensor]  # moe.expert_out(routing, e, weights, x, wide, ffn=...)
 
 
 def _no_wide(nbytes: int) -> AbstractContextManager[None]:
@@ -128,8 +129,11 @@ class CpuExperts:
     per layer and each result copied to the device; CPU and GPU arithmetic differ there."""
 
     def __init__(self, mode: str, host: HostExperts, speed: CpuSpeed, link: LinkSpeed, *, block_bytes: int,
-                 low_block_bytes: int | None, layers: frozenset[int], device: ComputeDevice, threads: int) -> None:
+                 low_block_bytes: int | None, layers: frozenset[int], device: ComputeDevice, threads: int,
+                 path: str = "as_device", ffn: ExpertFfn | None = None) -> None:
         self.mode = mode
+        self.path = path  # the CPU compute path (a GPU's: the fastest measured at open; else the device's)
+        self.ffn = ffn
         self.host = host
         self.speed = speed
         self.link = link
@@ -183,9 +187,11 @@ class CpuExperts:
                 if on_cpu:  # as many threads as the device path would give this expert
                     with wide(weights.nbytes):
                         threads = torch.get_num_threads()
+                    fn = functools.partial(expert_out, routing, e, weights, x, _no_wide)
                 else:
                     threads = self.threads
-                fn = functools.partial(expert_out, routing, e, weights, x, _no_wide)
+                    fn = functools.partial(expert_out, routing, e, weights, x, _no_wide, **(
+                        {"ffn": self.ffn} if self.ffn is not None else {}))
                 future = self.pool.submit(_compute, fn, threads)
             except BaseException:
                 self.host.release(key)
@@ -265,8 +271,31 @@ def calibrate(weights: ExpertView, hidden: int, dtype: torch.dtype, expert_ffn: 
                 times.append(best)
     finally:
         torch.set_num_threads(saved)
-    per_row = max(0.0, (times[1] - times[0]) / (rows - 1))
-    return CpuSpeed(seconds_fixed=max(times[0] - per_row, 0.0), seconds_per_row=per_row)
+    # the one-row time is kept exactly (decode's case); the slope, noisy on a busy machine, is
+    # bounded by it, so neither part goes negative
+    per_row = min(max(0.0, (times[1] - times[0]) / (rows - 1)), times[0])
+    return CpuSpeed(seconds_fixed=times[0] - per_row, seconds_per_row=per_row)
+
+
+def upcast_ffn(weights: ExpertView, x: torch.Tensor) -> torch.Tensor:
+    """A 16-bit expert in float32: both weights upcast on each call, then float32 F.linear (MKL's
+    sgemm). Without AVX512-BF16/AMX torch's bf16 matmul falls back to slow loops, and this is
+    faster (benches/bench_cpu_experts.py measures both)."""
+    return silu_mlp(x.float(), weights["gate_up"].float(), weights["down"].float()).to(x.dtype)
+
+
+def pick_path(weights: ExpertView, hidden: int, dtype: torch.dtype, expert_ffn: ExpertFfn,
+              threads: int) -> tuple[str, ExpertFfn, CpuSpeed]:
+    """For a GPU's CPU experts: the faster of the device path's own arithmetic (bf16 F.linear, or
+    the dequantizing reference for quantized stores) and, for 16-bit weights, float32 upcast;
+    compared on one decode row of a real expert (the case the CPU takes)."""
+    name = f"{str(dtype).removeprefix('torch.')}_linear" if weights.bits == 16 else f"int{weights.bits}_dequant"
+    candidates: list[tuple[str, ExpertFfn]] = [(name, expert_ffn)]
+    if weights.bits == 16 and dtype in (torch.bfloat16, torch.float16):
+        candidates.append(("fp32_upcast", upcast_ffn))
+    timed = [(calibrate(weights, hidden, dtype, fn, threads), path, fn) for path, fn in candidates]
+    speed, path, fn = min(timed, key=lambda t: t[0].seconds(1))
+    return path, fn, speed
 
 
 def sim_link(bandwidth_gbps: float, latency_us: float, block_bytes: int, io_chunk: int) -> LinkSpeed:

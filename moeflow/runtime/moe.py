@@ -163,11 +163,13 @@ def _split_by_precision(
 
 
 def expert_out(routing: Routing, e: int, weights: ExpertView, x: torch.Tensor,
-                wide: Callable[[int], AbstractContextManager[None]]) -> torch.Tensor:
+               wide: Callable[[int], AbstractContextManager[None]],
+               ffn: Callable[[ExpertView, torch.Tensor], torch.Tensor] = expert_ffn) -> torch.Tensor:
     """Expert e's output on its tokens, scaled by their combine weights, [n, H], to be summed by
     `_combine`. Every token gets the same arithmetic whatever else runs in its step (batch
     invariance: a request's tokens do not depend on what it is batched with); one token only
-    skips the gathers, taking views of the same values."""
+    skips the gathers, taking views of the same values. `ffn`: how the expert is computed (a
+    GPU's CPU experts may take a faster CPU path, see runtime/cpu_experts.py)."""
     if routing.host_slots is not None:  # one token: x is its row, the weight a [1, 1] view
         slot = routing.host_slots[e]
         w = routing.weights[:, slot:slot + 1]
@@ -177,7 +179,7 @@ def expert_out(routing: Routing, e: int, weights: ExpertView, x: torch.Tensor,
         w = routing.weights[idx, routing.slots[e], None]  # [n, 1]
         rows = x[idx]
     with wide(weights.nbytes):
-        out = expert_ffn(weights, rows)
+        out = ffn(weights, rows)
     return (out * w).to(x.dtype)
 
 
