@@ -17,6 +17,12 @@
     python benches/bench_gpu.py [--quick]
         the full benchmark, on a machine with an NVIDIA GPU: one JSON line per configuration
         (benches/gpu_runs.py).
+
+    python benches/bench_gpu.py --placement [--quick] [--placement-device sim]
+        a separate section, run only when asked (never by --check): where misses run, decode
+        tokens/s of miss_compute='auto' against always copy, always CPU and the best static
+        cpu_layers, one JSON line per model, precision and budget (benches/gpu_placement.py).
+        --placement-device sim dry-runs it on the simulated GPU where no GPU is.
 """
 
 from __future__ import annotations
@@ -71,6 +77,9 @@ def main() -> int:
     ap.add_argument("--archs", default="sm_80,sm_90")
     ap.add_argument("--wheels", type=Path, default=None, help="--check: install missing test deps from this folder")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--placement", action="store_true", help="only the miss placement comparison")
+    ap.add_argument("--placement-device", default="cuda", choices=("cuda", "sim"),
+                    help="--placement: 'sim' dry-runs it on the simulated GPU")
     args = ap.parse_args()
     if args.check_compile:
         return check_compile(tuple(a.strip() for a in args.archs.split(",")))
@@ -81,6 +90,10 @@ def main() -> int:
             print(json.dumps({"installed": install_missing(args.wheels)}), file=sys.stderr)
 
         return run_check()
+    if args.placement:
+        from benches.gpu_placement import run_placement
+
+        return run_placement(args.placement_device, quick=args.quick)
     from benches.gpu_runs import run_gpu  # the GPU measurements live beside this script
 
     return run_gpu(quick=args.quick)
