@@ -21,6 +21,7 @@ baseline's median over the path's (above 1: faster). Prints one JSON line.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -111,7 +112,7 @@ def bench_shape(hidden: int, inter: int, tokens: list[int], reps: int) -> dict[s
             x = torch.randn(n, hidden).to(torch.bfloat16)
             per: dict[str, Any] = {}
             for name, fn in paths.items():
-                median, fastest = _time(lambda fn=fn: fn(x), reps)
+                median, fastest = _time(functools.partial(fn, x), reps)
                 per[name] = {"us": median * 1e6, "us_min": fastest * 1e6}
             base = per["bf16_linear"]["us"]
             for name in per:

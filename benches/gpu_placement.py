@@ -16,7 +16,7 @@ import asyncio
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -31,14 +31,16 @@ OLMOE_1B_7B = dict(hidden_size=2048, intermediate_size=1024, num_attention_heads
 SMALL_MIXTRAL = dict(hidden_size=512, intermediate_size=1792, num_attention_heads=8, num_key_value_heads=4,
                      num_local_experts=8, num_experts_per_tok=2, vocab_size=1024, num_hidden_layers=4)
 SIM = dict(sim_bandwidth_gbps=1.0, sim_latency_us=10.0)
+Device = Literal["cuda", "sim"]
+Model = tuple[str, str, dict[str, int], list[str | None], list[str]]  # name, arch, shape, precisions, budgets
 
 
-def _sync(device: str) -> None:
+def _sync(device: Device) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
 
 
-async def _tokens_per_second(path: Path, device: str, new_tokens: int, **options: Any) -> dict[str, Any]:
+async def _tokens_per_second(path: Path, device: Device, new_tokens: int, **options: Any) -> dict[str, Any]:
     """Decode tokens/s by wall clock, (generate(n + 1) - generate(1)) / n after a warm-up, each
     timed up to the device's last kernel; with where the experts ran."""
     async with Engine.open(path, device=device, **options) as eng:
@@ -59,7 +61,7 @@ async def _tokens_per_second(path: Path, device: str, new_tokens: int, **options
                 "cpu_seconds_per_expert": s.cpu_seconds_per_expert, "link_bytes_per_second": s.link_bytes_per_second}
 
 
-def _compare(path: Path, device: str, layers: int, new_tokens: int, **options: Any) -> dict[str, Any]:
+def _compare(path: Path, device: Device, layers: int, new_tokens: int, **options: Any) -> dict[str, Any]:
     runs: dict[str, dict[str, Any]] = {}
     for name, extra in (("auto", {"miss_compute": "auto"}), ("copy", {"miss_compute": "copy"}),
                         ("cpu", {"miss_compute": "cpu"})):
@@ -79,14 +81,14 @@ def _compare(path: Path, device: str, layers: int, new_tokens: int, **options: A
     }
 
 
-def run_placement(device: str = "cuda", quick: bool = False) -> int:
+def run_placement(device: Device = "cuda", quick: bool = False) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print(json.dumps({"placement": "skipped", "reason": "no CUDA device"}))
         return 0
     work = ROOT / ".artifacts" / ("gpu" if device == "cuda" else "sim-placement")
     new_tokens = 16 if quick or device == "sim" else 32
     if device == "sim":
-        models = [("small-mixtral-shaped", "mixtral", SMALL_MIXTRAL, [None], ["25%"])]
+        models: list[Model] = [("small-mixtral-shaped", "mixtral", SMALL_MIXTRAL, [None], ["25%"])]
         options: dict[str, Any] = dict(SIM)
     else:
         mixtral = dict(MIXTRAL_8X7B, num_hidden_layers=2 if quick else 4)
@@ -102,7 +104,7 @@ def run_placement(device: str = "cuda", quick: bool = False) -> int:
                        device="cuda" if device == "cuda" else "cpu", **shape)
         for precision in precisions:
             for budget in budgets:
-                extra = {"precision": precision} if precision else {}
+                extra: dict[str, Any] = {"precision": precision} if precision else {}
                 figures = _compare(path, device, int(shape["num_hidden_layers"]), new_tokens,
                                    expert_budget=budget, **options, **extra)
                 line = {"placement": name, "precision": precision or "bfloat16", "budget": budget,
