@@ -35,6 +35,7 @@ from moeflow.runtime.cpu_experts import (
     pick_path,
     read_expert,
     sim_link,
+    worker_cpus,
 )
 from moeflow.runtime.moe import expert_ffn
 from moeflow.runtime.runner import ModelRunner
@@ -351,8 +352,11 @@ async def _cpu_experts(config: EngineConfig, arch: Arch, device: str, store: Exp
     else:
         raise ConfigError(f"miss_compute={config.miss_compute!r}: the experts have no host copy to compute from")
     compute = memory.device
-    # The worker leaves one CPU to the event loop (which launches the GPU's work and lands copies).
-    threads = max(1, torch.get_num_threads() - 1) if device == "cuda" else torch.get_num_threads()
+    # On a GPU the worker leaves one CPU to the event loop (which launches the GPU's work and lands
+    # copies): one thread fewer, pinned off that CPU. The simulated device computes the device's
+    # experts on the CPU too, with the device path's thread counts (the same bits): no pinning.
+    cpus = worker_cpus() if device == "cuda" else None
+    threads = min(torch.get_num_threads(), len(cpus)) if cpus else torch.get_num_threads()
     weights = await asyncio.to_thread(read_expert, store, (arch.moe_layers[0], 0))
     block = tiers.fast.block_bytes
     if device == "cuda":  # the CPU's fastest path: results differ from the GPU's whichever it is
@@ -365,7 +369,7 @@ async def _cpu_experts(config: EngineConfig, arch: Arch, device: str, store: Exp
     memory.cache.host_layers = layers
     low_block = tiers.low.block_bytes if tiers.low is not None else None
     return CpuExperts(config.miss_compute, host, speed, link, block_bytes=block, low_block_bytes=low_block,
-                      layers=layers, device=compute, threads=threads, path=path, ffn=ffn)
+                      layers=layers, device=compute, threads=threads, path=path, ffn=ffn, cpus=cpus)
 
 
 def dense_weight_bytes(ckpt: Checkpoint, expert_elements: int, dtype: torch.dtype) -> int:

@@ -8,6 +8,7 @@ import asyncio
 import concurrent.futures
 import functools
 import math
+import os
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -107,6 +108,28 @@ class Job:
     done: asyncio.Future[torch.Tensor]
 
 
+def _pin(cpus: frozenset[int] | None) -> None:
+    """On the worker thread, before torch starts its OpenMP team there (whose threads inherit it)."""
+    if cpus is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cpus)  # 0: the calling thread on Linux
+
+
+def cpu_worker(cpus: frozenset[int] | None) -> concurrent.futures.ThreadPoolExecutor:
+    """The one worker thread CPU experts run on, kept to `cpus` (None: any CPU)."""
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeflow-cpu-experts",
+                                                 initializer=_pin, initargs=(cpus,))
+
+
+def worker_cpus() -> frozenset[int] | None:
+    """A GPU's CPU experts run on every CPU the process may use but one, which stays free for the
+    event loop (it launches the GPU's work and lands copies); None where there is no second CPU
+    or no affinity call."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    return frozenset(cpus[1:]) if len(cpus) > 1 else None
+
+
 def _compute(fn: Callable[[], torch.Tensor], threads: int) -> tuple[torch.Tensor, float]:
     """On the worker thread: `fn` with `threads` intra-op threads (torch's count is per thread
     under OpenMP), timed."""
@@ -130,7 +153,7 @@ class CpuExperts:
 
     def __init__(self, mode: str, host: HostExperts, speed: CpuSpeed, link: LinkSpeed, *, block_bytes: int,
                  low_block_bytes: int | None, layers: frozenset[int], device: ComputeDevice, threads: int,
-                 path: str = "as_device", ffn: ExpertFfn | None = None) -> None:
+                 path: str = "as_device", ffn: ExpertFfn | None = None, cpus: frozenset[int] | None = None) -> None:
         self.mode = mode
         self.path = path  # the CPU compute path (a GPU's: the fastest measured at open; else the device's)
         self.ffn = ffn
@@ -143,7 +166,9 @@ class CpuExperts:
         self.device = device
         self.threads = threads
         self.counters = CpuCounters()
-        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeflow-cpu-experts")
+        # `cpus`: the CPUs the worker (and the OpenMP team it starts) may run on; None: any
+        self.cpus = cpus
+        self.pool = cpu_worker(cpus)
 
     # ---- which experts -----------------------------------------------------------------------
     def choose(self, layer: int, routing: Routing, cache: ExpertCache, high: list[int], low: list[int],

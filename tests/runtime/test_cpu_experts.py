@@ -187,3 +187,24 @@ def test_the_gpus_cpu_path_is_the_faster_of_two_that_agree() -> None:
     path, ffn, speed = pick_path(weights, 256, torch.bfloat16, expert_ffn, threads=1)
     assert (path, ffn) in (("bfloat16_linear", expert_ffn), ("fp32_upcast", upcast_ffn))
     assert speed.seconds(1) > 0
+
+
+def test_a_gpus_cpu_worker_keeps_off_one_cpu_for_the_event_loop() -> None:
+    """worker_cpus leaves the first CPU free; the worker thread (and the OpenMP team it starts)
+    runs on the rest, while the calling thread keeps every CPU."""
+    import os
+
+    from moeflow.runtime.cpu_experts import cpu_worker, worker_cpus
+
+    every = os.sched_getaffinity(0)
+    cpus = worker_cpus()
+    if len(every) < 2:
+        assert cpus is None
+        return
+    assert cpus == frozenset(sorted(every)[1:])
+    pool = cpu_worker(cpus)
+    try:
+        assert pool.submit(os.sched_getaffinity, 0).result(timeout=30) == cpus
+        assert os.sched_getaffinity(0) == every
+    finally:
+        pool.shutdown(wait=True)
