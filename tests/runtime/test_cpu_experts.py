@@ -208,3 +208,23 @@ def test_a_gpus_cpu_worker_keeps_off_one_cpu_for_the_event_loop() -> None:
         assert os.sched_getaffinity(0) == every
     finally:
         pool.shutdown(wait=True)
+
+
+@pytest.mark.asyncio
+async def test_batched_requests_get_the_same_tokens_and_logprobs_with_misses_on_the_cpu(hf_checkpoints) -> None:  # type: ignore[no-untyped-def]
+    """Continuous batching groups several requests' tokens per expert; with misses on the CPU each
+    request still gets, bit for bit, what the all-copy engine gives it."""
+    path = hf_checkpoints.path("mixtral")
+    prompts = [PROMPT, DECODE + PROMPT[:3], PROMPT[::-1], [1, 2, 3]]
+
+    async def batch(**options: Any) -> tuple[list[list[int]], list[list[float]], dict[str, Any]]:
+        async with Engine.open(path, device="sim", io_chunk=CHUNK, expert_budget="25%", **SLOW, **options) as eng:
+            results = await asyncio.gather(*(eng.generate(p, max_new_tokens=5, temperature=0.0, logprobs=1,
+                                                          stop_at_eos=False) for p in prompts))
+            stats = eng.stats().as_dict()
+        return ([list(r.tokens) for r in results], [[lp.logprob for lp in r.logprobs] for r in results], stats)
+
+    tokens, logprobs, _ = await batch()
+    cpu_tokens, cpu_logprobs, stats = await batch(miss_compute="auto")
+    assert cpu_tokens == tokens and cpu_logprobs == logprobs
+    assert stats["cpu_expert_uses"] > 0 and stats["pinned_blocks"] == 0
