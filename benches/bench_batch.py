@@ -97,6 +97,8 @@ async def ordered(model: Path, texts: list[str], new_tokens: int, options: dict[
         batcher = eng._batcher
         assert batcher is not None
         batcher.resident_first = resident_first
+        step_seconds: list[float] = []
+        batcher.on_step = lambda record: step_seconds.append(record.seconds)
 
         async def one(i: int) -> None:
             last = None
@@ -113,6 +115,7 @@ async def ordered(model: Path, texts: list[str], new_tokens: int, options: dict[
         seconds = time.perf_counter() - started
         return {"outs": outs, "tps": sum(map(len, outs)) / seconds, "bytes": eng.stats()["bytes_loaded"] - before,
                 "p95_gap": statistics.quantiles(gaps, n=20)[18], "steps": batcher.steps,
+                "p95_step": statistics.quantiles(step_seconds, n=20)[18],
                 "split_steps": batcher.split_steps, "sent_ahead": batcher.sent_ahead,
                 "early_loads": batcher.early_loads}
 
@@ -195,6 +198,9 @@ def regrouping(fifo: dict[str, Any], regrouped: dict[str, Any], unsplit: dict[st
         "regrouped_bytes_vs_fifo": round(regrouped["bytes"] / fifo["bytes"], 4) if fifo["bytes"] else None,
         "fifo_p95_inter_token_seconds": round(fifo["p95_gap"], 5),
         "regrouped_p95_inter_token_seconds": round(regrouped["p95_gap"], 5),
+        "fifo_p95_step_seconds": round(fifo["p95_step"], 5),
+        "regrouped_p95_step_seconds": round(regrouped["p95_step"], 5),
+        "unsplit_regrouped_p95_step_seconds": round(unsplit["p95_step"], 5),
         "regrouped_steps": regrouped["steps"],
         "regrouped_split_steps": regrouped["split_steps"],
         "regrouped_sent_ahead": regrouped["sent_ahead"],
