@@ -74,6 +74,12 @@ def _common_engine_args(p: argparse.ArgumentParser, *, budget_default: str | Non
                    help="run experts from this store precision, e.g. int4 (default: the compute dtype)")
     p.add_argument("--miss-precision", default=None,
                    help="HOBBIT: low-precision copies on unimportant misses, e.g. int4 (default: off)")
+    p.add_argument("--miss-compute", default=None, choices=config.MISS_COMPUTE,
+                   help="GPU/sim: where a missing expert runs: copy (wait for it), cpu (compute it on the CPU from "
+                        f"its pinned host copy), auto (a cost model picks per expert) (default: {d['miss_compute']})")
+    p.add_argument("--cpu-layers", default=None, type=lambda v: int(v) if v.strip().isdigit() else v,
+                   help="GPU/sim: MoE layers whose experts always run on the CPU: N (the first N, as llama.cpp's "
+                        "--n-cpu-moe) or layer indices such as '0-3,7' (one index: '5-5') (default: none)")
 
 
 def _existing_checkpoint(out: Path) -> list[str]:

@@ -14,7 +14,8 @@ from moeflow.errors import CheckpointError, ConfigError, MoeflowError
 
 # Engine options of every model command: each flag's dest is the EngineConfig field of that name.
 ENGINE_OPTIONS = ("expert_budget", "memory_reserve", "kv_budget", "device", "prefetch", "policy", "dtype", "direct_io",
-                  "store_dir", "threads", "precision", "miss_precision", "sim_bandwidth_gbps", "sim_latency_us")
+                  "store_dir", "threads", "precision", "miss_precision", "sim_bandwidth_gbps", "sim_latency_us",
+                  "miss_compute", "cpu_layers")
 
 
 class MissingExtra(MoeflowError, ImportError):
