@@ -21,8 +21,8 @@ PROMPT = [5, 17, 42, 3, 77, 12, 9, 60, 31, 8]
 DECODE = [11, 4, 90, 23, 7, 66]
 CHUNK = 4096  # every tiny expert crosses several parts of a copy
 # a 20 KiB expert takes 1 ms to copy: the CPU (~30 us, milliseconds on a loaded machine) is faster
-SLOW = dict(sim_bandwidth_gbps=0.02)
-FAST = dict(sim_bandwidth_gbps=500.0, sim_latency_us=0.0)  # 40 ns a copy: the CPU never is
+SLOW: dict[str, Any] = dict(sim_bandwidth_gbps=0.02)
+FAST: dict[str, Any] = dict(sim_bandwidth_gbps=500.0, sim_latency_us=0.0)  # 40 ns a copy: the CPU never is
 
 
 async def _run(path: Path, **options: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
@@ -39,7 +39,7 @@ async def _run(path: Path, **options: Any) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 @pytest.mark.asyncio
-async def test_misses_on_the_cpu_give_the_all_copy_logits_bit_for_bit(hf_checkpoints) -> None:  # type: ignore[no-untyped-def]
+async def test_misses_on_the_cpu_give_the_all_copy_logits_bit_for_bit(hf_checkpoints: Any) -> None:
     path = hf_checkpoints.path("mixtral")
     full_prefill, full_steps, _ = await _run(path)
     copy_prefill, copy_steps, copied = await _run(path, expert_budget="25%", **SLOW)
@@ -70,7 +70,7 @@ async def test_misses_on_the_cpu_give_the_all_copy_logits_bit_for_bit(hf_checkpo
 
 @pytest.mark.parametrize("cpu_layers", [1, "1"])
 @pytest.mark.asyncio
-async def test_cpu_layers_experts_are_never_loaded_to_the_device(hf_checkpoints, cpu_layers) -> None:  # type: ignore[no-untyped-def]
+async def test_cpu_layers_experts_are_never_loaded_to_the_device(hf_checkpoints: Any, cpu_layers: int | str) -> None:
     """The first MoE layer (a count), or the second (an index: the one gate-lookahead prefetches
     into from the first) computes on the CPU; the device holds only the other layer's experts."""
     path = hf_checkpoints.path("mixtral")
@@ -84,7 +84,7 @@ async def test_cpu_layers_experts_are_never_loaded_to_the_device(hf_checkpoints,
 
 
 @pytest.mark.asyncio
-async def test_three_tiers_compute_misses_from_the_host_cache(hf_checkpoints) -> None:  # type: ignore[no-untyped-def]
+async def test_three_tiers_compute_misses_from_the_host_cache(hf_checkpoints: Any) -> None:
     path = hf_checkpoints.path("mixtral")
     ref_prefill, ref_steps, _ = await _run(path)
     prefill, steps, stats = await _run(path, expert_budget="25%", host_budget="50%", miss_compute="cpu")
@@ -93,7 +93,7 @@ async def test_three_tiers_compute_misses_from_the_host_cache(hf_checkpoints) ->
 
 
 @pytest.mark.asyncio
-async def test_low_precision_misses_and_the_cpu_share_the_layer(hf_checkpoints) -> None:  # type: ignore[no-untyped-def]
+async def test_low_precision_misses_and_the_cpu_share_the_layer(hf_checkpoints: Any) -> None:
     path = hf_checkpoints.path("mixtral")
     _, steps, stats = await _run(path, expert_budget="40%", miss_precision="int8", group_size=16, miss_thresholds=(0.0, 1.0),
                                  miss_compute="auto", **SLOW)
@@ -103,7 +103,7 @@ async def test_low_precision_misses_and_the_cpu_share_the_layer(hf_checkpoints) 
 
 
 @pytest.mark.asyncio
-async def test_a_forward_cancelled_while_cpu_experts_compute_leaves_nothing_pinned(tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_a_forward_cancelled_while_cpu_experts_compute_leaves_nothing_pinned(tmp_path: Path) -> None:
     from tests.hf_models import save_tiny
 
     # 6 MiB experts: one takes milliseconds on the CPU, so the cancel lands while they compute
@@ -134,7 +134,7 @@ async def test_a_forward_cancelled_while_cpu_experts_compute_leaves_nothing_pinn
 
 
 @pytest.mark.asyncio
-async def test_options_the_model_cannot_take_are_refused_at_open(hf_checkpoints) -> None:  # type: ignore[no-untyped-def]
+async def test_options_the_model_cannot_take_are_refused_at_open(hf_checkpoints: Any) -> None:
     path = hf_checkpoints.path("mixtral")  # two MoE layers
     with pytest.raises(ConfigError, match=r"^cpu_layers=3: the model has 2 MoE layers"):
         await Engine.open(path, device="sim", cpu_layers=3)
@@ -147,7 +147,7 @@ async def test_options_the_model_cannot_take_are_refused_at_open(hf_checkpoints)
 
 @pytest.mark.gpu
 @pytest.mark.asyncio
-async def test_cpu_experts_on_a_gpu_match_the_copied_logits_within_bf16_tolerance(tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_cpu_experts_on_a_gpu_match_the_copied_logits_within_bf16_tolerance(tmp_path: Path) -> None:
     """On a GPU the CPU's bf16 arithmetic differs from the GPU's: exact per placement, equal
     across placements only to the GPU tests' bf16 tolerance."""
     from tests.hf_models import save_tiny
@@ -211,7 +211,7 @@ def test_a_gpus_cpu_worker_keeps_off_one_cpu_for_the_event_loop() -> None:
 
 
 @pytest.mark.asyncio
-async def test_batched_requests_get_the_same_tokens_and_logprobs_with_misses_on_the_cpu(hf_checkpoints) -> None:  # type: ignore[no-untyped-def]
+async def test_batched_requests_get_the_same_tokens_and_logprobs_with_misses_on_the_cpu(hf_checkpoints: Any) -> None:
     """Continuous batching groups several requests' tokens per expert; with misses on the CPU each
     request still gets, bit for bit, what the all-copy engine gives it."""
     path = hf_checkpoints.path("mixtral")
@@ -222,7 +222,7 @@ async def test_batched_requests_get_the_same_tokens_and_logprobs_with_misses_on_
             results = await asyncio.gather(*(eng.generate(p, max_new_tokens=5, temperature=0.0, logprobs=1,
                                                           stop_at_eos=False) for p in prompts))
             stats = eng.stats().as_dict()
-        return ([list(r.tokens) for r in results], [[lp.logprob for lp in r.logprobs] for r in results], stats)
+        return ([list(r.tokens) for r in results], [[lp.logprob for lp in r.logprobs or []] for r in results], stats)
 
     tokens, logprobs, _ = await batch()
     cpu_tokens, cpu_logprobs, stats = await batch(miss_compute="auto")
