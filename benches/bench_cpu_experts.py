@@ -12,7 +12,9 @@ What a miss computed on the CPU (runtime/cpu_experts.py) costs, for each way tor
   what the engine runs for quantized stores on the CPU;
 - `int4_tinygemm`: torch's own CPU int4 matmul (aten._weight_int4pack_mm_for_cpu) on weights repacked
   once from the same codes (the store's zero points folded into its float zeros); its maximum error
-  against int4_dequant is reported (max_err_vs_dequant, relative to the output's max).
+  against int4_dequant is reported (max_err_vs_dequant, relative to the output's max), and the
+  one-time cost of repacking the expert (notes.int4_repack_us): the engine does not use this path
+  yet (it would need a repacked copy of each expert the CPU computes, beside the store's).
 Each figure is the median of --reps timed calls after a warm-up, on the same weights in the same
 run (`us`; `us_min` the fastest call, steadier on a shared machine); `vs_bf16_linear` is the
 baseline's median over the path's (above 1: faster). Prints one JSON line.
@@ -97,7 +99,9 @@ def bench_shape(hidden: int, inter: int, tokens: list[int], reps: int) -> dict[s
     }
     notes: dict[str, str] = {}
     try:
+        started = time.perf_counter()
         gu4, dn4 = _tinygemm(int4, "gate_up"), _tinygemm(int4, "down")
+        notes["int4_repack_us"] = f"{(time.perf_counter() - started) * 1e6:.0f}"  # once per expert, not per call
 
         def tinygemm(x: torch.Tensor) -> torch.Tensor:
             gate, up = _int4_mm(x, gu4).chunk(2, dim=-1)
