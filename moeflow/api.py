@@ -352,5 +352,10 @@ class Engine(GenerationMixin):
     # ---- introspection ---------------------------------------------------------------------
     def stats(self) -> EngineStats:
         """Counters since open: hits, misses, prefetches, bytes loaded, stall time, blocks in use, ..."""
-        return self.session.stats(requests=self._requests)
+        batcher = self._batcher
+        steps = {} if batcher is None else {
+            "batch_steps": batcher.steps, "split_steps": batcher.split_steps, "sent_ahead": batcher.sent_ahead,
+            "early_loads": batcher.early_loads,
+        }
+        return self.session.stats(requests=self._requests, **steps)
 

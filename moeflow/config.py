@@ -203,7 +203,8 @@ class EngineConfig:
     prefill_chunk: int = 512  # tokens per forward pass (and per step): bounds a long prompt's attention memory
     max_batch_sequences: int = 64  # sequences one step runs together (continuous batching)
     # when more sequences wait than a step takes: 'fifo' (arrival order) or 'regroup' (by routing
-    # path, scheduling/regroup.py; measured 0.78-1.05x fifo on the CPU bench, see README);
+    # path, scheduling/regroup.py, with resident-only sequences sent ahead while the others'
+    # misses load; 0.79-1.10x fifo on the CPU and simulated-GPU benches, see README);
     # a regrouped sequence waits at most regroup_max_wait steps
     batch_order: str = "fifo"
     regroup_max_wait: int = 4

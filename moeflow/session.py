@@ -151,7 +151,8 @@ class Session:
         self.cache.counters.stall_seconds += self.compute.collect()
         self.steps += 1
 
-    def stats(self, *, requests: int) -> EngineStats:
+    def stats(self, *, requests: int, **batching: Any) -> EngineStats:
+        """Engine-wide figures; `batching` adds the step batcher's counters (Engine.stats)."""
         alloc = self.tier.allocator
         cpu = self.runner.cpu_experts
         c = self.cache.counters
@@ -198,6 +199,7 @@ class Session:
             expert_use_share=expert_use_share(c.hits + c.inflight_hits, c.misses,
                                               cpu.counters.uses if cpu is not None else 0, low_uses),
             **self.scheduler.metrics.as_dict(),
+            **batching,
         )
 
     async def aclose(self) -> None:

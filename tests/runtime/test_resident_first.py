@@ -163,5 +163,7 @@ async def test_engine_regroup_with_resident_first_equals_solo_greedy_and_counts_
         assert batcher is not None
         counts = (batcher.steps, batcher.split_steps, batcher.sent_ahead, batcher.early_loads)
         assert batcher.split_steps > 0 and batcher.sent_ahead > 0, counts
+        stats = eng.stats()  # the counters reach the engine's stats
+        assert (stats["batch_steps"], stats["split_steps"], stats["sent_ahead"], stats["early_loads"]) == counts
         assert eng.stats()["pinned_blocks"] == 0 and batcher.waiting == 0 and batcher.kv_reserved == 0
     assert [r.tokens for r in got] == solo, counts
