@@ -124,6 +124,9 @@ class Session:
             "kv_budget_bytes": kv_budget,
             "kv_capacity_tokens": kv_budget // kv_per_token if kv_budget is not None and kv_per_token else None,
         }
+        cpu = self.runner.cpu_experts
+        if cpu is not None:  # where misses run (left out when they are copied, the default)
+            report.update(miss_compute=self.config.miss_compute, cpu_layers=sorted(cpu.layers), cpu_path=cpu.path)
         if self.tiers.fit is not None:
             report.update(self.tiers.fit.as_dict())
         return report
@@ -138,8 +141,13 @@ class Session:
                        f" - dense {format_bytes(r['dense_bytes'])}{capped})")
         slots = ", ".join(f"{n} {tier}" for tier, n in r["slots"].items())
         kv = "unbounded" if r["kv_capacity_tokens"] is None else f"{r['kv_capacity_tokens']} tokens"
+        misses = ""
+        if "miss_compute" in r:
+            misses = f"; misses: {r['miss_compute']}"
+            if r["cpu_layers"]:
+                misses += f", CPU layers {','.join(map(str, r['cpu_layers']))}"
         return (f"plan: budget {budget}; slots {slots} of {r['experts_total']} experts; "
-                f"predictor {r['predictor']}; policy {r['policy']}; KV capacity {kv}; device {r['device']}")
+                f"predictor {r['predictor']}; policy {r['policy']}; KV capacity {kv}; device {r['device']}{misses}")
 
     def counters_snapshot(self) -> CacheCounters:
         return dataclasses.replace(self.cache.counters)

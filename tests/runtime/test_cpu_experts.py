@@ -35,6 +35,7 @@ async def _run(path: Path, **options: Any) -> tuple[torch.Tensor, torch.Tensor, 
         stats["hazards"] = sim.sim.hazards
         stats["resident_layers"] = sorted({layer for layer, _ in eng.session.cache.resident()})
         stats["moe_layers"] = eng.session.arch.moe_layers
+        stats["plan"], stats["plan_line"] = eng.session.plan_report(), eng.session.plan_line()
     return prefill, stepwise, stats
 
 
@@ -81,6 +82,7 @@ async def test_cpu_layers_experts_are_never_loaded_to_the_device(hf_checkpoints:
     assert stats["cpu_layers"] == [on_cpu]
     assert on_cpu not in stats["resident_layers"] and stats["resident_layers"]
     assert stats["cpu_expert_uses"] > 0 and stats["miss_compute"] == "copy"
+    assert stats["plan"]["cpu_layers"] == [on_cpu] and stats["plan_line"].endswith(f"; misses: copy, CPU layers {on_cpu}")
 
 
 @pytest.mark.asyncio
@@ -211,9 +213,11 @@ def test_a_gpus_cpu_worker_keeps_off_one_cpu_for_the_event_loop() -> None:
 
 
 @pytest.mark.asyncio
-async def test_batched_requests_get_the_same_tokens_and_logprobs_with_misses_on_the_cpu(hf_checkpoints: Any) -> None:
+async def test_batched_requests_get_the_all_copy_tokens_with_misses_on_the_cpu(hf_checkpoints: Any) -> None:
     """Continuous batching groups several requests' tokens per expert; with misses on the CPU each
-    request still gets, bit for bit, what the all-copy engine gives it."""
+    request still gets the all-copy engine's tokens, and its logprobs to 1e-6: which requests share
+    a step depends on arrival timing, and the log-softmax of a batch of rows differs from one of
+    other rows in the last bits (two all-copy runs differ by ~3e-8 too)."""
     path = hf_checkpoints.path("mixtral")
     prompts = [PROMPT, DECODE + PROMPT[:3], PROMPT[::-1], [1, 2, 3]]
 
@@ -226,5 +230,6 @@ async def test_batched_requests_get_the_same_tokens_and_logprobs_with_misses_on_
 
     tokens, logprobs, _ = await batch()
     cpu_tokens, cpu_logprobs, stats = await batch(miss_compute="auto")
-    assert cpu_tokens == tokens and cpu_logprobs == logprobs
+    assert cpu_tokens == tokens
+    assert torch.allclose(torch.tensor(cpu_logprobs), torch.tensor(logprobs), rtol=0, atol=1e-6)
     assert stats["cpu_expert_uses"] > 0 and stats["pinned_blocks"] == 0
