@@ -277,8 +277,10 @@ class ConfigReader:
         ids = eos if isinstance(eos, list) else [eos]
         return tuple(int(i) for i in ids if isinstance(i, int) and not isinstance(i, bool))
 
-    def rope(self, dim: int, *, interleaved: bool = False) -> RopeSpec:
-        """Normalize old (rope_theta + rope_scaling) and new (rope_parameters) layouts."""
+    def rope(self, dim: int, *, interleaved: bool = False, partial_default: float | None = None) -> RopeSpec:
+        """Normalize old (rope_theta + rope_scaling) and new (rope_parameters) layouts. Families
+        that rotate only part of each head (GLM) pass `partial_default`: the RopeSpec then spans
+        int(dim * partial_rotary_factor) dims, as transformers computes them; others refuse it."""
         source = "rope_parameters" if self.config.get("rope_parameters") else "rope_scaling"
         params = dict(self.config.get(source) or {})
         theta_field = f"{source}.rope_theta" if "rope_theta" in params else "rope_theta"
@@ -295,7 +297,13 @@ class ConfigReader:
         kind = str(params.get("rope_type", params.get("type", "default")))
         if kind not in ("default", "linear", "llama3", "yarn"):
             self.refuse("rope_type", kind, "supported: default, linear, llama3, yarn")
-        if params.get("partial_rotary_factor", 1.0) != 1.0:
+        if partial_default is not None:  # transformers: rope_parameters, then the top-level field, then the default
+            factor = params.get("partial_rotary_factor", self.opt("partial_rotary_factor", partial_default, float))
+            rotated = int(dim * factor) if isinstance(factor, (int, float)) and not isinstance(factor, bool) else 0
+            if not 0 < rotated <= dim or rotated % 2:
+                self.refuse("partial_rotary_factor", factor, f"must rotate an even number of the {dim} head dims")
+            dim = rotated
+        elif params.get("partial_rotary_factor", 1.0) != 1.0:
             self.refuse("partial_rotary_factor", params["partial_rotary_factor"])
         max_pos = self.opt("max_position_embeddings", 4096)
         if kind in ("llama3", "yarn"):
