@@ -60,6 +60,12 @@ class AttentionSpec:
     kv_lora_rank: int = 0
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
+    # Llama-4: per layer, whether it rotates q/k (False: a NoPE layer; empty: every layer does),
+    # and the attention chunk (queries see only keys of their own chunk; None: full causal).
+    rope_layers: tuple[bool, ...] = ()
+    chunked: tuple[int | None, ...] = ()
+    qk_l2_norm: bool = False  # Llama-4: weightless RMS norm of each q/k head after rope (rope layers only)
+    temperature_tuning: tuple[float, float] | None = None  # Llama-4 NoPE layers: (floor_scale, attn_scale)
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,8 @@ class RouterSpec:
     correction_bias: bool = False
     fp32_logits: bool = False  # DeepSeek computes router logits in float32
     keep_fp32_weights: bool = False  # Mixtral combines with float32 routing weights
+    scale_input: bool = False  # Llama-4: the combine weight multiplies the expert's input, not its output
+    jitter_eps: float = 0.0  # sparsemixer (Phi-3.5-MoE): logits within 2*eps (relative) of a pick share its softmax
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,10 @@ class Naming:
     shared_prefix: str | None = None
     shared_gate: str | None = None
     correction_bias: str | None = None
+    dense_prefix: str = "model.layers.{layer}.mlp"  # a dense layer's FFN
+    # Llama-4 stores a layer's experts fused: gate_up [E, H, 2I] and down [E, I, H] (x @ w, not w @ x)
+    fused_gate_up: str | None = None
+    fused_down: str | None = None
 
     def expert(self, layer: int, expert: int) -> tuple[str, str, str]:
         """(gate, up, down) tensor names of one expert."""
@@ -125,6 +137,8 @@ class Arch:
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
     max_position_embeddings: int
+    norm: str = "rms"  # rms | layernorm (Phi-3.5-MoE: nn.LayerNorm with weight and bias)
+    lm_head_bias: bool = False
 
     @property
     def num_experts(self) -> int:
