@@ -40,9 +40,12 @@ class LayerTensors:
     correction_bias: HubTensor | None  # DeepSeek-V3's e_score_correction_bias
     mlp: MLPTensors | None  # a dense layer's FFN, or a sparse layer's shared expert
     shared_gate: HubTensor | None  # Qwen2-MoE's shared_expert_gate
+    input_norm_bias: HubTensor | None = None  # LayerNorm families (Phi-3.5-MoE)
+    post_norm_bias: HubTensor | None = None
 
     def all(self) -> list[HubTensor]:
         out = [self.input_norm, self.post_norm, *self.attention.values()]
+        out += [t for t in (self.input_norm_bias, self.post_norm_bias) if t is not None]
         out += [t for t in (self.router, self.correction_bias) if t is not None]
         if self.mlp is not None:
             out += self.mlp.all()
@@ -58,6 +61,8 @@ class ModelTensors:
     embed: HubTensor
     final_norm: HubTensor
     lm_head: HubTensor  # absent from checkpoints that tie it to the embedding
+    final_norm_bias: HubTensor | None = None  # LayerNorm families (Phi-3.5-MoE)
+    lm_head_bias: HubTensor | None = None  # Phi-3.5-MoE's lm_head_bias
 
 
 
@@ -144,6 +149,8 @@ def layer_tensors(arch: Arch, layer: int) -> LayerTensors:
         correction_bias=correction_bias,
         mlp=mlp,
         shared_gate=shared_gate,
+        input_norm_bias=HubTensor(f"{p}.input_layernorm.bias", (h,)) if arch.norm == "layernorm" else None,
+        post_norm_bias=HubTensor(f"{p}.post_attention_layernorm.bias", (h,)) if arch.norm == "layernorm" else None,
     )
 
 
@@ -152,6 +159,8 @@ def model_tensors(arch: Arch) -> ModelTensors:
     return ModelTensors(
         HubTensor("model.embed_tokens.weight", (v, h)), HubTensor("model.norm.weight", (h,)),
         HubTensor("lm_head.weight", (v, h)),
+        HubTensor("model.norm.bias", (h,)) if arch.norm == "layernorm" else None,
+        HubTensor("lm_head.bias", (v,)) if arch.lm_head_bias else None,
     )
 
 
@@ -162,8 +171,12 @@ def checkpoint_tensors(arch: Arch) -> list[HubTensor]:
     for layer in range(arch.num_layers):
         out += layer_tensors(arch, layer).all()
     out.append(top.final_norm)
+    if top.final_norm_bias is not None:
+        out.append(top.final_norm_bias)
     if not arch.tie_word_embeddings:
         out.append(top.lm_head)
+    if top.lm_head_bias is not None:
+        out.append(top.lm_head_bias)
     for layer in arch.moe_layers:
         for e in range(arch.num_experts):
             out += expert_tensors(arch, layer, e).all()
