@@ -40,6 +40,8 @@ class Layer:
     attention: GQAAttention | MLAAttention
     mlp: SharedMLP | None  # dense FFN (dense layers) or shared expert (sparse layers)
     router: Router | None  # None on dense layers
+    input_norm_bias: torch.Tensor | None = None  # LayerNorm families (Phi-3.5-MoE); None: RMSNorm
+    post_norm_bias: torch.Tensor | None = None
 
 
 @dataclass
@@ -51,6 +53,8 @@ class DenseModel:
     final_norm: torch.Tensor
     lm_head: torch.Tensor  # [V, H]
     rotary: Rotary | None = None
+    final_norm_bias: torch.Tensor | None = None  # LayerNorm families (Phi-3.5-MoE); None: RMSNorm
+    lm_head_bias: torch.Tensor | None = None
 
     @property
     def device(self) -> torch.device:
@@ -63,8 +67,13 @@ class DenseModel:
         self.lm_head = self.embed if tied else self.lm_head.to(device)
         if self.rotary is not None:
             self.rotary.to(device)
+        self.final_norm_bias = self.final_norm_bias.to(device) if self.final_norm_bias is not None else None
+        self.lm_head_bias = self.lm_head_bias.to(device) if self.lm_head_bias is not None else None
         for layer in self.layers:
             layer.input_norm, layer.post_norm = layer.input_norm.to(device), layer.post_norm.to(device)
+            if layer.input_norm_bias is not None and layer.post_norm_bias is not None:
+                layer.input_norm_bias = layer.input_norm_bias.to(device)
+                layer.post_norm_bias = layer.post_norm_bias.to(device)
             layer.attention.to(device)
             if layer.mlp is not None:
                 layer.mlp.to(device)
@@ -119,9 +128,13 @@ def load_dense(ckpt: Checkpoint, arch: Arch, dtype: torch.dtype) -> DenseModel:
                 attention=attention,
                 mlp=mlp,
                 router=router,
+                input_norm_bias=ld.get(names.input_norm_bias) if names.input_norm_bias is not None else None,
+                post_norm_bias=ld.get(names.post_norm_bias) if names.post_norm_bias is not None else None,
             )
         )
     top = model_tensors(arch)
     embed = ld.get(top.embed)
     lm_head = embed if arch.tie_word_embeddings and not ckpt.has(top.lm_head.name) else ld.get(top.lm_head)
-    return DenseModel(arch, dtype, embed, layers, ld.get(top.final_norm), lm_head, rotary)
+    return DenseModel(arch, dtype, embed, layers, ld.get(top.final_norm), lm_head, rotary,
+                      ld.get(top.final_norm_bias) if top.final_norm_bias is not None else None,
+                      ld.get(top.lm_head_bias) if top.lm_head_bias is not None else None)
