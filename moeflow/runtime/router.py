@@ -30,6 +30,8 @@ class Router:
         s = self.spec
         if s.topk_method == "noaux_tc":
             return self._noaux_tc(logits)
+        if s.topk_method == "sparsemixer":
+            return self._sparsemixer(logits)
         if s.topk_method == "greedy" and s.norm_topk_prob:
             # The softmax of the k largest logits is the renormalized top-k of the full softmax
             # (equal up to rounding): one topk and one softmax instead of softmax, topk, sum, divide.
@@ -68,3 +70,19 @@ class Router:
         if s.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return ids, weights * s.routed_scaling_factor
+
+    def _sparsemixer(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Phi-3.5-MoE's sparsemixer without training, op for op as transformers computes it: pick
+        the largest logit; its weight is its softmax over the experts whose logits lie within
+        2 * jitter_eps (relative) of it. Then the same for the largest remaining logit, measured
+        against the original logits. The two weights are not renormalized (and run in the
+        logits' dtype)."""
+        eps2 = 2 * self.spec.jitter_eps
+        top1, id1 = logits.max(dim=-1, keepdim=True)  # [T, 1]
+        far = ((top1 - logits) / logits.abs().clamp(min=top1)) > eps2
+        w1 = torch.softmax(logits.masked_fill(far, float("-inf")), dim=-1).gather(-1, id1)
+        rest = torch.scatter(logits, -1, id1, float("-inf"))
+        top2, id2 = rest.max(dim=-1, keepdim=True)
+        far = ((top2 - logits) / logits.abs().clamp(min=top2)) > eps2
+        w2 = torch.softmax(rest.masked_fill(far, float("-inf")), dim=-1).gather(-1, id2)
+        return torch.cat((id1, id2), dim=-1), torch.cat((w1, w2), dim=-1)
