@@ -136,7 +136,12 @@ class Rotary:
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate x [..., T, dim] with tables of its T positions. Interleaved pairs come out
         de-interleaved (real parts, then imaginary); q and k get the same permutation, so their
-        dot products are unchanged. Bit-identical to x1*cos - x2*sin, x2*cos + x1*sin."""
+        dot products are unchanged. Bit-identical to x1*cos - x2*sin, x2*cos + x1*sin. A head wider
+        than the tables (partial rotary, GLM) rotates its first spec.dim dims and passes the rest
+        (`decode_tables`' identity rows then leave v whole too)."""
+        if x.shape[-1] > self.spec.dim:
+            rot, rest = x.split((self.spec.dim, x.shape[-1] - self.spec.dim), dim=-1)
+            return torch.cat((self.apply(rot, cos, sin), rest), dim=-1)
         if self.spec.interleaved:
             pairs = x.unflatten(-1, (self.half, 2)).transpose(-1, -2)  # [..., T, 2, dim/2]
             return (pairs * cos + pairs.flip(-2) * sin).flatten(-2)
