@@ -168,6 +168,21 @@ class Checkpoint:
             raise CheckpointError(f"{info.file}: tensor {name!r} has a corrupt shape", path=str(info.file))
         return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
 
+    def get_part(self, name: str, index: int) -> torch.Tensor:
+        """tensor[index] of one tensor, reading only that part (one expert of a fused [E, ...] tensor)."""
+        info = self.info(name)
+        if not info.shape or not 0 <= index < info.shape[0]:
+            raise CheckpointError(f"{info.file}: tensor {name!r} of shape {list(info.shape)} has no part {index}",
+                                  path=str(info.file), field=name)
+        handle = self._handles.get(info.file)
+        if handle is None:
+            try:
+                handle = safe_open(str(info.file), framework="pt")
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"{info.file}: cannot open ({e})", path=str(info.file)) from e
+            self._handles[info.file] = handle
+        return handle.get_slice(name)[index]
+
     def expect_shape(self, name: str, shape: tuple[int, ...]) -> TensorInfo:
         info = self.info(name)
         if info.shape != shape:
