@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
 
 from moeflow.models.base import Arch
+
+if TYPE_CHECKING:
+    from moeflow.models.checkpoint import Checkpoint
 
 Shape = tuple[int, ...]
 
@@ -15,6 +21,10 @@ class HubTensor:
 
     name: str
     shape: Shape
+    # One expert's matrix inside a fused [E, in, out] Hub tensor (Llama-4): (expert, first column,
+    # end column) of that tensor, whose own shape is `fused_shape`; `shape` is the matrix's [out, in].
+    part: tuple[int, int, int] | None = None
+    fused_shape: Shape = ()
 
 
 @dataclass(frozen=True)
@@ -68,8 +78,34 @@ class ModelTensors:
 
 def expert_tensors(arch: Arch, layer: int, expert: int) -> MLPTensors:
     h, i = arch.hidden_size, arch.expert_intermediate
+    if arch.naming.fused_gate_up is not None and arch.naming.fused_down is not None:
+        gate_up, down = fused_expert_tensors(arch, layer)
+        return MLPTensors(
+            HubTensor(gate_up.name, (i, h), (expert, 0, i), gate_up.shape),
+            HubTensor(gate_up.name, (i, h), (expert, i, 2 * i), gate_up.shape),
+            HubTensor(down.name, (h, i), (expert, 0, h), down.shape),
+        )
     gate, up, down = arch.naming.expert(layer, expert)
     return MLPTensors(HubTensor(gate, (i, h)), HubTensor(up, (i, h)), HubTensor(down, (h, i)))
+
+
+def fused_expert_tensors(arch: Arch, layer: int) -> tuple[HubTensor, HubTensor]:
+    """A fused layout's (gate_up [E, H, 2I], down [E, I, H]) tensors of one layer."""
+    e, h, i = arch.num_experts, arch.hidden_size, arch.expert_intermediate
+    assert arch.naming.fused_gate_up is not None and arch.naming.fused_down is not None
+    return (HubTensor(arch.naming.fused_gate_up.format(layer=layer), (e, h, 2 * i)),
+            HubTensor(arch.naming.fused_down.format(layer=layer), (e, i, h)))
+
+
+def read_tensor(ckpt: Checkpoint, tensor: HubTensor) -> torch.Tensor:
+    """A tensor of the table from the checkpoint, its shape checked; a fused expert's matrix is
+    its slice of the fused tensor, transposed to the [out, in] layout of per-expert checkpoints."""
+    if tensor.part is None:
+        ckpt.expect_shape(tensor.name, tensor.shape)
+        return ckpt.get(tensor.name)
+    ckpt.expect_shape(tensor.name, tensor.fused_shape)
+    expert, lo, hi = tensor.part
+    return ckpt.get_part(tensor.name, expert)[:, lo:hi].t().contiguous()
 
 
 def mlp_tensors(prefix: str, hidden: int, intermediate: int) -> MLPTensors:
@@ -140,7 +176,7 @@ def layer_tensors(arch: Arch, layer: int) -> LayerTensors:
             if arch.shared.gated and names.shared_gate:
                 shared_gate = HubTensor(names.shared_gate.format(layer=layer), (1, h))
     else:
-        mlp = mlp_tensors(f"{p}.mlp", h, arch.dense_intermediate)
+        mlp = mlp_tensors(names.dense_prefix.format(layer=layer), h, arch.dense_intermediate)
     return LayerTensors(
         input_norm=HubTensor(f"{p}.input_layernorm.weight", (h,)),
         post_norm=HubTensor(f"{p}.post_attention_layernorm.weight", (h,)),
@@ -178,6 +214,9 @@ def checkpoint_tensors(arch: Arch) -> list[HubTensor]:
     if top.lm_head_bias is not None:
         out.append(top.lm_head_bias)
     for layer in arch.moe_layers:
+        if arch.naming.fused_gate_up is not None:
+            out += fused_expert_tensors(arch, layer)
+            continue
         for e in range(arch.num_experts):
             out += expert_tensors(arch, layer, e).all()
     return out
