@@ -21,7 +21,7 @@ from moeflow import _core
 from moeflow.errors import StoreError
 from moeflow.models.base import Arch
 from moeflow.models.checkpoint import Checkpoint
-from moeflow.models.tensors import HubTensor, expert_tensors
+from moeflow.models.tensors import HubTensor, expert_tensors, read_tensor
 from moeflow.store.codecs import Codec
 from moeflow.store.layout import BlobLayout
 from moeflow.store.lock import BuildLock, build_lock
@@ -255,8 +255,7 @@ def _write(
 
 
 def _expert_tensor(ckpt: Checkpoint, tensor: HubTensor) -> torch.Tensor:
-    ckpt.expect_shape(tensor.name, tensor.shape)
-    return ckpt.get(tensor.name)
+    return read_tensor(ckpt, tensor)  # a fused layout's expert is a slice (models/tensors.py)
 
 
 def open_or_convert(
