@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -48,6 +48,7 @@ class Routing:
     host_ids: list[list[int]]  # [T, K] host copy of `ids`
     host_weights: list[list[float]]  # [T, K] host copy of `weights`
     host_slots: dict[int, int] | None = None  # one token: expert -> which of the K picks (host)
+    scale_input: bool = False  # Llama-4: the weight scales the expert's input rows, not its output
 
     @staticmethod
     def group(ids: torch.Tensor, weights: torch.Tensor, host_ids: list[list[int]],
@@ -83,7 +84,7 @@ class Routing:
             return self
         ids = torch.tensor(self.host_ids, dtype=self.ids.dtype)
         weights = torch.tensor(self.host_weights, dtype=self.weights.dtype)  # exact: read from this dtype
-        return Routing.group(ids, weights, self.host_ids, self.host_weights)
+        return replace(Routing.group(ids, weights, self.host_ids, self.host_weights), scale_input=self.scale_input)
 
 
 def shared_mlp(mlp: SharedMLP, x: torch.Tensor) -> torch.Tensor:
@@ -178,6 +179,9 @@ def expert_out(routing: Routing, e: int, weights: ExpertView, x: torch.Tensor,
         idx = routing.tokens[e]
         w = routing.weights[idx, routing.slots[e], None]  # [n, 1]
         rows = x[idx]
+    if routing.scale_input:  # Llama-4 weights the input (transformers: x * score, in x's dtype)
+        with wide(weights.nbytes):
+            return ffn(weights, (rows * w).to(x.dtype)).to(x.dtype)
     with wide(weights.nbytes):
         out = ffn(weights, rows)
     return (out * w).to(x.dtype)
@@ -235,6 +239,8 @@ async def run_moe(
     CPU from their host home meanwhile (see runtime/cpu_experts.py); their outputs join the same sum."""
     outputs: dict[int, torch.Tensor] = {}
     index = layer.index
+    if layer.router is not None and layer.router.spec.scale_input and not routing.scale_input:
+        routing = replace(routing, scale_input=True)
     if residual is None:
         residual = torch.zeros_like(x)
     resident = cache.take_resident(index, routing.experts) if miss is None else None
