@@ -30,6 +30,10 @@ class Router:
         s = self.spec
         if s.topk_method == "noaux_tc":
             return self._noaux_tc(logits)
+        if s.scoring == "sigmoid" and s.topk_method == "greedy":
+            # Llama-4: the k largest logits, each through a sigmoid (float32, back to the logits' dtype)
+            top, ids = torch.topk(logits, s.top_k, dim=-1)
+            return ids, torch.sigmoid(top.float()).to(logits.dtype)
         if s.topk_method == "sparsemixer":
             return self._sparsemixer(logits)
         if s.topk_method == "greedy" and s.norm_topk_prob:
