@@ -10,6 +10,7 @@ from moeflow.models.base import Arch
 from moeflow.models.checkpoint import Checkpoint
 from moeflow.models.tensors import HubTensor, MLPTensors, layer_tensors, model_tensors
 from moeflow.runtime.layers import GQAAttention, MLAAttention
+from moeflow.runtime.llama4_attention import Llama4Attention
 from moeflow.runtime.rope import Rotary
 from moeflow.runtime.router import Router
 
@@ -105,6 +106,8 @@ def load_dense(ckpt: Checkpoint, arch: Arch, dtype: torch.dtype) -> DenseModel:
         weights = {key: ld.get(tensor) for key, tensor in names.attention.items()}
         if arch.attention.kind == "mla":
             attention: GQAAttention | MLAAttention = MLAAttention(arch.attention, weights, rotary, arch.rms_norm_eps)
+        elif arch.attention.rope_layers or arch.attention.chunked or arch.attention.qk_l2_norm:  # Llama-4
+            attention = Llama4Attention(arch.attention, weights, rotary, arch.rms_norm_eps, i)
         else:
             attention = GQAAttention(
                 arch.attention,
