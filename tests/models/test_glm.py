@@ -1,0 +1,93 @@
+"""GLM-4.5 (glm4_moe) beyond the parity sweep's tiny model: the old config layout of partial rotary,
+a nonzero score-correction bias, and the variants moeflow refuses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeflow import Engine
+from moeflow.errors import UnsupportedModel
+from moeflow.models import glm
+from moeflow.models.base import ConfigReader
+from tests.hf_models import TINY, load_hf
+
+PROMPT = [5, 17, 42, 3, 77, 12, 9, 60, 31, 8]
+
+
+def _save(out: Path) -> Path:
+    """A GLM variant unlike the sweep's: a quarter of each head rotates, no q/k norm, no bias,
+    two dense layers, one kv head, tied embeddings, and a random e_score_correction_bias (a
+    buffer, which save_tiny leaves at zero), so the bias really changes which experts win."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    cfg = AutoConfig.for_model(
+        "glm4_moe", **{**TINY["glm4_moe"], "num_key_value_heads": 1, "n_shared_experts": 2,
+                       "num_experts_per_tok": 3, "first_k_dense_replace": 2, "n_group": 2, "topk_group": 1,
+                       "norm_topk_prob": False, "use_qk_norm": False, "attention_bias": False,
+                       "tie_word_embeddings": True, "routed_scaling_factor": 1.5,
+                       "rope_parameters": {"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.25}},
+    )
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+            elif "gate.weight" in name:
+                param.normal_(0, 0.5)
+        for name, buf in model.named_buffers():
+            if "e_score_correction_bias" in name:
+                buf.normal_(0, 0.3)
+    model.save_pretrained(out)
+    # GLM-4.5's own config.json keeps partial_rotary_factor and rope_theta at the top level
+    config = json.loads((out / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config.update(rope_theta=rope["rope_theta"], partial_rotary_factor=rope["partial_rotary_factor"])
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.mark.asyncio
+async def test_top_level_partial_rotary_and_correction_bias_match_transformers(tmp_path: Path) -> None:
+    path = _save(tmp_path / "glm")
+    arch = glm.parse(ConfigReader(json.loads((path / "config.json").read_text()), path))
+    assert arch.attention.rope.dim == 4 and arch.attention.head_dim == 16  # int(16 * 0.25) dims rotate
+    hf = load_hf(path)
+    assert hf.config.rope_parameters["partial_rotary_factor"] == 0.25  # transformers reads it the same way
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        want = hf(ids).logits[0].float()
+        tokens = hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, len(PROMPT):].tolist()
+    async with Engine.open(path, device="cpu") as eng:
+        smallest = eng.plan.min_budget_bytes
+    for budget in (smallest, "100%"):
+        async with Engine.open(path, device="cpu", expert_budget=budget) as eng:
+            got = await eng.logits(PROMPT)
+            assert (got - want).abs().max() / want.abs().max() < 1e-4, budget
+            assert (await eng.generate(PROMPT, 12)).tokens == tokens, budget
+
+
+def _reader(**fields: object) -> ConfigReader:
+    return ConfigReader({"model_type": "glm4_moe", **TINY["glm4_moe"], **fields}, Path("/ckpt"))
+
+
+def test_partial_rotary_dims_are_truncated_as_transformers_does() -> None:
+    assert glm.parse(_reader(partial_rotary_factor=0.3)).attention.rope.dim == 4  # int(16 * 0.3)
+    assert glm.parse(_reader()).attention.rope.dim == 8  # no factor in the config: GLM's default 0.5
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 0.1}}, "partial_rotary_factor"),  # 1 dim
+        ({"n_group": 8}, "n_group"),  # groups of one expert: transformers' top-2 per group fails on them
+    ],
+)
+def test_unhandled_glm_variants_are_refused_naming_the_field(fields: dict[str, object], field: str) -> None:
+    with pytest.raises(UnsupportedModel) as err:
+        glm.parse(_reader(**fields))
+    assert err.value.field == field
