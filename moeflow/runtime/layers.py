@@ -24,6 +24,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
 
 
+def norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """A decoder norm: RMSNorm, or where the family's norms carry a bias (Arch.norm "layernorm",
+    Phi-3.5-MoE) transformers' nn.LayerNorm, which is exactly F.layer_norm in the input's dtype."""
+    if bias is None:
+        return rms_norm(x, weight, eps)
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
 def silu_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """down(silu(gate(x)) * up(x)) with gate and up stacked in one [2I, H] matrix."""
     gate, up = F.linear(x, gate_up).chunk(2, dim=-1)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from moeflow.memory.cache import ExpertCache
 from moeflow.memory.device import ComputeDevice
 from moeflow.runtime.cpu_experts import CpuExperts
-from moeflow.runtime.layers import GQAAttention, KVCache, rms_norm, silu_mlp
+from moeflow.runtime.layers import GQAAttention, KVCache, norm, silu_mlp
 from moeflow.runtime.model import DenseModel
 from moeflow.runtime.moe import MissPrecision, PrecisionCounters, Routing, run_moe
 from moeflow.runtime.sampling import Sampler
@@ -203,7 +203,7 @@ class ModelRunner:
         paths = [0] * len(parts)
         h = F.embedding(torch.tensor(flat, device=m.device), m.embed)  # [T, H]
         for layer in m.layers:
-            normed = rms_norm(h, layer.input_norm, self.eps)
+            normed = norm(h, layer.input_norm, layer.input_norm_bias, self.eps)
             attention = layer.attention
             if len(parts) == 1:
                 attended = attention(normed, parts[0].seq.kv[layer.index])
@@ -215,7 +215,7 @@ class ModelRunner:
                 attended = torch.cat([attention(normed[a:b], p.seq.kv[layer.index])
                                       for p, (a, b) in zip(parts, bounds, strict=True)])
             h = h + attended
-            x = rms_norm(h, layer.post_norm, self.eps)
+            x = norm(h, layer.post_norm, layer.post_norm_bias, self.eps)
             if layer.router is None:
                 assert layer.mlp is not None
                 with wide(layer.mlp.nbytes):
@@ -264,7 +264,7 @@ class ModelRunner:
             return [None] * len(parts)
         picked = rows[0] if len(rows) == 1 else torch.cat(rows)
         with wide(m.lm_head.nbytes):
-            out = F.linear(rms_norm(picked, m.final_norm, self.eps), m.lm_head).float()
+            out = F.linear(norm(picked, m.final_norm, m.final_norm_bias, self.eps), m.lm_head, m.lm_head_bias).float()
         return [None if span is None else out[span[0]:span[1]] for span in spans]
 
 

@@ -13,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moeflow.models import Checkpoint, parse_arch
-from moeflow.runtime.layers import KVCache, rms_norm
+from moeflow.runtime.layers import KVCache, norm
 from moeflow.runtime.model import DenseModel, Layer, load_dense
 
 
@@ -83,8 +83,8 @@ def dense_part(model: DenseModel, layer: Layer) -> Callable[[torch.Tensor, KVCac
     def step(h: torch.Tensor, cache: KVCache) -> Any:
         from moeflow.runtime.layers import silu_mlp
 
-        h = h + layer.attention(rms_norm(h, layer.input_norm, eps), cache)
-        x = rms_norm(h, layer.post_norm, eps)
+        h = h + layer.attention(norm(h, layer.input_norm, layer.input_norm_bias, eps), cache)
+        x = norm(h, layer.post_norm, layer.post_norm_bias, eps)
         if layer.router is None:
             assert layer.mlp is not None
             return h + silu_mlp(x, layer.mlp.gate_up, layer.mlp.down)
