@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "llama4_text")
 
 TINY: dict[str, dict[str, Any]] = {
     "mixtral": dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -31,6 +31,16 @@ TINY: dict[str, dict[str, Any]] = {
                         n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=16,
                         q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_group=4,
                         topk_group=2, routed_scaling_factor=2.5),
+    # 4 layers: RoPE+chunked / NoPE+full alternate (no_rope_layer_interval=2), MoE every 2nd layer;
+    # chunks of 4 positions (prompt 10 + 12 new tokens cross five), temperature tuning steps every 3
+    # positions, llama3 rope scaling whose low-frequency bands the short original length reaches.
+    "llama4_text": dict(vocab_size=96, hidden_size=32, intermediate_size=24, intermediate_size_mlp=48,
+                        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                        num_local_experts=6, num_experts_per_tok=1, interleave_moe_layer_step=2,
+                        no_rope_layer_interval=2, attention_chunk_size=4, floor_scale=3, attn_scale=0.5,
+                        rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0,
+                                             low_freq_factor=1.0, high_freq_factor=4.0,
+                                             original_max_position_embeddings=16)),
 }
 
 
