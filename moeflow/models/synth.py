@@ -74,6 +74,17 @@ CONFIGS: dict[tuple[str, str], dict[str, Any]] = {
                                    qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64, n_group=8,
                                    topk_group=4, topk_method="noaux_tc", routed_scaling_factor=2.5,
                                    norm_topk_prob=True, vocab_size=32000),
+    # Llama-4 text: top-1 sigmoid routing, a shared expert, fused expert tensors, every 4th layer NoPE
+    # (full attention, temperature tuning), the rest chunked RoPE attention; tiny interleaves dense
+    # layers (Maverick), small is all-MoE like Scout (8 layers x 16 experts, ~1.6 GB bf16)
+    ("llama4_text", "tiny"): dict(hidden_size=64, intermediate_size=128, intermediate_size_mlp=256, head_dim=16,
+                                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                  num_local_experts=8, num_experts_per_tok=1, interleave_moe_layer_step=2,
+                                  no_rope_layer_interval=4, attention_chunk_size=32, vocab_size=512),
+    ("llama4_text", "small"): dict(hidden_size=1024, intermediate_size=2048, intermediate_size_mlp=4096,
+                                   head_dim=64, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
+                                   num_local_experts=16, num_experts_per_tok=1, interleave_moe_layer_step=1,
+                                   no_rope_layer_interval=4, attention_chunk_size=1024, vocab_size=32000),
 }
 ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM",
@@ -82,8 +93,10 @@ ARCHITECTURES = {
     "olmoe": "OlmoeForCausalLM",
     "deepseek_v2": "DeepseekV2ForCausalLM",
     "deepseek_v3": "DeepseekV3ForCausalLM",
+    "llama4_text": "Llama4ForCausalLM",
 }
 ALIASES = {"qwen2-moe": "qwen2_moe", "qwen3-moe": "qwen3_moe", "deepseek-v2": "deepseek_v2", "deepseek-v3": "deepseek_v3"}
+ALIASES["llama4"] = "llama4_text"
 SHARD_BYTES = 1 << 30
 
 
