@@ -20,6 +20,7 @@ BOUNDS = {
     "olmoe": (25, 53),
     "deepseek_v2": (49, 93),
     "deepseek_v3": (57, 107),
+    "llama4_text": (32, 47),  # the measured sparse layer is NoPE: temperature tuning is ~7 of them
 }
 
 
