@@ -79,11 +79,11 @@ class ModelTensors:
 def expert_tensors(arch: Arch, layer: int, expert: int) -> MLPTensors:
     h, i = arch.hidden_size, arch.expert_intermediate
     if arch.naming.fused_gate_up is not None and arch.naming.fused_down is not None:
-        gate_up, down = fused_expert_tensors(arch, layer)
+        fused_gate_up, fused_down = fused_expert_tensors(arch, layer)
         return MLPTensors(
-            HubTensor(gate_up.name, (i, h), (expert, 0, i), gate_up.shape),
-            HubTensor(gate_up.name, (i, h), (expert, i, 2 * i), gate_up.shape),
-            HubTensor(down.name, (h, i), (expert, 0, h), down.shape),
+            HubTensor(fused_gate_up.name, (i, h), (expert, 0, i), fused_gate_up.shape),
+            HubTensor(fused_gate_up.name, (i, h), (expert, i, 2 * i), fused_gate_up.shape),
+            HubTensor(fused_down.name, (h, i), (expert, 0, h), fused_down.shape),
         )
     gate, up, down = arch.naming.expert(layer, expert)
     return MLPTensors(HubTensor(gate, (i, h)), HubTensor(up, (i, h)), HubTensor(down, (h, i)))
