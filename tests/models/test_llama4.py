@@ -25,7 +25,7 @@ def _with_config(src: Path, dst: Path, **changes: object) -> Path:
     return dst
 
 
-def test_the_multimodal_llama4_checkpoint_is_refused_naming_model_type(hf_checkpoints, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_the_multimodal_llama4_checkpoint_is_refused_naming_model_type(hf_checkpoints, tmp_path: Path) -> None:
     # The Hub's Llama-4 Scout/Maverick: model_type llama4, the text model's fields under text_config
     src = hf_checkpoints.path("llama4_text")
     text = json.loads((src / "config.json").read_text())
@@ -36,7 +36,7 @@ def test_the_multimodal_llama4_checkpoint_is_refused_naming_model_type(hf_checkp
     assert err.value.field == "model_type"
 
 
-def test_an_unknown_layer_type_is_refused_naming_layer_types(hf_checkpoints, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_an_unknown_layer_type_is_refused_naming_layer_types(hf_checkpoints, tmp_path: Path) -> None:
     src = hf_checkpoints.path("llama4_text")
     path = _with_config(src, tmp_path / "sw", layer_types=["sliding_attention"] * 4)
     with pytest.raises(UnsupportedModel, match="layer_types") as err:
@@ -44,7 +44,7 @@ def test_an_unknown_layer_type_is_refused_naming_layer_types(hf_checkpoints, tmp
     assert err.value.field == "layer_types"
 
 
-def test_a_fused_experts_matrices_are_its_slices_transposed(hf_checkpoints) -> None:  # type: ignore[no-untyped-def]
+def test_a_fused_experts_matrices_are_its_slices_transposed(hf_checkpoints) -> None:
     ckpt = Checkpoint(hf_checkpoints.path("llama4_text"))
     arch = parse_arch(ckpt)
     layer, e, i = arch.moe_layers[-1], arch.num_experts - 1, arch.expert_intermediate
