@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "llama4_text")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "llama4_text", "phimoe")
 
 TINY: dict[str, dict[str, Any]] = {
     "mixtral": dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -41,6 +41,11 @@ TINY: dict[str, dict[str, Any]] = {
                         rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0,
                                              low_freq_factor=1.0, high_freq_factor=4.0,
                                              original_max_position_embeddings=16)),
+    # router_jitter_noise 0.2: save_tiny leaves phimoe's router (mlp.router) at its small init, where
+    # the default 0.01 window would hold one expert per pick and every weight would be exactly 1
+    "phimoe": dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, num_local_experts=6, num_experts_per_tok=2, attention_bias=True,
+                   router_jitter_noise=0.2),
 }
 
 

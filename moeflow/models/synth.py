@@ -85,6 +85,13 @@ CONFIGS: dict[tuple[str, str], dict[str, Any]] = {
                                    head_dim=64, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
                                    num_local_experts=16, num_experts_per_tok=1, interleave_moe_layer_step=1,
                                    no_rope_layer_interval=4, attention_chunk_size=1024, vocab_size=32000),
+    # Phi-3.5-MoE as published: attention and lm_head biases, 2 of 16 experts (small: ~1.3 GB bf16)
+    ("phimoe", "tiny"): dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, attention_bias=True,
+                             lm_head_bias=True, router_jitter_noise=0.01, vocab_size=512),
+    ("phimoe", "small"): dict(hidden_size=1024, intermediate_size=1600, num_hidden_layers=8, num_attention_heads=16,
+                              num_key_value_heads=4, num_local_experts=16, num_experts_per_tok=2, attention_bias=True,
+                              lm_head_bias=True, router_jitter_noise=0.01, vocab_size=32000),
 }
 ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM",
@@ -94,6 +101,7 @@ ARCHITECTURES = {
     "deepseek_v2": "DeepseekV2ForCausalLM",
     "deepseek_v3": "DeepseekV3ForCausalLM",
     "llama4_text": "Llama4ForCausalLM",
+    "phimoe": "PhimoeForCausalLM",
 }
 ALIASES = {"qwen2-moe": "qwen2_moe", "qwen3-moe": "qwen3_moe", "deepseek-v2": "deepseek_v2", "deepseek-v3": "deepseek_v3"}
 ALIASES["llama4"] = "llama4_text"

@@ -21,6 +21,7 @@ BOUNDS = {
     "deepseek_v2": (49, 93),
     "deepseek_v3": (57, 107),
     "llama4_text": (32, 47),  # the measured sparse layer is NoPE: temperature tuning is ~7 of them
+    "phimoe": (38, 46),  # LayerNorm + biased qkv/o; sparsemixer is two masked softmaxes (~19 calls)
 }
 
 

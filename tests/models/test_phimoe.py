@@ -1,0 +1,97 @@
+"""Phi-3.5-MoE (phimoe): sparsemixer routing against transformers' own function, the lm_head bias,
+the variants refused, and a synthesized model that opens and generates. The parity and sim sweeps
+over tests.hf_models.FAMILIES cover the tiny checkpoint at every budget."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeflow import Engine
+from moeflow.errors import UnsupportedModel
+from moeflow.models import Checkpoint, parse_arch
+from moeflow.models.base import RouterSpec
+from moeflow.models.synth import synthesize
+from moeflow.runtime.router import Router
+from tests.hf_models import load_hf, save_tiny
+
+PROMPT = [5, 17, 42, 3, 77, 12, 9, 60, 31, 8]
+
+
+def _logits(dtype: torch.dtype) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(64, 8, generator=gen) * 0.3
+    logits[:8] = -logits[:8].abs()  # every logit negative: |s| and the maximum trade places in the factor
+    logits[8, 2:4] = logits[8].max() + 0.5  # a tie for first: both must follow transformers' index choice
+    logits[9, 5] = logits[9].max() * 1.001  # a runner-up inside the 2 * eps window
+    return logits.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("eps", [0.0, 0.01, 0.2, 0.5])
+def test_sparsemixer_gives_transformers_experts_and_weights_bit_for_bit(dtype: torch.dtype, eps: float) -> None:
+    from transformers.models.phimoe.modeling_phimoe import sparsemixer
+
+    logits = _logits(dtype)
+    want_weights, want_ids = sparsemixer(logits, jitter_eps=eps, training=False)
+    router = Router(RouterSpec(num_experts=8, top_k=2, topk_method="sparsemixer", jitter_eps=eps),
+                    torch.zeros(8, 4, dtype=dtype), None)
+    ids, weights = router.select(logits, dtype)
+    assert torch.equal(ids, want_ids)
+    assert weights.dtype == want_weights.dtype and torch.equal(weights, want_weights)
+    if eps >= 0.2:  # the window matters here: some picks share their softmax with other experts
+        assert (weights < 1).any()
+
+
+@pytest.mark.asyncio
+async def test_lm_head_bias_matches_transformers(tmp_path: Path) -> None:
+    path = save_tiny("phimoe", tmp_path / "phimoe-head-bias", lm_head_bias=True)
+    hf = load_hf(path)
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        want = hf(ids).logits[0].float()
+        want_tokens = hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, len(PROMPT):].tolist()
+    assert hf.lm_head.bias is not None
+    async with Engine.open(path, device="cpu", expert_budget="50%") as eng:
+        got = await eng.logits(PROMPT)
+        tokens = (await eng.generate(PROMPT, 12)).tokens
+    assert (got - want).abs().max() / want.abs().max() < 1e-4
+    assert tokens == want_tokens
+
+
+def _config(tmp_path: Path, **changes: object) -> Path:
+    path = save_tiny("phimoe", tmp_path / "phimoe")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+def test_longrope_is_refused_naming_rope_scaling(tmp_path: Path) -> None:
+    # as microsoft/Phi-3.5-MoE-instruct ships it (factors shortened to head_dim / 2 = 4)
+    longrope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4, "long_factor": [2.0] * 4,
+                "short_mscale": 1.243, "long_mscale": 1.243, "original_max_position_embeddings": 4096}
+    path = _config(tmp_path, rope_parameters=longrope)
+    with pytest.raises(UnsupportedModel, match="rope_scaling='longrope'") as err:
+        parse_arch(Checkpoint(path))
+    assert err.value.field == "rope_scaling"
+
+
+def test_other_than_two_experts_per_token_is_refused(tmp_path: Path) -> None:
+    path = _config(tmp_path, num_experts_per_tok=3)
+    with pytest.raises(UnsupportedModel, match="num_experts_per_tok=3") as err:
+        parse_arch(Checkpoint(path))
+    assert err.value.field == "num_experts_per_tok"
+
+
+@pytest.mark.asyncio
+async def test_synthesized_tiny_model_opens_and_generates(tmp_path: Path) -> None:
+    path = tmp_path / "synth"
+    arch = synthesize(path, "phimoe", "tiny", seed=4, progress=False)
+    assert arch.norm == "layernorm" and arch.lm_head_bias and arch.attention.qkv_bias and arch.attention.o_bias
+    async with Engine.open(path, device="cpu", expert_budget="25%") as eng:
+        res = await eng.generate(eng.encode("def f(x):"), 8)
+        assert len(res.tokens) == 8 and eng.stats()["misses"] > 0
