@@ -64,16 +64,18 @@ class Router:
 
     def _noaux_tc(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.spec
-        scores = logits.sigmoid()
+        # MiniMax-M2's gate runs in the weights' dtype, its sigmoid in float32 (DeepSeek's logits are float32)
+        scores = (logits if logits.dtype == torch.float32 else logits.float()).sigmoid()
         choice = scores + self.bias if self.bias is not None else scores
-        per_group = choice.view(-1, s.n_group, s.num_experts // s.n_group)
-        group_scores = per_group.topk(min(2, per_group.shape[-1]), dim=-1)[0].sum(-1)  # [T, G]
-        choice = choice.masked_fill(~self._group_mask(group_scores), float("-inf"))
+        if s.topk_group < s.n_group:  # with every group kept (MiniMax-M2, GLM-4.5) the mask is all true
+            per_group = choice.view(-1, s.n_group, s.num_experts // s.n_group)
+            group_scores = per_group.topk(min(2, per_group.shape[-1]), dim=-1)[0].sum(-1)  # [T, G]
+            choice = choice.masked_fill(~self._group_mask(group_scores), float("-inf"))
         ids = torch.topk(choice, s.top_k, dim=-1)[1]
         weights = scores.gather(1, ids)
         if s.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return ids, weights * s.routed_scaling_factor
+        return ids, weights * s.routed_scaling_factor if s.routed_scaling_factor != 1.0 else weights
 
     def _sparsemixer(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Phi-3.5-MoE's sparsemixer without training, op for op as transformers computes it: pick
