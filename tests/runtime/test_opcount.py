@@ -22,6 +22,8 @@ BOUNDS = {
     "deepseek_v3": (57, 107),
     "llama4_text": (32, 47),  # the measured sparse layer is NoPE: temperature tuning is ~7 of them
     "phimoe": (38, 46),  # LayerNorm + biased qkv/o; sparsemixer is two masked softmaxes (~19 calls)
+    "glm4_moe": (46, 68),  # qwen3_moe's attention (+ partial-rotary split/cat) and deepseek_v3's grouped router
+    "minimax_m2": (32, 60),  # olmoe's projection-wide q/k norms, partial rotary, a one-group noaux_tc router
 }
 
 
