@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "llama4_text", "phimoe")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "llama4_text", "phimoe",
+            "glm4_moe", "minimax_m2")
 
 TINY: dict[str, dict[str, Any]] = {
     "mixtral": dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -31,6 +32,16 @@ TINY: dict[str, dict[str, Any]] = {
                         n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=16,
                         q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_group=4,
                         topk_group=2, routed_scaling_factor=2.5),
+    # half of each 16-dim head rotates (GLM's default partial_rotary_factor 0.5), q/k norm and q/k/v bias on
+    "glm4_moe": dict(vocab_size=96, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                     num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                     n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
+                     n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True, use_qk_norm=True,
+                     attention_bias=True),
+    # rotary_dim 8 of head_dim 16 (MiniMax-M2: 64 of 128); q/k norms over the whole projections
+    "minimax_m2": dict(vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=6,
+                       num_experts_per_tok=2, rotary_dim=8, bos_token_id=1, eos_token_id=2),
     # 4 layers: RoPE+chunked / NoPE+full alternate (no_rope_layer_interval=2), MoE every 2nd layer;
     # chunks of 4 positions (prompt 10 + 12 new tokens cross five), temperature tuning steps every 3
     # positions, llama3 rope scaling whose low-frequency bands the short original length reaches.
