@@ -92,6 +92,28 @@ CONFIGS: dict[tuple[str, str], dict[str, Any]] = {
     ("phimoe", "small"): dict(hidden_size=1024, intermediate_size=1600, num_hidden_layers=8, num_attention_heads=16,
                               num_key_value_heads=4, num_local_experts=16, num_experts_per_tok=2, attention_bias=True,
                               lm_head_bias=True, router_jitter_noise=0.01, vocab_size=32000),
+    # GLM-4.5's layout: half of each head rotates, q/k norm, q/k/v bias, one shared expert, a dense first
+    # layer, sigmoid routing scaled by 2.5 (small: 7 MoE layers x 64 experts, ~1.4 GB bf16)
+    ("glm4_moe", "tiny"): dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, head_dim=32,
+                               num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                               n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                               first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+                               norm_topk_prob=True, use_qk_norm=True, attention_bias=True,
+                               partial_rotary_factor=0.5, vocab_size=512),
+    ("glm4_moe", "small"): dict(hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512, head_dim=64,
+                                num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
+                                n_routed_experts=64, n_shared_experts=1, num_experts_per_tok=8,
+                                first_k_dense_replace=1, n_group=1, topk_group=1, routed_scaling_factor=2.5,
+                                norm_topk_prob=True, use_qk_norm=True, attention_bias=True,
+                                partial_rotary_factor=0.5, vocab_size=32000),
+    # MiniMax-M2's layout: rotary_dim half of head_dim, q/k norms over the whole projections, every
+    # layer MoE (small: 8 layers x 64 experts, ~1.6 GB bf16)
+    ("minimax_m2", "tiny"): dict(hidden_size=64, intermediate_size=64, head_dim=32, rotary_dim=16,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 num_local_experts=8, num_experts_per_tok=2, vocab_size=512),
+    ("minimax_m2", "small"): dict(hidden_size=1024, intermediate_size=512, head_dim=64, rotary_dim=32,
+                                  num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
+                                  num_local_experts=64, num_experts_per_tok=8, vocab_size=32000),
 }
 ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM",
@@ -101,6 +123,8 @@ ARCHITECTURES = {
     "deepseek_v2": "DeepseekV2ForCausalLM",
     "deepseek_v3": "DeepseekV3ForCausalLM",
     "llama4_text": "Llama4ForCausalLM",
+    "glm4_moe": "Glm4MoeForCausalLM",
+    "minimax_m2": "MiniMaxM2ForCausalLM",
     "phimoe": "PhimoeForCausalLM",
 }
 ALIASES = {"qwen2-moe": "qwen2_moe", "qwen3-moe": "qwen3_moe", "deepseek-v2": "deepseek_v2", "deepseek-v3": "deepseek_v3"}
