@@ -91,3 +91,35 @@ def test_unhandled_glm_variants_are_refused_naming_the_field(fields: dict[str, o
     with pytest.raises(UnsupportedModel) as err:
         glm.parse(_reader(**fields))
     assert err.value.field == field
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [{"rope_type": "default", "rope_theta": 10000.0},
+     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512, "rope_theta": 10000.0}],
+    ids=["default", "yarn"],
+)
+def test_partial_rotation_matches_transformers_and_passes_the_rest_through(rope: dict[str, object]) -> None:
+    """The vectors themselves, at distinct positions: the first int(64 * 0.5) dims rotate as
+    transformers rotates them (yarn's frequencies over the rotated dims only), the rest pass."""
+    from transformers import Glm4MoeConfig
+    from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeRotaryEmbedding, apply_rotary_pos_emb
+
+    from moeflow.runtime.rope import Rotary
+
+    fields = {**TINY["glm4_moe"], "head_dim": 64, "max_position_embeddings": 2048,
+              "rope_parameters": {**rope, "partial_rotary_factor": 0.5}}
+    cfg = Glm4MoeConfig(**fields)
+    positions = [0, 3, 17, 250, 1023, 2047]
+    gen = torch.Generator().manual_seed(5)
+    q, k = torch.randn(2, 1, 3, len(positions), 64, generator=gen)  # [1, heads, T, head_dim] each
+    cos, sin = Glm4MoeRotaryEmbedding(cfg)(q, torch.tensor([positions]))
+    want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)
+    spec = glm.parse(ConfigReader({"model_type": "glm4_moe", **fields}, Path("/ckpt"))).attention.rope
+    assert spec.dim == 32
+    rot = Rotary(spec, torch.float32)
+    ours_cos, ours_sin = rot.tables(0, max(positions) + 1)
+    for x, want in ((q, want_q), (k, want_k)):
+        got = rot.apply(x, ours_cos[positions], ours_sin[positions])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(got[..., 32:], x[..., 32:])
