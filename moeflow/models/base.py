@@ -40,6 +40,7 @@ class RopeSpec:
     interleaved: bool = False  # DeepSeek pairs (x0, x1), (x2, x3) instead of halves
     params: dict[str, float] = field(default_factory=dict)
     max_position_embeddings: int = 4096
+    ext_factors: tuple[float, ...] = ()  # longrope (Phi-3.5-MoE): one divisor per rotated pair's frequency
 
 
 @dataclass(frozen=True)
