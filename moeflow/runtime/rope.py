@@ -19,6 +19,9 @@ def inverse_frequencies(spec: RopeSpec) -> tuple[torch.Tensor, float]:
         return inv_freq / p["factor"], 1.0
     if spec.kind == "llama3":
         return _llama3(inv_freq, p), 1.0
+    if spec.kind == "longrope":  # transformers' expression (factors times the power), and its mscale on cos/sin
+        shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+        return 1.0 / (torch.tensor(spec.ext_factors, dtype=torch.float32) * base**shape), p["mscale"]
     return _yarn(spec)
 
 
