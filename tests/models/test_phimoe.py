@@ -70,11 +70,32 @@ def _config(tmp_path: Path, **changes: object) -> Path:
     return path
 
 
-def test_longrope_is_refused_naming_rope_scaling(tmp_path: Path) -> None:
-    # as microsoft/Phi-3.5-MoE-instruct ships it (factors shortened to head_dim / 2 = 4)
-    longrope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4, "long_factor": [2.0] * 4,
-                "short_mscale": 1.243, "long_mscale": 1.243, "original_max_position_embeddings": 4096}
-    path = _config(tmp_path, rope_parameters=longrope)
+def _longrope(**changes: object) -> dict[str, object]:
+    # as microsoft/Phi-3.5-MoE-instruct ships it (equal mscales), factors for head_dim / 2 = 4 pairs and an
+    # original length of 8, which the 10-token prompt passes (transformers' generate then re-prefills)
+    return {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0, 1.5, 3.0, 7.0],
+            "long_factor": [2.0, 4.0, 8.0, 16.0], "short_mscale": 1.243, "long_mscale": 1.243,
+            "original_max_position_embeddings": 8, **changes}
+
+
+@pytest.mark.asyncio
+async def test_longrope_as_published_matches_transformers(tmp_path: Path) -> None:
+    path = save_tiny("phimoe", tmp_path / "phimoe-longrope", rope_parameters=_longrope(), max_position_embeddings=64)
+    hf = load_hf(path)
+    assert hf.config.rope_parameters["rope_type"] == "longrope"
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        want = hf(ids).logits[0].float()
+        want_tokens = hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, len(PROMPT):].tolist()
+    async with Engine.open(path, device="cpu", expert_budget="50%") as eng:
+        got = await eng.logits(PROMPT)
+        tokens = (await eng.generate(PROMPT, 12)).tokens
+    assert (got - want).abs().max() / want.abs().max() < 1e-4
+    assert tokens == want_tokens
+
+
+def test_longrope_with_unequal_mscales_is_refused_naming_rope_scaling(tmp_path: Path) -> None:
+    path = _config(tmp_path, rope_parameters=_longrope(long_mscale=1.5))
     with pytest.raises(UnsupportedModel, match="rope_scaling='longrope'") as err:
         parse_arch(Checkpoint(path))
     assert err.value.field == "rope_scaling"
