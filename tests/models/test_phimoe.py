@@ -12,8 +12,8 @@ import torch
 
 from moeflow import Engine
 from moeflow.errors import UnsupportedModel
-from moeflow.models import Checkpoint, parse_arch
-from moeflow.models.base import RouterSpec
+from moeflow.models import FAMILIES, Checkpoint, parse_arch
+from moeflow.models.base import ConfigReader, RouterSpec
 from moeflow.models.synth import synthesize
 from moeflow.runtime.router import Router
 from tests.hf_models import load_hf, save_tiny
@@ -116,3 +116,26 @@ async def test_synthesized_tiny_model_opens_and_generates(tmp_path: Path) -> Non
     async with Engine.open(path, device="cpu", expert_budget="25%") as eng:
         res = await eng.generate(eng.encode("def f(x):"), 8)
         assert len(res.tokens) == 8 and eng.stats()["misses"] > 0
+
+
+def test_the_published_config_parses_to_longrope_layernorm_and_biases(tmp_path: Path) -> None:
+    # microsoft/Phi-3.5-MoE-instruct's config.json (old rope_scaling layout; factors shortened to values
+    # of the right count, head_dim 128 -> 64 pairs)
+    cfg = {"model_type": "phimoe", "architectures": ["PhiMoEForCausalLM"], "attention_bias": True, "bos_token_id": 1,
+           "eos_token_id": 32000, "hidden_act": "silu", "hidden_size": 4096, "input_jitter_noise": 0.01,
+           "intermediate_size": 6400, "lm_head_bias": True, "max_position_embeddings": 131072,
+           "num_attention_heads": 32, "num_experts_per_tok": 2, "num_hidden_layers": 32, "num_key_value_heads": 8,
+           "num_local_experts": 16, "original_max_position_embeddings": 4096, "rms_norm_eps": 1e-05,
+           "rope_scaling": {"long_factor": [1.5] * 64, "long_mscale": 1.243163121016122,
+                            "original_max_position_embeddings": 4096, "short_factor": [1.25] * 64,
+                            "short_mscale": 1.243163121016122, "type": "longrope"},
+           "rope_theta": 10000.0, "router_jitter_noise": 0.01, "sliding_window": 131072, "tie_word_embeddings": False,
+           "torch_dtype": "bfloat16", "vocab_size": 32064}
+    arch = FAMILIES["phimoe"].parse(ConfigReader(cfg, tmp_path))
+    rope = arch.attention.rope
+    assert (rope.kind, rope.theta, rope.dim, rope.ext_factors) == ("longrope", 10000.0, 128, (1.25,) * 64)
+    assert rope.params["mscale"] == 1.243163121016122
+    assert arch.norm == "layernorm" and arch.lm_head_bias and arch.attention.qkv_bias and arch.attention.o_bias
+    assert arch.router.topk_method == "sparsemixer" and arch.router.jitter_eps == 0.01 and arch.top_k == 2
+    assert arch.attention.sliding_window == (131072,) * 32 and arch.dtype == torch.bfloat16
+    assert arch.naming.expert(3, 5)[0] == "model.layers.3.block_sparse_moe.experts.5.w1.weight"
