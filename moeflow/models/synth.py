@@ -127,8 +127,10 @@ ARCHITECTURES = {
     "minimax_m2": "MiniMaxM2ForCausalLM",
     "phimoe": "PhimoeForCausalLM",
 }
-ALIASES = {"qwen2-moe": "qwen2_moe", "qwen3-moe": "qwen3_moe", "deepseek-v2": "deepseek_v2", "deepseek-v3": "deepseek_v3"}
-ALIASES["llama4"] = "llama4_text"
+ALIASES = {
+    "qwen2-moe": "qwen2_moe", "qwen3-moe": "qwen3_moe", "deepseek-v2": "deepseek_v2", "deepseek-v3": "deepseek_v3",
+    "llama4": "llama4_text", "glm4-moe": "glm4_moe", "minimax-m2": "minimax_m2",
+}
 SHARD_BYTES = 1 << 30
 
 
