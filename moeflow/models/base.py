@@ -67,6 +67,7 @@ class AttentionSpec:
     chunked: tuple[int | None, ...] = ()
     qk_l2_norm: bool = False  # Llama-4: weightless RMS norm of each q/k head after rope (rope layers only)
     temperature_tuning: tuple[float, float] | None = None  # Llama-4 NoPE layers: (floor_scale, attn_scale)
+    sinks: bool = False  # GPT-OSS: a learned per-head logit joins each softmax (and is dropped after it)
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class RouterSpec:
     keep_fp32_weights: bool = False  # Mixtral combines with float32 routing weights
     scale_input: bool = False  # Llama-4: the combine weight multiplies the expert's input, not its output
     jitter_eps: float = 0.0  # sparsemixer (Phi-3.5-MoE): logits within 2*eps (relative) of a pick share its softmax
+    gate_bias: bool = False  # GPT-OSS: the router's linear has a bias (router.bias)
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,11 @@ class Naming:
     # Llama-4 stores a layer's experts fused: gate_up [E, H, 2I] and down [E, I, H] (x @ w, not w @ x)
     fused_gate_up: str | None = None
     fused_down: str | None = None
+    # GPT-OSS: gate and up columns of gate_up alternate (gate = [..., ::2], up = [..., 1::2]), and
+    # the experts carry biases gate_up_bias [E, 2I] (interleaved alike) and down_bias [E, H]
+    fused_interleaved: bool = False
+    fused_gate_up_bias: str | None = None
+    fused_down_bias: str | None = None
 
     def expert(self, layer: int, expert: int) -> tuple[str, str, str]:
         """(gate, up, down) tensor names of one expert."""
@@ -140,6 +147,9 @@ class Arch:
     max_position_embeddings: int
     norm: str = "rms"  # rms | layernorm (Phi-3.5-MoE: nn.LayerNorm with weight and bias)
     lm_head_bias: bool = False
+    # GPT-OSS experts: (alpha, limit) of the clamped SwiGLU (gate clamped above at limit, up to
+    # [-limit, limit], out = (up + 1) * gate * sigmoid(alpha * gate)); None: SiLU experts
+    swiglu: tuple[float, float] | None = None
 
     @property
     def num_experts(self) -> int:
