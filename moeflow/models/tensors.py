@@ -25,6 +25,7 @@ class HubTensor:
     # end column) of that tensor, whose own shape is `fused_shape`; `shape` is the matrix's [out, in].
     part: tuple[int, int, int] | None = None
     fused_shape: Shape = ()
+    step: int = 1  # GPT-OSS: gate and up columns interleave, every second one is the matrix's
 
 
 @dataclass(frozen=True)
@@ -52,11 +53,12 @@ class LayerTensors:
     shared_gate: HubTensor | None  # Qwen2-MoE's shared_expert_gate
     input_norm_bias: HubTensor | None = None  # LayerNorm families (Phi-3.5-MoE)
     post_norm_bias: HubTensor | None = None
+    router_bias: HubTensor | None = None  # GPT-OSS's router.bias
 
     def all(self) -> list[HubTensor]:
         out = [self.input_norm, self.post_norm, *self.attention.values()]
         out += [t for t in (self.input_norm_bias, self.post_norm_bias) if t is not None]
-        out += [t for t in (self.router, self.correction_bias) if t is not None]
+        out += [t for t in (self.router, self.correction_bias, self.router_bias) if t is not None]
         if self.mlp is not None:
             out += self.mlp.all()
         if self.shared_gate is not None:
@@ -80,6 +82,12 @@ def expert_tensors(arch: Arch, layer: int, expert: int) -> MLPTensors:
     h, i = arch.hidden_size, arch.expert_intermediate
     if arch.naming.fused_gate_up is not None and arch.naming.fused_down is not None:
         fused_gate_up, fused_down = fused_expert_tensors(arch, layer)
+        if arch.naming.fused_interleaved:  # GPT-OSS: gate = [..., ::2], up = [..., 1::2]
+            return MLPTensors(
+                HubTensor(fused_gate_up.name, (i, h), (expert, 0, 2 * i), fused_gate_up.shape, 2),
+                HubTensor(fused_gate_up.name, (i, h), (expert, 1, 2 * i), fused_gate_up.shape, 2),
+                HubTensor(fused_down.name, (h, i), (expert, 0, h), fused_down.shape),
+            )
         return MLPTensors(
             HubTensor(fused_gate_up.name, (i, h), (expert, 0, i), fused_gate_up.shape),
             HubTensor(fused_gate_up.name, (i, h), (expert, i, 2 * i), fused_gate_up.shape),
@@ -97,6 +105,28 @@ def fused_expert_tensors(arch: Arch, layer: int) -> tuple[HubTensor, HubTensor]:
             HubTensor(arch.naming.fused_down.format(layer=layer), (e, i, h)))
 
 
+def fused_bias_tensors(arch: Arch, layer: int) -> list[HubTensor]:
+    """GPT-OSS: a layer's fused expert biases (gate_up [E, 2I], down [E, H]); none elsewhere."""
+    n = arch.naming
+    if n.fused_gate_up_bias is None or n.fused_down_bias is None:
+        return []
+    e, h, i = arch.num_experts, arch.hidden_size, arch.expert_intermediate
+    return [HubTensor(n.fused_gate_up_bias.format(layer=layer), (e, 2 * i)),
+            HubTensor(n.fused_down_bias.format(layer=layer), (e, h))]
+
+
+def expert_bias_tensors(arch: Arch, layer: int, expert: int) -> tuple[HubTensor, HubTensor, HubTensor] | None:
+    """(gate [I], up [I], down [H]) biases of one expert, sliced like its matrices; None without."""
+    fused = fused_bias_tensors(arch, layer)
+    if not fused:
+        return None
+    gate_up, down = fused
+    i, h = arch.expert_intermediate, arch.hidden_size
+    return (HubTensor(gate_up.name, (i,), (expert, 0, 2 * i), gate_up.shape, 2),
+            HubTensor(gate_up.name, (i,), (expert, 1, 2 * i), gate_up.shape, 2),
+            HubTensor(down.name, (h,), (expert, 0, h), down.shape))
+
+
 def read_tensor(ckpt: Checkpoint, tensor: HubTensor) -> torch.Tensor:
     """A tensor of the table from the checkpoint, its shape checked; a fused expert's matrix is
     its slice of the fused tensor, transposed to the [out, in] layout of per-expert checkpoints."""
@@ -105,7 +135,9 @@ def read_tensor(ckpt: Checkpoint, tensor: HubTensor) -> torch.Tensor:
         return ckpt.get(tensor.name)
     ckpt.expect_shape(tensor.name, tensor.fused_shape)
     expert, lo, hi = tensor.part
-    return ckpt.get_part(tensor.name, expert)[:, lo:hi].t().contiguous()
+    if len(tensor.fused_shape) == 2:  # a fused bias [E, n]: the expert's row, sliced
+        return ckpt.get_part(tensor.name, expert)[lo:hi:tensor.step].contiguous()
+    return ckpt.get_part(tensor.name, expert)[:, lo:hi:tensor.step].t().contiguous()
 
 
 def mlp_tensors(prefix: str, hidden: int, intermediate: int) -> MLPTensors:
@@ -153,6 +185,8 @@ def _gqa(arch: Arch, p: str) -> dict[str, HubTensor]:
     out["o_proj"] = HubTensor(f"{p}.o_proj.weight", (h, q_out))
     if s.o_bias:
         out["o_bias"] = HubTensor(f"{p}.o_proj.bias", (h,))
+    if s.sinks:
+        out["sinks"] = HubTensor(f"{p}.sinks", (s.num_heads,))
     if s.qk_norm is not None:
         # "head" (Qwen3) normalizes each head, "proj" (OLMoE) the whole projection
         q_dim, k_dim = (s.head_dim, s.head_dim) if s.qk_norm == "head" else (q_out, kv_out)
@@ -165,10 +199,12 @@ def layer_tensors(arch: Arch, layer: int) -> LayerTensors:
     h, names = arch.hidden_size, arch.naming
     p = f"model.layers.{layer}"
     attention = (_mla if arch.attention.kind == "mla" else _gqa)(arch, f"{p}.self_attn")
-    router = correction_bias = shared_gate = None
+    router = correction_bias = shared_gate = router_bias = None
     mlp = None
     if arch.sparse[layer]:
         router = HubTensor(names.router.format(layer=layer), (arch.num_experts, h))
+        if arch.router.gate_bias:  # GPT-OSS: router.weight's bias beside it
+            router_bias = HubTensor(names.router.format(layer=layer).removesuffix("weight") + "bias", (arch.num_experts,))
         if arch.router.correction_bias and names.correction_bias:
             correction_bias = HubTensor(names.correction_bias.format(layer=layer), (arch.num_experts,))
         if arch.shared is not None and names.shared_prefix:
@@ -187,6 +223,7 @@ def layer_tensors(arch: Arch, layer: int) -> LayerTensors:
         shared_gate=shared_gate,
         input_norm_bias=HubTensor(f"{p}.input_layernorm.bias", (h,)) if arch.norm == "layernorm" else None,
         post_norm_bias=HubTensor(f"{p}.post_attention_layernorm.bias", (h,)) if arch.norm == "layernorm" else None,
+        router_bias=router_bias,
     )
 
 
@@ -216,6 +253,7 @@ def checkpoint_tensors(arch: Arch) -> list[HubTensor]:
     for layer in arch.moe_layers:
         if arch.naming.fused_gate_up is not None:
             out += fused_expert_tensors(arch, layer)
+            out += fused_bias_tensors(arch, layer)
             continue
         for e in range(arch.num_experts):
             out += expert_tensors(arch, layer, e).all()
