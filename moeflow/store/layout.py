@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,8 @@ class ExpertView:
     bits: int = 16  # 16: float weights gate_up/down; 8, 4, 2: packed codes with scale/zero
     group: int = 0
     nbytes: int = 0  # of the tensors (the views are made once per block)
+    # GPT-OSS: (alpha, limit) of its clamped SwiGLU; its experts also hold gate_up_bias and down_bias
+    swiglu: tuple[float, float] | None = None
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.tensors[name]
@@ -84,7 +87,9 @@ class BlobLayout:
     def expert_view(self, blob: torch.Tensor) -> ExpertView:
         meta = dict(self.meta)
         views = self.views(blob)
-        return ExpertView(views, meta.get("bits", 16), meta.get("group", 0), sum(t.nbytes for t in views.values()))
+        swiglu = (_float(meta["swiglu_alpha"]), _float(meta["swiglu_limit"])) if "swiglu_alpha" in meta else None
+        return ExpertView(views, meta.get("bits", 16), meta.get("group", 0), sum(t.nbytes for t in views.values()),
+                          swiglu)
 
     def slot(self, name: str) -> Slot:
         for s in self.slots:
@@ -118,7 +123,24 @@ class BlobLayout:
         )
 
 
-def dense_layout(dtype: torch.dtype, hidden: int, intermediate: int) -> BlobLayout:
-    """Unquantized expert: gate and up stacked as one [2I, H] matrix, then down [H, I]."""
+def _bits(x: float) -> int:
+    """A float as the integer of its IEEE-754 double bits: layout meta holds integers, exactly."""
+    return int(struct.unpack("<q", struct.pack("<d", x))[0])
+
+
+def _float(bits: int) -> float:
+    return float(struct.unpack("<d", struct.pack("<q", bits))[0])
+
+
+def dense_layout(dtype: torch.dtype, hidden: int, intermediate: int,
+                 swiglu: tuple[float, float] | None = None) -> BlobLayout:
+    """Unquantized expert: gate and up stacked as one [2I, H] matrix, then down [H, I]. GPT-OSS's
+    experts (`swiglu` set) add their biases gate_up_bias [2I] and down_bias [H], so a cached or
+    offloaded expert is the whole expert; alpha and limit travel in the layout's meta."""
     name = DTYPE_NAMES[dtype]
-    return BlobLayout.pack(name, [("gate_up", name, (2 * intermediate, hidden)), ("down", name, (hidden, intermediate))])
+    tensors: list[tuple[str, str, tuple[int, ...]]] = [
+        ("gate_up", name, (2 * intermediate, hidden)), ("down", name, (hidden, intermediate))]
+    if swiglu is None:
+        return BlobLayout.pack(name, tensors)
+    tensors += [("gate_up_bias", name, (2 * intermediate,)), ("down_bias", name, (hidden,))]
+    return BlobLayout.pack(name, tensors, swiglu_alpha=_bits(swiglu[0]), swiglu_limit=_bits(swiglu[1]))
