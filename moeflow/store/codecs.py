@@ -30,8 +30,8 @@ class DenseCodec:
     def precision(self) -> str:
         return DTYPE_NAMES[self.dtype]
 
-    def layout(self, hidden: int, intermediate: int) -> BlobLayout:
-        return dense_layout(self.dtype, hidden, intermediate)
+    def layout(self, hidden: int, intermediate: int, swiglu: tuple[float, float] | None = None) -> BlobLayout:
+        return dense_layout(self.dtype, hidden, intermediate, swiglu)
 
     def encode(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"gate_up": torch.cat([gate, up]).to(self.dtype), "down": down.to(self.dtype)}
@@ -58,7 +58,10 @@ class QuantCodec:
                 f"precision {self.precision}: {name} has {cols} input columns, not a multiple of group size {self.group}"
             )
 
-    def layout(self, hidden: int, intermediate: int) -> BlobLayout:
+    def layout(self, hidden: int, intermediate: int, swiglu: tuple[float, float] | None = None) -> BlobLayout:
+        if swiglu is not None:  # GPT-OSS: no quantized kernel or reference computes biased, clamped experts
+            raise ConfigError(f"precision {self.precision}: GPT-OSS experts (biases, clamped SwiGLU) are stored "
+                              f"unquantized only; use precision bfloat16, float16 or float32")
         self._check("gate/up", hidden)
         self._check("down", intermediate)
         per = 8 // self.bits
