@@ -21,7 +21,7 @@ from moeflow import _core
 from moeflow.errors import StoreError
 from moeflow.models.base import Arch
 from moeflow.models.checkpoint import Checkpoint
-from moeflow.models.tensors import HubTensor, expert_tensors, read_tensor
+from moeflow.models.tensors import HubTensor, expert_bias_tensors, expert_tensors, read_tensor
 from moeflow.store.codecs import Codec
 from moeflow.store.layout import BlobLayout
 from moeflow.store.lock import BuildLock, build_lock
@@ -37,8 +37,13 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 def store_spec(arch: Arch, codec: Codec) -> StoreSpec:
     """What a store of `codec` made from a checkpoint of `arch` must hold."""
     return StoreSpec(
-        arch.family, codec.layout(arch.hidden_size, arch.expert_intermediate), arch.num_experts, tuple(arch.moe_layers)
+        arch.family, expert_layout(arch, codec), arch.num_experts, tuple(arch.moe_layers)
     )
+
+
+def expert_layout(arch: Arch, codec: Codec) -> BlobLayout:
+    """One expert blob's layout: the codec's, with GPT-OSS's biases and activation."""
+    return codec.layout(arch.hidden_size, arch.expert_intermediate, arch.swiglu)
 
 
 def _blob_bytes(layout: BlobLayout, tensors: dict[str, torch.Tensor]) -> np.ndarray:
@@ -55,7 +60,13 @@ def _blob_bytes(layout: BlobLayout, tensors: dict[str, torch.Tensor]) -> np.ndar
 def encode_blob(ckpt: Checkpoint, arch: Arch, codec: Codec, layout: BlobLayout, layer: int, expert: int) -> np.ndarray:
     """The bytes of one expert's blob, encoded from the checkpoint (what the store must hold)."""
     gate, up, down = (_expert_tensor(ckpt, t) for t in expert_tensors(arch, layer, expert).all())
-    return _blob_bytes(layout, codec.encode(gate, up, down))
+    tensors = codec.encode(gate, up, down)
+    biases = expert_bias_tensors(arch, layer, expert)
+    if biases is not None:  # GPT-OSS: stacked like gate_up, in the blob's (unquantized) dtype
+        dtype = tensors["gate_up"].dtype
+        b_gate, b_up, b_down = (_expert_tensor(ckpt, t) for t in biases)
+        tensors["gate_up_bias"], tensors["down_bias"] = torch.cat([b_gate, b_up]).to(dtype), b_down.to(dtype)
+    return _blob_bytes(layout, tensors)
 
 
 def _fsync_dir(path: Path) -> None:
