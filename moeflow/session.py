@@ -262,8 +262,8 @@ async def open_session(path: Path, config: EngineConfig) -> Session:
     if experts_total == 0:
         raise ConfigError(f"{path}: the model has no MoE layers")
     low_codec = codec_for(config.miss_precision, config.group_size) if config.miss_precision else None
-    block = codec.layout(arch.hidden_size, arch.expert_intermediate).size
-    low_block = low_codec.layout(arch.hidden_size, arch.expert_intermediate).size if low_codec else None
+    block = codec.layout(arch.hidden_size, arch.expert_intermediate, arch.swiglu).size
+    low_block = low_codec.layout(arch.hidden_size, arch.expert_intermediate, arch.swiglu).size if low_codec else None
     expert_elements = experts_total * 3 * arch.hidden_size * arch.expert_intermediate  # gate, up, down
     tiers = plan_tiers(config, device, block, low_block, experts_total, arch.top_k,
                        dense_bytes=dense_weight_bytes(ckpt, expert_elements, dtype))
