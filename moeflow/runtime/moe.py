@@ -94,11 +94,25 @@ def shared_mlp(mlp: SharedMLP, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def clamped_swiglu_ffn(x: torch.Tensor, w: ExpertView, alpha: float, limit: float) -> torch.Tensor:
+    """GPT-OSS's expert as transformers' GptOssExperts computes it: gate_up(x) + bias (gate rows
+    stacked above up rows here), gate clamped above at limit, up to [-limit, limit],
+    (up + 1) * gate * sigmoid(gate * alpha), then down + bias."""
+    gate, up = F.linear(x, w["gate_up"], w["gate_up_bias"]).chunk(2, dim=-1)
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return F.linear((up + 1) * (gate * torch.sigmoid(gate * alpha)), w["down"], w["down_bias"])
+
+
 _ONES: dict[torch.device, torch.Tensor] = {}  # per-token weights of 1 for the decode kernel, made once
 
 
 def expert_ffn(weights: ExpertView, x: torch.Tensor) -> torch.Tensor:
     """One expert on its tokens x [n, H], float or quantized (dequantized on the fly)."""
+    if weights.swiglu is not None:
+        # GPT-OSS (biases, clamped SwiGLU): no CUDA kernel computes it, so every device takes
+        # this torch path (its stores are unquantized: QuantCodec refuses it)
+        return clamped_swiglu_ffn(x, weights, *weights.swiglu)
     if weights.bits == 16:
         return silu_mlp(x, weights["gate_up"], weights["down"])
     if x.is_cuda:
