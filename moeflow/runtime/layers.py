@@ -106,6 +106,24 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
+def attend_with_sinks(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                      scale: float, sinks: torch.Tensor) -> torch.Tensor:
+    """`attend` with GPT-OSS's sinks [N]: each head's learned logit joins its softmax over the
+    keys and is dropped after it (transformers' eager_attention_forward; SDPA has no such term)."""
+    out_dtype, n = q.dtype, q.shape[0]
+    q = q.to(keys.dtype)
+    if n != keys.shape[0]:
+        keys, values = keys.repeat_interleave(n // keys.shape[0], 0), values.repeat_interleave(n // keys.shape[0], 0)
+    scores = torch.matmul(q, keys.transpose(1, 2)) * scale  # [N, T, S]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    sink = sinks.to(scores.dtype).view(n, 1, 1).expand(n, scores.shape[1], 1)
+    logits = torch.cat((scores, sink), dim=-1)
+    logits = logits - logits.amax(dim=-1, keepdim=True)
+    probs = torch.softmax(logits, dim=-1)[..., :-1]
+    return torch.matmul(probs.to(values.dtype), values).to(out_dtype)
+
+
 def cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """KV caches on the CPU hold float32 (the same bf16/fp16-rounded values, exactly), so decode
     attention never converts the whole cache per step (see `attend`)."""
@@ -151,6 +169,7 @@ class GQAAttention:
         self.qkv_bias = torch.cat([w["q_bias"], w["k_bias"], w["v_bias"]]) if "q_bias" in w else None
         self.o_proj = w["o_proj"]
         self.o_bias = w.get("o_bias")
+        self.sinks = w.get("sinks")  # GPT-OSS [N]
         self.heads = n + kv  # rotated heads: q and k
         self.qk_v = ((n + kv) * d, kv * d)
         self.q_k = (n, kv)
@@ -174,7 +193,7 @@ class GQAAttention:
         return KVCache(((2 * s.num_kv_heads, s.head_dim),), cache_dtype(dtype, device), seq_dim=1, device=device)
 
     def to(self, device: torch.device) -> GQAAttention:
-        _move(self, ("qkv", "qkv_bias", "o_proj", "o_bias", "qk_norm", "q_norm", "k_norm"), device)
+        _move(self, ("qkv", "qkv_bias", "o_proj", "o_bias", "qk_norm", "q_norm", "k_norm", "sinks"), device)
         return self
 
     def _proj_norm_and_clip(self, qkv: torch.Tensor) -> torch.Tensor:
@@ -232,7 +251,11 @@ class GQAAttention:
         q, kv = self._rotate(qkv, start)
         (cached,) = cache.append(kv)  # [2*KV, S, D]
         keys, values = cached.split(s.num_kv_heads)
-        out = attend(q, keys, values, attention_mask(start, t, self.window, qkv.device), s.scaling)  # [N, T, D]
+        mask = attention_mask(start, t, self.window, qkv.device)
+        if self.sinks is not None:
+            out = attend_with_sinks(q, keys, values, mask, s.scaling, self.sinks)
+        else:
+            out = attend(q, keys, values, mask, s.scaling)  # [N, T, D]
         # One token's [N, 1, D] is already laid out as [1, N*D].
         return out.view(1, -1) if t == 1 else out.transpose(0, 1).reshape(t, -1)
 
