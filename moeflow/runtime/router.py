@@ -11,19 +11,22 @@ from moeflow.models.base import RouterSpec
 
 
 class Router:
-    def __init__(self, spec: RouterSpec, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, spec: RouterSpec, weight: torch.Tensor, bias: torch.Tensor | None,
+                 gate_bias: torch.Tensor | None = None) -> None:
         self.spec = spec
         self.weight = weight.float() if spec.fp32_logits else weight  # [E, H]
         self.bias = bias.float() if bias is not None else None  # [E] (DeepSeek-V3 score correction)
+        self.gate_bias = gate_bias  # [E] GPT-OSS: the gate linear's own bias, in the weight's dtype
 
     def to(self, device: torch.device) -> Router:
         self.weight = self.weight.to(device)
         self.bias = self.bias.to(device) if self.bias is not None else None
+        self.gate_bias = self.gate_bias.to(device) if self.gate_bias is not None else None
         return self
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Gate logits [T, E] (float32 for DeepSeek, the compute dtype otherwise)."""
-        return F.linear(x.float() if self.spec.fp32_logits else x, self.weight)
+        return F.linear(x.float() if self.spec.fp32_logits else x, self.weight, self.gate_bias)
 
     def select(self, logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids [T, K], combine weights [T, K]) from gate logits [T, E]."""
