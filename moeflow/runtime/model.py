@@ -119,7 +119,8 @@ def load_dense(ckpt: Checkpoint, arch: Arch, dtype: torch.dtype) -> DenseModel:
         router = None
         if names.router is not None:
             bias = ld.get(names.correction_bias, torch.float32) if names.correction_bias is not None else None
-            router = Router(arch.router, ld.get(names.router), bias)
+            gate_bias = ld.get(names.router_bias) if names.router_bias is not None else None  # GPT-OSS
+            router = Router(arch.router, ld.get(names.router), bias, gate_bias)
         mlp = ld.mlp(names.mlp) if names.mlp is not None else None
         if mlp is not None and names.shared_gate is not None:
             mlp.gate = ld.get(names.shared_gate)
