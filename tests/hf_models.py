@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "llama4_text", "phimoe",
-            "glm4_moe", "minimax_m2")
+            "glm4_moe", "minimax_m2", "gpt_oss")
 
 TINY: dict[str, dict[str, Any]] = {
     "mixtral": dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -57,6 +57,11 @@ TINY: dict[str, dict[str, Any]] = {
     "phimoe": dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, num_local_experts=6, num_experts_per_tok=2, attention_bias=True,
                    router_jitter_noise=0.2),
+    # sliding window 4 on layers 0 and 2 (GptOssConfig's alternation) so the 22 positions cross it; the
+    # default yarn rope; swiglu_limit 0.2 so the clamps bind at this init (the default 7 never would)
+    "gpt_oss": dict(vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=3, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=8, num_local_experts=6, num_experts_per_tok=2, sliding_window=4,
+                    swiglu_limit=0.2),
 }
 
 
