@@ -24,6 +24,7 @@ BOUNDS = {
     "phimoe": (38, 46),  # LayerNorm + biased qkv/o; sparsemixer is two masked softmaxes (~19 calls)
     "glm4_moe": (46, 68),  # qwen3_moe's attention (+ partial-rotary split/cat) and deepseek_v3's grouped router
     "minimax_m2": (32, 60),  # olmoe's projection-wide q/k norms, partial rotary, a one-group noaux_tc router
+    "gpt_oss": (45, 71),  # biased qkv/o; sinks attention is explicit (no SDPA): GQA repeat, matmuls, softmax
 }
 
 
