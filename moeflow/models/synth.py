@@ -114,6 +114,14 @@ CONFIGS: dict[tuple[str, str], dict[str, Any]] = {
     ("minimax_m2", "small"): dict(hidden_size=1024, intermediate_size=512, head_dim=64, rotary_dim=32,
                                   num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
                                   num_local_experts=64, num_experts_per_tok=8, vocab_size=32000),
+    # GPT-OSS's layout: sinks, q/k/v/o biases, sliding and full layers alternating, fused interleaved
+    # experts with biases and the clamped SwiGLU (small: 8 layers x 32 experts, ~1.6 GB bf16)
+    ("gpt_oss", "tiny"): dict(hidden_size=64, intermediate_size=64, head_dim=16, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
+                              num_experts_per_tok=2, sliding_window=32, vocab_size=512),
+    ("gpt_oss", "small"): dict(hidden_size=1024, intermediate_size=1024, head_dim=64, num_hidden_layers=8,
+                               num_attention_heads=16, num_key_value_heads=4, num_local_experts=32,
+                               num_experts_per_tok=4, sliding_window=128, vocab_size=32000),
 }
 ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM",
@@ -126,10 +134,12 @@ ARCHITECTURES = {
     "glm4_moe": "Glm4MoeForCausalLM",
     "minimax_m2": "MiniMaxM2ForCausalLM",
     "phimoe": "PhimoeForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
 }
 ALIASES = {
     "qwen2-moe": "qwen2_moe", "qwen3-moe": "qwen3_moe", "deepseek-v2": "deepseek_v2", "deepseek-v3": "deepseek_v3",
     "llama4": "llama4_text", "glm4-moe": "glm4_moe", "minimax-m2": "minimax_m2",
+    "gpt-oss": "gpt_oss",
 }
 SHARD_BYTES = 1 << 30
 
