@@ -5,11 +5,11 @@ from __future__ import annotations
 from types import ModuleType
 
 from moeflow.errors import UnsupportedModel
-from moeflow.models import deepseek, glm, llama4, minimax, mixtral, olmoe, phimoe, qwen_moe
+from moeflow.models import deepseek, glm, gpt_oss, llama4, minimax, mixtral, olmoe, phimoe, qwen_moe
 from moeflow.models.base import Arch, ConfigReader
 from moeflow.models.checkpoint import Checkpoint
 
-_FAMILIES: tuple[ModuleType, ...] = (mixtral, qwen_moe, olmoe, deepseek, llama4, phimoe, glm, minimax)
+_FAMILIES: tuple[ModuleType, ...] = (mixtral, qwen_moe, olmoe, deepseek, llama4, phimoe, glm, minimax, gpt_oss)
 FAMILIES: dict[str, ModuleType] = {t: m for m in _FAMILIES for t in m.MODEL_TYPES}
 
 __all__ = ["FAMILIES", "parse_arch"]
