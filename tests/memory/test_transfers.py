@@ -390,7 +390,9 @@ async def test_sim_device_copies_through_async_transfers_honour_after(
 async def test_cancelling_a_partly_issued_device_copy_frees_its_block_after_the_issued_parts(
     host_pool: Callable[..., HostPool], sim_pool: Callable[..., SimPool]
 ) -> None:
-    sim = _core.SimDevice(bandwidth_gbps=0.5, latency_us=10.0)  # one 8 MiB part: ~17 ms
+    # One 8 MiB part takes ~420 ms: a loaded machine that wakes the test late (it delayed a
+    # 17 ms part's cancel past the whole copy once) still cancels while the first part copies.
+    sim = _core.SimDevice(bandwidth_gbps=0.02, latency_us=10.0)
     host, device = host_pool(32 * MIB, 32 * MIB, 32 * MIB), sim_pool(sim, 32 * MIB, 32 * MIB, 32 * MIB)
     async with AsyncTransfers(workers=1, chunk_size=32 * MIB, sim=sim) as transfers:
         block = device.alloc()
