@@ -153,16 +153,21 @@ class Checkpoint:
     def has(self, name: str) -> bool:
         return name in self.tensors
 
+    def _handle(self, file: Path) -> Any:
+        """The shard's open safetensors handle, opened once and kept."""
+        handle = self._handles.get(file)
+        if handle is None:
+            try:
+                handle = safe_open(str(file), framework="pt")
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"{file}: cannot open ({e})", path=str(file)) from e
+            self._handles[file] = handle
+        return handle
+
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Load one tensor (a copy owned by torch), optionally converted to `dtype`."""
         info = self.info(name)
-        handle = self._handles.get(info.file)
-        if handle is None:
-            try:
-                handle = safe_open(str(info.file), framework="pt")
-            except Exception as e:  # safetensors raises its own error types
-                raise CheckpointError(f"{info.file}: cannot open ({e})", path=str(info.file)) from e
-            self._handles[info.file] = handle
+        handle = self._handle(info.file)
         tensor = handle.get_tensor(name)
         if tuple(tensor.shape) != info.shape:
             raise CheckpointError(f"{info.file}: tensor {name!r} has a corrupt shape", path=str(info.file))
@@ -174,13 +179,7 @@ class Checkpoint:
         if not info.shape or not 0 <= index < info.shape[0]:
             raise CheckpointError(f"{info.file}: tensor {name!r} of shape {list(info.shape)} has no part {index}",
                                   path=str(info.file), field=name)
-        handle = self._handles.get(info.file)
-        if handle is None:
-            try:
-                handle = safe_open(str(info.file), framework="pt")
-            except Exception as e:  # safetensors raises its own error types
-                raise CheckpointError(f"{info.file}: cannot open ({e})", path=str(info.file)) from e
-            self._handles[info.file] = handle
+        handle = self._handle(info.file)
         return handle.get_slice(name)[index]
 
     def expect_shape(self, name: str, shape: tuple[int, ...]) -> TensorInfo:
