@@ -86,3 +86,30 @@ def load_hf(path: Path) -> Any:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+PROMPT = [5, 17, 42, 3, 77, 12, 9, 60, 31, 8]
+
+
+def hf_reference(hf: Any) -> tuple[torch.Tensor, list[int]]:
+    """transformers' own prefill logits (float32) of PROMPT and its 12 greedy tokens."""
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        logits = hf(ids).logits[0].float()
+        out = hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    return logits, out[0, len(PROMPT):].tolist()
+
+
+async def assert_engine_matches(path: Path, want: torch.Tensor, tokens: list[int], budgets: tuple[Any, ...]) -> None:
+    """At each budget ("smallest": the top-k of one layer), the CPU engine's prefill logits are
+    within 1e-4 (relative) of `want` and its 12 greedy tokens equal `tokens`."""
+    from moeflow import Engine
+
+    for budget in budgets:
+        if budget == "smallest":
+            async with Engine.open(path, device="cpu") as eng:
+                budget = eng.plan.min_budget_bytes
+        async with Engine.open(path, device="cpu", expert_budget=budget) as eng:
+            got = await eng.logits(PROMPT)
+            assert (got - want).abs().max() / want.abs().max() < 1e-4, budget
+            assert (await eng.generate(PROMPT, 12)).tokens == tokens, budget

@@ -9,13 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from moeflow import Engine
 from moeflow.errors import UnsupportedModel
 from moeflow.models import glm
 from moeflow.models.base import ConfigReader
-from tests.hf_models import TINY, load_hf
+from tests.hf_models import PROMPT, TINY, assert_engine_matches, hf_reference, load_hf
 
-PROMPT = [5, 17, 42, 3, 77, 12, 9, 60, 31, 8]
 
 
 def _save(out: Path) -> Path:
@@ -58,17 +56,8 @@ async def test_top_level_partial_rotary_and_correction_bias_match_transformers(t
     assert arch.attention.rope.dim == 4 and arch.attention.head_dim == 16  # int(16 * 0.25) dims rotate
     hf = load_hf(path)
     assert hf.config.rope_parameters["partial_rotary_factor"] == 0.25  # transformers reads it the same way
-    ids = torch.tensor([PROMPT])
-    with torch.no_grad():
-        want = hf(ids).logits[0].float()
-        tokens = hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, len(PROMPT):].tolist()
-    async with Engine.open(path, device="cpu") as eng:
-        smallest = eng.plan.min_budget_bytes
-    for budget in (smallest, "100%"):
-        async with Engine.open(path, device="cpu", expert_budget=budget) as eng:
-            got = await eng.logits(PROMPT)
-            assert (got - want).abs().max() / want.abs().max() < 1e-4, budget
-            assert (await eng.generate(PROMPT, 12)).tokens == tokens, budget
+    want, tokens = hf_reference(hf)
+    await assert_engine_matches(path, want, tokens, ("smallest", "100%"))
 
 
 def _reader(**fields: object) -> ConfigReader:

@@ -9,13 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from moeflow import Engine
 from moeflow.errors import UnsupportedModel
 from moeflow.models import minimax
 from moeflow.models.base import Arch, ConfigReader
-from tests.hf_models import TINY, load_hf
+from tests.hf_models import PROMPT, TINY, assert_engine_matches, hf_reference, load_hf
 
-PROMPT = [5, 17, 42, 3, 77, 12, 9, 60, 31, 8]
 
 
 def _save(out: Path) -> Path:
@@ -42,22 +40,13 @@ def _save(out: Path) -> Path:
 async def test_correction_bias_picks_experts_as_transformers_does(tmp_path: Path) -> None:
     path = _save(tmp_path / "mm")
     hf = load_hf(path)
-    ids = torch.tensor([PROMPT])
-    with torch.no_grad():
-        want = hf(ids).logits[0].float()
-        tokens = hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, len(PROMPT):].tolist()
-    async with Engine.open(path, device="cpu") as eng:
-        smallest = eng.plan.min_budget_bytes
-    for budget in (smallest, "100%"):
-        async with Engine.open(path, device="cpu", expert_budget=budget) as eng:
-            got = await eng.logits(PROMPT)
-            assert (got - want).abs().max() / want.abs().max() < 1e-4, budget
-            assert (await eng.generate(PROMPT, 12)).tokens == tokens, budget
+    want, tokens = hf_reference(hf)
+    await assert_engine_matches(path, want, tokens, ("smallest", "100%"))
     with torch.no_grad():  # the bias decides the experts here: without it transformers' logits move
         for name, buf in hf.named_buffers():
             if "e_score_correction_bias" in name:
                 buf.zero_()
-        unbiased = hf(ids).logits[0].float()
+        unbiased = hf(torch.tensor([PROMPT])).logits[0].float()
     assert (unbiased - want).abs().max() / want.abs().max() > 1e-3
 
 

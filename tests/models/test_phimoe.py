@@ -16,9 +16,8 @@ from moeflow.models import FAMILIES, Checkpoint, parse_arch
 from moeflow.models.base import ConfigReader, RouterSpec
 from moeflow.models.synth import synthesize
 from moeflow.runtime.router import Router
-from tests.hf_models import load_hf, save_tiny
+from tests.hf_models import PROMPT, assert_engine_matches, hf_reference, load_hf, save_tiny
 
-PROMPT = [5, 17, 42, 3, 77, 12, 9, 60, 31, 8]
 
 
 def _logits(dtype: torch.dtype) -> torch.Tensor:
@@ -50,16 +49,9 @@ def test_sparsemixer_gives_transformers_experts_and_weights_bit_for_bit(dtype: t
 async def test_lm_head_bias_matches_transformers(tmp_path: Path) -> None:
     path = save_tiny("phimoe", tmp_path / "phimoe-head-bias", lm_head_bias=True)
     hf = load_hf(path)
-    ids = torch.tensor([PROMPT])
-    with torch.no_grad():
-        want = hf(ids).logits[0].float()
-        want_tokens = hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, len(PROMPT):].tolist()
+    want, tokens = hf_reference(hf)
     assert hf.lm_head.bias is not None
-    async with Engine.open(path, device="cpu", expert_budget="50%") as eng:
-        got = await eng.logits(PROMPT)
-        tokens = (await eng.generate(PROMPT, 12)).tokens
-    assert (got - want).abs().max() / want.abs().max() < 1e-4
-    assert tokens == want_tokens
+    await assert_engine_matches(path, want, tokens, ("50%",))
 
 
 def _config(tmp_path: Path, **changes: object) -> Path:
@@ -83,15 +75,8 @@ async def test_longrope_as_published_matches_transformers(tmp_path: Path) -> Non
     path = save_tiny("phimoe", tmp_path / "phimoe-longrope", rope_parameters=_longrope(), max_position_embeddings=64)
     hf = load_hf(path)
     assert hf.config.rope_parameters["rope_type"] == "longrope"
-    ids = torch.tensor([PROMPT])
-    with torch.no_grad():
-        want = hf(ids).logits[0].float()
-        want_tokens = hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, len(PROMPT):].tolist()
-    async with Engine.open(path, device="cpu", expert_budget="50%") as eng:
-        got = await eng.logits(PROMPT)
-        tokens = (await eng.generate(PROMPT, 12)).tokens
-    assert (got - want).abs().max() / want.abs().max() < 1e-4
-    assert tokens == want_tokens
+    want, tokens = hf_reference(hf)
+    await assert_engine_matches(path, want, tokens, ("50%",))
 
 
 def test_longrope_with_unequal_mscales_is_refused_naming_rope_scaling(tmp_path: Path) -> None:

@@ -6,18 +6,10 @@ import pytest
 import torch
 
 from moeflow import Engine
-from tests.hf_models import FAMILIES, load_hf
-
-PROMPT = [5, 17, 42, 3, 77, 12, 9, 60, 31, 8]
-
+from tests.hf_models import FAMILIES, PROMPT, hf_reference, load_hf
 
 def _reference(path):  # type: ignore[no-untyped-def]
-    hf = load_hf(path)
-    ids = torch.tensor([PROMPT])
-    with torch.no_grad():
-        logits = hf(ids).logits[0].float()
-        out = hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
-    return logits, out[0, len(PROMPT):].tolist()
+    return hf_reference(load_hf(path))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
