@@ -314,9 +314,11 @@ def pick_path(weights: ExpertView, hidden: int, dtype: torch.dtype, expert_ffn: 
     """For a GPU's CPU experts: the faster of the device path's own arithmetic (bf16 F.linear, or
     the dequantizing reference for quantized stores) and, for 16-bit weights, float32 upcast;
     compared on one decode row of a real expert (the case the CPU takes)."""
-    name = f"{str(dtype).removeprefix('torch.')}_linear" if weights.bits == 16 else f"int{weights.bits}_dequant"
+    dense = weights.kind == "dense"
+    name = f"{str(dtype).removeprefix('torch.')}_linear" if dense else (
+        f"int{weights.bits}_dequant" if weights.kind == "minmax" else f"{weights.kind}_dequant")
     candidates: list[tuple[str, ExpertFfn]] = [(name, expert_ffn)]
-    if weights.bits == 16 and dtype in (torch.bfloat16, torch.float16) and weights.swiglu is None:  # SiLU only
+    if dense and dtype in (torch.bfloat16, torch.float16) and weights.swiglu is None:  # SiLU only
         candidates.append(("fp32_upcast", upcast_ffn))
     timed = [(calibrate(weights, hidden, dtype, fn, threads), path, fn) for path, fn in candidates]
     speed, path, fn = min(timed, key=lambda t: t[0].seconds(1))

@@ -113,8 +113,10 @@ def expert_ffn(weights: ExpertView, x: torch.Tensor) -> torch.Tensor:
         # GPT-OSS (biases, clamped SwiGLU): no CUDA kernel computes it, so every device takes
         # this torch path (its stores are unquantized: QuantCodec refuses it)
         return clamped_swiglu_ffn(x, weights, *weights.swiglu)
-    if weights.bits == 16:
+    if weights.kind == "dense":
         return silu_mlp(x, weights["gate_up"], weights["down"])
+    if weights.kind != "minmax":
+        raise ValueError(f"no expert FFN computes {weights.kind} experts")
     if x.is_cuda:
         from moeflow.runtime import gpu
 

@@ -60,6 +60,10 @@ class ExpertView:
     nbytes: int = 0  # of the tensors (the views are made once per block)
     # GPT-OSS: (alpha, limit) of its clamped SwiGLU; its experts also hold gate_up_bias and down_bias
     swiglu: tuple[float, float] | None = None
+    # which arithmetic decodes the tensors: "dense" (float gate_up/down), "minmax" (store/quant.py's
+    # int8/4/2 codes), or a native checkpoint format named by its precision's first part ("mxfp4",
+    # "fp8", ...). Dispatch on this, never on `bits` alone: int4 and mxfp4 are both 4 bits.
+    kind: str = "dense"
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.tensors[name]
@@ -89,7 +93,7 @@ class BlobLayout:
         views = self.views(blob)
         swiglu = (_float(meta["swiglu_alpha"]), _float(meta["swiglu_limit"])) if "swiglu_alpha" in meta else None
         return ExpertView(views, meta.get("bits", 16), meta.get("group", 0), sum(t.nbytes for t in views.values()),
-                          swiglu)
+                          swiglu, precision_kind(self.precision))
 
     def slot(self, name: str) -> Slot:
         for s in self.slots:
@@ -121,6 +125,16 @@ class BlobLayout:
             int(d["size"]),
             tuple(sorted((str(k), int(v)) for k, v in d.get("meta", {}).items())),
         )
+
+
+def precision_kind(precision: str) -> str:
+    """ExpertView.kind of a store precision: 'bfloat16' -> dense, 'int4-g64' -> minmax,
+    'mxfp4' -> mxfp4, 'fp8-e4m3-b128' -> fp8."""
+    if precision in DTYPES:
+        return "dense"
+    if precision.startswith("int"):
+        return "minmax"
+    return precision.split("-")[0]
 
 
 def _bits(x: float) -> int:
