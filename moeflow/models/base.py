@@ -68,6 +68,24 @@ class AttentionSpec:
     qk_l2_norm: bool = False  # Llama-4: weightless RMS norm of each q/k head after rope (rope layers only)
     temperature_tuning: tuple[float, float] | None = None  # Llama-4 NoPE layers: (floor_scale, attn_scale)
     sinks: bool = False  # GPT-OSS: a learned per-head logit joins each softmax (and is dropped after it)
+    output_gate: bool = False  # Qwen3-Next: q_proj also yields a per-head gate; output * sigmoid(gate)
+
+
+@dataclass(frozen=True)
+class LinearAttentionSpec:
+    """Gated DeltaNet linear attention (Qwen3-Next, Qwen3.5-MoE): its layers and head shapes."""
+
+    layers: tuple[bool, ...]  # per layer, True: linear attention (the others: full attention)
+    num_k_heads: int
+    num_v_heads: int
+    k_head_dim: int
+    v_head_dim: int
+    conv_kernel: int
+
+    @property
+    def conv_channels(self) -> int:
+        """The depthwise conv's channels: q, k and v side by side."""
+        return 2 * self.num_k_heads * self.k_head_dim + self.num_v_heads * self.v_head_dim
 
 
 @dataclass(frozen=True)
@@ -145,11 +163,13 @@ class Arch:
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
     max_position_embeddings: int
+    # Qwen3-Next's norms are "rms_centered": RMSNorm scaled by (1 + weight), zero-initialized weights
     norm: str = "rms"  # rms | layernorm (Phi-3.5-MoE: nn.LayerNorm with weight and bias)
     lm_head_bias: bool = False
     # GPT-OSS experts: (alpha, limit) of the clamped SwiGLU (gate clamped above at limit, up to
     # [-limit, limit], out = (up + 1) * gate * sigmoid(alpha * gate)); None: SiLU experts
     swiglu: tuple[float, float] | None = None
+    linear_attention: LinearAttentionSpec | None = None  # Qwen3-Next: Gated DeltaNet layers
 
     @property
     def num_experts(self) -> int:
