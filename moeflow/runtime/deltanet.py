@@ -1,5 +1,6 @@
 """Gated DeltaNet linear attention (Qwen3-Next, Qwen3.5-MoE): the torch reference of the gated
-delta rule and the layer that runs it, as transformers' Qwen3NextGatedDeltaNet computes it.
+delta rule and the layer that runs it, as transformers' Qwen3NextGatedDeltaNet computes it, and
+the gated full attention of the layers between.
 
 Per value head the state S [Dk, Dv] evolves per token t as
     S = exp(g_t) * S;  S = S + k_t (beta_t (v_t - S^T k_t))^T;  o_t = S^T q_t
@@ -15,7 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moeflow.models.base import LinearAttentionSpec
+from moeflow.models.base import AttentionSpec, LinearAttentionSpec
+from moeflow.runtime.layers import GQAAttention, KVCache
+from moeflow.runtime.rope import Rotary
 
 # Shape legend: T = new tokens, Hk / Hv = key / value heads, Dk / Dv = their dims, C = conv channels.
 
@@ -167,3 +170,23 @@ class GatedDeltaNet:
         dtype = x.dtype
         normed = self.norm * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(dtype)
         return (normed * F.silu(gate.float())).to(dtype)
+
+
+class GatedAttention(GQAAttention):
+    """Qwen3-Next's full attention: GQA whose q_proj yields, per head, the query and an output
+    gate ([N, 2D] rows), per-head q/k norms scaled by (1 + weight), partial rotary, and the
+    attention output times sigmoid(gate) before o_proj. The gate rows are moved behind v at load,
+    so `project` gives [q | k | v | gate] and `core` (per sequence) gates its own rows."""
+
+    def __init__(self, spec: AttentionSpec, w: dict[str, torch.Tensor], rotary: Rotary, eps: float) -> None:
+        n, d = spec.num_heads, spec.head_dim
+        rows = w["q_proj"].view(n, 2 * d, -1)
+        query, gate = rows[:, :d].reshape(n * d, -1), rows[:, d:].reshape(n * d, -1)
+        w = {**w, "q_proj": query, "q_norm": 1 + w["q_norm"], "k_norm": 1 + w["k_norm"]}
+        super().__init__(spec, w, rotary, eps, None)
+        self.qkv = torch.cat((self.qkv, gate)).contiguous()
+        self.gate_width = n * d
+
+    def core(self, qkv: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        qkv, gate = qkv.split((qkv.shape[-1] - self.gate_width, self.gate_width), dim=-1)
+        return super().core(qkv, cache) * torch.sigmoid(gate)

@@ -1,0 +1,115 @@
+"""Qwen3-Next (Qwen3NextForCausalLM), as transformers' modeling_qwen3_next.py computes it: Gated
+DeltaNet linear-attention layers (runtime/deltanet.py) with gated full attention every
+full_attention_interval-th layer (q_proj yields each head's query and an output gate; per-head
+q/k norm; partial rotary, 25% of each head by default), RMSNorms scaled by (1 + weight), and
+sparse MoE layers (softmax top-k) with a shared expert behind a sigmoid gate, dense where
+mlp_only_layers / decoder_sparse_step say. Checkpoints keep one tensor per expert (the Hub
+layout; transformers fuses them only in memory). The mtp.* draft layers are not run."""
+
+from __future__ import annotations
+
+from moeflow.models.base import (
+    Arch,
+    AttentionSpec,
+    ConfigReader,
+    LinearAttentionSpec,
+    RouterSpec,
+    SharedExpertSpec,
+)
+from moeflow.models.qwen_moe import QWEN2_NAMING, _sparse_layers
+from moeflow.models.tensors import HubTensor
+
+MODEL_TYPES = ("qwen3_next",)
+
+_LAYER_TYPES = ("linear_attention", "full_attention")
+
+
+def _linear_layers(cfg: ConfigReader, layers: int) -> tuple[bool, ...]:
+    """Per layer, True where it is linear attention. Qwen3NextConfig: layer_types, else every
+    full_attention_interval-th layer (default 4) is full attention."""
+    types = cfg.config.get("layer_types")
+    if types is None:
+        interval = cfg.opt("full_attention_interval", 4)
+        if interval <= 0:
+            cfg.refuse("full_attention_interval", interval, "must be >= 1")
+        types = ["linear_attention" if (i + 1) % interval else "full_attention" for i in range(layers)]
+    if not isinstance(types, list) or len(types) != layers or any(t not in _LAYER_TYPES for t in types):
+        cfg.refuse("layer_types", types, f"expected one of {', '.join(_LAYER_TYPES)} for each of {layers} layers")
+    return tuple(t == "linear_attention" for t in types)
+
+
+def linear_spec(cfg: ConfigReader, layers: int) -> LinearAttentionSpec:
+    """The Gated DeltaNet shapes (Qwen3NextConfig defaults)."""
+    k_heads, v_heads = cfg.opt("linear_num_key_heads", 16), cfg.opt("linear_num_value_heads", 32)
+    if k_heads <= 0 or v_heads <= 0 or v_heads % k_heads:
+        cfg.refuse("linear_num_value_heads", v_heads, f"must be a positive multiple of linear_num_key_heads={k_heads}")
+    spec = LinearAttentionSpec(
+        layers=_linear_layers(cfg, layers),
+        num_k_heads=k_heads,
+        num_v_heads=v_heads,
+        k_head_dim=cfg.opt("linear_key_head_dim", 128),
+        v_head_dim=cfg.opt("linear_value_head_dim", 128),
+        conv_kernel=cfg.opt("linear_conv_kernel_dim", 4),
+    )
+    if spec.conv_kernel < 1 or spec.k_head_dim < 1 or spec.v_head_dim < 1:
+        cfg.refuse("linear_conv_kernel_dim", spec.conv_kernel, "the conv width and head dims must be >= 1")
+    return spec
+
+
+def parse(cfg: ConfigReader) -> Arch:
+    cfg.silu()
+    cfg.no_quantization()
+    if cfg.opt("attention_bias", False, bool):
+        cfg.refuse("attention_bias", True, "the Qwen3-Next checkpoints have no attention biases")
+    hidden = cfg.positive("hidden_size")
+    layers = cfg.positive("num_hidden_layers")
+    heads = cfg.positive("num_attention_heads")
+    head_dim = cfg.opt("head_dim", 256)
+    experts, top_k = cfg.experts("num_experts")
+    sparse = _sparse_layers(cfg, layers, experts)
+    attention = AttentionSpec(
+        kind="gqa",
+        num_heads=heads,
+        num_kv_heads=cfg.opt("num_key_value_heads", 2),
+        head_dim=head_dim,
+        v_head_dim=head_dim,
+        scaling=head_dim**-0.5,
+        rope=cfg.rope(head_dim, partial_default=0.25),
+        qk_norm="head",
+        sliding_window=(None,) * layers,
+        output_gate=True,
+    )
+    shared_size = cfg.opt("shared_expert_intermediate_size", 0)
+    return Arch(
+        family="qwen3_next",
+        hidden_size=hidden,
+        num_layers=layers,
+        dense_intermediate=cfg.positive("intermediate_size") if not all(sparse) else 0,
+        expert_intermediate=cfg.positive("moe_intermediate_size"),
+        sparse=sparse,
+        attention=attention,
+        router=RouterSpec(num_experts=experts, top_k=top_k, norm_topk_prob=cfg.opt("norm_topk_prob", True, bool)),
+        naming=QWEN2_NAMING,
+        # a zero-width shared expert in transformers outputs 0: none here
+        shared=SharedExpertSpec(shared_size, gated=True) if shared_size else None,
+        norm="rms_centered",
+        linear_attention=linear_spec(cfg, layers),
+        **cfg.common(1e-6, 32768),
+    )
+
+
+def linear_attention_tensors(arch: Arch, prefix: str) -> dict[str, HubTensor]:
+    """A Gated DeltaNet layer's tensors (prefix: model.layers.{i}.linear_attn), keyed as
+    runtime/deltanet.GatedDeltaNet reads them."""
+    s, h = arch.linear_attention, arch.hidden_size
+    assert s is not None
+    key_dim, value_dim = s.num_k_heads * s.k_head_dim, s.num_v_heads * s.v_head_dim
+    return {
+        "in_proj_qkvz": HubTensor(f"{prefix}.in_proj_qkvz.weight", (2 * key_dim + 2 * value_dim, h)),
+        "in_proj_ba": HubTensor(f"{prefix}.in_proj_ba.weight", (2 * s.num_v_heads, h)),
+        "conv1d": HubTensor(f"{prefix}.conv1d.weight", (s.conv_channels, 1, s.conv_kernel)),
+        "dt_bias": HubTensor(f"{prefix}.dt_bias", (s.num_v_heads,)),
+        "A_log": HubTensor(f"{prefix}.A_log", (s.num_v_heads,)),
+        "norm": HubTensor(f"{prefix}.norm.weight", (s.v_head_dim,)),
+        "out_proj": HubTensor(f"{prefix}.out_proj.weight", (h, value_dim)),
+    }
