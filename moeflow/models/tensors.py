@@ -183,6 +183,8 @@ def _gqa(arch: Arch, p: str) -> dict[str, HubTensor]:
         if s.qkv_bias:
             out[f"{name}_bias"] = HubTensor(f"{p}.{name}_proj.bias", (rows,))
     out["o_proj"] = HubTensor(f"{p}.o_proj.weight", (h, q_out))
+    if s.output_gate:  # Qwen3-Next: each head's query rows, then its gate rows
+        out["q_proj"] = HubTensor(f"{p}.q_proj.weight", (2 * q_out, h))
     if s.o_bias:
         out["o_bias"] = HubTensor(f"{p}.o_proj.bias", (h,))
     if s.sinks:
@@ -199,6 +201,10 @@ def layer_tensors(arch: Arch, layer: int) -> LayerTensors:
     h, names = arch.hidden_size, arch.naming
     p = f"model.layers.{layer}"
     attention = (_mla if arch.attention.kind == "mla" else _gqa)(arch, f"{p}.self_attn")
+    if arch.linear_attention is not None and arch.linear_attention.layers[layer]:  # Qwen3-Next's Gated DeltaNet
+        from moeflow.models.qwen3_next import linear_attention_tensors
+
+        attention = linear_attention_tensors(arch, f"{p}.linear_attn")
     router = correction_bias = shared_gate = router_bias = None
     mlp = None
     if arch.sparse[layer]:
