@@ -184,6 +184,7 @@ class Engine(GenerationMixin):
             end_step=session.end_step, max_wait=self.config.regroup_max_wait,
             resident=(lambda: session.runner.route_bits(session.cache.resident()))
             if self.config.batch_order == "regroup" else None,
+            kv_bytes_per_sequence=session.runner.kv_bytes_per_sequence(),
         )
         return session
 

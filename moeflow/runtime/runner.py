@@ -60,6 +60,10 @@ class Sequence:
         if self.schedule is not None:
             self.cache.apply(self.schedule.finish())
             self.schedule = None
+        for cache in self.kv:  # fixed-size state (Gated DeltaNet) is freed when the sequence ends or is cancelled
+            free = getattr(cache, "free", None)
+            if free is not None:
+                free()
 
 
 @dataclass
@@ -113,6 +117,12 @@ class ModelRunner:
     def kv_bytes_per_token(self) -> int:
         """KV cache bytes one position of one sequence takes, over all layers."""
         return sum(layer.attention.new_cache(self.model.dtype).bytes_per_position for layer in self.model.layers)
+
+    def kv_bytes_per_sequence(self) -> int:
+        """Bytes of per-sequence state whatever its length (Gated DeltaNet's recurrent and conv
+        state), over all layers: admission counts it against kv_budget beside the KV cache."""
+        caches = [layer.attention.new_cache(self.model.dtype) for layer in self.model.layers]
+        return sum(getattr(cache, "bytes_fixed", 0) for cache in caches)
 
     def new_sequence(self, prompt: list[int], *, record: bool = False) -> Sequence:
         active = self.scheduler is not None and self.scheduler.active

@@ -95,7 +95,8 @@ class StepBatcher:
                  kv_budget: int | None = None, kv_bytes_per_token: int = 0,
                  snapshot: Callable[[], CacheCounters] | None = None, end_step: Callable[[], None] | None = None,
                  on_step: Callable[[StepRecord], None] | None = None,
-                 resident: Callable[[], int] | None = None, max_wait: int = 4, resident_first: bool = True) -> None:
+                 resident: Callable[[], int] | None = None, max_wait: int = 4, resident_first: bool = True,
+                 kv_bytes_per_sequence: int = 0) -> None:
         if max_tokens < 1 or max_sequences < 1:
             raise ValueError(f"max_tokens={max_tokens}, max_sequences={max_sequences}: must be >= 1")
         self.runner = runner
@@ -104,6 +105,7 @@ class StepBatcher:
         self.max_sequences = max_sequences
         self.kv_budget = kv_budget
         self.kv_bytes_per_token = kv_bytes_per_token
+        self.kv_bytes_per_sequence = kv_bytes_per_sequence  # fixed-size state (Gated DeltaNet), per sequence
         self.snapshot = snapshot
         self.end_step = end_step
         self.on_step = on_step
@@ -128,7 +130,7 @@ class StepBatcher:
 
     # ---- admission -------------------------------------------------------------------------
     def kv_bytes(self, tokens: int) -> int:
-        return tokens * self.kv_bytes_per_token
+        return tokens * self.kv_bytes_per_token + self.kv_bytes_per_sequence
 
     async def admit(self, tokens: int) -> int:
         """Wait until `tokens` positions of KV cache fit the budget; returns the bytes reserved
