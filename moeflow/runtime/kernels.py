@@ -20,7 +20,7 @@ from typing import Any
 
 from moeflow.errors import CudaUnavailable
 
-SOURCES = ("dequant.cu", "expert_ffn.cu", "grouped_ffn.cu", "fp8.cu")
+SOURCES = ("dequant.cu", "expert_ffn.cu", "grouped_ffn.cu", "fp8.cu", "mxfp4.cu")
 COMMON = "common.cuh"
 OPTIONS = ("-std=c++17",)
 _ENTRY = re.compile(r'extern "C" __global__ void (\w+)\(')
