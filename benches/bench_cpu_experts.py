@@ -9,12 +9,14 @@ What a miss computed on the CPU (runtime/cpu_experts.py) costs, for each way tor
 - `fp32_upcast`: the same bf16 weights upcast to float32 on every call, then F.linear in float32;
 - `int8_dequant` / `int4_dequant`: the store's quantized expert (group 64) through the dequantizing
   reference (runtime/reference.py quantized_expert_ffn: dequantize to bf16, then F.linear), which is
-  what the engine runs for quantized stores on the CPU;
-- `int4_tinygemm`: torch's own CPU int4 matmul (aten._weight_int4pack_mm_for_cpu) on weights repacked
-  once from the same codes (the store's zero points folded into its float zeros); its maximum error
-  against int4_dequant is reported (max_err_vs_dequant, relative to the output's max), and the
-  one-time cost of repacking the expert (notes.int4_repack_us): the engine does not use this path
-  yet (it would need a repacked copy of each expert the CPU computes, beside the store's).
+  what the engine runs for int8 stores on the CPU;
+- `int4_repack`: what the engine runs for int4 stores on the CPU (runtime/cpu_quant.py): torch's own
+  CPU int4 matmul (aten._weight_int4pack_mm_for_cpu) on the store's codes repacked on every call
+  (a few byte operations, no float pass), the store's zero points folded into its float zeros;
+- `int4_tinygemm`: the same kernel on weights repacked once (the bound a kept repacked copy of each
+  expert would reach, at the cost of that copy; notes.int4_repack_us is the one-time repack).
+  Both report their maximum error against int4_dequant (max_err_vs_dequant, relative to the
+  output's max).
 Each figure is the median of --reps timed calls after a warm-up, on the same weights in the same
 run (`us`; `us_min` the fastest call, steadier on a shared machine); `vs_bf16_linear` is the
 baseline's median over the path's (above 1: faster). Prints one JSON line.
@@ -39,6 +41,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from moeflow.runtime import cpu_quant  # noqa: E402
 from moeflow.runtime.layers import silu_mlp  # noqa: E402
 from moeflow.runtime.reference import quantized_expert_ffn  # noqa: E402
 from moeflow.store.quant import quantize, unpack  # noqa: E402
@@ -97,6 +100,8 @@ def bench_shape(hidden: int, inter: int, tokens: list[int], reps: int) -> dict[s
         "int8_dequant": lambda x: quantized_expert_ffn(x, int8, 8, GROUP),
         "int4_dequant": lambda x: quantized_expert_ffn(x, int4, 4, GROUP),
     }
+    if cpu_quant.available():
+        paths["int4_repack"] = lambda x: cpu_quant.int4_expert_ffn(x, int4, GROUP)
     notes: dict[str, str] = {}
     try:
         started = time.perf_counter()
@@ -121,10 +126,11 @@ def bench_shape(hidden: int, inter: int, tokens: list[int], reps: int) -> dict[s
             base = per["bf16_linear"]["us"]
             for name in per:
                 per[name]["vs_bf16_linear"] = base / per[name]["us"]
-            if "int4_tinygemm" in per:
-                want = paths["int4_dequant"](x).float()
-                got = paths["int4_tinygemm"](x).float()
-                per["int4_tinygemm"]["max_err_vs_dequant"] = ((got - want).abs().max() / want.abs().max()).item()
+            want = paths["int4_dequant"](x).float()
+            for name in ("int4_repack", "int4_tinygemm"):
+                if name in per:
+                    got = paths[name](x).float()
+                    per[name]["max_err_vs_dequant"] = ((got - want).abs().max() / want.abs().max()).item()
             rows[str(n)] = per
     weight_bytes = {"bf16": 3 * hidden * inter * 2, "int8": sum(t.nbytes for t in int8.values()),
                     "int4": sum(t.nbytes for t in int4.values())}

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from moeflow.memory.cache import USABLE_STATES, ExpertCache
 from moeflow.memory.fetch import LayerFetch
-from moeflow.runtime import reference
+from moeflow.runtime import cpu_quant, reference
 from moeflow.runtime.layers import silu_mlp
 from moeflow.runtime.model import Layer, SharedMLP
 from moeflow.store.layout import ExpertView
@@ -128,6 +128,8 @@ def expert_ffn(weights: ExpertView, x: torch.Tensor) -> torch.Tensor:
                                          weights.group).to(x.dtype)
         offsets = [0, x.shape[0]]
         return gpu.grouped_expert_ffn(x, offsets, [weights.tensors], weights.bits, weights.group).to(x.dtype)
+    if weights.bits == 4 and cpu_quant.available() and cpu_quant.fits(weights.tensors, weights.group, x.dtype):
+        return cpu_quant.int4_expert_ffn(x, weights.tensors, weights.group)  # torch's int4 kernel
     return reference.quantized_expert_ffn(x, weights.tensors, weights.bits, weights.group)
 
 
