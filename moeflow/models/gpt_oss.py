@@ -1,7 +1,9 @@
 """GPT-OSS (GptOssForCausalLM) in the bf16 layout transformers' save_pretrained writes: GQA with
 q/k/v/o biases and per-head attention sinks, alternating sliding-window and full layers, yarn
 rope, a biased router (top-k of the logits, softmax over the chosen), and fused experts with
-interleaved gate/up columns, biases and a clamped SwiGLU (as modeling_gpt_oss.py computes)."""
+interleaved gate/up columns, biases and a clamped SwiGLU (as modeling_gpt_oss.py computes).
+The Hub's own checkpoints hold the experts in MXFP4 (models/mxfp4.py, store/mxfp4.py): accepted here,
+their experts go into an mxfp4 store as they are."""
 
 from __future__ import annotations
 
@@ -45,12 +47,27 @@ def _windows(cfg: ConfigReader, layers: int) -> tuple[int | None, ...]:
     return tuple(window if t == "sliding_attention" else None for t in types)
 
 
+def _mxfp4(cfg: ConfigReader, quant: object) -> None:
+    """The MXFP4 experts of the Hub checkpoints load as they are (models/mxfp4.py, store/mxfp4.py); other
+    quantizations, or MXFP4 elsewhere than the experts, are refused naming the field."""
+    method = quant.get("quant_method") if isinstance(quant, dict) else quant
+    if method != "mxfp4":
+        cfg.refuse("quantization_config.quant_method", method, "GPT-OSS loads unquantized or with MXFP4 experts")
+    assert isinstance(quant, dict)
+    skipped = quant.get("modules_to_not_convert") or []
+    if not isinstance(skipped, list) or any(isinstance(m, str) and "experts" in m for m in skipped):
+        cfg.refuse("quantization_config.modules_to_not_convert", skipped,
+                   "MXFP4 GPT-OSS checkpoints quantize their experts (and only them)")
+    for name, default in (("hidden_size", None), ("intermediate_size", 2880)):
+        value = cfg.opt(name, default) if default is not None else cfg.positive(name)
+        if value % 32:
+            cfg.refuse(name, value, "MXFP4 experts need input sizes that are multiples of its 32-value blocks")
+
+
 def parse(cfg: ConfigReader) -> Arch:
     quant = cfg.config.get("quantization_config")
     if quant:
-        method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
-        cfg.refuse("quantization_config", method, "MXFP4 support is pending; load the bf16 checkpoint "
-                   "(transformers' GptOssForCausalLM with dequantize=True, saved with save_pretrained)")
+        _mxfp4(cfg, quant)
     config = dict(cfg.config)
     if not config.get("rope_parameters") and not config.get("rope_scaling"):
         config["rope_parameters"] = dict(_DEFAULT_ROPE)

@@ -107,12 +107,18 @@ def _copy_with(src: Path, dst: Path, **config: Any) -> Path:
     return dst
 
 
-def test_mxfp4_checkpoint_is_refused_naming_quantization_config(hf_checkpoints, tmp_path: Path) -> None:
-    path = _copy_with(hf_checkpoints.path("gpt_oss"), tmp_path / "mxfp4",
-                      quantization_config={"quant_method": "mxfp4", "modules_to_not_convert": ["router"]})
-    with pytest.raises(UnsupportedModel, match="MXFP4 support is pending") as err:
-        parse_arch(Checkpoint(path))
-    assert err.value.field == "quantization_config"
+def test_mxfp4_checkpoint_loads_with_its_experts_in_mxfp4(tmp_path: Path) -> None:
+    """The Hub's layout (blocks and scales, quantization_config mxfp4) parses as the same GPT-OSS;
+    tests/models/test_gpt_oss_mxfp4.py runs it against transformers."""
+    path = tmp_path / "mxfp4"
+    synthesize(path, "gpt_oss", "tiny", progress=False)
+    ckpt = Checkpoint(path)
+    assert ckpt.config["quantization_config"]["quant_method"] == "mxfp4"
+    arch = parse_arch(ckpt)
+    assert arch.family == "gpt_oss" and arch.swiglu == (1.702, 7.0)
+    with pytest.raises(UnsupportedModel) as err:
+        parse_arch(Checkpoint(_copy_with(path, tmp_path / "gptq", quantization_config={"quant_method": "gptq"})))
+    assert err.value.field == "quantization_config.quant_method"
 
 
 @pytest.mark.asyncio
