@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from moeflow import corpus
 from moeflow.errors import ConfigError
-from moeflow.models import FAMILIES, Checkpoint
+from moeflow.models import FAMILIES, Checkpoint, mxfp4
 from moeflow.models.base import Arch, ConfigReader
 from moeflow.models.tensors import checkpoint_tensors
 
@@ -161,7 +161,11 @@ def synth_config(arch: str, size: str, dtype: torch.dtype, **overrides: Any) -> 
     cfg["rope_theta"] = 10000.0
     if family == "mixtral":
         cfg["rope_theta"] = 1e6
+    if family == "gpt_oss":  # as the Hub ships it: MXFP4 experts (quantization_config=None: the bf16 layout)
+        cfg["quantization_config"] = mxfp4.quantization_config()
     cfg.update(overrides)
+    if cfg.get("quantization_config") is None:
+        cfg.pop("quantization_config", None)
     return cfg
 
 
@@ -220,7 +224,9 @@ def synthesize(out: str | os.PathLike[str], arch: str, size: str, *, dtype: torc
         json.dumps({"bos_token_id": BOS, "eos_token_id": EOS, "do_sample": False}, indent=2)
     )
     train_tokenizer(spec.vocab_size).save(str(out_dir / "tokenizer.json"))
-    names = [(t.name, t.shape) for t in checkpoint_tensors(spec)]
+    table = checkpoint_tensors(spec)
+    names = [(t.name, t.shape) for t in (mxfp4.checkpoint_tensors(table, spec) if mxfp4.is_mxfp4(cfg) else table)]
+    pending: dict[str, torch.Tensor] = {}  # MXFP4 scales made with their blocks
     gen = torch.Generator(device=device).manual_seed(seed)
     shards = list(_shards(names, dtype))
     weight_map: dict[str, str] = {}
@@ -230,7 +236,8 @@ def synthesize(out: str | os.PathLike[str], arch: str, size: str, *, dtype: torc
         file = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         tensors = {}
         for name, shape in shard:
-            tensors[name] = _tensor(name, shape, dtype, gen, 0.02)
+            quantized = mxfp4.synth_tensor(name, shape, gen, 0.02, pending) if mxfp4.is_mxfp4(cfg) else None
+            tensors[name] = quantized if quantized is not None else _tensor(name, shape, dtype, gen, 0.02)
             total_size += tensors[name].nbytes
             weight_map[name] = file
             bar.update(1)
