@@ -18,6 +18,12 @@
         the full benchmark, on a machine with an NVIDIA GPU: one JSON line per configuration
         (benches/gpu_runs.py).
 
+    python benches/bench_gpu.py --all [--wheels .gpu-wheels]
+        the one prepared GPU run, under 8 minutes: --check, then benches/bench_kernels.py --quick,
+        then --placement --quick, each a time-limited subprocess whose JSON lines pass through; a
+        part that fails or runs out of time is reported ({"part": ..., "rc": ...}) and the next
+        still runs. Exits 1 if any part failed.
+
     python benches/bench_gpu.py --placement [--quick] [--placement-device sim]
         a separate section, run only when asked (never by --check): where misses run, decode
         tokens/s of miss_compute='auto' against always copy, always CPU and the best static
@@ -70,6 +76,35 @@ def install_missing(wheels: Path) -> list[str]:
     return missing
 
 
+# (name, arguments after the interpreter, seconds): the --all parts, 450 s in all
+ALL_PARTS = (
+    ("check", ["benches/bench_gpu.py", "--check"], 240),
+    ("kernels", ["benches/bench_kernels.py", "--quick"], 120),
+    ("placement", ["benches/bench_gpu.py", "--placement", "--quick"], 90),
+)
+
+
+def run_all(wheels: Path | None) -> int:
+    """Every GPU measurement in one bounded run (the GPU machine is lent for minutes)."""
+    import subprocess
+    import time
+
+    if wheels is not None:
+        print(json.dumps({"installed": install_missing(wheels)}), file=sys.stderr)
+    root = Path(__file__).resolve().parents[1]
+    failed = 0
+    for name, argv, limit in ALL_PARTS:
+        started = time.perf_counter()
+        try:
+            done = subprocess.run([sys.executable, *argv], cwd=root, timeout=limit, check=False)
+            rc: int | str = done.returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        failed += rc != 0
+        print(json.dumps({"part": name, "rc": rc, "seconds": round(time.perf_counter() - started, 1)}), flush=True)
+    return 1 if failed else 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--check-compile", action="store_true", help="NVRTC-compile every kernel, no GPU needed")
@@ -77,12 +112,15 @@ def main() -> int:
     ap.add_argument("--archs", default="sm_80,sm_90")
     ap.add_argument("--wheels", type=Path, default=None, help="--check: install missing test deps from this folder")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--all", action="store_true", help="--check, bench_kernels --quick, --placement --quick")
     ap.add_argument("--placement", action="store_true", help="only the miss placement comparison")
     ap.add_argument("--placement-device", default="cuda", choices=("cuda", "sim"),
                     help="--placement: 'sim' dry-runs it on the simulated GPU")
     args = ap.parse_args()
     if args.check_compile:
         return check_compile(tuple(a.strip() for a in args.archs.split(",")))
+    if args.all:
+        return run_all(args.wheels)
     if args.check:
         from benches.gpu_check import run_check
 
