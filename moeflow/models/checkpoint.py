@@ -27,6 +27,7 @@ _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "I8": torch.int8,
     "U8": torch.uint8,
     "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,  # FP8 block-quantized checkpoints (DeepSeek-V3, Qwen3-FP8): store/fp8.py
 }
 _MAX_HEADER = 100 << 20
 
@@ -181,6 +182,18 @@ class Checkpoint:
                                   path=str(info.file), field=name)
         handle = self._handle(info.file)
         return handle.get_slice(name)[index]
+
+    def scale_inv(self, name: str) -> str | None:
+        """The block-scale tensor of `name` when the checkpoint stores it FP8 (e4m3 codes beside a
+        `<name>_scale_inv`); None for a tensor stored unquantized. Readers dequantize with store/fp8.py."""
+        info = self.tensors.get(name)
+        if info is None or info.dtype != torch.float8_e4m3fn:
+            return None
+        scale = f"{name}_scale_inv"
+        if scale not in self.tensors:
+            raise CheckpointError(f"{info.file}: FP8 tensor {name!r} has no {scale!r} beside it",
+                                  path=str(info.file), field=name)
+        return scale
 
     def expect_shape(self, name: str, shape: tuple[int, ...]) -> TensorInfo:
         info = self.info(name)
