@@ -305,9 +305,30 @@ class ConfigReader:
             self.refuse("hidden_act", act, "only silu experts are supported")
 
     def no_quantization(self) -> None:
+        quant = self.config.get("quantization_config")
+        if isinstance(quant, dict) and quant.get("quant_method") == "fp8":
+            self.fp8_blocks(quant)  # FP8 block checkpoints as published load as they are (store/fp8.py)
+            return
         if self.config.get("quantization_config"):
             method = self.config["quantization_config"].get("quant_method", "?")
             self.refuse("quantization_config", method, "load the unquantized checkpoint; moeflow quantizes experts itself")
+
+    def fp8_blocks(self, quant: dict[str, Any]) -> None:
+        """Refuse the FP8 variants moeflow does not read: only e4m3 codes with float32 block scales
+        (weight_scale_inv) and dynamic activations, as DeepSeek-V3, Kimi-K2, MiniMax-M2, Qwen3-FP8 ship."""
+        q = "quantization_config."
+        if quant.get("fmt", "e4m3") != "e4m3":
+            self.refuse(q + "fmt", quant["fmt"], "only e4m3 FP8 weights are supported")
+        if quant.get("activation_scheme", "dynamic") != "dynamic":
+            self.refuse(q + "activation_scheme", quant["activation_scheme"], "only dynamic activations (no static scales)")
+        block = quant.get("weight_block_size")
+        if not (isinstance(block, list) and len(block) == 2
+                and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+            self.refuse(q + "weight_block_size", block, "expected two positive ints (per-block scales)")
+        if quant.get("scale_fmt") not in (None, "float32", "ue8m0"):
+            self.refuse(q + "scale_fmt", quant["scale_fmt"], "block scales must be float32")
+        if quant.get("modules_to_convert"):
+            self.refuse(q + "modules_to_convert", quant["modules_to_convert"], "FP8 embeddings are not supported")
 
     def dtype(self) -> torch.dtype:
         name = self.config.get("dtype") or self.config.get("torch_dtype") or "float32"
