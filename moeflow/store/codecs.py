@@ -14,6 +14,8 @@ import torch
 
 from moeflow.errors import ConfigError
 from moeflow.store import quant
+from moeflow.store.mxfp4 import Mxfp4Codec
+from moeflow.store.fp8 import PRECISION as FP8_PRECISION, Fp8Codec
 from moeflow.store.layout import DTYPE_NAMES, DTYPES, BlobLayout, dense_layout
 
 DEFAULT_GROUP = {8: 64, 4: 64, 2: 32}
@@ -90,7 +92,7 @@ class QuantCodec:
         }
 
 
-Codec = DenseCodec | QuantCodec
+Codec = DenseCodec | QuantCodec | Fp8Codec | Mxfp4Codec
 _QUANT = re.compile(r"^int(8|4|2)(?:-g(\d+))?$")
 
 
@@ -98,6 +100,10 @@ def codec_for(precision: str, group: int | None = None) -> Codec:
     """The codec of a precision name: 'bfloat16', 'float32', 'float16', 'int8', 'int4-g64', 'int2', ..."""
     if precision in ("float32", "float16", "bfloat16"):
         return DenseCodec(DTYPES[precision])
+    if precision == Mxfp4Codec.precision:  # GPT-OSS's native experts (store/mxfp4.py)
+        return Mxfp4Codec()
+    if precision == FP8_PRECISION:  # FP8 checkpoints' experts as published (store/fp8.py)
+        return Fp8Codec()
     m = _QUANT.match(precision)
     if m:
         bits = int(m.group(1))
