@@ -18,12 +18,15 @@ import torch
 from tqdm import tqdm
 
 from moeflow import _core
-from moeflow.errors import StoreError
+from moeflow.errors import StoreError, UnsupportedModel
 from moeflow.models.base import Arch
 from moeflow.models.checkpoint import Checkpoint
 from moeflow.models.tensors import HubTensor, expert_bias_tensors, expert_tensors, read_tensor
+from moeflow.store import fp8
 from moeflow.store.codecs import Codec
-from moeflow.store.layout import BlobLayout
+from moeflow.store.fp8 import Fp8Codec
+from moeflow.store import mxfp4
+from moeflow.store.layout import DTYPES, BlobLayout
 from moeflow.store.lock import BuildLock, build_lock
 from moeflow.store.manifest import DATA, Manifest, StoreSpec
 from moeflow.store.scratch import MARKER, TMP_PREFIX, clean_stale_tmp, make_tmp, remove_tmp
@@ -59,11 +62,18 @@ def _blob_bytes(layout: BlobLayout, tensors: dict[str, torch.Tensor]) -> np.ndar
 
 def encode_blob(ckpt: Checkpoint, arch: Arch, codec: Codec, layout: BlobLayout, layer: int, expert: int) -> np.ndarray:
     """The bytes of one expert's blob, encoded from the checkpoint (what the store must hold)."""
-    gate, up, down = (_expert_tensor(ckpt, t) for t in expert_tensors(arch, layer, expert).all())
-    tensors = codec.encode(gate, up, down)
+    if mxfp4.is_mxfp4(ckpt.config):  # GPT-OSS's MXFP4 experts: copied, or dequantized for another precision
+        return _blob_bytes(layout, mxfp4.encode_expert(ckpt, arch, codec, layout, layer, expert))
+    mats = expert_tensors(arch, layer, expert).all()
+    pairs = [_fp8_pair(ckpt, t) for t in mats] if isinstance(codec, Fp8Codec) and fp8.native_precision(ckpt) else []
+    if pairs and all(p is not None for p in pairs):  # an FP8 checkpoint's bytes, not re-quantized
+        tensors = codec.encode_fp8(*pairs)  # type: ignore[arg-type]
+    else:
+        gate, up, down = (_expert_tensor(ckpt, t) for t in mats)
+        tensors = codec.encode(gate, up, down)
     biases = expert_bias_tensors(arch, layer, expert)
     if biases is not None:  # GPT-OSS: stacked like gate_up, in the blob's (unquantized) dtype
-        dtype = tensors["gate_up"].dtype
+        dtype = DTYPES[layout.slot("gate_up_bias").dtype]  # the codec's: mxfp4 keeps them float32
         b_gate, b_up, b_down = (_expert_tensor(ckpt, t) for t in biases)
         tensors["gate_up_bias"], tensors["down_bias"] = torch.cat([b_gate, b_up]).to(dtype), b_down.to(dtype)
     return _blob_bytes(layout, tensors)
@@ -265,7 +275,23 @@ def _write(
     return manifest
 
 
+def _fp8_pair(ckpt: Checkpoint, tensor: HubTensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(codes, scale_inv) of an expert matrix the checkpoint stores FP8 (store/fp8.py), else None."""
+    if ckpt.scale_inv(tensor.name) is None:
+        return None
+    if tensor.part is not None:
+        raise UnsupportedModel(f"{ckpt.path}: {tensor.name!r} is a fused FP8 expert tensor; only per-expert FP8 "
+                               f"checkpoints are read", path=str(ckpt.path), field=tensor.name)
+    ckpt.expect_shape(tensor.name, tensor.shape)
+    return fp8.read_fp8(ckpt, tensor.name)
+
+
 def _expert_tensor(ckpt: Checkpoint, tensor: HubTensor) -> torch.Tensor:
+    pair = _fp8_pair(ckpt, tensor)
+    if pair is not None:  # another precision than FP8's own: the float weight the checkpoint means
+        block = fp8.checkpoint_block(ckpt)
+        assert block is not None  # read_fp8 refused it
+        return fp8.dequantize(*pair, torch.float32, block)
     return read_tensor(ckpt, tensor)  # a fused layout's expert is a slice (models/tensors.py)
 
 
