@@ -71,8 +71,10 @@ def test_rotary_dim_partial_factor_head_dim_and_theta_are_read_as_transformers_d
 @pytest.mark.parametrize(
     ("fields", "field"),
     [
-        # MiniMax-M2 as published on the Hub ships FP8 experts: not loaded until FP8 support lands
-        ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}, "quantization_config"),
+        # MiniMax-M2's FP8 release loads (tests/models/test_fp8.py); FP8 variants it does not use are refused
+        ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "static"}},
+         "quantization_config.activation_scheme"),
+        ({"quantization_config": {"quant_method": "awq"}}, "quantization_config"),
         ({"rotary_dim": 3}, "partial_rotary_factor"),  # an odd number of rotated dims has no pairs
     ],
 )
