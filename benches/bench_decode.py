@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from moeflow import Engine  # noqa: E402
 from moeflow.models.synth import family_name, synthesize  # noqa: E402
-from benches import physics  # noqa: E402
+from benches import bench_mxfp4, physics  # noqa: E402
 
 
 def dd_bandwidth(path: Path, runs: int = 2) -> float:
@@ -66,7 +66,8 @@ class TransformersDecode:
     def __init__(self, model_dir: Path, prompt: list[int]) -> None:
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16,
+                                                          **bench_mxfp4.hf_options(model_dir)).eval()
         self.ids = torch.tensor([prompt])
         self.tokens: list[int] = []  # the greedy tokens of the last timed generate(new_tokens + 1)
 
@@ -215,6 +216,10 @@ def arch_line(arch: str, prompt: list[int], new_tokens: int, rounds: int) -> dic
         "synth_seconds": synth_seconds,
         "bench_seconds": round(time.perf_counter() - started, 1),
     }
+    if family == "gpt_oss":  # its MXFP4 experts: store bytes and a 25% budget against the bf16 store
+        line["store_bytes_per_expert"] = bench_mxfp4.store_bytes(model_dir)
+        line["quarter_budget_mxfp4_vs_bf16"] = asyncio.run(
+            bench_mxfp4.quarter_budget(model_dir, prompt, new_tokens, rounds, moeflow_decode))
     if diverge is not None and diverge < len(ours_tokens) and ours_tokens[diverge] == 2:
         # transformers' min_new_tokens masks the EOS logit; moeflow (stop_at_eos=False) does not
         line["divergence_is_eos"] = True
