@@ -267,3 +267,79 @@ def grouped_expert_ffn(x: torch.Tensor, offsets: list[int], experts: list[dict[s
     for launch in grouped_launches(x, offs, longest, launchers, table.contiguous(), h, weights, out):
         run(launch, device)
     return out
+
+
+# ---- FP8 experts as published (kernels/fp8.cu; store/fp8.py holds the blob layout) ----------------
+_FP8_OUT = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+def fp8_dequant_launch(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> Launch:
+    """kernels/fp8.cu fp8_dequant_*: e4m3 codes q [R, C] (uint8 bytes) and float32 block scales
+    [ceil(R/128), ceil(C/128)] into out [R, C] (float32, float16 or bfloat16)."""
+    rows, cols = out.shape
+    if q.shape != (rows, cols) or q.element_size() != 1:
+        raise ValueError(f"FP8 codes of shape {tuple(q.shape)} ({q.dtype}) do not fill a [{rows}, {cols}] matrix")
+    if scale.dtype != torch.float32 or scale.shape != (-(-rows // 128), -(-cols // 128)):
+        raise ValueError(f"FP8 block scales must be float32 [{-(-rows // 128)}, {-(-cols // 128)}], "
+                         f"got {scale.dtype} {tuple(scale.shape)}")
+    if out.dtype not in _FP8_OUT:
+        raise TypeError(f"FP8 dequant writes float32, float16 or bfloat16, not {out.dtype}")
+    grid = ((rows * cols + _THREADS - 1) // _THREADS,)
+    return Launch("fp8.cu", f"fp8_dequant_{_FP8_OUT[out.dtype]}", grid, (_THREADS,),
+                  (pointer(q), pointer(scale), pointer(out), np.int32(rows), np.int32(cols)))
+
+
+def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """kernels/fp8.cu; reference.fp8_dequantize."""
+    q, scale = q.contiguous().view(torch.uint8), scale.contiguous()
+    out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    run(fp8_dequant_launch(q, scale, out), q.device)
+    return out
+
+
+def fp8_decode_launch(w: dict[str, torch.Tensor], x: torch.Tensor, token_weight: torch.Tensor,
+                      out: torch.Tensor) -> Launch:
+    """kernels/fp8.cu fp8_ffn_decode_*: out[t] += token_weight[t] * FFN(x[t]) for 1 to 8 tokens of an
+    FP8 expert blob's views (gate_up.q [2I, H], gate.scale, up.scale, down.q [H, I], down.scale)."""
+    gate_up, down = w["gate_up.q"], w["down.q"]
+    inter, hidden = gate_up.shape[0] // 2, gate_up.shape[1]
+    n = x.shape[0]
+    if gate_up.shape != (2 * inter, hidden) or down.shape != (hidden, inter):
+        raise ValueError(f"gate_up.q {tuple(gate_up.shape)} does not match down.q {tuple(down.shape)}")
+    for name, shape in (("gate.scale", (-(-inter // 128), -(-hidden // 128))),
+                        ("up.scale", (-(-inter // 128), -(-hidden // 128))),
+                        ("down.scale", (-(-hidden // 128), -(-inter // 128)))):
+        if w[name].dtype != torch.float32 or w[name].shape != shape:
+            raise ValueError(f"{name} must be float32 {list(shape)}, got {w[name].dtype} {tuple(w[name].shape)}")
+    for t in w.values():
+        if not t.is_contiguous() or t.device != x.device:
+            raise ValueError(f"FP8 expert weights must be contiguous on {x.device}")
+    if x.dim() != 2 or x.shape[1] != hidden or not x.is_contiguous() or not 0 < n <= MAX_DECODE_TOKENS:
+        raise ValueError(f"activations must be contiguous [1..{MAX_DECODE_TOKENS}, {hidden}], got {tuple(x.shape)}")
+    if token_weight.dtype != torch.float32 or token_weight.shape != (n,):
+        raise ValueError(f"token_weight must be float32 [{n}], got {token_weight.dtype} {tuple(token_weight.shape)}")
+    if out.dtype != torch.float32 or out.shape != (n, hidden) or not out.is_contiguous():
+        raise ValueError(f"out must be contiguous float32 [{n}, {hidden}], got {out.dtype} {tuple(out.shape)}")
+    grid = ((inter + 63) // 64,)  # kernels/fp8.cu FP8_SLICE rows per block
+    return Launch("fp8.cu", f"fp8_ffn_decode_{_suffix(x.dtype)}", grid, (256,),
+                  (pointer(x), np.int32(n), np.int32(hidden), np.int32(inter), pointer(gate_up),
+                   pointer(w["gate.scale"]), pointer(w["up.scale"]), pointer(down), pointer(w["down.scale"]),
+                   pointer(token_weight), pointer(out)))
+
+
+def fp8_expert_ffn(w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """An FP8 expert on x [n, H] (reference.fp8_expert_ffn): the fused decode kernel for up to 8
+    float16/bfloat16 tokens, else the dequant kernel into x's dtype and the SiLU MLP."""
+    n = x.shape[0]
+    if x.dtype in (torch.float16, torch.bfloat16) and 0 < n <= MAX_DECODE_TOKENS:
+        x = x.contiguous()
+        out = torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device)
+        ones = torch.ones(n, dtype=torch.float32, device=x.device)
+        run(fp8_decode_launch(w, x, ones, out), x.device)
+        return out.to(x.dtype)
+    from moeflow.runtime.layers import silu_mlp
+
+    inter = w["gate_up.q"].shape[0] // 2
+    gate_up = torch.cat([fp8_dequantize(w["gate_up.q"][:inter], w["gate.scale"], x.dtype),
+                         fp8_dequantize(w["gate_up.q"][inter:], w["up.scale"], x.dtype)])
+    return silu_mlp(x, gate_up, fp8_dequantize(w["down.q"], w["down.scale"], x.dtype))
