@@ -120,7 +120,10 @@ def load_dense(ckpt: Checkpoint, arch: Arch, dtype: torch.dtype) -> DenseModel:
         if names.router is not None:
             bias = ld.get(names.correction_bias, torch.float32) if names.correction_bias is not None else None
             gate_bias = ld.get(names.router_bias) if names.router_bias is not None else None  # GPT-OSS
-            router = Router(arch.router, ld.get(names.router), bias, gate_bias)
+            # DeepSeek and GLM: transformers keeps gate.weight in float32 at any dtype
+            # (_keep_in_fp32_modules_strict), so it is read as stored, not rounded to the model's dtype
+            weight = ld.get(names.router, torch.float32 if arch.router.fp32_logits else None)
+            router = Router(arch.router, weight, bias, gate_bias)
         mlp = ld.mlp(names.mlp) if names.mlp is not None else None
         if mlp is not None and names.shared_gate is not None:
             mlp.gate = ld.get(names.shared_gate)

@@ -112,3 +112,21 @@ def test_partial_rotation_matches_transformers_and_passes_the_rest_through(rope:
         got = rot.apply(x, ours_cos[positions], ours_sin[positions])
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert torch.equal(got[..., 32:], x[..., 32:])
+
+
+def test_the_router_weight_stays_float32_in_a_bfloat16_model(hf_checkpoints) -> None:
+    """transformers keeps GLM's (and DeepSeek's) gate.weight in float32 at any dtype
+    (_keep_in_fp32_modules_strict): the engine reads it as stored, not rounded through bfloat16."""
+    from moeflow.models.checkpoint import Checkpoint
+    from moeflow.models.families import parse_arch
+    from moeflow.runtime.model import load_dense
+
+    ckpt = Checkpoint(hf_checkpoints.path("glm4_moe"))
+    arch = parse_arch(ckpt)
+    model = load_dense(ckpt, arch, torch.bfloat16)
+    layer = next(i for i, sparse in enumerate(arch.sparse) if sparse)
+    stored = ckpt.get(f"model.layers.{layer}.mlp.gate.weight")
+    assert stored.dtype == torch.float32
+    weight = model.layers[layer].router.weight
+    assert weight.dtype == torch.float32 and torch.equal(weight, stored)
+    assert not torch.equal(stored.to(torch.bfloat16).float(), stored)  # the rounding this avoids is real
