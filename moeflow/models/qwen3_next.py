@@ -19,7 +19,7 @@ from moeflow.models.base import (
 from moeflow.models.qwen_moe import QWEN2_NAMING, _sparse_layers
 from moeflow.models.tensors import HubTensor
 
-MODEL_TYPES = ("qwen3_next",)
+MODEL_TYPES = ("qwen3_next", "qwen3_5_moe_text")
 
 _LAYER_TYPES = ("linear_attention", "full_attention")
 
@@ -66,7 +66,10 @@ def parse(cfg: ConfigReader) -> Arch:
     heads = cfg.positive("num_attention_heads")
     head_dim = cfg.opt("head_dim", 256)
     experts, top_k = cfg.experts("num_experts")
-    sparse = _sparse_layers(cfg, layers, experts)
+    family = cfg.req("model_type", str)
+    qwen3_5 = family == "qwen3_5_moe_text"
+    # Qwen3.5-MoE: every layer is sparse and the top-k weights always renormalized (no config fields)
+    sparse = (True,) * layers if qwen3_5 else _sparse_layers(cfg, layers, experts)
     attention = AttentionSpec(
         kind="gqa",
         num_heads=heads,
@@ -81,14 +84,15 @@ def parse(cfg: ConfigReader) -> Arch:
     )
     shared_size = cfg.opt("shared_expert_intermediate_size", 0)
     return Arch(
-        family="qwen3_next",
+        family=family,
         hidden_size=hidden,
         num_layers=layers,
         dense_intermediate=cfg.positive("intermediate_size") if not all(sparse) else 0,
         expert_intermediate=cfg.positive("moe_intermediate_size"),
         sparse=sparse,
         attention=attention,
-        router=RouterSpec(num_experts=experts, top_k=top_k, norm_topk_prob=cfg.opt("norm_topk_prob", True, bool)),
+        router=RouterSpec(num_experts=experts, top_k=top_k,
+                          norm_topk_prob=qwen3_5 or cfg.opt("norm_topk_prob", True, bool)),
         naming=QWEN2_NAMING,
         # a zero-width shared expert in transformers outputs 0: none here
         shared=SharedExpertSpec(shared_size, gated=True) if shared_size else None,
@@ -104,9 +108,20 @@ def linear_attention_tensors(arch: Arch, prefix: str) -> dict[str, HubTensor]:
     s, h = arch.linear_attention, arch.hidden_size
     assert s is not None
     key_dim, value_dim = s.num_k_heads * s.k_head_dim, s.num_v_heads * s.v_head_dim
+    if arch.family == "qwen3_5_moe_text":  # the projections stored apart, in conv order
+        projections = {
+            "in_proj_qkv": HubTensor(f"{prefix}.in_proj_qkv.weight", (2 * key_dim + value_dim, h)),
+            "in_proj_z": HubTensor(f"{prefix}.in_proj_z.weight", (value_dim, h)),
+            "in_proj_b": HubTensor(f"{prefix}.in_proj_b.weight", (s.num_v_heads, h)),
+            "in_proj_a": HubTensor(f"{prefix}.in_proj_a.weight", (s.num_v_heads, h)),
+        }
+    else:
+        projections = {
+            "in_proj_qkvz": HubTensor(f"{prefix}.in_proj_qkvz.weight", (2 * key_dim + 2 * value_dim, h)),
+            "in_proj_ba": HubTensor(f"{prefix}.in_proj_ba.weight", (2 * s.num_v_heads, h)),
+        }
     return {
-        "in_proj_qkvz": HubTensor(f"{prefix}.in_proj_qkvz.weight", (2 * key_dim + 2 * value_dim, h)),
-        "in_proj_ba": HubTensor(f"{prefix}.in_proj_ba.weight", (2 * s.num_v_heads, h)),
+        **projections,
         "conv1d": HubTensor(f"{prefix}.conv1d.weight", (s.conv_channels, 1, s.conv_kernel)),
         "dt_bias": HubTensor(f"{prefix}.dt_bias", (s.num_v_heads,)),
         "A_log": HubTensor(f"{prefix}.A_log", (s.num_v_heads,)),

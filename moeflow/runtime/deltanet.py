@@ -118,20 +118,24 @@ class DeltaState:
 class GatedDeltaNet:
     """A Gated DeltaNet layer (transformers' Qwen3NextGatedDeltaNet) over one sequence's rows.
 
-    in_proj_qkvz holds, per key head, [q (Dk), k (Dk), v (r*Dv), z (r*Dv)] rows (r = Hv / Hk), and
-    in_proj_ba per key head [b (r), a (r)]: regrouped at load into one matrix whose output is
-    [q (all heads) | k | v | z | b | a], so the conv input q|k|v is one contiguous slice."""
+    Qwen3-Next's in_proj_qkvz holds, per key head, [q (Dk), k (Dk), v (r*Dv), z (r*Dv)] rows
+    (r = Hv / Hk), and in_proj_ba per key head [b (r), a (r)]: regrouped at load into one matrix
+    whose output is [q (all heads) | k | v | z | b | a], so the conv input q|k|v is one contiguous
+    slice. Qwen3.5-MoE stores in_proj_qkv, in_proj_z, in_proj_b and in_proj_a in that order already."""
 
     def __init__(self, spec: LinearAttentionSpec, w: dict[str, torch.Tensor], eps: float) -> None:
         s = spec
         self.spec, self.eps = s, eps
-        r = s.num_v_heads // s.num_k_heads
-        qkvz = w["in_proj_qkvz"].view(s.num_k_heads, 2 * s.k_head_dim + 2 * r * s.v_head_dim, -1)
-        ba = w["in_proj_ba"].view(s.num_k_heads, 2 * r, -1)
-        hidden = qkvz.shape[-1]
-        parts = qkvz.split((s.k_head_dim, s.k_head_dim, r * s.v_head_dim, r * s.v_head_dim), dim=1)
-        parts += ba.split((r, r), dim=1)
-        self.in_proj = torch.cat([p.reshape(-1, hidden) for p in parts]).contiguous()
+        if "in_proj_qkv" in w:  # Qwen3.5-MoE
+            self.in_proj = torch.cat([w["in_proj_qkv"], w["in_proj_z"], w["in_proj_b"], w["in_proj_a"]]).contiguous()
+        else:
+            r = s.num_v_heads // s.num_k_heads
+            qkvz = w["in_proj_qkvz"].view(s.num_k_heads, 2 * s.k_head_dim + 2 * r * s.v_head_dim, -1)
+            ba = w["in_proj_ba"].view(s.num_k_heads, 2 * r, -1)
+            hidden = qkvz.shape[-1]
+            parts = qkvz.split((s.k_head_dim, s.k_head_dim, r * s.v_head_dim, r * s.v_head_dim), dim=1)
+            parts += ba.split((r, r), dim=1)
+            self.in_proj = torch.cat([p.reshape(-1, hidden) for p in parts]).contiguous()
         self.conv = w["conv1d"].reshape(s.conv_channels, 1, s.conv_kernel).contiguous()  # depthwise, no bias
         self.dt_bias, self.a_log, self.norm, self.out_proj = w["dt_bias"], w["A_log"], w["norm"], w["out_proj"]
         key_dim, value_dim = s.num_k_heads * s.k_head_dim, s.num_v_heads * s.v_head_dim
