@@ -109,7 +109,7 @@ def read_fp8(ckpt: Checkpoint, name: str) -> tuple[torch.Tensor, torch.Tensor] |
     if scale_inv.dtype != torch.float32:
         raise UnsupportedModel(f"{ckpt.path}: {scale!r} is {scale_inv.dtype}; only float32 block scales are read",
                                path=str(ckpt.path), field=scale)
-    want = grid(*codes.shape, block) if codes.dim() == 2 else None
+    want = grid(codes.shape[0], codes.shape[1], block) if codes.dim() == 2 else None
     if want is None or tuple(scale_inv.shape) != want:
         raise CheckpointError(f"{ckpt.path}: {scale!r} has shape {list(scale_inv.shape)}; a {list(codes.shape)} "
                               f"weight in {list(block)} blocks needs {list(want or ())}", path=str(ckpt.path),
