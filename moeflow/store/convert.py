@@ -65,10 +65,8 @@ def encode_blob(ckpt: Checkpoint, arch: Arch, codec: Codec, layout: BlobLayout, 
     if mxfp4.is_mxfp4(ckpt.config):  # GPT-OSS's MXFP4 experts: copied, or dequantized for another precision
         return _blob_bytes(layout, mxfp4.encode_expert(ckpt, arch, codec, layout, layer, expert))
     mats = expert_tensors(arch, layer, expert).all()
-    pairs = [_fp8_pair(ckpt, t) for t in mats] if isinstance(codec, Fp8Codec) and fp8.native_precision(ckpt) else []
-    if pairs and all(p is not None for p in pairs):  # an FP8 checkpoint's bytes, not re-quantized
-        tensors = codec.encode_fp8(*pairs)  # type: ignore[arg-type]
-    else:
+    tensors = _native_fp8(ckpt, codec, mats)
+    if tensors is None:
         gate, up, down = (_expert_tensor(ckpt, t) for t in mats)
         tensors = codec.encode(gate, up, down)
     biases = expert_bias_tensors(arch, layer, expert)
@@ -273,6 +271,16 @@ def _write(
         os.close(fd)
     _fsync_dir(tmp)
     return manifest
+
+
+def _native_fp8(ckpt: Checkpoint, codec: Codec, mats: list[HubTensor]) -> dict[str, torch.Tensor] | None:
+    """An FP8 checkpoint's expert for an FP8 store: its bytes, not re-quantized; None otherwise."""
+    if not isinstance(codec, Fp8Codec) or fp8.native_precision(ckpt) is None:
+        return None
+    gate, up, down = (_fp8_pair(ckpt, t) for t in mats)
+    if gate is None or up is None or down is None:
+        return None
+    return codec.encode_fp8(gate, up, down)
 
 
 def _fp8_pair(ckpt: Checkpoint, tensor: HubTensor) -> tuple[torch.Tensor, torch.Tensor] | None:
