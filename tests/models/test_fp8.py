@@ -109,6 +109,12 @@ def test_transformers_load_path_misreads_partial_edge_blocks(tmp_path: Path) -> 
     assert (fp8.dequantize(codes, scale_inv) - w).abs().max() < (loaded - w).abs().max()
 
 
+def _pair(ckpt: Checkpoint, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    pair = fp8.read_fp8(ckpt, name)
+    assert pair is not None, f"{name} is not FP8"
+    return pair
+
+
 @pytest.mark.asyncio
 async def test_store_keeps_the_checkpoint_bytes_and_is_smaller_than_bf16(tmp_path: Path) -> None:
     path = _fp8_checkpoint("deepseek_v3", tmp_path / "ds", **EDGES["deepseek_v3"])
@@ -120,7 +126,7 @@ async def test_store_keeps_the_checkpoint_bytes_and_is_smaller_than_bf16(tmp_pat
         view = store.manifest.layout.expert_view(torch.frombuffer(blob, dtype=torch.uint8))
     ckpt = Checkpoint(path)
     prefix = f"model.layers.{layer}.mlp.experts.3"
-    gate, up, down = (fp8.read_fp8(ckpt, f"{prefix}.{m}_proj.weight") for m in ("gate", "up", "down"))
+    gate, up, down = (_pair(ckpt, f"{prefix}.{m}_proj.weight") for m in ("gate", "up", "down"))
     assert torch.equal(view["gate_up.q"], torch.cat([gate[0], up[0]]).view(torch.uint8))
     assert torch.equal(view["down.q"], down[0].view(torch.uint8))
     assert torch.equal(view["gate.scale"], gate[1]) and torch.equal(view["up.scale"], up[1])
@@ -135,7 +141,7 @@ async def test_store_keeps_the_checkpoint_bytes_and_is_smaller_than_bf16(tmp_pat
     # another precision dequantizes the FP8 experts first: the same float32 weights, the same logits
     async with Engine.open(path, device="cpu", precision="float32") as eng:
         assert eng.session.store.precision == "float32"
-        assert torch.allclose(await eng.logits(PROMPT), fp8_logits, rtol=0, atol=1e-5 * fp8_logits.abs().max())
+        assert torch.allclose(await eng.logits(PROMPT), fp8_logits, rtol=0, atol=1e-5 * fp8_logits.abs().max().item())
 
 
 @pytest.mark.asyncio
