@@ -1,5 +1,7 @@
 // Shared helpers for moeflow's kernels. Header-free on purpose: NVRTC compiles these sources
-// without any CUDA include path (the loader prepends this file to each kernel source).
+// without any CUDA include path (the loader prepends this file to each kernel source). The tests
+// also run them on the CPU (tests/emu/cuda_cpu.h defines MOEFLOW_EMU): the only inline PTX, the
+// fp16 conversions, has a CPU twin below.
 //
 // Storage types: activations and weights are 16-bit floats held as uint16_t (fp16 or bf16,
 // chosen per kernel instance); scales and zeros of quantized weights are fp16; accumulation is fp32.
@@ -12,16 +14,27 @@ struct F16 {};
 struct BF16 {};
 
 __device__ __forceinline__ float to_float(uint16_t v, F16) {
+#ifdef MOEFLOW_EMU  // tests/emu/cuda_cpu.h: the CPU's own IEEE half conversion
+    _Float16 h;
+    __builtin_memcpy(&h, &v, 2);
+    return (float)h;
+#else
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
     return f;
+#endif
 }
 __device__ __forceinline__ float to_float(uint16_t v, BF16) {
     return __uint_as_float(((uint32_t)v) << 16);
 }
 __device__ __forceinline__ uint16_t from_float(float f, F16) {
     uint16_t h;
+#ifdef MOEFLOW_EMU
+    const _Float16 v = (_Float16)f;  // round to nearest even, as cvt.rn
+    __builtin_memcpy(&h, &v, 2);
+#else
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#endif
     return h;
 }
 __device__ __forceinline__ uint16_t from_float(float f, BF16) {

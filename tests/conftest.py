@@ -35,6 +35,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(params=["emu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def kernel_device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> torch.device:
+    """Where a kernel test runs runtime/gpu.py's launches: on the GPU where there is one, and
+    everywhere on the CPU through tests/emu (the same sources and Launch objects, compiled by g++)."""
+    if request.param == "cuda":
+        return torch.device("cuda")
+    from tests import emu
+
+    reason = emu.unavailable()
+    if reason:
+        pytest.skip(reason)
+    from moeflow.runtime import gpu, mxfp4_gpu
+
+    for module in (gpu, mxfp4_gpu):  # every module that launches kernels through its own `run`
+        monkeypatch.setattr(module, "run", emu.run)
+    return torch.device("cpu")
+
+
 @pytest.fixture(scope="session")
 def hf_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> "HFCheckpoints":
     return HFCheckpoints(tmp_path_factory.mktemp("hf"))

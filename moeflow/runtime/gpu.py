@@ -256,8 +256,11 @@ def grouped_expert_ffn(x: torch.Tensor, offsets: list[int], experts: list[dict[s
     device = x.device
     x = x.contiguous()
     table = launchers[0].table if len(launchers) == 1 else torch.cat([lc.table for lc in launchers], dim=1)
-    # One small host->device copy for the offsets; pinned, so it does not synchronize the stream.
-    offs = torch.tensor(offsets, dtype=torch.int32).pin_memory().to(device, non_blocking=True)
+    # One small host->device copy for the offsets; pinned, so it does not synchronize the stream
+    # (on the CPU, where tests/emu runs the kernels, there is nothing to copy)
+    offs = torch.tensor(offsets, dtype=torch.int32)
+    if device.type == "cuda":
+        offs = offs.pin_memory().to(device, non_blocking=True)
     rows = x.shape[0]
     h = torch.empty(rows, launchers[0].inter, dtype=torch.float32, device=device)
     out = torch.empty(rows, launchers[0].hidden, dtype=torch.float32, device=device)

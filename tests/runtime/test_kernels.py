@@ -158,24 +158,20 @@ def test_launches_refuse_inputs_the_kernels_would_misread() -> None:
         gpu.grouped_expert_ffn(torch.zeros(4, 64, dtype=torch.bfloat16), [0, 3], [w], 16, 0)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("bits", [8, 4, 2])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_dequant_kernel_matches_reference(bits: int, dtype: torch.dtype) -> None:
-    from moeflow.runtime import gpu
-
+def test_dequant_kernel_matches_reference(bits: int, dtype: torch.dtype, kernel_device: torch.device) -> None:
     t = _quantized(256, 512, bits, 64 if bits > 2 else 32, 0)
     group = 64 if bits > 2 else 32
     want = reference.dequantize(t["q"], t["scale"], t["zero"], bits, group, dtype)
-    got = gpu.dequantize(t["q"].cuda(), t["scale"].cuda(), t["zero"].cuda(), bits, group, dtype)
+    dev = kernel_device
+    got = gpu.dequantize(t["q"].to(dev), t["scale"].to(dev), t["zero"].to(dev), bits, group, dtype)
     torch.testing.assert_close(got.cpu(), want, rtol=1e-2, atol=1e-3)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("bits", [16, 8, 4, 2])
 @pytest.mark.parametrize("tokens", [1, 3])
-def test_fused_decode_ffn_matches_reference(bits: int, tokens: int) -> None:
-    from moeflow.runtime import gpu
+def test_fused_decode_ffn_matches_reference(bits: int, tokens: int, kernel_device: torch.device) -> None:
 
     hidden, inter, group = 256, 192, 64 if bits != 2 else 32
     x = torch.randn(tokens, hidden, dtype=torch.bfloat16)
@@ -188,14 +184,13 @@ def test_fused_decode_ffn_matches_reference(bits: int, tokens: int) -> None:
         w = {"gate_up.q": gu["q"], "gate_up.scale": gu["scale"], "gate_up.zero": gu["zero"],
              "down.q": d["q"], "down.scale": d["scale"], "down.zero": d["zero"]}
         want = reference.quantized_expert_ffn(x.float(), w, bits, group) * weight[:, None]
-    got = gpu.expert_ffn_decode({k: v.cuda() for k, v in w.items()}, x.cuda(), weight.cuda(), bits, group)
+    dev = kernel_device
+    got = gpu.expert_ffn_decode({k: v.to(dev) for k, v in w.items()}, x.to(dev), weight.to(dev), bits, group)
     torch.testing.assert_close(got.cpu(), want, rtol=2e-2, atol=2e-3)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("bits", [16, 4])
-def test_grouped_prefill_ffn_matches_reference(bits: int) -> None:
-    from moeflow.runtime import gpu
+def test_grouped_prefill_ffn_matches_reference(bits: int, kernel_device: torch.device) -> None:
 
     hidden, inter, group = 128, 96, 32
     offsets = [0, 5, 5, 17, 40]
@@ -217,7 +212,9 @@ def test_grouped_prefill_ffn_matches_reference(bits: int) -> None:
                 want[lo:hi] = reference.expert_ffn(x[lo:hi].float(), w["gate_up"].float(), w["down"].float())
             else:
                 want[lo:hi] = reference.quantized_expert_ffn(x[lo:hi].float(), w, bits, group)
-    got = gpu.grouped_expert_ffn(x.cuda(), offsets, [{k: v.cuda() for k, v in w.items()} for w in experts], bits, group)
+    dev = kernel_device
+    got = gpu.grouped_expert_ffn(x.to(dev), offsets, [{k: v.to(dev) for k, v in w.items()} for w in experts], bits,
+                                 group)
     torch.testing.assert_close(got.cpu(), want, rtol=2e-2, atol=2e-3)
 
 
