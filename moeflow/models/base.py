@@ -18,7 +18,8 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-_LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.")
+# Qwen3.5-MoE's multimodal checkpoints keep the text decoder under model.language_model
+_LAYER_TENSOR = re.compile(r"^model\.(?:language_model\.)?layers\.(\d+)\.")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -133,6 +134,7 @@ class Naming:
     fused_interleaved: bool = False
     fused_gate_up_bias: str | None = None
     fused_down_bias: str | None = None
+    prefix: str = "model"  # the decoder's module path: layers, embed_tokens, norm (Qwen3.5-MoE: model.language_model)
 
     def expert(self, layer: int, expert: int) -> tuple[str, str, str]:
         """(gate, up, down) tensor names of one expert."""

@@ -199,7 +199,7 @@ def _gqa(arch: Arch, p: str) -> dict[str, HubTensor]:
 
 def layer_tensors(arch: Arch, layer: int) -> LayerTensors:
     h, names = arch.hidden_size, arch.naming
-    p = f"model.layers.{layer}"
+    p = f"{names.prefix}.layers.{layer}"
     attention = (_mla if arch.attention.kind == "mla" else _gqa)(arch, f"{p}.self_attn")
     if arch.linear_attention is not None and arch.linear_attention.layers[layer]:  # Qwen3-Next's Gated DeltaNet
         from moeflow.models.qwen3_next import linear_attention_tensors
@@ -234,9 +234,9 @@ def layer_tensors(arch: Arch, layer: int) -> LayerTensors:
 
 
 def model_tensors(arch: Arch) -> ModelTensors:
-    h, v = arch.hidden_size, arch.vocab_size
+    h, v, prefix = arch.hidden_size, arch.vocab_size, arch.naming.prefix
     return ModelTensors(
-        HubTensor("model.embed_tokens.weight", (v, h)), HubTensor("model.norm.weight", (h,)),
+        HubTensor(f"{prefix}.embed_tokens.weight", (v, h)), HubTensor(f"{prefix}.norm.weight", (h,)),
         HubTensor("lm_head.weight", (v, h)),
         HubTensor("model.norm.bias", (h,)) if arch.norm == "layernorm" else None,
         HubTensor("lm_head.bias", (v,)) if arch.lm_head_bias else None,
