@@ -8,6 +8,8 @@ layout; transformers fuses them only in memory). The mtp.* draft layers are not 
 
 from __future__ import annotations
 
+import dataclasses
+
 from moeflow.models.base import (
     Arch,
     AttentionSpec,
@@ -19,7 +21,14 @@ from moeflow.models.base import (
 from moeflow.models.qwen_moe import QWEN2_NAMING, _sparse_layers
 from moeflow.models.tensors import HubTensor
 
-MODEL_TYPES = ("qwen3_next", "qwen3_5_moe_text")
+MODEL_TYPES = ("qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe")
+
+# Qwen3.5-MoE's multimodal checkpoint (Qwen3_5MoeForConditionalGeneration): the text decoder's
+# tensors under model.language_model (the vision tower's, model.visual.*, are not read)
+MULTIMODAL_NAMING = dataclasses.replace(QWEN2_NAMING, prefix="model.language_model", **{
+    name: getattr(QWEN2_NAMING, name).replace("model.layers.", "model.language_model.layers.")
+    for name in ("moe_prefix", "router", "shared_prefix", "shared_gate", "dense_prefix")
+})
 
 _LAYER_TYPES = ("linear_attention", "full_attention")
 
@@ -56,7 +65,20 @@ def linear_spec(cfg: ConfigReader, layers: int) -> LinearAttentionSpec:
     return spec
 
 
+def _text_config(cfg: ConfigReader) -> ConfigReader:
+    """A multimodal Qwen3.5-MoE config's text_config, over the top level's other fields (dtype,
+    tie_word_embeddings) where it leaves them out."""
+    text = cfg.config.get("text_config")
+    if not isinstance(text, dict):
+        cfg.refuse("text_config", text, "a qwen3_5_moe config holds the text model's fields in text_config")
+    top = {k: v for k, v in cfg.config.items() if k not in ("text_config", "vision_config")}
+    return ConfigReader({**top, **text, "model_type": "qwen3_5_moe"}, cfg.path)
+
+
 def parse(cfg: ConfigReader) -> Arch:
+    multimodal = cfg.req("model_type", str) == "qwen3_5_moe"
+    if multimodal:
+        cfg = _text_config(cfg)
     cfg.silu()
     cfg.no_quantization()
     if cfg.opt("attention_bias", False, bool):
@@ -67,7 +89,7 @@ def parse(cfg: ConfigReader) -> Arch:
     head_dim = cfg.opt("head_dim", 256)
     experts, top_k = cfg.experts("num_experts")
     family = cfg.req("model_type", str)
-    qwen3_5 = family == "qwen3_5_moe_text"
+    qwen3_5 = family != "qwen3_next"
     # Qwen3.5-MoE: every layer is sparse and the top-k weights always renormalized (no config fields)
     sparse = (True,) * layers if qwen3_5 else _sparse_layers(cfg, layers, experts)
     attention = AttentionSpec(
@@ -93,7 +115,7 @@ def parse(cfg: ConfigReader) -> Arch:
         attention=attention,
         router=RouterSpec(num_experts=experts, top_k=top_k,
                           norm_topk_prob=qwen3_5 or cfg.opt("norm_topk_prob", True, bool)),
-        naming=QWEN2_NAMING,
+        naming=MULTIMODAL_NAMING if multimodal else QWEN2_NAMING,
         # a zero-width shared expert in transformers outputs 0: none here
         shared=SharedExpertSpec(shared_size, gated=True) if shared_size else None,
         norm="rms_centered",
@@ -108,7 +130,7 @@ def linear_attention_tensors(arch: Arch, prefix: str) -> dict[str, HubTensor]:
     s, h = arch.linear_attention, arch.hidden_size
     assert s is not None
     key_dim, value_dim = s.num_k_heads * s.k_head_dim, s.num_v_heads * s.v_head_dim
-    if arch.family == "qwen3_5_moe_text":  # the projections stored apart, in conv order
+    if arch.family != "qwen3_next":  # Qwen3.5-MoE: the projections stored apart, in conv order
         projections = {
             "in_proj_qkv": HubTensor(f"{prefix}.in_proj_qkv.weight", (2 * key_dim + value_dim, h)),
             "in_proj_z": HubTensor(f"{prefix}.in_proj_z.weight", (value_dim, h)),
