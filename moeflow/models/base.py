@@ -134,6 +134,9 @@ class Naming:
     fused_interleaved: bool = False
     fused_gate_up_bias: str | None = None
     fused_down_bias: str | None = None
+    # Qwen3.5-MoE as published: fused gate_up [E, 2I, H] and down [E, H, I], each expert's [out, in]
+    # matrices stacked (not Llama-4's [E, H, 2I] / [E, I, H])
+    fused_rows: bool = False
     prefix: str = "model"  # the decoder's module path: layers, embed_tokens, norm (Qwen3.5-MoE: model.language_model)
 
     def expert(self, layer: int, expert: int) -> tuple[str, str, str]:

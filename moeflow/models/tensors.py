@@ -26,6 +26,7 @@ class HubTensor:
     part: tuple[int, int, int] | None = None
     fused_shape: Shape = ()
     step: int = 1  # GPT-OSS: gate and up columns interleave, every second one is the matrix's
+    rows: bool = False  # Qwen3.5-MoE: the part is rows of an [E, out, in] tensor, already [out, in]
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,12 @@ def expert_tensors(arch: Arch, layer: int, expert: int) -> MLPTensors:
                 HubTensor(fused_gate_up.name, (i, h), (expert, 1, 2 * i), fused_gate_up.shape, 2),
                 HubTensor(fused_down.name, (h, i), (expert, 0, h), fused_down.shape),
             )
+        if arch.naming.fused_rows:
+            return MLPTensors(
+                HubTensor(fused_gate_up.name, (i, h), (expert, 0, i), fused_gate_up.shape, rows=True),
+                HubTensor(fused_gate_up.name, (i, h), (expert, i, 2 * i), fused_gate_up.shape, rows=True),
+                HubTensor(fused_down.name, (h, i), (expert, 0, h), fused_down.shape, rows=True),
+            )
         return MLPTensors(
             HubTensor(fused_gate_up.name, (i, h), (expert, 0, i), fused_gate_up.shape),
             HubTensor(fused_gate_up.name, (i, h), (expert, i, 2 * i), fused_gate_up.shape),
@@ -101,6 +108,9 @@ def fused_expert_tensors(arch: Arch, layer: int) -> tuple[HubTensor, HubTensor]:
     """A fused layout's (gate_up [E, H, 2I], down [E, I, H]) tensors of one layer."""
     e, h, i = arch.num_experts, arch.hidden_size, arch.expert_intermediate
     assert arch.naming.fused_gate_up is not None and arch.naming.fused_down is not None
+    if arch.naming.fused_rows:  # [E, 2I, H], [E, H, I]
+        return (HubTensor(arch.naming.fused_gate_up.format(layer=layer), (e, 2 * i, h)),
+                HubTensor(arch.naming.fused_down.format(layer=layer), (e, h, i)))
     return (HubTensor(arch.naming.fused_gate_up.format(layer=layer), (e, h, 2 * i)),
             HubTensor(arch.naming.fused_down.format(layer=layer), (e, i, h)))
 
@@ -135,6 +145,8 @@ def read_tensor(ckpt: Checkpoint, tensor: HubTensor) -> torch.Tensor:
         return ckpt.get(tensor.name)
     ckpt.expect_shape(tensor.name, tensor.fused_shape)
     expert, lo, hi = tensor.part
+    if tensor.rows:
+        return ckpt.get_part(tensor.name, expert)[lo:hi].contiguous()
     if len(tensor.fused_shape) == 2:  # a fused bias [E, n]: the expert's row, sliced
         return ckpt.get_part(tensor.name, expert)[lo:hi:tensor.step].contiguous()
     return ckpt.get_part(tensor.name, expert)[:, lo:hi:tensor.step].t().contiguous()
