@@ -18,6 +18,7 @@ from moeflow.models.base import (
     RouterSpec,
     SharedExpertSpec,
 )
+from moeflow.models.checkpoint import Checkpoint
 from moeflow.models.qwen_moe import QWEN2_NAMING, _sparse_layers
 from moeflow.models.tensors import HubTensor
 
@@ -122,6 +123,18 @@ def parse(cfg: ConfigReader) -> Arch:
         linear_attention=linear_spec(cfg, layers),
         **cfg.common(1e-6, 32768),
     )
+
+
+def adapt(arch: Arch, ckpt: Checkpoint) -> Arch:
+    """Qwen3.5-MoE as published fuses each layer's experts (gate_up [E, 2I, H], down [E, H, I]);
+    transformers' save_pretrained writes one tensor per expert. Read whichever the checkpoint holds."""
+    fused = f"{arch.naming.prefix}.layers.{{layer}}.mlp.experts"
+    if arch.family == "qwen3_next" or not arch.moe_layers or \
+            not ckpt.has(f"{fused}.gate_up_proj".format(layer=arch.moe_layers[0])):
+        return arch
+    naming = dataclasses.replace(arch.naming, fused_gate_up=f"{fused}.gate_up_proj", fused_down=f"{fused}.down_proj",
+                                 fused_rows=True)
+    return dataclasses.replace(arch, naming=naming)
 
 
 def linear_attention_tensors(arch: Arch, prefix: str) -> dict[str, HubTensor]:
