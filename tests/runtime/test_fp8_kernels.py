@@ -74,28 +74,24 @@ def test_decode_launch_packs_the_blob_views_in_signature_order(dtype: torch.dtyp
         gpu.fp8_decode_launch(w, torch.randn(9, HIDDEN).to(dtype), torch.rand(9), torch.zeros(9, HIDDEN))
 
 
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+# kernel_device (tests/conftest.py): on the GPU where there is one, and on the CPU through tests/emu
 
 
-@pytest.mark.gpu
-@needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_dequant_kernel_equals_the_reference(dtype: torch.dtype) -> None:
-    w = {k: v.cuda() for k, v in _expert(2).items()}
+def test_dequant_kernel_equals_the_reference(dtype: torch.dtype, kernel_device: torch.device) -> None:
+    w = _expert(2)
     for q, s in ((w["gate_up.q"][:INTER], w["gate.scale"]), (w["gate_up.q"][INTER:], w["up.scale"]),
                  (w["down.q"], w["down.scale"])):
-        got = gpu.fp8_dequantize(q, s, dtype)
+        got = gpu.fp8_dequantize(q.to(kernel_device), s.to(kernel_device), dtype).cpu()
         assert torch.equal(got, reference.fp8_dequantize(q, s, dtype))  # one float32 product, then rounded
 
 
-@pytest.mark.gpu
-@needs_gpu
 @pytest.mark.parametrize("n", [1, 3, 8, 20])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_expert_ffn_kernels_match_the_reference(n: int, dtype: torch.dtype) -> None:
-    w = {k: v.cuda() for k, v in _expert(3).items()}
-    x = torch.randn(n, HIDDEN, generator=torch.Generator().manual_seed(n)).to(dtype).cuda()
-    got = gpu.fp8_expert_ffn(w, x).float()
+def test_expert_ffn_kernels_match_the_reference(n: int, dtype: torch.dtype, kernel_device: torch.device) -> None:
+    w = _expert(3)
+    x = torch.randn(n, HIDDEN, generator=torch.Generator().manual_seed(n)).to(dtype)
+    got = gpu.fp8_expert_ffn({k: v.to(kernel_device) for k, v in w.items()}, x.to(kernel_device)).float().cpu()
     want = reference.fp8_expert_ffn(x.float(), w).float()  # float32 reference of the same weights
     tol = 1e-4 if dtype is torch.float32 else 2e-2
     assert (got - want).abs().max() <= tol * want.abs().max(), (n, dtype)
