@@ -7,11 +7,14 @@ re-exported here as the reference of kernels/dequant.cu, `quantize` to build the
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from moeflow.runtime.layers import silu_mlp
+from moeflow.store import mxfp4
 from moeflow.store.quant import dequantize, quantize
 
-__all__ = ["dequantize", "expert_ffn", "grouped_expert_ffn", "quantize", "quantized_expert_ffn"]
+__all__ = ["clamped_swiglu", "dequantize", "expert_ffn", "grouped_expert_ffn", "mxfp4_expert_ffn", "quantize",
+           "quantized_expert_ffn"]
 
 # n = tokens, H = hidden.
 
@@ -36,3 +39,22 @@ def grouped_expert_ffn(x: torch.Tensor, offsets: list[int], experts: list[dict[s
         if hi > lo:
             out[lo:hi] = quantized_expert_ffn(x[lo:hi], w, bits, group)
     return out
+
+
+def clamped_swiglu(x: torch.Tensor, gate_up: torch.Tensor, gate_up_bias: torch.Tensor, down: torch.Tensor,
+                   down_bias: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """GPT-OSS's expert (runtime/moe.py clamped_swiglu_ffn) on float weights, gate rows above up rows."""
+    gate, up = F.linear(x, gate_up, gate_up_bias).chunk(2, dim=-1)
+    gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+    return F.linear((up + 1) * (gate * torch.sigmoid(gate * alpha)), down, down_bias)
+
+
+def mxfp4_expert_ffn(x: torch.Tensor, w: dict[str, torch.Tensor],
+                     swiglu: tuple[float, float] | None) -> torch.Tensor:
+    """Reference of kernels/mxfp4.cu's decode FFN (and the CPU path): the MXFP4 weights dequantized
+    to x's dtype (store/mxfp4.py), then GPT-OSS's clamped SwiGLU with biases, or a SiLU MLP."""
+    gate_up = mxfp4.dequantize(w["gate_up.blocks"], w["gate_up.scales"], x.dtype)
+    down = mxfp4.dequantize(w["down.blocks"], w["down.scales"], x.dtype)
+    if swiglu is None:
+        return expert_ffn(x, gate_up, down)
+    return clamped_swiglu(x, gate_up, w["gate_up_bias"].to(x.dtype), down, w["down_bias"].to(x.dtype), *swiglu)
