@@ -109,6 +109,12 @@ _ONES: dict[torch.device, torch.Tensor] = {}  # per-token weights of 1 for the d
 
 def expert_ffn(weights: ExpertView, x: torch.Tensor) -> torch.Tensor:
     """One expert on its tokens x [n, H], float or quantized (dequantized on the fly)."""
+    if weights.kind == "mxfp4":  # GPT-OSS's native experts: clamped SwiGLU with biases, or SiLU
+        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+            from moeflow.runtime import mxfp4_gpu
+
+            return mxfp4_gpu.expert_ffn(weights.tensors, x, weights.swiglu).to(x.dtype)
+        return reference.mxfp4_expert_ffn(x, weights.tensors, weights.swiglu)
     if weights.swiglu is not None:
         # GPT-OSS (biases, clamped SwiGLU): no CUDA kernel computes it, so every device takes
         # this torch path (its stores are unquantized: QuantCodec refuses it)
