@@ -45,6 +45,7 @@ from moeflow.scheduling import Predictor, Scheduler, make_predictor, router_tabl
 from moeflow.scheduling.placement import resolve_cpu_layers
 from moeflow.stats import EngineStats, counters_dict, expert_use_share
 from moeflow.store import ExpertStore, codec_for, located_store, open_or_convert_async
+from moeflow.store import mxfp4
 from moeflow.store.layout import DTYPE_NAMES
 
 log = logging.getLogger("moeflow")
@@ -258,6 +259,8 @@ async def open_session(path: Path, config: EngineConfig) -> Session:
     arch = parse_arch(ckpt)
     dtype = config.dtype or arch.dtype
     codec = codec_for(config.precision or DTYPE_NAMES[dtype], config.group_size)
+    if config.precision is None and mxfp4.native_precision(ckpt):  # gpt-oss's MXFP4 experts stay MXFP4
+        codec = codec_for("mxfp4")
     experts_total = len(arch.moe_layers) * arch.num_experts
     if experts_total == 0:
         raise ConfigError(f"{path}: the model has no MoE layers")
@@ -386,7 +389,10 @@ def dense_weight_bytes(ckpt: Checkpoint, expert_elements: int, dtype: torch.dtyp
     """Bytes of the weights outside the routed experts (attention, norms, embeddings, shared experts)
     in the compute dtype: they live in the fast tier beside the expert slots."""
     elements = sum(math.prod(info.shape) for info in ckpt.tensors.values())
-    return max(0, elements - expert_elements) * dtype.itemsize
+    # MXFP4 experts (GPT-OSS) are held as uint8 blocks and scales, not 3 * H * I elements each
+    packed = sum(math.prod(info.shape) for name, info in ckpt.tensors.items()
+                 if name.endswith(("_blocks", "_scales")))
+    return max(0, elements - (packed or expert_elements)) * dtype.itemsize
 
 
 def model_signature(ckpt: Checkpoint, arch: Arch) -> str:
