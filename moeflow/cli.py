@@ -133,11 +133,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     path = checkpoint_dir(args.model)
     from moeflow.models import Checkpoint, parse_arch
     from moeflow.store import codec_for, open_or_convert, store_root
+    from moeflow.store import mxfp4
     from moeflow.store.layout import DTYPE_NAMES
 
     ckpt = Checkpoint(path)
     arch = parse_arch(ckpt)
     root = store_root(path, args.store_dir)
+    if not precisions and mxfp4.native_precision(ckpt):  # gpt-oss's MXFP4 experts stay MXFP4
+        precisions = ["mxfp4"]
     for precision in precisions or [DTYPE_NAMES[arch.dtype]]:
         started = time.perf_counter()
         store = open_or_convert(
