@@ -1,10 +1,14 @@
-"""Qwen3-Next (Qwen3NextForCausalLM), as transformers' modeling_qwen3_next.py computes it: Gated
-DeltaNet linear-attention layers (runtime/deltanet.py) with gated full attention every
-full_attention_interval-th layer (q_proj yields each head's query and an output gate; per-head
-q/k norm; partial rotary, 25% of each head by default), RMSNorms scaled by (1 + weight), and
-sparse MoE layers (softmax top-k) with a shared expert behind a sigmoid gate, dense where
-mlp_only_layers / decoder_sparse_step say. Checkpoints keep one tensor per expert (the Hub
-layout; transformers fuses them only in memory). The mtp.* draft layers are not run."""
+"""Qwen3-Next (Qwen3NextForCausalLM) and Qwen3.5-MoE (its text model, qwen3_5_moe_text, and the
+published multimodal checkpoint, qwen3_5_moe), as transformers' modeling_qwen3_next.py and
+modeling_qwen3_5_moe.py compute them: Gated DeltaNet linear-attention layers (runtime/deltanet.py)
+with gated full attention every full_attention_interval-th layer (q_proj yields each head's query
+and an output gate; per-head q/k norm; partial rotary, 25% of each head by default), RMSNorms
+scaled by (1 + weight), and sparse MoE layers (softmax top-k) with a shared expert behind a
+sigmoid gate, dense where Qwen3-Next's mlp_only_layers / decoder_sparse_step say. Qwen3.5-MoE
+stores the DeltaNet projections apart and every layer is sparse; a text-only prompt's mrope is
+plain rope (its three position ids are equal). Experts are read one tensor per expert (what
+save_pretrained writes) or fused [E, out, in] (Qwen3.5-MoE as published). mtp.* and the vision
+tower are not run."""
 
 from __future__ import annotations
 
