@@ -2,7 +2,8 @@
 // and are checked against their torch references, on machines without a GPU (CI, 2 cores).
 //
 // A launch runs its blocks one after another, on the calling thread. The threads of a block are
-// fibers (ucontext) switched only at __syncthreads and at warp shuffles, so both are real barriers
+// fibers (each started once with makecontext/swapcontext, then switched with _setjmp/_longjmp,
+// which skip the signal-mask system call) switched only at __syncthreads and at warp shuffles, so both are real barriers
 // and `__shared__` (made `static`) is really shared by the block; a run is deterministic. A warp
 // shuffle exchanges through a per-warp slot array between two warp barriers: every live lane of the
 // warp must reach it, as CUDA's full-mask shuffles also require. A thread that returns early is
@@ -12,6 +13,7 @@
 // memory order (a missing __syncthreads can pass here when the fibers happen to run in a safe order).
 #pragma once
 
+#include <setjmp.h>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -32,6 +34,12 @@ struct dim3 {
 
 inline dim3 threadIdx, blockIdx, blockDim, gridDim;
 
+// CUDA's built-in vector types, with their alignment
+struct alignas(8) uint2 { unsigned x, y; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(8) float2 { float x, y; };
+struct alignas(16) float4 { float x, y, z, w; };
+
 #define __device__
 #define __host__
 #define __forceinline__ inline
@@ -46,12 +54,15 @@ struct Barrier {
 };
 struct Fiber {
     ucontext_t context;
+    jmp_buf env;
+    bool started = false;
     std::unique_ptr<char[]> stack;  // uninitialized: a kernel's frames are small
     dim3 index;
     bool done = false;
 };
 struct Scheduler {
-    ucontext_t main;
+    ucontext_t main;  // written by each fiber's first swapcontext, never resumed
+    jmp_buf main_env;
     std::vector<Fiber> fibers;
     unsigned current = 0;
     Barrier block;
@@ -62,7 +73,21 @@ struct Scheduler {
 };
 inline Scheduler* scheduler = nullptr;
 
-inline void yield() { swapcontext(&scheduler->fibers[scheduler->current].context, &scheduler->main); }
+inline void yield() {
+    if (!_setjmp(scheduler->fibers[scheduler->current].env)) _longjmp(scheduler->main_env, 1);
+}
+
+// Run fiber t until it yields or ends; both come back here through main_env.
+__attribute__((noinline)) inline void resume(Scheduler& s, Fiber& f) {
+    if (!_setjmp(s.main_env)) {
+        if (!f.started) {
+            f.started = true;
+            swapcontext(&s.main, &f.context);
+        } else {
+            _longjmp(f.env, 1);
+        }
+    }
+}
 
 inline void release_if_complete(Barrier& b) {
     if (b.arrived > 0 && b.arrived == b.alive) {
@@ -133,7 +158,8 @@ inline void fiber_main() {
     release_if_complete(w);
     s.fibers[s.current].done = true;
     ++s.progress;
-}  // returns to s.main through uc_link
+    _longjmp(s.main_env, 1);  // never returns: its stack is reused by the next block
+}
 
 // Every block of the grid in order, each with block.x * block.y * block.z threads. Returns 0, or
 // 1 when a block deadlocked (reported on stderr).
@@ -165,10 +191,11 @@ inline int launch(const unsigned* dims, const std::function<void()>& body) {
                 for (unsigned t = 0; t < threads; ++t) {
                     Fiber& f = s.fibers[t];
                     f.done = false;
+                    f.started = false;
                     getcontext(&f.context);
                     f.context.uc_stack.ss_sp = f.stack.get();
                     f.context.uc_stack.ss_size = STACK;
-                    f.context.uc_link = &s.main;
+                    f.context.uc_link = nullptr;
                     makecontext(&f.context, fiber_main, 0);
                 }
                 for (unsigned live = threads; live > 0 && !status;) {
@@ -178,7 +205,7 @@ inline int launch(const unsigned* dims, const std::function<void()>& body) {
                         if (s.fibers[t].done) continue;
                         s.current = t;
                         threadIdx = s.fibers[t].index;
-                        swapcontext(&s.main, &s.fibers[t].context);
+                        resume(s, s.fibers[t]);
                         live += !s.fibers[t].done;
                     }
                     if (live > 0 && s.progress == before) {
