@@ -104,7 +104,7 @@ def clamped_swiglu_ffn(x: torch.Tensor, w: ExpertView, alpha: float, limit: floa
     return F.linear((up + 1) * (gate * torch.sigmoid(gate * alpha)), w["down"], w["down_bias"])
 
 
-_ONES: dict[torch.device, torch.Tensor] = {}  # per-token weights of 1 for the decode kernel, made once
+DECODE_ROWS = 16  # an expert's rows up to which the GPU takes the decode kernel rather than the grouped one
 
 
 def expert_ffn(weights: ExpertView, x: torch.Tensor) -> torch.Tensor:
@@ -124,15 +124,11 @@ def expert_ffn(weights: ExpertView, x: torch.Tensor) -> torch.Tensor:
     if weights.kind != "minmax":
         raise ValueError(f"no expert FFN computes {weights.kind} experts")
     if x.is_cuda:
-        from moeflow.runtime import gpu
+        from moeflow.runtime import gpu, gpu_decode
 
-        if x.shape[0] <= 8:  # decode: the fused kernel reads each weight once
-            ones = _ONES.get(x.device)
-            if ones is None:
-                ones = _ONES[x.device] = torch.ones(8, device=x.device)  # never written: shared
-            return gpu.expert_ffn_decode(weights.tensors, x, ones[: x.shape[0]], weights.bits,
-                                         weights.group).to(x.dtype)
         offsets = [0, x.shape[0]]
+        if x.shape[0] <= DECODE_ROWS:  # decode: kernels/moe_decode.cu reads each weight once per 8 rows
+            return gpu_decode.expert_rows(x, offsets, [weights.tensors], weights.bits, weights.group).to(x.dtype)
         return gpu.grouped_expert_ffn(x, offsets, [weights.tensors], weights.bits, weights.group).to(x.dtype)
     if weights.bits == 4 and cpu_quant.available() and cpu_quant.fits(weights.tensors, weights.group, x.dtype):
         return cpu_quant.int4_expert_ffn(x, weights.tensors, weights.group)  # torch's int4 kernel
