@@ -4,10 +4,13 @@
                                     [--precisions bf16,int8,int4] [--reps 20] [--quick]
 
 Kernels (runtime/gpu.py launching kernels/*.cu), each against a torch baseline in the same run:
-- `decode_expert`: one expert, one token (kernels/expert_ffn.cu); baseline torch's bf16 F.linear
-  (cuBLAS) on the same expert: down(silu(gate(x)) * up(x)).
-- `decode_layer`: a layer's top-k experts for one token, accumulated into one output; baseline the
-  torch bf16 loop over the same experts.
+- `decode_expert`: one expert, one token; baseline torch's bf16 F.linear (cuBLAS) on the same
+  expert: down(silu(gate(x)) * up(x)).
+- `decode_layer`: a layer's top-k experts for one token, summed; baseline the torch bf16 loop over
+  the same experts.
+  Both run twice, `kernel_source` naming the kernel: kernels/moe_decode.cu (what the engine runs,
+  all of a layer's experts in one launch per phase; the goals are its) and kernels/expert_ffn.cu
+  (the per-expert kernel with atomics it replaced).
 - `prefill`: 8 experts x 64 rows (kernels/grouped_ffn.cu, one launch per phase); baseline the torch
   bf16 per-expert loop, and torch._grouped_mm on the bf16 weights where torch has it
   (`grouped_mm_us`, reported beside the loop).
@@ -28,6 +31,7 @@ import json
 import math
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +120,13 @@ def time_us(fn: Callable[[int], Any], reps: int, copies: int) -> float:
     events on the current stream, each call synchronized (what a decode step pays)."""
     for i in range(min(copies, 3)):
         fn(i)  # warm-up: module load, cuBLAS heuristics, the launcher tables
+    if not torch.cuda.is_available():  # the CPU emulator of the kernels (tests): wall clock
+        times = []
+        for r in range(reps):
+            started = time.perf_counter()
+            fn(r % copies)
+            times.append((time.perf_counter() - started) * 1e6)
+        return statistics.median(times)
     torch.cuda.synchronize()
     times = []
     for r in range(reps):
@@ -129,7 +140,8 @@ def time_us(fn: Callable[[int], Any], reps: int, copies: int) -> float:
 
 
 def record(shape: str, hidden: int, inter: int, kernel: str, precision: str, tokens: int, experts: int, us: float,
-           weight_bytes: int, baseline: str, baseline_us: float, err: float, **extra: Any) -> dict[str, Any]:
+           weight_bytes: int, baseline: str, baseline_us: float, err: float, with_goal: bool = True,
+           **extra: Any) -> dict[str, Any]:
     """One JSON line: the kernel's figures, derived rates, the ratio against its baseline and the goal."""
     flops = 2 * tokens * 3 * hidden * inter * experts
     line: dict[str, Any] = {
@@ -139,21 +151,21 @@ def record(shape: str, hidden: int, inter: int, kernel: str, precision: str, tok
         "baseline": baseline, "baseline_us": round(baseline_us, 2), "vs_baseline": round(baseline_us / us, 3),
         "max_err": err, **extra,
     }
-    goal = GOALS.get((kernel, precision))
+    goal = GOALS.get((kernel, precision)) if with_goal else None
     if goal is not None:
         line["goal"], line["goal_met"] = goal, line["vs_baseline"] >= goal
     return line
 
 
 def bench_shape(shape: str, precision: str, reps: int, device: torch.device) -> list[dict[str, Any]]:
-    from moeflow.runtime import gpu
+    from moeflow.runtime import gpu, gpu_decode
 
     hidden, inter, top_k = SHAPES[shape]
     bits = BITS[precision]
     n_experts = max(top_k, PREFILL_EXPERTS)
     one = make_expert(hidden, inter, precision, device, 0)
     per_set = (one.nbytes + 3 * hidden * inter * 2) * n_experts  # kernel's and baseline's weights
-    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
     copies = min(copies_past_l2(per_set, l2), 8)
     sets = [[one if c == 0 and e == 0 else make_expert(hidden, inter, precision, device, 1 + c * n_experts + e)
              for e in range(n_experts)] for c in range(copies)]
@@ -162,19 +174,25 @@ def bench_shape(shape: str, precision: str, reps: int, device: torch.device) -> 
     ones = torch.ones(1, dtype=torch.float32, device=device)
     lines = []
 
-    # one expert, one token
-    def kernel_one(i: int) -> torch.Tensor:
+    # one expert, one token; then a layer's top-k experts for one token, summed. Each through
+    # kernels/moe_decode.cu (what the engine runs; the goals are its) and expert_ffn.cu (the kernel
+    # it replaced, `kernel_source` below), against torch in the same run.
+    xk = x1.expand(top_k, hidden).contiguous()  # the token once per expert, rows sorted by expert
+    layer_offsets = list(range(top_k + 1))
+
+    def v2_one(i: int) -> torch.Tensor:
+        return gpu_decode.expert_rows(x1, [0, 1], [sets[i][0].stored], bits, GROUP)
+
+    def v1_one(i: int) -> torch.Tensor:
         return gpu.expert_ffn_decode(sets[i][0].stored, x1, ones, bits, GROUP)
 
     def torch_one(i: int) -> torch.Tensor:
         return silu_mlp(x1, sets[i][0].gate_up, sets[i][0].down)
 
-    err = max_err(kernel_one(0), reference_ffn(x1, one, precision))
-    lines.append(record(shape, hidden, inter, "decode_expert", precision, 1, 1, time_us(kernel_one, reps, copies),
-                        one.nbytes, "torch_bf16_linear", time_us(torch_one, reps, copies), err))
+    def v2_layer(i: int) -> torch.Tensor:
+        return gpu_decode.expert_rows(xk, layer_offsets, [e.stored for e in sets[i][:top_k]], bits, GROUP).sum(0)
 
-    # a layer's top-k experts, one token, summed
-    def kernel_layer(i: int) -> torch.Tensor:
+    def v1_layer(i: int) -> torch.Tensor:
         out = torch.zeros(1, hidden, dtype=torch.float32, device=device)
         for e in sets[i][:top_k]:
             gpu.expert_ffn_decode(e.stored, x1, ones, bits, GROUP, out=out)
@@ -186,11 +204,18 @@ def bench_shape(shape: str, precision: str, reps: int, device: torch.device) -> 
             out += silu_mlp(x1, e.gate_up, e.down)
         return out
 
-    want = sum(reference_ffn(x1, e, precision) for e in sets[0][:top_k])
-    assert isinstance(want, torch.Tensor)
-    lines.append(record(shape, hidden, inter, "decode_layer", precision, 1, top_k,
-                        time_us(kernel_layer, reps, copies), one.nbytes * top_k, "torch_bf16_loop",
-                        time_us(torch_layer, reps, copies), max_err(kernel_layer(0), want)))
+    want_one = reference_ffn(x1, one, precision)
+    want_layer = sum(reference_ffn(x1, e, precision) for e in sets[0][:top_k])
+    assert isinstance(want_layer, torch.Tensor)
+    base_one, base_layer = time_us(torch_one, reps, copies), time_us(torch_layer, reps, copies)
+    for source, one_fn, layer_fn in (("moe_decode.cu", v2_one, v2_layer), ("expert_ffn.cu", v1_one, v1_layer)):
+        lines.append(record(shape, hidden, inter, "decode_expert", precision, 1, 1, time_us(one_fn, reps, copies),
+                            one.nbytes, "torch_bf16_linear", base_one, max_err(one_fn(0), want_one),
+                            kernel_source=source, with_goal=source == "moe_decode.cu"))
+        lines.append(record(shape, hidden, inter, "decode_layer", precision, 1, top_k,
+                            time_us(layer_fn, reps, copies), one.nbytes * top_k, "torch_bf16_loop", base_layer,
+                            max_err(layer_fn(0).view(1, -1), want_layer), kernel_source=source,
+                            with_goal=source == "moe_decode.cu"))
 
     # prefill: PREFILL_EXPERTS experts x PREFILL_ROWS rows, one grouped launch per phase
     rows = PREFILL_EXPERTS * PREFILL_ROWS

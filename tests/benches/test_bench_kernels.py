@@ -80,3 +80,22 @@ def test_the_prepared_gpu_run_fits_eight_minutes_and_names_real_scripts() -> Non
     assert sum(limit for _, _, limit in bench_gpu.ALL_PARTS) <= 8 * 60
     for _, argv, _ in bench_gpu.ALL_PARTS:
         assert (ROOT / argv[0]).is_file()
+
+
+def test_a_whole_shape_runs_on_the_emulated_kernels(kernel_device: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench_shape end to end on a small shape: every kernel line is there, with its baseline, and
+    the kernels agree with the float32 reference (the emulator on the CPU; the GPU where there is one)."""
+    if kernel_device.type != "cpu":
+        pytest.skip("the GPU runs the real shapes in bench_gpu.py --all")
+    monkeypatch.setitem(bk.SHAPES, "small", (256, 128, 2))
+    monkeypatch.setattr(bk, "PREFILL_EXPERTS", 2)
+    monkeypatch.setattr(bk, "PREFILL_ROWS", 3)
+    with torch.inference_mode():
+        lines = bk.bench_shape("small", "int4", reps=1, device=kernel_device)
+    kinds = [(line["kernel"], line.get("kernel_source")) for line in lines]
+    assert kinds == [("decode_expert", "moe_decode.cu"), ("decode_layer", "moe_decode.cu"),
+                     ("decode_expert", "expert_ffn.cu"), ("decode_layer", "expert_ffn.cu"), ("prefill", None)]
+    for line in lines:
+        assert line["max_err"] < 1e-2, line
+        assert line["us"] > 0 and line["baseline_us"] > 0
+    assert "goal" in lines[0] and "goal" not in lines[2]  # the goals are the engine's kernel's
