@@ -11,10 +11,12 @@ import torch.nn.functional as F
 
 from moeflow.runtime.layers import silu_mlp
 from moeflow.store import mxfp4
+from moeflow.store.fp8 import decode_expert as _fp8_decode_expert, dequantize as fp8_dequantize
 from moeflow.store.quant import dequantize, quantize
 
 __all__ = ["clamped_swiglu", "dequantize", "expert_ffn", "grouped_expert_ffn", "mxfp4_expert_ffn", "quantize",
            "quantized_expert_ffn"]
+__all__ += ["fp8_dequantize", "fp8_expert_ffn"]  # FP8 experts as published (store/fp8.py), kernels/fp8.cu
 
 # n = tokens, H = hidden.
 
@@ -39,6 +41,14 @@ def grouped_expert_ffn(x: torch.Tensor, offsets: list[int], experts: list[dict[s
         if hi > lo:
             out[lo:hi] = quantized_expert_ffn(x[lo:hi], w, bits, group)
     return out
+
+
+
+def fp8_expert_ffn(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Reference of kernels/fp8.cu's decode FFN (and of its dequant + silu_mlp): the expert's
+    e4m3 codes times their 128x128 block scales, in x's dtype, then the SiLU MLP."""
+    weights = _fp8_decode_expert(w, x.dtype)
+    return expert_ffn(x, weights["gate_up"], weights["down"])
 
 
 def clamped_swiglu(x: torch.Tensor, gate_up: torch.Tensor, gate_up_bias: torch.Tensor, down: torch.Tensor,
