@@ -121,6 +121,12 @@ def expert_ffn(weights: ExpertView, x: torch.Tensor) -> torch.Tensor:
         return clamped_swiglu_ffn(x, weights, *weights.swiglu)
     if weights.kind == "dense":
         return silu_mlp(x, weights["gate_up"], weights["down"])
+    if weights.kind == "fp8":  # FP8 checkpoints' experts as published: e4m3 codes, 128x128 block scales
+        if x.is_cuda:
+            from moeflow.runtime import gpu
+
+            return gpu.fp8_expert_ffn(weights.tensors, x)
+        return reference.fp8_expert_ffn(x, weights.tensors)
     if weights.kind != "minmax":
         raise ValueError(f"no expert FFN computes {weights.kind} experts")
     if x.is_cuda:
