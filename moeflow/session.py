@@ -45,6 +45,7 @@ from moeflow.scheduling import Predictor, Scheduler, make_predictor, router_tabl
 from moeflow.scheduling.placement import resolve_cpu_layers
 from moeflow.stats import EngineStats, counters_dict, expert_use_share
 from moeflow.store import ExpertStore, codec_for, located_store, open_or_convert_async
+from moeflow.store.fp8 import native_precision
 from moeflow.store import mxfp4
 from moeflow.store.layout import DTYPE_NAMES
 
@@ -258,7 +259,8 @@ async def open_session(path: Path, config: EngineConfig) -> Session:
     path = ckpt.path  # a repo id resolves to its snapshot folder in the Hugging Face cache
     arch = parse_arch(ckpt)
     dtype = config.dtype or arch.dtype
-    codec = codec_for(config.precision or DTYPE_NAMES[dtype], config.group_size)
+    # an FP8 checkpoint's experts stay FP8 unless a precision is asked for (store/fp8.py)
+    codec = codec_for(config.precision or native_precision(ckpt) or DTYPE_NAMES[dtype], config.group_size)
     if config.precision is None and mxfp4.native_precision(ckpt):  # gpt-oss's MXFP4 experts stay MXFP4
         codec = codec_for("mxfp4")
     experts_total = len(arch.moe_layers) * arch.num_experts
