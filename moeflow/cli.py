@@ -105,6 +105,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
         )
     dtype = config.compute_dtypes().get(args.dtype or "")
     arch = synthesize(args.out, args.arch, args.size, dtype=dtype, seed=args.seed, progress=not args.quiet)
+    if args.quant == "fp8":  # as DeepSeek-V3 / Qwen3-FP8 ship: e4m3 linear weights, 128x128 block scales
+        from moeflow.store.fp8 import quantize_checkpoint
+
+        quantize_checkpoint(args.out)
     print(f"wrote {arch.family} ({args.size}) to {args.out}: {arch.num_layers} layers, "
           f"{arch.num_experts} experts x {len(arch.moe_layers)} MoE layers, top-{arch.top_k}")
     return 0
@@ -133,6 +137,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     path = checkpoint_dir(args.model)
     from moeflow.models import Checkpoint, parse_arch
     from moeflow.store import codec_for, open_or_convert, store_root
+    from moeflow.store.fp8 import native_precision
     from moeflow.store import mxfp4
     from moeflow.store.layout import DTYPE_NAMES
 
@@ -141,7 +146,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     root = store_root(path, args.store_dir)
     if not precisions and mxfp4.native_precision(ckpt):  # gpt-oss's MXFP4 experts stay MXFP4
         precisions = ["mxfp4"]
-    for precision in precisions or [DTYPE_NAMES[arch.dtype]]:
+    for precision in precisions or [native_precision(ckpt) or DTYPE_NAMES[arch.dtype]]:
         started = time.perf_counter()
         store = open_or_convert(
             ckpt, arch, codec_for(precision, args.group_size), root,
@@ -223,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed of the weights")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--force", action="store_true", help="overwrite a checkpoint already in --out")
+    p.add_argument("--quant", default=None, choices=("fp8",),
+                   help="write it as the FP8 releases are (e4m3 weights, 128x128 block scales)")
     p.set_defaults(func=cmd_synth)
 
     p = command("convert", "build (or check) the expert store of a checkpoint")
