@@ -13,6 +13,7 @@ from moeflow.runtime.layers import GQAAttention, MLAAttention
 from moeflow.runtime.llama4_attention import Llama4Attention
 from moeflow.runtime.rope import Rotary
 from moeflow.runtime.router import Router
+from moeflow.store.fp8 import read_weight
 
 
 @dataclass
@@ -90,7 +91,8 @@ class _Loader:
 
     def get(self, tensor: HubTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         self.ckpt.expect_shape(tensor.name, tensor.shape)
-        return self.ckpt.get(tensor.name, dtype or self.dtype).contiguous()
+        # an FP8 checkpoint's quantized weights are dequantized here (store/fp8.py), the rest read as stored
+        return read_weight(self.ckpt, tensor.name, dtype or self.dtype).contiguous()
 
     def mlp(self, tensors: MLPTensors) -> SharedMLP:
         return SharedMLP(torch.cat([self.get(tensors.gate), self.get(tensors.up)]).contiguous(), self.get(tensors.down))
