@@ -9,6 +9,7 @@ import torch
 from moeflow.models.base import Arch
 from moeflow.models.checkpoint import Checkpoint
 from moeflow.models.tensors import HubTensor, MLPTensors, layer_tensors, model_tensors
+from moeflow.runtime.deltanet import GatedAttention, GatedDeltaNet
 from moeflow.runtime.layers import GQAAttention, MLAAttention
 from moeflow.runtime.llama4_attention import Llama4Attention
 from moeflow.runtime.rope import Rotary
@@ -108,6 +109,10 @@ def load_dense(ckpt: Checkpoint, arch: Arch, dtype: torch.dtype) -> DenseModel:
         weights = {key: ld.get(tensor) for key, tensor in names.attention.items()}
         if arch.attention.kind == "mla":
             attention: GQAAttention | MLAAttention = MLAAttention(arch.attention, weights, rotary, arch.rms_norm_eps)
+        elif arch.linear_attention is not None and arch.linear_attention.layers[i]:  # Qwen3-Next
+            attention = GatedDeltaNet(arch.linear_attention, weights, arch.rms_norm_eps)  # type: ignore[assignment]
+        elif arch.attention.output_gate:  # Qwen3-Next's full attention
+            attention = GatedAttention(arch.attention, weights, rotary, arch.rms_norm_eps)
         elif arch.attention.rope_layers or arch.attention.chunked or arch.attention.qk_l2_norm:  # Llama-4
             attention = Llama4Attention(arch.attention, weights, rotary, arch.rms_norm_eps, i)
         else:
@@ -144,6 +149,11 @@ def load_dense(ckpt: Checkpoint, arch: Arch, dtype: torch.dtype) -> DenseModel:
     top = model_tensors(arch)
     embed = ld.get(top.embed)
     lm_head = embed if arch.tie_word_embeddings and not ckpt.has(top.lm_head.name) else ld.get(top.lm_head)
-    return DenseModel(arch, dtype, embed, layers, ld.get(top.final_norm), lm_head, rotary,
-                      ld.get(top.final_norm_bias) if top.final_norm_bias is not None else None,
-                      ld.get(top.lm_head_bias) if top.lm_head_bias is not None else None)
+    model = DenseModel(arch, dtype, embed, layers, ld.get(top.final_norm), lm_head, rotary,
+                       ld.get(top.final_norm_bias) if top.final_norm_bias is not None else None,
+                       ld.get(top.lm_head_bias) if top.lm_head_bias is not None else None)
+    if arch.norm == "rms_centered":  # Qwen3-Next's norms scale by (1 + weight): the 1 folded in once
+        model.final_norm = 1 + model.final_norm
+        for layer in layers:
+            layer.input_norm, layer.post_norm = 1 + layer.input_norm, 1 + layer.post_norm
+    return model
