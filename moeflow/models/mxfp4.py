@@ -8,8 +8,8 @@ two per byte, the even column in the low nibble and the odd one in the high nibb
     w[r, c] = FP4_VALUES[code(r, c)] * 2**(scales[r, c // 32] - 127).
 A code's bit 3 is the sign; bits 0-2 index the magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6.
 
-`dequantize` computes exactly what transformers' integrations/mxfp4.py (_convert_moe_packed_tensors,
-its dequantize=True loading path) computes, in the same operations, so the values are bit-identical
+`dequantize` computes exactly the values of transformers' integrations/mxfp4.py (_convert_moe_packed_tensors,
+its dequantize=True loading path), bit for bit
 (it then transposes to its [in, out] parameter layout; the store keeps [out, in]). `quantize` writes
 what OpenAI's triton_kernels downcast_to_mxfp does by default: the scale is max|block| / 6 rounded
 UP to a power of two, each value rounded to the nearest e2m1 value (ties to the even code).
@@ -33,6 +33,8 @@ BLOCK = 32  # values per scale
 BIAS = 127  # e8m0 exponent bias
 FP4_VALUES = (+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 _MAGNITUDES = torch.tensor(FP4_VALUES[:8])
+# byte -> (value of its low nibble, value of its high nibble)
+_PAIRS = torch.stack([torch.tensor(FP4_VALUES).repeat(16), torch.tensor(FP4_VALUES).repeat_interleave(16)], -1)
 
 # R = rows (outputs), C = columns (inputs), G = blocks per row (C / 32).
 
@@ -66,20 +68,18 @@ def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """blocks [..., G, 16] (or [R, C/2]) and scales [..., G] -> [..., G * 32] in `dtype`, with
-    transformers' operations: the e2m1 table in `dtype`, then ldexp by the unbiased exponent."""
+    """blocks [..., G, 16] (or [R, C/2]) and scales [..., G] -> [..., G * 32] in `dtype`: the values
+    transformers computes (its e2m1 table in `dtype`, then torch.ldexp: times 2**(s - 127) in
+    float32, rounded to `dtype`), bit for bit. Each byte is looked up once as its (low, high) pair:
+    torch's embedding gather is several times faster on the CPU than indexing per nibble."""
     if blocks.shape[-1] != BLOCK // 2 or blocks.shape[:-1] != scales.shape:
         blocks = blocks.reshape(*scales.shape, BLOCK // 2)
-    *prefix, g, b = blocks.shape
-    rows = blocks.numel() // b
-    blk = blocks.to(torch.uint8).reshape(rows, b)
-    exp = (scales.to(torch.int32) - BIAS).reshape(rows, 1)
-    lut = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
-    out = torch.empty(rows, b * 2, dtype=dtype, device=blocks.device)
-    out[:, 0::2] = lut[(blk & 0x0F).to(torch.int)]
-    out[:, 1::2] = lut[(blk >> 4).to(torch.int)]
-    torch.ldexp(out, exp, out=out)
-    return out.reshape(*prefix, g * b * 2)
+    *prefix, g, _ = blocks.shape
+    pairs = _PAIRS.to(device=blocks.device, dtype=dtype)
+    values = torch.nn.functional.embedding(blocks.reshape(-1).to(torch.int32), pairs)  # [N, 2]: low, high nibble
+    scale = torch.exp2(scales.to(torch.float32) - BIAS)  # exact powers of two, as ldexp's
+    out = values.view(*scales.shape, BLOCK) * scale[..., None]
+    return out.to(dtype).reshape(*prefix, g * BLOCK)
 
 
 def deinterleave(t: torch.Tensor) -> torch.Tensor:
