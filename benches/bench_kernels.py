@@ -11,9 +11,10 @@ Kernels (runtime/gpu.py launching kernels/*.cu), each against a torch baseline i
   Both run twice, `kernel_source` naming the kernel: kernels/moe_decode.cu (what the engine runs,
   all of a layer's experts in one launch per phase; the goals are its) and kernels/expert_ffn.cu
   (the per-expert kernel with atomics it replaced).
-- `prefill`: 8 experts x 64 rows (kernels/grouped_ffn.cu, one launch per phase); baseline the torch
-  bf16 per-expert loop, and torch._grouped_mm on the bf16 weights where torch has it
-  (`grouped_mm_us`, reported beside the loop).
+- `prefill`: 8 experts x 64 rows, one launch per phase, through kernels/grouped_mma.cu (tensor
+  cores, what the engine runs; the goals are its) and grouped_ffn.cu (the fp32 tiles it replaced);
+  baseline the torch bf16 per-expert loop, and torch._grouped_mm on the bf16 weights where torch
+  has it (`grouped_mm_us`, reported beside the loop).
 
 Fields: `us` (median of --reps timed calls, CUDA events, after a warm-up), `weight_gbps` (the
 kernel's weight bytes, as stored in that precision, per second), `tflops`, `baseline_us`,
@@ -158,7 +159,7 @@ def record(shape: str, hidden: int, inter: int, kernel: str, precision: str, tok
 
 
 def bench_shape(shape: str, precision: str, reps: int, device: torch.device) -> list[dict[str, Any]]:
-    from moeflow.runtime import gpu, gpu_decode
+    from moeflow.runtime import gpu, gpu_decode, gpu_mma
 
     hidden, inter, top_k = SHAPES[shape]
     bits = BITS[precision]
@@ -222,7 +223,10 @@ def bench_shape(shape: str, precision: str, reps: int, device: torch.device) -> 
     xp = (torch.randn(rows, hidden, generator=g, device=device) / 2).to(torch.bfloat16)
     offsets = [e * PREFILL_ROWS for e in range(PREFILL_EXPERTS + 1)]
 
-    def kernel_prefill(i: int) -> torch.Tensor:
+    def mma_prefill(i: int) -> torch.Tensor:
+        return gpu_mma.grouped_expert_ffn(xp, offsets, [e.stored for e in sets[i][:PREFILL_EXPERTS]], bits, GROUP)
+
+    def v1_prefill(i: int) -> torch.Tensor:
         return gpu.grouped_expert_ffn(xp, offsets, [e.stored for e in sets[i][:PREFILL_EXPERTS]], bits, GROUP)
 
     def torch_prefill(i: int) -> torch.Tensor:
@@ -249,9 +253,12 @@ def bench_shape(shape: str, precision: str, reps: int, device: torch.device) -> 
             extra["grouped_mm_us"] = round(time_us(torch_grouped, reps, copies), 2)
         except (RuntimeError, TypeError) as e:  # not for this GPU or this torch
             extra["grouped_mm"] = f"unavailable: {type(e).__name__}: {str(e)[:120]}"
-    lines.append(record(shape, hidden, inter, "prefill", precision, rows, PREFILL_EXPERTS,
-                        time_us(kernel_prefill, reps, copies), one.nbytes * PREFILL_EXPERTS, "torch_bf16_loop",
-                        time_us(torch_prefill, reps, copies), max_err(kernel_prefill(0), want), **extra))
+    base_prefill = time_us(torch_prefill, reps, copies)
+    for source, fn in (("grouped_mma.cu", mma_prefill), ("grouped_ffn.cu", v1_prefill)):
+        lines.append(record(shape, hidden, inter, "prefill", precision, rows, PREFILL_EXPERTS,
+                            time_us(fn, reps, copies), one.nbytes * PREFILL_EXPERTS, "torch_bf16_loop", base_prefill,
+                            max_err(fn(0), want), kernel_source=source, with_goal=source == "grouped_mma.cu",
+                            **(extra if source == "grouped_mma.cu" else {})))
     del sets
     torch.cuda.empty_cache()
     return lines

@@ -130,12 +130,13 @@ def expert_ffn(weights: ExpertView, x: torch.Tensor) -> torch.Tensor:
     if weights.kind != "minmax":
         raise ValueError(f"no expert FFN computes {weights.kind} experts")
     if x.is_cuda:
-        from moeflow.runtime import gpu, gpu_decode
+        from moeflow.runtime import gpu_decode, gpu_mma
 
         offsets = [0, x.shape[0]]
         if x.shape[0] <= DECODE_ROWS:  # decode: kernels/moe_decode.cu reads each weight once per 8 rows
             return gpu_decode.expert_rows(x, offsets, [weights.tensors], weights.bits, weights.group).to(x.dtype)
-        return gpu.grouped_expert_ffn(x, offsets, [weights.tensors], weights.bits, weights.group).to(x.dtype)
+        # prefill: tensor cores (kernels/grouped_mma.cu)
+        return gpu_mma.grouped_expert_ffn(x, offsets, [weights.tensors], weights.bits, weights.group).to(x.dtype)
     if weights.bits == 4 and cpu_quant.available() and cpu_quant.fits(weights.tensors, weights.group, x.dtype):
         return cpu_quant.int4_expert_ffn(x, weights.tensors, weights.group)  # torch's int4 kernel
     return reference.quantized_expert_ffn(x, weights.tensors, weights.bits, weights.group)

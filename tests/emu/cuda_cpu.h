@@ -46,6 +46,7 @@ struct alignas(16) float4 { float x, y, z, w; };
 #define __global__
 #define __restrict__ __restrict
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 
 namespace moeflow_emu {
 struct Barrier {
@@ -68,6 +69,7 @@ struct Scheduler {
     Barrier block;
     std::vector<Barrier> warps;
     std::vector<unsigned long long> slots;  // 32 per warp
+    std::vector<uint32_t> mma;              // 32 lanes x 6 fragment words per warp
     const std::function<void()>* body = nullptr;
     unsigned long long progress = 0;  // barrier releases and thread exits: a round without any is a deadlock
 };
@@ -121,6 +123,45 @@ inline T moeflow_shuffle(T v, int src_of_lane(int lane, int arg), int arg) {
     moeflow_emu::wait(s.warps[warp]);  // nobody overwrites a slot before every lane has read
     return out;
 }
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: d += A (16x16) x B (16x8) for the warp, each
+// lane holding PTX's fragments (lane = 4 g + t): a = {A[g][2t..], A[g+8][2t..], A[g][2t+8..],
+// A[g+8][2t+8..]}, b = {B[2t..][g], B[2t+8..][g]}, d = {D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1]};
+// two 16-bit values per word, the lower k in the low half.
+inline float moeflow_half(uint32_t word, int high, bool bf16) {
+    const uint16_t v = (uint16_t)(high ? word >> 16 : word & 0xffffu);
+    if (bf16) {
+        const uint32_t bits = (uint32_t)v << 16;
+        float f;
+        std::memcpy(&f, &bits, 4);
+        return f;
+    }
+    _Float16 h;
+    std::memcpy(&h, &v, 2);
+    return (float)h;
+}
+inline void moeflow_mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], bool bf16) {
+    moeflow_emu::Scheduler& s = *moeflow_emu::scheduler;
+    const unsigned warp = s.current / 32;
+    const int lane = (int)(s.current % 32);
+    uint32_t* frag = &s.mma[warp * 32 * 6];
+    for (int i = 0; i < 4; ++i) frag[lane * 6 + i] = a[i];
+    for (int i = 0; i < 2; ++i) frag[lane * 6 + 4 + i] = b[i];
+    moeflow_emu::wait(s.warps[warp]);
+    const int g = lane / 4, t = lane % 4;
+    for (int c = 0; c < 4; ++c) {
+        const int row = g + 8 * (c / 2), col = 2 * t + c % 2;
+        float sum = 0.f;
+        for (int k = 0; k < 16; ++k) {
+            const int kw = k / 2;
+            const float av = moeflow_half(frag[((row % 8) * 4 + kw % 4) * 6 + (row / 8) + 2 * (kw / 4)], k % 2, bf16);
+            const float bv = moeflow_half(frag[(col * 4 + kw % 4) * 6 + 4 + kw / 4], k % 2, bf16);
+            sum += av * bv;
+        }
+        d[c] += sum;
+    }
+    moeflow_emu::wait(s.warps[warp]);  // every lane has read the fragments before any writes new ones
+}
+
 inline int moeflow_xor_lane(int lane, int mask) { return lane ^ mask; }
 inline int moeflow_down_lane(int lane, int delta) { return lane + delta < 32 ? lane + delta : lane; }
 inline int moeflow_up_lane(int lane, int delta) { return lane - delta >= 0 ? lane - delta : lane; }
@@ -173,6 +214,7 @@ inline int launch(const unsigned* dims, const std::function<void()>& body) {
     s.fibers.resize(threads);
     s.warps.resize((threads + 31) / 32);
     s.slots.resize(s.warps.size() * 32);
+    s.mma.resize(s.warps.size() * 32 * 6);
     for (unsigned t = 0; t < threads; ++t) {
         s.fibers[t].stack.reset(new char[STACK]);
         s.fibers[t].index = dim3{t % blk.x, (t / blk.x) % blk.y, t / (blk.x * blk.y)};
