@@ -5,11 +5,12 @@ from __future__ import annotations
 from types import ModuleType
 
 from moeflow.errors import UnsupportedModel
-from moeflow.models import deepseek, glm, gpt_oss, llama4, minimax, mixtral, olmoe, phimoe, qwen_moe
+from moeflow.models import deepseek, glm, gpt_oss, llama4, minimax, mixtral, olmoe, phimoe, qwen3_next, qwen_moe
 from moeflow.models.base import Arch, ConfigReader
 from moeflow.models.checkpoint import Checkpoint
 
-_FAMILIES: tuple[ModuleType, ...] = (mixtral, qwen_moe, olmoe, deepseek, llama4, phimoe, glm, minimax, gpt_oss)
+_FAMILIES: tuple[ModuleType, ...] = (mixtral, qwen_moe, olmoe, deepseek, llama4, phimoe, glm, minimax, gpt_oss,
+                                     qwen3_next)
 FAMILIES: dict[str, ModuleType] = {t: m for m in _FAMILIES for t in m.MODEL_TYPES}
 
 __all__ = ["FAMILIES", "parse_arch"]
@@ -29,5 +30,8 @@ def parse_arch(checkpoint: Checkpoint) -> Arch:
             field="model_type",
         )
     arch: Arch = family.parse(cfg)
+    adapt = getattr(family, "adapt", None)  # a layout the config does not name (Qwen3.5-MoE's fused experts)
+    if adapt is not None:
+        arch = adapt(arch, checkpoint)
     cfg.check_layers(arch, checkpoint.tensors)
     return arch
