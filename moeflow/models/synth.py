@@ -122,6 +122,28 @@ CONFIGS: dict[tuple[str, str], dict[str, Any]] = {
     ("gpt_oss", "small"): dict(hidden_size=1024, intermediate_size=1024, head_dim=64, num_hidden_layers=8,
                                num_attention_heads=16, num_key_value_heads=4, num_local_experts=32,
                                num_experts_per_tok=4, sliding_window=128, vocab_size=32000),
+    # Gated DeltaNet layers with gated full attention every 4th (Qwen3NextConfig's default interval)
+    ("qwen3_next", "tiny"): dict(hidden_size=64, intermediate_size=192, moe_intermediate_size=64,
+                                 shared_expert_intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
+                                 linear_key_head_dim=16, linear_value_head_dim=16, num_experts=8,
+                                 num_experts_per_tok=2, vocab_size=512),
+    ("qwen3_next", "small"): dict(hidden_size=1024, intermediate_size=2816, moe_intermediate_size=384,
+                                  shared_expert_intermediate_size=384, num_hidden_layers=8, num_attention_heads=8,
+                                  num_key_value_heads=2, head_dim=128, linear_num_key_heads=8,
+                                  linear_num_value_heads=16, linear_key_head_dim=64, linear_value_head_dim=64,
+                                  num_experts=64, num_experts_per_tok=8, vocab_size=32000),
+    ("qwen3_5_moe_text", "tiny"): dict(hidden_size=64, moe_intermediate_size=64,
+                                       shared_expert_intermediate_size=128, num_hidden_layers=4,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                       linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                                       linear_value_head_dim=16, num_experts=8, num_experts_per_tok=2, vocab_size=512),
+    ("qwen3_5_moe_text", "small"): dict(hidden_size=1024, moe_intermediate_size=384,
+                                        shared_expert_intermediate_size=384, num_hidden_layers=8,
+                                        num_attention_heads=8, num_key_value_heads=2, head_dim=128,
+                                        linear_num_key_heads=8, linear_num_value_heads=16, linear_key_head_dim=64,
+                                        linear_value_head_dim=64, num_experts=64, num_experts_per_tok=8,
+                                        vocab_size=32000),
 }
 ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM",
@@ -135,11 +157,13 @@ ARCHITECTURES = {
     "minimax_m2": "MiniMaxM2ForCausalLM",
     "phimoe": "PhimoeForCausalLM",
     "gpt_oss": "GptOssForCausalLM",
+    "qwen3_next": "Qwen3NextForCausalLM",
+    "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM",
 }
 ALIASES = {
     "qwen2-moe": "qwen2_moe", "qwen3-moe": "qwen3_moe", "deepseek-v2": "deepseek_v2", "deepseek-v3": "deepseek_v3",
     "llama4": "llama4_text", "glm4-moe": "glm4_moe", "minimax-m2": "minimax_m2",
-    "gpt-oss": "gpt_oss",
+    "gpt-oss": "gpt_oss", "qwen3-next": "qwen3_next", "qwen3.5-moe": "qwen3_5_moe_text",
 }
 SHARD_BYTES = 1 << 30
 
