@@ -25,6 +25,8 @@ BOUNDS = {
     "glm4_moe": (46, 68),  # qwen3_moe's attention (+ partial-rotary split/cat) and deepseek_v3's grouped router
     "minimax_m2": (32, 60),  # olmoe's projection-wide q/k norms, partial rotary, a one-group noaux_tc router
     "gpt_oss": (45, 71),  # biased qkv/o; sinks attention is explicit (no SDPA): GQA repeat, matmuls, softmax
+    "qwen3_next": (92, 101),  # a Gated DeltaNet layer: conv over the state, the recurrent step, gated norm
+    "qwen3_5_moe_text": (92, 101),  # qwen3_next's layers
 }
 
 
