@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "llama4_text", "phimoe",
-            "glm4_moe", "minimax_m2", "gpt_oss")
+            "glm4_moe", "minimax_m2", "gpt_oss", "qwen3_next", "qwen3_5_moe_text")
 
 TINY: dict[str, dict[str, Any]] = {
     "mixtral": dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -62,6 +62,19 @@ TINY: dict[str, dict[str, Any]] = {
     "gpt_oss": dict(vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=3, num_attention_heads=4,
                     num_key_value_heads=2, head_dim=8, num_local_experts=6, num_experts_per_tok=2, sliding_window=4,
                     swiglu_limit=0.2),
+    # 4 layers: Gated DeltaNet on 0 and 2, gated full attention on 1 and 3 (full_attention_interval 2), layer 2
+    # dense; 2 key / 4 value heads (grouped), partial rotary (4 of 16 dims); generation runs the recurrent step
+    "qwen3_next": dict(vocab_size=96, hidden_size=32, intermediate_size=64, moe_intermediate_size=24,
+                       shared_expert_intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                       linear_key_head_dim=8, linear_value_head_dim=8, num_experts=6, num_experts_per_tok=2,
+                       mlp_only_layers=[2], full_attention_interval=2),
+    # Qwen3.5-MoE's text model: qwen3_next's layers with separate in_proj_qkv/z/b/a, every layer sparse
+    "qwen3_5_moe_text": dict(vocab_size=96, hidden_size=32, moe_intermediate_size=24,
+                             shared_expert_intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                             linear_key_head_dim=8, linear_value_head_dim=8, num_experts=6, num_experts_per_tok=2,
+                             full_attention_interval=2),
 }
 
 
