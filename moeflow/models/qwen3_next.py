@@ -76,6 +76,7 @@ def _text_config(cfg: ConfigReader) -> ConfigReader:
     text = cfg.config.get("text_config")
     if not isinstance(text, dict):
         cfg.refuse("text_config", text, "a qwen3_5_moe config holds the text model's fields in text_config")
+        raise AssertionError  # refuse raised
     top = {k: v for k, v in cfg.config.items() if k not in ("text_config", "vision_config")}
     return ConfigReader({**top, **text, "model_type": "qwen3_5_moe"}, cfg.path)
 
