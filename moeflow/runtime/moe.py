@@ -129,7 +129,7 @@ def expert_ffn(weights: ExpertView, x: torch.Tensor) -> torch.Tensor:
         return reference.fp8_expert_ffn(x, weights.tensors)
     if weights.kind != "minmax":
         raise ValueError(f"no expert FFN computes {weights.kind} experts")
-    if x.is_cuda:
+    if gpu_kernels(x):
         from moeflow.runtime import gpu_decode, gpu_mma
 
         offsets = [0, x.shape[0]]
@@ -190,6 +190,48 @@ def _split_by_precision(
     return high, low, skipped
 
 
+def _rows_and_weight(routing: Routing, e: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert e's token rows of x [n, H] and their combine weights [n, 1]."""
+    if routing.host_slots is not None:  # one token: x is its row, the weight a [1, 1] view
+        slot = routing.host_slots[e]
+        return x, routing.weights[:, slot:slot + 1]
+    idx = routing.tokens[e]
+    return x[idx], routing.weights[idx, routing.slots[e], None]
+
+
+def layer_launch(routing: Routing, resident: list[ExpertView], x: torch.Tensor,
+                 wide: Callable[[int], AbstractContextManager[None]]) -> dict[int, torch.Tensor] | None:
+    """A decode step's resident quantized experts all in one launch per phase
+    (kernels/moe_decode.cu) rather than one per expert, or None where that does not apply (not
+    the GPU kernels, other encodings, more rows than decode, Llama-4's input scaling). Each
+    expert's output is rounded and weighted exactly as expert_out does it, and the kernel's rows
+    do not depend on each other, so the result is the same bits as running them one by one."""
+    if routing.scale_input or not gpu_kernels(x):
+        return None
+    first = resident[0]
+    if any(w.kind != "minmax" or w.bits != first.bits or w.group != first.group for w in resident):
+        return None
+    parts = [_rows_and_weight(routing, e, x) for e in routing.experts]
+    if any(rows.shape[0] > DECODE_ROWS for rows, _ in parts):
+        return None
+    from moeflow.runtime import gpu_decode
+
+    offsets = [0]
+    for rows, _ in parts:
+        offsets.append(offsets[-1] + rows.shape[0])
+    with wide(sum(w.nbytes for w in resident)):
+        y = gpu_decode.expert_rows(torch.cat([rows for rows, _ in parts]), offsets, [w.tensors for w in resident],
+                                   first.bits, first.group)
+    return {e: (y[offsets[i]:offsets[i + 1]].to(x.dtype) * w).to(x.dtype)
+            for i, (e, (_, w)) in enumerate(zip(routing.experts, parts))}
+
+
+def gpu_kernels(x: torch.Tensor) -> bool:
+    """Whether quantized experts on x run through the CUDA kernels (the tests point this at the
+    CPU emulator, tests/emu, to run the GPU path's kernels and wiring on a machine without one)."""
+    return x.is_cuda
+
+
 def expert_out(routing: Routing, e: int, weights: ExpertView, x: torch.Tensor,
                wide: Callable[[int], AbstractContextManager[None]],
                ffn: Callable[[ExpertView, torch.Tensor], torch.Tensor] = expert_ffn) -> torch.Tensor:
@@ -198,14 +240,7 @@ def expert_out(routing: Routing, e: int, weights: ExpertView, x: torch.Tensor,
     invariance: a request's tokens do not depend on what it is batched with); one token only
     skips the gathers, taking views of the same values. `ffn`: how the expert is computed (a
     GPU's CPU experts may take a faster CPU path, see runtime/cpu_experts.py)."""
-    if routing.host_slots is not None:  # one token: x is its row, the weight a [1, 1] view
-        slot = routing.host_slots[e]
-        w = routing.weights[:, slot:slot + 1]
-        rows = x
-    else:
-        idx = routing.tokens[e]
-        w = routing.weights[idx, routing.slots[e], None]  # [n, 1]
-        rows = x[idx]
+    rows, w = _rows_and_weight(routing, e, x)
     if routing.scale_input:  # Llama-4 weights the input (transformers: x * score, in x's dtype)
         with wide(weights.nbytes):
             return ffn(weights, (rows * w).to(x.dtype)).to(x.dtype)
@@ -273,8 +308,12 @@ async def run_moe(
     resident = cache.take_resident(index, routing.experts) if miss is None else None
     if resident is not None:  # every expert landed: run them now, no waiting, no task switch
         try:
-            for e, weights in zip(routing.experts, resident, strict=True):
-                outputs[e] = expert_out(routing, e, weights, x, wide)
+            launched = layer_launch(routing, resident, x, wide)
+            if launched is not None:
+                outputs = launched
+            else:
+                for e, weights in zip(routing.experts, resident, strict=True):
+                    outputs[e] = expert_out(routing, e, weights, x, wide)
             out = _combine(residual, routing, outputs)
         finally:
             for e in routing.experts:
