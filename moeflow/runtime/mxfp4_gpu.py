@@ -5,6 +5,8 @@ store/mxfp4.py dequantize."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -57,7 +59,8 @@ def decode_launches(w: dict[str, torch.Tensor], x: torch.Tensor, swiglu: tuple[f
         raise ValueError(f"the MXFP4 decode kernel takes contiguous float32 [1..{MAX_DECODE_TOKENS}, {hidden}] "
                          f"activations, got {x.dtype} {tuple(x.shape)}")
     if h.shape != (n, inter) or out.shape != (n, hidden) or h.dtype != torch.float32 or out.dtype != torch.float32:
-        raise ValueError(f"h {tuple(h.shape)} / out {tuple(out.shape)} must be float32 [{n}, {inter}] / [{n}, {hidden}]")
+        raise ValueError(f"h {tuple(h.shape)} / out {tuple(out.shape)} must be float32 [{n}, {inter}] / "
+                         f"[{n}, {hidden}]")
     null = np.uint64(0)
     biases = []
     for name, size in (("gate_up_bias", 2 * inter), ("down_bias", hidden)):
@@ -66,10 +69,11 @@ def decode_launches(w: dict[str, torch.Tensor], x: torch.Tensor, swiglu: tuple[f
             raise ValueError(f"{name} must be contiguous float32 [{size}], got {b.dtype} {tuple(b.shape)}")
         biases.append(pointer(b) if b is not None else null)
     alpha, limit = swiglu if swiglu is not None else (0.0, 0.0)
-    gate_up = Launch("mxfp4.cu", "mxfp4_gate_up", ((inter + _WARPS - 1) // _WARPS,), (32 * _WARPS,),
-                     (pointer(x), np.int32(n), np.int32(hidden), np.int32(inter), pointer(w["gate_up.blocks"]),
-                      pointer(w["gate_up.scales"]), biases[0], np.int32(swiglu is not None), np.float32(alpha),
-                      np.float32(limit), pointer(h)))
+    # alpha and limit are the kernel's float parameters: CuPy passes np.float32 as a C float
+    args: tuple[Any, ...] = (pointer(x), np.int32(n), np.int32(hidden), np.int32(inter), pointer(w["gate_up.blocks"]),
+                             pointer(w["gate_up.scales"]), biases[0], np.int32(swiglu is not None),
+                             np.float32(alpha), np.float32(limit), pointer(h))
+    gate_up = Launch("mxfp4.cu", "mxfp4_gate_up", ((inter + _WARPS - 1) // _WARPS,), (32 * _WARPS,), args)
     down = Launch("mxfp4.cu", "mxfp4_down", ((hidden + _WARPS - 1) // _WARPS,), (32 * _WARPS,),
                   (pointer(h), np.int32(n), np.int32(hidden), np.int32(inter), pointer(w["down.blocks"]),
                    pointer(w["down.scales"]), biases[1], pointer(out)))

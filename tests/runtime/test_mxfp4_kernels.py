@@ -27,7 +27,7 @@ def _expert(hidden: int, inter: int, seed: int = 0, biases: bool = True) -> dict
     return w
 
 
-def _assert_matches_signature(launch) -> None:  # type: ignore[no-untyped-def]
+def _assert_matches_signature(launch: mxfp4_gpu.Launch) -> None:
     assert launch.entry in kernels.entry_points(launch.source)
     params = kernels.signature(launch.source, launch.entry)
     assert len(launch.args) == len(params), (launch.entry, params)
@@ -37,7 +37,7 @@ def _assert_matches_signature(launch) -> None:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("swiglu", [SWIGLU, None])
-def test_decode_launches_pack_pointers_sizes_and_floats_in_signature_order(swiglu) -> None:  # type: ignore[no-untyped-def]
+def test_decode_launches_pack_pointers_sizes_and_floats_in_signature_order(swiglu: tuple[float, float] | None) -> None:
     w = _expert(64, 96)
     x = torch.randn(3, 64)
     h, out = torch.empty(3, 96), torch.empty(3, 64)
@@ -85,7 +85,7 @@ def test_dequant_kernel_is_bit_identical_to_the_reference(dtype: torch.dtype) ->
 @pytest.mark.gpu
 @pytest.mark.parametrize("swiglu", [SWIGLU, None])
 @pytest.mark.parametrize("tokens", [1, 3, 8])
-def test_decode_ffn_kernel_matches_reference(tokens: int, swiglu) -> None:  # type: ignore[no-untyped-def]
+def test_decode_ffn_kernel_matches_reference(tokens: int, swiglu: tuple[float, float] | None) -> None:
     hidden, inter = 2880 // 10, 320  # gpt-oss's 2880 / 10: 9 blocks a row; 10 a row of down
     w = _expert(hidden, inter, biases=swiglu is not None)
     x = torch.randn(tokens, hidden, dtype=torch.bfloat16)
