@@ -141,7 +141,7 @@ async def test_synth_writes_the_hub_layout_that_transformers_loads(tmp_path: Pat
 
 
 @pytest.mark.asyncio
-async def test_bf16_checkpoint_quantizes_to_mxfp4_on_request(hf_checkpoints: Any, tmp_path: Path) -> None:
+async def test_bf16_checkpoint_quantizes_to_mxfp4_on_request(tmp_path: Path) -> None:
     path = save_tiny("gpt_oss", tmp_path / "float", hidden_size=64, intermediate_size=64)
     async with Engine.open(path, device="cpu", precision="mxfp4", expert_budget="50%") as eng:
         assert eng.session.store.manifest.layout.precision == "mxfp4"
