@@ -1,5 +1,6 @@
-"""kernels/mxfp4.cu: launches packed in the kernels' signature order (checked on the CPU), and on
-a GPU the dequant kernel bit for bit and the decode FFN against runtime/reference.py."""
+"""kernels/mxfp4.cu: launches packed in the kernels' signature order, the dequant kernel bit for bit
+and the decode FFN against runtime/reference.py on kernel_device (tests/conftest.py: the GPU where
+there is one, the CPU emulator tests/emu everywhere)."""
 
 from __future__ import annotations
 
@@ -71,26 +72,25 @@ def test_launches_refuse_inputs_the_kernels_would_misread() -> None:
         mxfp4_gpu.decode_launches(bad, torch.randn(2, 64), SWIGLU, torch.empty(2, 96), torch.empty(2, 64))
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_dequant_kernel_is_bit_identical_to_the_reference(dtype: torch.dtype) -> None:
+def test_dequant_kernel_is_bit_identical_to_the_reference(dtype: torch.dtype, kernel_device: torch.device) -> None:
     gen = torch.Generator().manual_seed(3)
-    blocks = torch.randint(0, 256, (300, 90, 16), generator=gen, dtype=torch.uint8)
-    scales = torch.randint(118, 136, (300, 90), generator=gen, dtype=torch.uint8)  # in float16's range
+    blocks = torch.randint(0, 256, (30, 90, 16), generator=gen, dtype=torch.uint8)
+    scales = torch.randint(118, 136, (30, 90), generator=gen, dtype=torch.uint8)  # in float16's range
     want = mxfp4.dequantize(blocks, scales, dtype)
-    got = mxfp4_gpu.dequantize(blocks.cuda(), scales.cuda(), dtype)
+    got = mxfp4_gpu.dequantize(blocks.to(kernel_device), scales.to(kernel_device), dtype)
     assert torch.equal(got.cpu().view(torch.int16), want.view(torch.int16))
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("swiglu", [SWIGLU, None])
 @pytest.mark.parametrize("tokens", [1, 3, 8])
-def test_decode_ffn_kernel_matches_reference(tokens: int, swiglu: tuple[float, float] | None) -> None:
+def test_decode_ffn_kernel_matches_reference(tokens: int, swiglu: tuple[float, float] | None,
+                                             kernel_device: torch.device) -> None:
     hidden, inter = 2880 // 10, 320  # gpt-oss's 2880 / 10: 9 blocks a row; 10 a row of down
     w = _expert(hidden, inter, biases=swiglu is not None)
     x = torch.randn(tokens, hidden, dtype=torch.bfloat16)
     want = reference.mxfp4_expert_ffn(x.float(), w, swiglu)
-    got = mxfp4_gpu.expert_ffn_decode({k: v.cuda() for k, v in w.items()}, x.cuda(), swiglu)
+    got = mxfp4_gpu.expert_ffn_decode({k: v.to(kernel_device) for k, v in w.items()}, x.to(kernel_device), swiglu)
     torch.testing.assert_close(got.cpu(), want, rtol=2e-3, atol=2e-4)
 
 
