@@ -66,3 +66,37 @@ async def quarter_budget(model_dir: Path, prompt: list[int], new_tokens: int, ro
     out["tokens_equal"] = runs["mxfp4"][-1]["tokens"] == runs["bfloat16"][-1]["tokens"]
     out["mxfp4_vs_bfloat16"] = round(out["mxfp4"]["tokens_per_second"] / out["bfloat16"]["tokens_per_second"], 3)
     return out
+
+
+def main() -> None:
+    """`python benches/bench_mxfp4.py --device cuda`: the store bytes and the 25% budget line alone, on a
+    device (bench_decode --arch gpt_oss measures them on the cpu beside transformers)."""
+    import argparse
+    import asyncio
+    import sys
+    import time
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benches.bench_decode import moeflow_decode
+    from moeflow.models.synth import synthesize
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--model", default="/tmp/gpt_oss-small", help="an MXFP4 GPT-OSS (synthesized small when absent)")
+    ap.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    model = Path(args.model)
+    if not (model / "config.json").exists():
+        synthesize(model, "gpt_oss", "small", progress=False, device=args.device)
+    prompt = [(31 * i + 7) % 1000 + 3 for i in range(32)]
+    started = time.perf_counter()
+    line: dict[str, Any] = {"arch": "gpt_oss", "model": str(model), "store_bytes_per_expert": store_bytes(model)}
+    line["quarter_budget_mxfp4_vs_bf16"] = asyncio.run(
+        quarter_budget(model, prompt, args.new_tokens, args.rounds, moeflow_decode, device=args.device))
+    line["bench_seconds"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(line))
+
+
+if __name__ == "__main__":
+    main()
