@@ -214,12 +214,10 @@ def expert_ffn_decode(w: dict[str, torch.Tensor], x: torch.Tensor, token_weight:
 
 
 # ---- many experts, many tokens --------------------------------------------------------------------
-def grouped_launches(x: torch.Tensor, offsets: torch.Tensor, longest: int, experts: Sequence[ExpertLauncher],
-                     table: torch.Tensor, h: torch.Tensor, row_weight: torch.Tensor,
-                     out: torch.Tensor) -> tuple[Launch, Launch]:
-    """kernels/grouped_ffn.cu, both phases. x [R, H] sorted by expert, offsets [E + 1] int32, table
-    [6, E] int64 (the experts' launcher tables side by side: row i holds part i of every expert),
-    h [R, I] and out [R, H] fp32, row_weight [R] fp32; longest = most rows of one expert."""
+def check_grouped(x: torch.Tensor, offsets: torch.Tensor, experts: Sequence[ExpertLauncher], table: torch.Tensor,
+                  row_weight: torch.Tensor) -> None:
+    """What every grouped launch (grouped_ffn.cu, moe_decode.cu, grouped_mma.cu) checks: experts
+    of one shape and encoding, the activations, the pointer table, the offsets, the row weights."""
     first = experts[0]
     for e in experts:
         if (e.bits, e.hidden, e.inter, e.group) != (first.bits, first.hidden, first.inter, first.group):
@@ -230,11 +228,86 @@ def grouped_launches(x: torch.Tensor, offsets: torch.Tensor, longest: int, exper
         raise ValueError(f"pointer table must be contiguous int64 [6, {n_experts}], got {table.dtype} {tuple(table.shape)}")
     if offsets.shape != (n_experts + 1,) or offsets.dtype != torch.int32:
         raise ValueError(f"offsets must be int32 [{n_experts + 1}], got {offsets.dtype} {tuple(offsets.shape)}")
-    if h.shape != (rows, first.inter) or out.shape != (rows, first.hidden):
-        raise ValueError(f"h {tuple(h.shape)} / out {tuple(out.shape)} do not fit {rows} rows")
     if row_weight.dtype != torch.float32 or row_weight.shape != (rows,):
         raise ValueError(f"row_weight must be float32 [{rows}], got {row_weight.dtype} {tuple(row_weight.shape)}")
-    row = [np.uint64(table.data_ptr() + i * n_experts * 8) for i in range(6)]
+
+
+def table_rows(table: torch.Tensor) -> list[np.uint64]:
+    """The six rows of a [6, E] pointer table as kernel arguments (row i: part i of every expert)."""
+    return [np.uint64(table.data_ptr() + i * table.shape[1] * 8) for i in range(6)]
+
+
+@dataclass(frozen=True)
+class GroupedArgs:
+    """A grouped launch's inputs on x's device: contiguous rows, the pointer table, the offsets,
+    the row weights (1 when not given) and the most rows of one expert."""
+
+    x: torch.Tensor
+    table: torch.Tensor
+    offsets: torch.Tensor
+    row_weight: torch.Tensor
+    longest: int
+
+
+def launchers_for(x: torch.Tensor, offsets: list[int], experts: list[dict[str, torch.Tensor]], bits: int,
+                  group: int) -> list[ExpertLauncher]:
+    """The experts' launchers, once `offsets` is checked to cut x's rows into one span per expert."""
+    if len(offsets) != len(experts) + 1 or offsets[0] != 0 or offsets[-1] != x.shape[0] or any(
+            b < a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"offsets {offsets} must rise from 0 to the {x.shape[0]} rows, one span per expert")
+    return [launcher(w, bits, group) for w in experts]
+
+
+# Small device tensors a grouped launch reads and never writes, made once per value: the offsets
+# (decode repeats the same few), rows of weight 1, the joined pointer tables of an expert set. A
+# decode step's host work is most of its time on a GPU (measured on an H200: ~90 us of Python
+# against ~30 us of kernels for an OLMoE expert), and each of these was a copy or allocation.
+_CONSTANTS: dict[tuple[Any, ...], torch.Tensor] = {}
+_MAX_CONSTANTS = 4096
+
+
+def _constant(key: tuple[Any, ...], make: Any) -> torch.Tensor:
+    found = _CONSTANTS.get(key)
+    if found is None:
+        if len(_CONSTANTS) >= _MAX_CONSTANTS:
+            _CONSTANTS.clear()
+        found = _CONSTANTS[key] = make()
+    return found
+
+
+def _offsets_tensor(offsets: list[int], device: torch.device) -> torch.Tensor:
+    host = torch.tensor(offsets, dtype=torch.int32)
+    if device.type == "cuda":  # pinned, so the one copy does not synchronize the stream
+        return host.pin_memory().to(device, non_blocking=True)
+    return host  # on the CPU, where tests/emu runs the kernels, there is nothing to copy
+
+
+def grouped_args(x: torch.Tensor, offsets: list[int], launchers: list[ExpertLauncher],
+                 row_weight: torch.Tensor | None) -> GroupedArgs:
+    device = x.device
+    if len(launchers) == 1:
+        table = launchers[0].table
+    else:  # keyed by every pointer: a block holding another expert has other pointers
+        table = _constant(("table", *(p for lc in launchers for p in lc.weights)),
+                          lambda: torch.cat([lc.table for lc in launchers], dim=1).contiguous())
+    offs = _constant(("offsets", device, *offsets), lambda: _offsets_tensor(offsets, device))
+    rows = x.shape[0]
+    weights = (row_weight.float().contiguous() if row_weight is not None
+               else _constant(("ones", device, rows), lambda: torch.ones(rows, dtype=torch.float32, device=device)))
+    return GroupedArgs(x.contiguous(), table, offs, weights, max(b - a for a, b in zip(offsets, offsets[1:])))
+
+
+def grouped_launches(x: torch.Tensor, offsets: torch.Tensor, longest: int, experts: Sequence[ExpertLauncher],
+                     table: torch.Tensor, h: torch.Tensor, row_weight: torch.Tensor,
+                     out: torch.Tensor) -> tuple[Launch, Launch]:
+    """kernels/grouped_ffn.cu, both phases. x [R, H] sorted by expert, offsets [E + 1] int32, table
+    [6, E] int64 (the experts' launcher tables side by side: row i holds part i of every expert),
+    h [R, I] and out [R, H] fp32, row_weight [R] fp32; longest = most rows of one expert."""
+    check_grouped(x, offsets, experts, table, row_weight)
+    first, rows, n_experts = experts[0], x.shape[0], len(experts)
+    if h.shape != (rows, first.inter) or out.shape != (rows, first.hidden):
+        raise ValueError(f"h {tuple(h.shape)} / out {tuple(out.shape)} do not fit {rows} rows")
+    row = table_rows(table)
     tiles_y = max(1, (longest + 31) // 32)
     suffix = _entry_suffix(first.bits, x.dtype)
     sizes = (np.int32(first.hidden), np.int32(first.inter), np.int32(first.group))
@@ -249,25 +322,12 @@ def grouped_expert_ffn(x: torch.Tensor, offsets: list[int], experts: list[dict[s
                        group: int, row_weight: torch.Tensor | None = None) -> torch.Tensor:
     """kernels/grouped_ffn.cu: rows offsets[i]:offsets[i+1] of x (sorted by expert) through
     experts[i], all experts in one launch per phase; fp32 out, scaled by row_weight."""
-    if len(offsets) != len(experts) + 1 or offsets[0] != 0 or offsets[-1] != x.shape[0] or any(
-            b < a for a, b in zip(offsets, offsets[1:])):
-        raise ValueError(f"offsets {offsets} must rise from 0 to the {x.shape[0]} rows, one span per expert")
-    launchers = [launcher(w, bits, group) for w in experts]
-    device = x.device
-    x = x.contiguous()
-    table = launchers[0].table if len(launchers) == 1 else torch.cat([lc.table for lc in launchers], dim=1)
-    # One small host->device copy for the offsets; pinned, so it does not synchronize the stream
-    # (on the CPU, where tests/emu runs the kernels, there is nothing to copy)
-    offs = torch.tensor(offsets, dtype=torch.int32)
-    if device.type == "cuda":
-        offs = offs.pin_memory().to(device, non_blocking=True)
-    rows = x.shape[0]
+    launchers = launchers_for(x, offsets, experts, bits, group)
+    a = grouped_args(x, offsets, launchers, row_weight)
+    rows, device = x.shape[0], x.device
     h = torch.empty(rows, launchers[0].inter, dtype=torch.float32, device=device)
     out = torch.empty(rows, launchers[0].hidden, dtype=torch.float32, device=device)
-    weights = (row_weight.float().contiguous() if row_weight is not None
-               else torch.ones(rows, dtype=torch.float32, device=device))
-    longest = max(b - a for a, b in zip(offsets, offsets[1:]))
-    for launch in grouped_launches(x, offs, longest, launchers, table.contiguous(), h, weights, out):
+    for launch in grouped_launches(a.x, a.offsets, a.longest, launchers, a.table, h, a.row_weight, out):
         run(launch, device)
     return out
 

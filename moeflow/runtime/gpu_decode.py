@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from moeflow.runtime import gpu
-from moeflow.runtime.gpu import ExpertLauncher, Launch, launcher, pointer
+from moeflow.runtime.gpu import ExpertLauncher, Launch, pointer
 
 WARPS = 8  # kernels/moe_decode.cu DEC_WARPS: weight rows per block
 _THREADS = 32 * WARPS
@@ -43,25 +43,15 @@ def decode_launches(x: torch.Tensor, offsets: torch.Tensor, experts: Sequence[Ex
                     h: torch.Tensor, row_weight: torch.Tensor, y: torch.Tensor) -> tuple[Launch, Launch]:
     """Both phases. x [R, H] sorted by expert, offsets [E + 1] int32 (on x's device), table [6, E]
     int64 (the experts' launcher tables side by side), h [R, I] and y [R, H] fp32, row_weight [R] fp32."""
-    first = experts[0]
-    for e in experts:
-        if (e.bits, e.hidden, e.inter, e.group) != (first.bits, first.hidden, first.inter, first.group):
-            raise ValueError("one decode launch takes experts of one shape and encoding")
-        e._check_activations(x)
-    rows, n = x.shape[0], len(experts)
-    if table.shape != (6, n) or table.dtype != torch.int64 or not table.is_contiguous():
-        raise ValueError(f"pointer table must be contiguous int64 [6, {n}], got {table.dtype} {tuple(table.shape)}")
-    if offsets.shape != (n + 1,) or offsets.dtype != torch.int32:
-        raise ValueError(f"offsets must be int32 [{n + 1}], got {offsets.dtype} {tuple(offsets.shape)}")
+    gpu.check_grouped(x, offsets, experts, table, row_weight)
+    first, rows, n = experts[0], x.shape[0], len(experts)
     if h.shape != (rows, first.inter) or y.shape != (rows, first.hidden) or h.dtype != torch.float32 or \
             y.dtype != torch.float32 or not (h.is_contiguous() and y.is_contiguous()):
         raise ValueError(f"h {tuple(h.shape)} / y {tuple(y.shape)} must be contiguous float32 for {rows} rows")
-    if row_weight.dtype != torch.float32 or row_weight.shape != (rows,):
-        raise ValueError(f"row_weight must be float32 [{rows}], got {row_weight.dtype} {tuple(row_weight.shape)}")
     if not fits(experts, x) or h.data_ptr() % _ALIGN:
         raise ValueError(f"kernels/moe_decode.cu needs 16-byte aligned rows of whole 16-byte chunks "
                          f"(hidden {first.hidden}, inter {first.inter}, group {first.group}, {first.bits} bits)")
-    row = [np.uint64(table.data_ptr() + i * n * 8) for i in range(6)]
+    row = gpu.table_rows(table)
     suffix = gpu._entry_suffix(first.bits, x.dtype)
     sizes = (np.int32(first.hidden), np.int32(first.inter), np.int32(first.group))
     gate_up = Launch("moe_decode.cu", f"decode_gate_up_{suffix}", (-(-first.inter // WARPS), n), (_THREADS,),
@@ -76,23 +66,14 @@ def expert_rows(x: torch.Tensor, offsets: list[int], experts: list[dict[str, tor
     """Rows offsets[i]:offsets[i+1] of x (sorted by expert) through experts[i]: y [R, H] fp32,
     each row scaled by its row_weight (1 when not given). kernels/moe_decode.cu where it fits,
     else the grouped kernel (runtime/gpu.py), which computes the same."""
-    if len(offsets) != len(experts) + 1 or offsets[0] != 0 or offsets[-1] != x.shape[0] or any(
-            b < a for a, b in zip(offsets, offsets[1:])):
-        raise ValueError(f"offsets {offsets} must rise from 0 to the {x.shape[0]} rows, one span per expert")
-    launchers = [launcher(w, bits, group) for w in experts]
+    launchers = gpu.launchers_for(x, offsets, experts, bits, group)
     x = x.contiguous()
     if not fits(launchers, x):
         return gpu.grouped_expert_ffn(x, offsets, experts, bits, group, row_weight)
-    device = x.device
-    table = launchers[0].table if len(launchers) == 1 else torch.cat([lc.table for lc in launchers], dim=1)
-    offs = torch.tensor(offsets, dtype=torch.int32)
-    if device.type == "cuda":  # pinned: the small copy does not synchronize the stream
-        offs = offs.pin_memory().to(device, non_blocking=True)
-    rows = x.shape[0]
+    a = gpu.grouped_args(x, offsets, launchers, row_weight)
+    rows, device = x.shape[0], x.device
     h = torch.empty(rows, launchers[0].inter, dtype=torch.float32, device=device)
     y = torch.empty(rows, launchers[0].hidden, dtype=torch.float32, device=device)
-    weights = (row_weight.float().contiguous() if row_weight is not None
-               else torch.ones(rows, dtype=torch.float32, device=device))
-    for launch in decode_launches(x, offs, launchers, table.contiguous(), h, weights, y):
+    for launch in decode_launches(a.x, a.offsets, launchers, a.table, h, a.row_weight, y):
         gpu.run(launch, device)
     return y

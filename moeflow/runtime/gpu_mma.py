@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from moeflow.runtime import gpu
-from moeflow.runtime.gpu import ExpertLauncher, Launch, launcher, pointer
+from moeflow.runtime.gpu import ExpertLauncher, Launch, pointer
 
-BM, BN, BK = 32, 64, 64  # kernels/grouped_mma.cu: rows and columns of a block's tile, K step
+BM, BN, BK = 64, 64, 64  # kernels/grouped_mma.cu: rows and columns of a block's tile, K step
 _THREADS = 128
 _ALIGN = 16
 
@@ -35,27 +35,17 @@ def mma_launches(x: torch.Tensor, offsets: torch.Tensor, longest: int, experts: 
                  table: torch.Tensor, h: torch.Tensor, row_weight: torch.Tensor, y: torch.Tensor) -> tuple[Launch, Launch]:
     """Both phases. x [R, H] sorted by expert, offsets [E + 1] int32, longest = most rows of one
     expert, table [6, E] int64, h [R, I] in x's 16-bit dtype, y [R, H] fp32, row_weight [R] fp32."""
-    first = experts[0]
-    for e in experts:
-        if (e.bits, e.hidden, e.inter, e.group) != (first.bits, first.hidden, first.inter, first.group):
-            raise ValueError("one grouped launch takes experts of one shape and encoding")
-        e._check_activations(x)
-    rows, n = x.shape[0], len(experts)
-    if table.shape != (6, n) or table.dtype != torch.int64 or not table.is_contiguous():
-        raise ValueError(f"pointer table must be contiguous int64 [6, {n}], got {table.dtype} {tuple(table.shape)}")
-    if offsets.shape != (n + 1,) or offsets.dtype != torch.int32:
-        raise ValueError(f"offsets must be int32 [{n + 1}], got {offsets.dtype} {tuple(offsets.shape)}")
+    gpu.check_grouped(x, offsets, experts, table, row_weight)
+    first, rows, n = experts[0], x.shape[0], len(experts)
     if h.shape != (rows, first.inter) or h.dtype != x.dtype or not h.is_contiguous():
         raise ValueError(f"h must be contiguous {x.dtype} [{rows}, {first.inter}], got {h.dtype} {tuple(h.shape)}")
     if y.shape != (rows, first.hidden) or y.dtype != torch.float32 or not y.is_contiguous():
         raise ValueError(f"y must be contiguous float32 [{rows}, {first.hidden}], got {y.dtype} {tuple(y.shape)}")
-    if row_weight.dtype != torch.float32 or row_weight.shape != (rows,):
-        raise ValueError(f"row_weight must be float32 [{rows}], got {row_weight.dtype} {tuple(row_weight.shape)}")
     if not fits(experts, x) or h.data_ptr() % _ALIGN:
         raise ValueError(f"kernels/grouped_mma.cu needs hidden and inter multiples of {BK}, groups of whole "
                          f"8-value segments and 16-byte aligned pointers (hidden {first.hidden}, inter "
                          f"{first.inter}, group {first.group})")
-    row = [np.uint64(table.data_ptr() + i * n * 8) for i in range(6)]
+    row = gpu.table_rows(table)
     suffix = gpu._entry_suffix(first.bits, x.dtype)
     sizes = (np.int32(first.hidden), np.int32(first.inter), np.int32(first.group))
     tiles_y = max(1, -(-longest // BM))
@@ -70,24 +60,14 @@ def grouped_expert_ffn(x: torch.Tensor, offsets: list[int], experts: list[dict[s
                        group: int, row_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Rows offsets[i]:offsets[i+1] of x (sorted by expert) through experts[i] on tensor cores:
     y [R, H] fp32, scaled by row_weight; runtime/gpu.py's grouped kernel where these do not fit."""
-    if len(offsets) != len(experts) + 1 or offsets[0] != 0 or offsets[-1] != x.shape[0] or any(
-            b < a for a, b in zip(offsets, offsets[1:])):
-        raise ValueError(f"offsets {offsets} must rise from 0 to the {x.shape[0]} rows, one span per expert")
-    launchers = [launcher(w, bits, group) for w in experts]
+    launchers = gpu.launchers_for(x, offsets, experts, bits, group)
     x = x.contiguous()
     if not fits(launchers, x):
         return gpu.grouped_expert_ffn(x, offsets, experts, bits, group, row_weight)
-    device = x.device
-    table = launchers[0].table if len(launchers) == 1 else torch.cat([lc.table for lc in launchers], dim=1)
-    offs = torch.tensor(offsets, dtype=torch.int32)
-    if device.type == "cuda":  # pinned: the small copy does not synchronize the stream
-        offs = offs.pin_memory().to(device, non_blocking=True)
-    rows = x.shape[0]
+    a = gpu.grouped_args(x, offsets, launchers, row_weight)
+    rows, device = x.shape[0], x.device
     h = torch.empty(rows, launchers[0].inter, dtype=x.dtype, device=device)
     y = torch.empty(rows, launchers[0].hidden, dtype=torch.float32, device=device)
-    weights = (row_weight.float().contiguous() if row_weight is not None
-               else torch.ones(rows, dtype=torch.float32, device=device))
-    longest = max(b - a for a, b in zip(offsets, offsets[1:]))
-    for launch in mma_launches(x, offs, longest, launchers, table.contiguous(), h, weights, y):
+    for launch in mma_launches(a.x, a.offsets, a.longest, launchers, a.table, h, a.row_weight, y):
         gpu.run(launch, device)
     return y
