@@ -4,8 +4,8 @@
 //   phase 1 mma_gate_up_*: h[r][i] = silu(gate_i . x_r) * (up_i . x_r)    (h: 16-bit [rows, inter])
 //   phase 2 mma_down_*:    y[r][j] = w_r * (down_j . h_r)                 (y: fp32 [rows, hidden])
 // h is rounded to the activations' 16-bit type between the phases, as torch's 16-bit F.linear does.
-// A block computes a BM x BN tile of one expert's output: 4 warps, each 16 rows x 32 columns (four
-// n8 tiles). Per BK step the block stages BM x BK activations and BN x BK weights (two weight tiles,
+// A block computes a BM x BN tile of one expert's output: 4 warps, each 32 rows x 32 columns (two
+// m16 by four n8 tiles); 64 rows per block, so an expert's weights are read once per 64 of its rows. Per BK step the block stages BM x BK activations and BN x BK weights (two weight tiles,
 // gate and up, in phase 1), each weight segment of 8 values dequantized once with its group's
 // scale and zero. Rows of shared tiles are padded by 8 values so fragment reads hit distinct banks.
 // Deterministic: each output is one thread's fixed-order sum. Requirements (runtime/gpu_mma.py):
@@ -13,7 +13,7 @@
 // aligned activations.
 // Reference: moeflow/runtime/reference.py::grouped_expert_ffn.
 
-#define BM 32
+#define BM 64
 #define BN 64
 #define BK 64
 #define PAD 8
@@ -128,20 +128,29 @@ __device__ __forceinline__ void stage_rows(uint16_t (*tile)[BK + PAD], const uin
 
 __device__ __forceinline__ uint32_t pair(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
-// acc[nt] += A-tile rows (warp's 16) x B-tile rows (warp's 32 columns, 4 n8 tiles) over BK.
+// acc[mt][nt] += A-tile rows (warp's 32: two m16 tiles) x B-tile rows (warp's 32 columns, four n8
+// tiles) over BK.
 template <typename T>
 __device__ __forceinline__ void tile_products(uint16_t (*a_tile)[BK + PAD], uint16_t (*b_tile)[BK + PAD], int wm,
-                                              int wn, float (&acc)[4][4]) {
+                                              int wn, float (&acc)[2][4][4]) {
     const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 #pragma unroll
     for (int kk = 0; kk < BK; kk += 16) {
-        const uint32_t a[4] = {pair(&a_tile[wm + g][kk + 2 * t]), pair(&a_tile[wm + g + 8][kk + 2 * t]),
-                               pair(&a_tile[wm + g][kk + 2 * t + 8]), pair(&a_tile[wm + g + 8][kk + 2 * t + 8])};
+        uint32_t a[2][4];
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+            const int m = wm + mt * 16 + g;
+            a[mt][0] = pair(&a_tile[m][kk + 2 * t]);
+            a[mt][1] = pair(&a_tile[m + 8][kk + 2 * t]);
+            a[mt][2] = pair(&a_tile[m][kk + 2 * t + 8]);
+            a[mt][3] = pair(&a_tile[m + 8][kk + 2 * t + 8]);
+        }
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt) {
             const int n = wn + nt * 8 + g;
             const uint32_t b[2] = {pair(&b_tile[n][kk + 2 * t]), pair(&b_tile[n][kk + 2 * t + 8])};
-            mma_16816<T>(acc[nt], a, b);
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt) mma_16816<T>(acc[mt][nt], a[mt], b);
         }
     }
 }
@@ -156,8 +165,8 @@ __device__ void mma_gate_up(const uint16_t* __restrict__ x, const int* __restric
     const int r0 = offsets[e] + blockIdx.y * BM, row_end = offsets[e + 1];
     if (r0 >= row_end) return;  // block-uniform
     const int n0 = blockIdx.x * BN;
-    const int warp = threadIdx.x / 32, wm = (warp / 2) * 16, wn = (warp % 2) * 32;
-    float acc_g[4][4] = {}, acc_u[4][4] = {};
+    const int warp = threadIdx.x / 32, wm = (warp / 2) * 32, wn = (warp % 2) * 32;
+    float acc_g[2][4][4] = {}, acc_u[2][4][4] = {};
     for (int k0 = 0; k0 < hidden; k0 += BK) {
         stage_rows(xs, x, hidden, r0, row_end, k0);
         stage_weights<BITS, T>(gs, gu.q[e], gu.scale[e], gu.zero[e], 0, n0, inter, hidden, k0, group);
@@ -169,11 +178,15 @@ __device__ void mma_gate_up(const uint16_t* __restrict__ x, const int* __restric
     }
     const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
+    for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-            const int r = r0 + wm + g + 8 * (c / 2), i = n0 + wn + nt * 8 + 2 * t + c % 2;
-            if (r < row_end && i < inter) h[(long)r * inter + i] = from_float(silu(acc_g[nt][c]) * acc_u[nt][c], T());
+        for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const int r = r0 + wm + mt * 16 + g + 8 * (c / 2), i = n0 + wn + nt * 8 + 2 * t + c % 2;
+                if (r < row_end && i < inter)
+                    h[(long)r * inter + i] = from_float(silu(acc_g[mt][nt][c]) * acc_u[mt][nt][c], T());
+            }
         }
     }
 }
@@ -187,8 +200,8 @@ __device__ void mma_down(const uint16_t* __restrict__ h, const int* __restrict__
     const int r0 = offsets[e] + blockIdx.y * BM, row_end = offsets[e + 1];
     if (r0 >= row_end) return;
     const int n0 = blockIdx.x * BN;
-    const int warp = threadIdx.x / 32, wm = (warp / 2) * 16, wn = (warp % 2) * 32;
-    float acc[4][4] = {};
+    const int warp = threadIdx.x / 32, wm = (warp / 2) * 32, wn = (warp % 2) * 32;
+    float acc[2][4][4] = {};
     for (int k0 = 0; k0 < inter; k0 += BK) {
         stage_rows(hs, h, inter, r0, row_end, k0);
         stage_weights<BITS, T>(ds, d.q[e], d.scale[e], d.zero[e], 0, n0, hidden, inter, k0, group);
@@ -198,11 +211,14 @@ __device__ void mma_down(const uint16_t* __restrict__ h, const int* __restrict__
     }
     const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
+    for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-            const int r = r0 + wm + g + 8 * (c / 2), j = n0 + wn + nt * 8 + 2 * t + c % 2;
-            if (r < row_end && j < hidden) y[(long)r * hidden + j] = acc[nt][c] * row_weight[r];
+        for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const int r = r0 + wm + mt * 16 + g + 8 * (c / 2), j = n0 + wn + nt * 8 + 2 * t + c % 2;
+                if (r < row_end && j < hidden) y[(long)r * hidden + j] = acc[mt][nt][c] * row_weight[r];
+            }
         }
     }
 }

@@ -18,11 +18,11 @@ from tests.runtime.test_moe_decode_kernel import _want
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_grouped_mma_matches_the_reference(bits: int, dtype: torch.dtype, kernel_device: torch.device,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    # two K steps of phase 1 and three of phase 2; an expert of 37 rows (two row tiles, the second
+    # two K steps of phase 1 and three of phase 2; an expert of 70 rows (two row tiles, the second
     # partial), one without rows, one of 3
     hidden, inter, group = 128, 192, 64
     monkeypatch.setattr(gpu, "grouped_expert_ffn", None)  # the tensor-core kernels, never the fallback
-    offsets = [0, 37, 37, 40]
+    offsets = [0, 70, 70, 73]
     experts = [_expert(hidden, inter, bits, group, 7 * i + 1, dtype) for i in range(len(offsets) - 1)]
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(offsets[-1], hidden, generator=gen).to(dtype)
@@ -39,7 +39,7 @@ def test_launches_pack_their_arguments_in_signature_order() -> None:
     table = torch.cat([e.table for e in experts], dim=1).contiguous()
     offs = torch.tensor([0, 33, 40], dtype=torch.int32)
     h, y = torch.empty(40, 64, dtype=torch.bfloat16), torch.empty(40, 128)
-    gate_up, down = gpu_mma.mma_launches(x, offs, 33, experts, table, h, torch.ones(40), y)
+    gate_up, down = gpu_mma.mma_launches(x, offs, 65, experts, table, h, torch.ones(40), y)
     for launch in (gate_up, down):
         params = kernels.signature(launch.source, launch.entry)
         assert len(params) == len(launch.args)
