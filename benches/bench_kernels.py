@@ -18,7 +18,9 @@ Kernels (runtime/gpu.py launching kernels/*.cu), each against a torch baseline i
 
 Fields: `us` (median of --reps timed calls, CUDA events, after a warm-up), `weight_gbps` (the
 kernel's weight bytes, as stored in that precision, per second), `tflops`, `baseline_us`,
-`vs_baseline` (baseline / kernel: above 1 the kernel is faster), `max_err` (max |kernel - reference|
+`vs_baseline` (baseline / kernel: above 1 the kernel is faster), `kernels_only_us` (decode_expert
+of moe_decode.cu: its two launches alone, built once, so `us` minus it is the host's share),
+`max_err` (max |kernel - reference|
 / max |reference|, the reference being runtime/reference.py in float32 on the same weights), and
 `goal` / `goal_met` where issue 13 sets one (int4 decode 2.5x, int8 1.6x, bf16 decode layer 1.0x,
 prefill 0.8x, int4 prefill 0.7x). The weights cycle through enough copies to exceed twice the L2
@@ -209,10 +211,26 @@ def bench_shape(shape: str, precision: str, reps: int, device: torch.device) -> 
     want_layer = sum(reference_ffn(x1, e, precision) for e in sets[0][:top_k])
     assert isinstance(want_layer, torch.Tensor)
     base_one, base_layer = time_us(torch_one, reps, copies), time_us(torch_layer, reps, copies)
+    # the engine's two decode launches alone, built once: the kernels' time without the host work
+    launches, alive = [], []  # the launches hold raw pointers: their tensors must outlive them
+    for c in range(copies):
+        lc = [gpu.launcher(sets[c][0].stored, bits, GROUP)]
+        a = gpu.grouped_args(x1, [0, 1], lc, None)
+        h, y = torch.empty(1, inter, device=device), torch.empty(1, hidden, device=device)
+        alive.append((a, h, y))
+        launches.append(gpu_decode.decode_launches(a.x, a.offsets, lc, a.table, h, a.row_weight, y)
+                        if gpu_decode.fits(lc, a.x) else ())
+
+    def launches_only(i: int) -> None:
+        for launch in launches[i]:
+            gpu.run(launch, device)
+
+    kernels_only = {"kernels_only_us": round(time_us(launches_only, reps, copies), 2)} if launches[0] else {}
     for source, one_fn, layer_fn in (("moe_decode.cu", v2_one, v2_layer), ("expert_ffn.cu", v1_one, v1_layer)):
         lines.append(record(shape, hidden, inter, "decode_expert", precision, 1, 1, time_us(one_fn, reps, copies),
                             one.nbytes, "torch_bf16_linear", base_one, max_err(one_fn(0), want_one),
-                            kernel_source=source, with_goal=source == "moe_decode.cu"))
+                            kernel_source=source, with_goal=source == "moe_decode.cu",
+                            **(kernels_only if source == "moe_decode.cu" else {})))
         lines.append(record(shape, hidden, inter, "decode_layer", precision, 1, top_k,
                             time_us(layer_fn, reps, copies), one.nbytes * top_k, "torch_bf16_loop", base_layer,
                             max_err(layer_fn(0).view(1, -1), want_layer), kernel_source=source,

@@ -59,11 +59,11 @@ def test_grouped_mm_baseline_computes_the_per_expert_loop() -> None:
 
 def test_reference_of_a_quantized_expert_is_the_dequantizing_one() -> None:
     e = bk.make_expert(128, 64, "int4", torch.device("cpu"), seed=1)
-    x = torch.randn(2, 128).to(torch.bfloat16)
+    x = torch.randn(2, 128, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     assert set(e.stored) == {f"{m}.{p}" for m in ("gate_up", "down") for p in ("q", "scale", "zero")}
     assert e.nbytes < 3 * 128 * 64 * 2 / 3  # packed int4 with fp16 scales/zeros per 64
     want = bk.reference_ffn(x, bk.make_expert(128, 64, "bf16", torch.device("cpu"), seed=1), "bf16")
-    assert bk.max_err(bk.reference_ffn(x, e, "int4"), want) < 0.2  # int4 error, not a wrong matrix
+    assert bk.max_err(bk.reference_ffn(x, e, "int4"), want) < 0.35  # int4's error; another matrix is O(1)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU answer")
@@ -100,3 +100,4 @@ def test_a_whole_shape_runs_on_the_emulated_kernels(kernel_device: torch.device,
         assert line["max_err"] < 1e-2, line
         assert line["us"] > 0 and line["baseline_us"] > 0
     assert "goal" in lines[0] and "goal" not in lines[2]  # the goals are the engine's kernel's
+    assert lines[0]["kernels_only_us"] > 0
