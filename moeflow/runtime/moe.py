@@ -98,10 +98,17 @@ def clamped_swiglu_ffn(x: torch.Tensor, w: ExpertView, alpha: float, limit: floa
     """GPT-OSS's expert as transformers' GptOssExperts computes it: gate_up(x) + bias (gate rows
     stacked above up rows here), gate clamped above at limit, up to [-limit, limit],
     (up + 1) * gate * sigmoid(gate * alpha), then down + bias."""
-    gate, up = F.linear(x, w["gate_up"], w["gate_up_bias"]).chunk(2, dim=-1)
+    gate_up, gate_up_bias, down, down_bias = (_in(w[n], x) for n in ("gate_up", "gate_up_bias", "down", "down_bias"))
+    gate, up = F.linear(x, gate_up, gate_up_bias).chunk(2, dim=-1)
     gate = gate.clamp(max=limit)
     up = up.clamp(min=-limit, max=limit)
-    return F.linear((up + 1) * (gate * torch.sigmoid(gate * alpha)), w["down"], w["down_bias"])
+    return F.linear((up + 1) * (gate * torch.sigmoid(gate * alpha)), down, down_bias)
+
+
+def _in(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A float expert weight in x's dtype: a store may keep another float dtype than the compute
+    (precision="bfloat16" with dtype="float32" halves the experts' bytes); cast per use."""
+    return weight if weight.dtype == x.dtype else weight.to(x.dtype)
 
 
 DECODE_ROWS = 16  # an expert's rows up to which the GPU takes the decode kernel rather than the grouped one
@@ -120,7 +127,7 @@ def expert_ffn(weights: ExpertView, x: torch.Tensor) -> torch.Tensor:
         # this torch path (its stores are unquantized: QuantCodec refuses it)
         return clamped_swiglu_ffn(x, weights, *weights.swiglu)
     if weights.kind == "dense":
-        return silu_mlp(x, weights["gate_up"], weights["down"])
+        return silu_mlp(x, _in(weights["gate_up"], x), _in(weights["down"], x))
     if weights.kind == "fp8":  # FP8 checkpoints' experts as published: e4m3 codes, 128x128 block scales
         if x.is_cuda:
             from moeflow.runtime import gpu
