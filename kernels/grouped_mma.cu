@@ -155,6 +155,25 @@ __device__ __forceinline__ void tile_products(uint16_t (*a_tile)[BK + PAD], uint
     }
 }
 
+// f(r, col, mt, nt, c) for each of the warp's accumulators inside the tile's rows and columns: the
+// m16n8 fragments' layout, c = {D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1]} per n8 tile.
+template <typename F>
+__device__ __forceinline__ void each_output(const float (&acc)[2][4][4], int r0, int wm, int n0, int wn,
+                                            int row_end, int cols, F f) {
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const int r = r0 + wm + mt * 16 + g + 8 * (c / 2), col = n0 + wn + nt * 8 + 2 * t + c % 2;
+                if (r < row_end && col < cols) f(r, col, mt, nt, c);
+            }
+        }
+    }
+}
+
 template <int BITS, typename T>
 __device__ void mma_gate_up(const uint16_t* __restrict__ x, const int* __restrict__ offsets, int hidden, int inter,
                             int group, MmaPtrs gu, uint16_t* __restrict__ h) {
@@ -176,19 +195,9 @@ __device__ void mma_gate_up(const uint16_t* __restrict__ x, const int* __restric
         tile_products<T>(xs, us, wm, wn, acc_u);
         __syncthreads();
     }
-    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                const int r = r0 + wm + mt * 16 + g + 8 * (c / 2), i = n0 + wn + nt * 8 + 2 * t + c % 2;
-                if (r < row_end && i < inter)
-                    h[(long)r * inter + i] = from_float(silu(acc_g[mt][nt][c]) * acc_u[mt][nt][c], T());
-            }
-        }
-    }
+    each_output(acc_g, r0, wm, n0, wn, row_end, inter, [&](int r, int i, int mt, int nt, int c) {
+        h[(long)r * inter + i] = from_float(silu(acc_g[mt][nt][c]) * acc_u[mt][nt][c], T());
+    });
 }
 
 template <int BITS, typename T>
@@ -209,18 +218,9 @@ __device__ void mma_down(const uint16_t* __restrict__ h, const int* __restrict__
         tile_products<T>(hs, ds, wm, wn, acc);
         __syncthreads();
     }
-    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                const int r = r0 + wm + mt * 16 + g + 8 * (c / 2), j = n0 + wn + nt * 8 + 2 * t + c % 2;
-                if (r < row_end && j < hidden) y[(long)r * hidden + j] = acc[mt][nt][c] * row_weight[r];
-            }
-        }
-    }
+    each_output(acc, r0, wm, n0, wn, row_end, hidden, [&](int r, int j, int mt, int nt, int c) {
+        y[(long)r * hidden + j] = acc[mt][nt][c] * row_weight[r];
+    });
 }
 
 #define GROUPED_MMA(BITS, NAME, T)                                                                        \

@@ -14,7 +14,7 @@ current stream right before a launch are safe to drop after it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -295,6 +295,27 @@ def grouped_args(x: torch.Tensor, offsets: list[int], launchers: list[ExpertLaun
     weights = (row_weight.float().contiguous() if row_weight is not None
                else _constant(("ones", device, rows), lambda: torch.ones(rows, dtype=torch.float32, device=device)))
     return GroupedArgs(x.contiguous(), table, offs, weights, max(b - a for a, b in zip(offsets, offsets[1:])))
+
+
+def launch_grouped(x: torch.Tensor, offsets: list[int], experts: list[dict[str, torch.Tensor]], bits: int,
+                   group: int, row_weight: torch.Tensor | None, fits: Callable[[list[ExpertLauncher], torch.Tensor], bool],
+                   launches: Callable[[GroupedArgs, list[ExpertLauncher], torch.Tensor, torch.Tensor], Sequence[Launch]],
+                   h_dtype: torch.dtype) -> torch.Tensor:
+    """The body of the decode (moe_decode.cu) and tensor-core (grouped_mma.cu) FFN launchers: the
+    rows offsets[i]:offsets[i+1] of x through experts[i], y [R, H] fp32 scaled by row_weight,
+    through `launches(args, launchers, h, y)` where `fits`, else through grouped_ffn.cu (which
+    takes any size); h [R, I] in `h_dtype` is the phases' scratch."""
+    launchers = launchers_for(x, offsets, experts, bits, group)
+    x = x.contiguous()
+    if not fits(launchers, x):
+        return grouped_expert_ffn(x, offsets, experts, bits, group, row_weight)
+    a = grouped_args(x, offsets, launchers, row_weight)
+    rows, device = x.shape[0], x.device
+    h = torch.empty(rows, launchers[0].inter, dtype=h_dtype, device=device)
+    y = torch.empty(rows, launchers[0].hidden, dtype=torch.float32, device=device)
+    for launch in launches(a, launchers, h, y):
+        run(launch, device)
+    return y
 
 
 def grouped_launches(x: torch.Tensor, offsets: torch.Tensor, longest: int, experts: Sequence[ExpertLauncher],

@@ -66,14 +66,6 @@ def expert_rows(x: torch.Tensor, offsets: list[int], experts: list[dict[str, tor
     """Rows offsets[i]:offsets[i+1] of x (sorted by expert) through experts[i]: y [R, H] fp32,
     each row scaled by its row_weight (1 when not given). kernels/moe_decode.cu where it fits,
     else the grouped kernel (runtime/gpu.py), which computes the same."""
-    launchers = gpu.launchers_for(x, offsets, experts, bits, group)
-    x = x.contiguous()
-    if not fits(launchers, x):
-        return gpu.grouped_expert_ffn(x, offsets, experts, bits, group, row_weight)
-    a = gpu.grouped_args(x, offsets, launchers, row_weight)
-    rows, device = x.shape[0], x.device
-    h = torch.empty(rows, launchers[0].inter, dtype=torch.float32, device=device)
-    y = torch.empty(rows, launchers[0].hidden, dtype=torch.float32, device=device)
-    for launch in decode_launches(a.x, a.offsets, launchers, a.table, h, a.row_weight, y):
-        gpu.run(launch, device)
-    return y
+    return gpu.launch_grouped(x, offsets, experts, bits, group, row_weight, fits,
+                              lambda a, lc, h, y: decode_launches(a.x, a.offsets, lc, a.table, h, a.row_weight, y),
+                              torch.float32)

@@ -60,14 +60,7 @@ def grouped_expert_ffn(x: torch.Tensor, offsets: list[int], experts: list[dict[s
                        group: int, row_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Rows offsets[i]:offsets[i+1] of x (sorted by expert) through experts[i] on tensor cores:
     y [R, H] fp32, scaled by row_weight; runtime/gpu.py's grouped kernel where these do not fit."""
-    launchers = gpu.launchers_for(x, offsets, experts, bits, group)
-    x = x.contiguous()
-    if not fits(launchers, x):
-        return gpu.grouped_expert_ffn(x, offsets, experts, bits, group, row_weight)
-    a = gpu.grouped_args(x, offsets, launchers, row_weight)
-    rows, device = x.shape[0], x.device
-    h = torch.empty(rows, launchers[0].inter, dtype=x.dtype, device=device)
-    y = torch.empty(rows, launchers[0].hidden, dtype=torch.float32, device=device)
-    for launch in mma_launches(a.x, a.offsets, a.longest, launchers, a.table, h, a.row_weight, y):
-        gpu.run(launch, device)
-    return y
+    return gpu.launch_grouped(x, offsets, experts, bits, group, row_weight, fits,
+                              lambda a, lc, h, y: mma_launches(a.x, a.offsets, a.longest, lc, a.table, h,
+                                                               a.row_weight, y),
+                              x.dtype)
