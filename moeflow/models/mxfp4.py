@@ -70,16 +70,32 @@ def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """blocks [..., G, 16] (or [R, C/2]) and scales [..., G] -> [..., G * 32] in `dtype`: the values
     transformers computes (its e2m1 table in `dtype`, then torch.ldexp: times 2**(s - 127) in
-    float32, rounded to `dtype`), bit for bit. Each byte is looked up once as its (low, high) pair:
-    torch's embedding gather is several times faster on the CPU than indexing per nibble."""
+    float32, rounded to `dtype`), bit for bit. Each (scale, byte) pair is looked up, whole, in a
+    table of every such pair's two values made once per dtype with that same arithmetic: one
+    index pass and one gather (index_select), several times faster on the CPU than computing."""
     if blocks.shape[-1] != BLOCK // 2 or blocks.shape[:-1] != scales.shape:
         blocks = blocks.reshape(*scales.shape, BLOCK // 2)
     *prefix, g, _ = blocks.shape
-    pairs = _PAIRS.to(device=blocks.device, dtype=dtype)
-    values = torch.nn.functional.embedding(blocks.reshape(-1).to(torch.int32), pairs)  # [N, 2]: low, high nibble
-    scale = torch.exp2(scales.to(torch.float32) - BIAS)  # exact powers of two, as ldexp's
-    out = values.view(*scales.shape, BLOCK) * scale[..., None]
-    return out.to(dtype).reshape(*prefix, g * BLOCK)
+    index = blocks.to(torch.int32) + (scales.to(torch.int32) << 8)[..., None]  # scale * 256 + byte
+    pairs = torch.index_select(_pair_table(dtype, blocks.device), 0, index.reshape(-1))
+    return pairs.view(dtype).reshape(*prefix, g * BLOCK)
+
+
+_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _pair_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[256 scales x 256 bytes] -> the byte's (low, high) nibble values times 2**(s - 127), in
+    `dtype`, each pair packed in one word (int32 for 16-bit dtypes, int64 for float32): 256 or
+    512 KiB, computed as transformers computes each value."""
+    key = (dtype, device)
+    table = _TABLES.get(key)
+    if table is None:
+        scale = torch.exp2(torch.arange(256, dtype=torch.float32) - BIAS)  # exact powers of two, as ldexp's
+        values = (_PAIRS.to(dtype)[None, :, :] * scale[:, None, None]).to(dtype).contiguous()  # [256, 256, 2]
+        word = {2: torch.int32, 4: torch.int64}[dtype.itemsize]
+        table = _TABLES[key] = values.view(word).reshape(-1).to(device)
+    return table
 
 
 def deinterleave(t: torch.Tensor) -> torch.Tensor:
