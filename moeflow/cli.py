@@ -229,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--force", action="store_true", help="overwrite a checkpoint already in --out")
     p.add_argument("--quant", default=None, choices=("fp8",),
-                   help="write it as the FP8 releases are (e4m3 weights, 128x128 block scales)")
+                   help="fp8: write it as the FP8 releases are (e4m3 weights, 128x128 block scales) "
+                        "(default: the family's published layout: float weights, MXFP4 experts for gpt_oss)")
     p.set_defaults(func=cmd_synth)
 
     p = command("convert", "build (or check) the expert store of a checkpoint")
