@@ -1,4 +1,4 @@
-"""int4 experts on the CPU through torch's own int4 matmul (aten._weight_int4pack_mm_for_cpu), the
+"""int4 (and int2) experts on the CPU through torch's own int4 matmul (aten._weight_int4pack_mm_for_cpu), the
 store's codes repacked on each call: the fast path of quantized experts on a CPU.
 
 The reference (runtime/reference.py quantized_expert_ffn) dequantizes a whole expert to float
@@ -36,6 +36,15 @@ def fits(w: dict[str, torch.Tensor], group: int, dtype: torch.dtype) -> bool:
             and all(w[f"{m}.q"].shape[0] % _BLOCK_N == 0 for m in ("gate_up", "down")))
 
 
+def widen_int2(q: torch.Tensor) -> torch.Tensor:
+    """int2 codes packed four to a byte [N, K/4] -> the same codes packed two to a byte as int4
+    [N, K/2]. Every int2 code (0-3) is an int4 code, and w = (q - zero) * scale is the same
+    formula at either width, so an int2 expert runs through the int4 kernel unchanged."""
+    low = (q & 0x03) | ((q & 0x0C) << 2)  # codes 4j, 4j+1 -> byte 2j
+    high = ((q >> 4) & 0x03) | ((q >> 2) & 0x30)  # codes 4j+2, 4j+3 -> byte 2j+1
+    return torch.stack((low, high), dim=-1).view(q.shape[0], -1)
+
+
 def repack(q: torch.Tensor) -> torch.Tensor:
     """The store's packed codes [N, K/2] (column 2j in the low nibble, 2j+1 in the high) ->
     the kernel's [N, K/2]: per block of 32 rows and per column k, 16 bytes whose byte i holds
@@ -57,14 +66,16 @@ def scales_and_zeros(scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype
     return torch.stack((s, (8.0 - zero.float()) * s), dim=-1).transpose(0, 1).to(dtype).contiguous()
 
 
-def int4_linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str, group: int) -> torch.Tensor:
-    """x [T, K] @ dequantize(w[name])^T without materializing the float matrix."""
-    packed = repack(w[f"{name}.q"])
+def int4_linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str, group: int, bits: int = 4) -> torch.Tensor:
+    """x [T, K] @ dequantize(w[name])^T without materializing the float matrix (int4 codes, or
+    int2 widened to int4 first)."""
+    q = w[f"{name}.q"]
+    packed = repack(widen_int2(q) if bits == 2 else q)
     sz = scales_and_zeros(w[f"{name}.scale"], w[f"{name}.zero"], x.dtype)
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, group, sz)
 
 
-def int4_expert_ffn(x: torch.Tensor, w: dict[str, torch.Tensor], group: int) -> torch.Tensor:
-    """down(silu(gate(x)) * up(x)) of an int4 expert (store layout) on the CPU."""
-    gate, up = int4_linear(x, w, "gate_up", group).chunk(2, dim=-1)
-    return int4_linear(F.silu(gate) * up, w, "down", group)
+def int4_expert_ffn(x: torch.Tensor, w: dict[str, torch.Tensor], group: int, bits: int = 4) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)) of an int4 (or int2) expert, store layout, on the CPU."""
+    gate, up = int4_linear(x, w, "gate_up", group, bits).chunk(2, dim=-1)
+    return int4_linear(F.silu(gate) * up, w, "down", group, bits)
