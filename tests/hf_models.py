@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -85,14 +87,34 @@ def save_tiny(family: str, out: Path, seed: int = 0, **overrides: Any) -> Path:
     torch.manual_seed(seed)
     cfg = AutoConfig.for_model(family, **{**TINY[family], **overrides})
     model = AutoModelForCausalLM.from_config(cfg).eval()
+    perturb(model)
+    model.save_pretrained(out)
+    return out
+
+
+def perturb(model: Any, biases: bool = True, correction_bias: float = 0.0) -> None:
+    """Norms (and biases) nudged off their init so those paths are exercised, router weights spread
+    so tokens reach many experts, and, when `correction_bias` is set, the score-correction bias
+    buffers (which init leaves at zero) drawn with that spread so they really change the choice."""
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name or "bias" in name:
+            if "norm" in name or (biases and "bias" in name):
                 param.add_(torch.randn_like(param) * 0.1)
             elif "gate.weight" in name:
                 param.normal_(0, 0.5)  # spread the routing over experts
-    model.save_pretrained(out)
-    return out
+        if correction_bias:
+            for name, buf in model.named_buffers():
+                if "e_score_correction_bias" in name:
+                    buf.normal_(0, correction_bias)
+
+
+def copy_with_config(src: Path, dst: Path, **config: Any) -> Path:
+    """A copy of checkpoint `src` at `dst` with these config.json fields set."""
+    shutil.copytree(src, dst)
+    data = json.loads((dst / "config.json").read_text())
+    data.update(config)
+    (dst / "config.json").write_text(json.dumps(data))
+    return dst
 
 
 def load_hf(path: Path) -> Any:

@@ -12,7 +12,7 @@ import torch
 from moeflow.errors import UnsupportedModel
 from moeflow.models import glm
 from moeflow.models.base import ConfigReader
-from tests.hf_models import PROMPT, TINY, assert_engine_matches, hf_reference, load_hf
+from tests.hf_models import PROMPT, TINY, assert_engine_matches, hf_reference, load_hf, perturb
 
 
 
@@ -31,15 +31,7 @@ def _save(out: Path) -> Path:
                        "rope_parameters": {"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.25}},
     )
     model = AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.add_(torch.randn_like(param) * 0.1)
-            elif "gate.weight" in name:
-                param.normal_(0, 0.5)
-        for name, buf in model.named_buffers():
-            if "e_score_correction_bias" in name:
-                buf.normal_(0, 0.3)
+    perturb(model, biases=False, correction_bias=0.3)
     model.save_pretrained(out)
     # GLM-4.5's own config.json keeps partial_rotary_factor and rope_theta at the top level
     config = json.loads((out / "config.json").read_text())

@@ -5,8 +5,6 @@ The parity and sim sweeps over tests.hf_models.FAMILIES cover the tiny checkpoin
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ from moeflow.models import Checkpoint, parse_arch
 from moeflow.models.base import ConfigReader
 from moeflow.models.gpt_oss import parse
 from moeflow.models.synth import synthesize
-from tests.hf_models import load_hf, save_tiny
+from tests.hf_models import copy_with_config, load_hf, save_tiny
 
 PROMPT = [5, 17, 42, 3, 77, 12, 9, 60, 31, 8]
 
@@ -99,14 +97,6 @@ def test_config_reads_as_gpt_oss_config_fills_it_in(tmp_path: Path) -> None:
     assert arch.router.gate_bias and arch.router.norm_topk_prob
 
 
-def _copy_with(src: Path, dst: Path, **config: Any) -> Path:
-    shutil.copytree(src, dst)
-    data = json.loads((dst / "config.json").read_text())
-    data.update(config)
-    (dst / "config.json").write_text(json.dumps(data))
-    return dst
-
-
 def test_mxfp4_checkpoint_loads_with_its_experts_in_mxfp4(tmp_path: Path) -> None:
     """The Hub's layout (blocks and scales, quantization_config mxfp4) parses as the same GPT-OSS;
     tests/models/test_gpt_oss_mxfp4.py runs it against transformers."""
@@ -117,7 +107,7 @@ def test_mxfp4_checkpoint_loads_with_its_experts_in_mxfp4(tmp_path: Path) -> Non
     arch = parse_arch(ckpt)
     assert arch.family == "gpt_oss" and arch.swiglu == (1.702, 7.0)
     with pytest.raises(UnsupportedModel) as err:
-        parse_arch(Checkpoint(_copy_with(path, tmp_path / "gptq", quantization_config={"quant_method": "gptq"})))
+        parse_arch(Checkpoint(copy_with_config(path, tmp_path / "gptq", quantization_config={"quant_method": "gptq"})))
     assert err.value.field == "quantization_config.quant_method"
 
 

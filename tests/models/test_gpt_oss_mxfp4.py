@@ -21,7 +21,7 @@ from moeflow.models import Checkpoint, parse_arch
 from moeflow.models import mxfp4 as hub
 from moeflow.models.synth import synthesize
 from moeflow.store import mxfp4
-from tests.hf_models import PROMPT, assert_engine_matches, hf_reference, save_tiny
+from tests.hf_models import PROMPT, assert_engine_matches, copy_with_config, hf_reference, save_tiny
 
 DECODE = [11, 4, 90, 23, 7, 66]
 
@@ -148,14 +148,6 @@ async def test_bf16_checkpoint_quantizes_to_mxfp4_on_request(tmp_path: Path) -> 
         assert len((await eng.generate(PROMPT, 4)).tokens) == 4
 
 
-def _with(src: Path, dst: Path, **config: Any) -> Path:
-    shutil.copytree(src, dst)
-    data = json.loads((dst / "config.json").read_text())
-    data.update(config)
-    (dst / "config.json").write_text(json.dumps(data))
-    return dst
-
-
 @pytest.mark.parametrize(("config", "field"), [
     ({"quantization_config": {"quant_method": "bitsandbytes"}}, "quantization_config.quant_method"),
     ({"quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.mlp.experts"]}},
@@ -165,5 +157,5 @@ def _with(src: Path, dst: Path, **config: Any) -> Path:
 def test_unhandled_variants_are_refused_naming_the_field(ckpt: Path, tmp_path: Path, config: dict[str, Any],
                                                          field: str) -> None:
     with pytest.raises(UnsupportedModel) as err:
-        parse_arch(Checkpoint(_with(ckpt, tmp_path / "variant", **config)))
+        parse_arch(Checkpoint(copy_with_config(ckpt, tmp_path / "variant", **config)))
     assert err.value.field == field

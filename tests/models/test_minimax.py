@@ -12,7 +12,7 @@ import torch
 from moeflow.errors import UnsupportedModel
 from moeflow.models import minimax
 from moeflow.models.base import Arch, ConfigReader
-from tests.hf_models import PROMPT, TINY, assert_engine_matches, hf_reference, load_hf
+from tests.hf_models import PROMPT, TINY, assert_engine_matches, hf_reference, load_hf, perturb
 
 
 
@@ -23,15 +23,7 @@ def _save(out: Path) -> Path:
 
     torch.manual_seed(3)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model("minimax_m2", **TINY["minimax_m2"])).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.add_(torch.randn_like(param) * 0.1)
-            elif "gate.weight" in name:
-                param.normal_(0, 0.5)
-        for name, buf in model.named_buffers():
-            if "e_score_correction_bias" in name:
-                buf.normal_(0, 0.3)
+    perturb(model, biases=False, correction_bias=0.3)
     model.save_pretrained(out)
     return out
 

@@ -13,12 +13,12 @@ from moeflow.store.layout import ExpertView
 pytestmark = pytest.mark.skipif(not cpu_quant.available(), reason="torch without the CPU int4 kernel")
 
 
-def _expert(hidden: int, inter: int, group: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def _expert(hidden: int, inter: int, group: int, seed: int = 0, bits: int = 4) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     out = {}
     for name, (rows, cols) in (("gate_up", (2 * inter, hidden)), ("down", (hidden, inter))):
         w = torch.randn(rows, cols, generator=g) / cols**0.5
-        out[f"{name}.q"], out[f"{name}.scale"], out[f"{name}.zero"] = quant.quantize(w, 4, group)
+        out[f"{name}.q"], out[f"{name}.scale"], out[f"{name}.zero"] = quant.quantize(w, bits, group)
     return out
 
 
@@ -73,22 +73,13 @@ def test_the_engine_takes_it_only_where_the_kernel_fits() -> None:
     assert torch.equal(moe.expert_ffn(view, x), cpu_quant.int4_expert_ffn(x, fits, 64))
 
 
-def _int2_expert(hidden: int, inter: int, group: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(7)
-    out = {}
-    for name, (rows, cols) in (("gate_up", (2 * inter, hidden)), ("down", (hidden, inter))):
-        w = torch.randn(rows, cols, generator=g) / cols**0.5
-        out[f"{name}.q"], out[f"{name}.scale"], out[f"{name}.zero"] = quant.quantize(w, 2, group)
-    return out
-
-
 def test_int2_codes_widen_to_the_same_int4_codes() -> None:
     codes = torch.randint(0, 4, (64, 96), generator=torch.Generator().manual_seed(1)).to(torch.uint8)
     assert torch.equal(cpu_quant.widen_int2(quant.pack(codes, 2)), quant.pack(codes, 4))
 
 
 def test_int2_experts_take_the_int4_kernel_with_the_references_values() -> None:
-    w = _int2_expert(256, 128, 32)
+    w = _expert(256, 128, 32, seed=7, bits=2)
     x = torch.randn(3, 256, generator=torch.Generator().manual_seed(4))
     want = reference.quantized_expert_ffn(x, w, 2, 32)
     got = cpu_quant.int4_expert_ffn(x, w, 32, bits=2)
