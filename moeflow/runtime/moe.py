@@ -117,19 +117,19 @@ DECODE_ROWS = 16  # an expert's rows up to which the GPU takes the decode kernel
 def expert_ffn(weights: ExpertView, x: torch.Tensor) -> torch.Tensor:
     """One expert on its tokens x [n, H], float or quantized (dequantized on the fly)."""
     if weights.kind == "mxfp4":  # GPT-OSS's native experts: clamped SwiGLU with biases, or SiLU
-        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        if gpu_kernels(x) and x.dtype in (torch.bfloat16, torch.float16):
             from moeflow.runtime import mxfp4_gpu
 
             return mxfp4_gpu.expert_ffn(weights.tensors, x, weights.swiglu).to(x.dtype)
         return reference.mxfp4_expert_ffn(x, weights.tensors, weights.swiglu)
     if weights.swiglu is not None:
-        # GPT-OSS (biases, clamped SwiGLU): no CUDA kernel computes it, so every device takes
-        # this torch path (its stores are unquantized: QuantCodec refuses it)
+        # GPT-OSS in a float store (biases, clamped SwiGLU): no CUDA kernel computes it, so every
+        # device takes this torch path (min-max codecs refuse it; MXFP4 has its kernel above)
         return clamped_swiglu_ffn(x, weights, *weights.swiglu)
     if weights.kind == "dense":
         return silu_mlp(x, _in(weights["gate_up"], x), _in(weights["down"], x))
     if weights.kind == "fp8":  # FP8 checkpoints' experts as published: e4m3 codes, 128x128 block scales
-        if x.is_cuda:
+        if gpu_kernels(x):
             from moeflow.runtime import gpu
 
             return gpu.fp8_expert_ffn(weights.tensors, x)
@@ -234,8 +234,9 @@ def layer_launch(routing: Routing, resident: list[ExpertView], x: torch.Tensor,
 
 
 def gpu_kernels(x: torch.Tensor) -> bool:
-    """Whether quantized experts on x run through the CUDA kernels (the tests point this at the
-    CPU emulator, tests/emu, to run the GPU path's kernels and wiring on a machine without one)."""
+    """Whether quantized (min-max, MXFP4, FP8) experts on x run through the CUDA kernels: the one
+    switch, which the tests point at the CPU emulator (tests/emu) to run the GPU path's kernels
+    and wiring on a machine without one."""
     return x.is_cuda
 
 
