@@ -145,7 +145,8 @@ def time_us(fn: Callable[[int], Any], reps: int, copies: int) -> float:
 def record(shape: str, hidden: int, inter: int, kernel: str, precision: str, tokens: int, experts: int, us: float,
            weight_bytes: int, baseline: str, baseline_us: float, err: float, with_goal: bool = True,
            **extra: Any) -> dict[str, Any]:
-    """One JSON line: the kernel's figures, derived rates, the ratio against its baseline and the goal."""
+    """One JSON line: the kernel's figures, derived rates, the ratio against its baseline and the
+    goal. `tokens` is the rows each of the `experts` computes (decode: 1; prefill: its 64 rows)."""
     flops = 2 * tokens * 3 * hidden * inter * experts
     line: dict[str, Any] = {
         "bench": "kernels", "shape": shape, "hidden": hidden, "inter": inter, "kernel": kernel,
@@ -273,7 +274,7 @@ def bench_shape(shape: str, precision: str, reps: int, device: torch.device) -> 
             extra["grouped_mm"] = f"unavailable: {type(e).__name__}: {str(e)[:120]}"
     base_prefill = time_us(torch_prefill, reps, copies)
     for source, fn in (("grouped_mma.cu", mma_prefill), ("grouped_ffn.cu", v1_prefill)):
-        lines.append(record(shape, hidden, inter, "prefill", precision, rows, PREFILL_EXPERTS,
+        lines.append(record(shape, hidden, inter, "prefill", precision, PREFILL_ROWS, PREFILL_EXPERTS,
                             time_us(fn, reps, copies), one.nbytes * PREFILL_EXPERTS, "torch_bf16_loop", base_prefill,
                             max_err(fn(0), want), kernel_source=source, with_goal=source == "grouped_mma.cu",
                             **(extra if source == "grouped_mma.cu" else {})))

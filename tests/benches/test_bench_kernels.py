@@ -101,3 +101,5 @@ def test_a_whole_shape_runs_on_the_emulated_kernels(kernel_device: torch.device,
         assert line["us"] > 0 and line["baseline_us"] > 0
     assert "goal" in lines[0] and "goal" not in lines[2]  # the goals are the engine's kernel's
     assert lines[0]["kernels_only_us"] > 0
+    prefill = lines[4]  # 2 experts x 3 rows each: `tokens` is per expert, so the flops count 6 rows, not 2 x 6
+    assert prefill["tokens"] == 3 and prefill["experts"] == 2
