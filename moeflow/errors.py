@@ -34,6 +34,7 @@ __all__ = [
     "HazardError",
     "InvalidHandle",
     "InvalidRequest",
+    "KernelTableError",
     "MoeflowError",
     "OutOfBudget",
     "PredictorError",
@@ -76,3 +77,14 @@ class InvalidRequest(MoeflowError, ValueError):
 
 class PredictorError(MoeflowError):
     """A routing predictor file is missing, corrupt, or made for another model."""
+
+
+class KernelTableError(MoeflowError):
+    """A measured kernel table (runtime/kernel_choice.py) cannot be read or is malformed; the
+    message names the file and the field. Tune again (`python benches/bench_kernels.py --tune`)
+    or delete the file to run the untuned kernel choice."""
+
+    def __init__(self, message: str, *, path: str | None = None, field: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.field = field
