@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from moeflow.memory.cache import USABLE_STATES, ExpertCache
 from moeflow.memory.fetch import LayerFetch
-from moeflow.runtime import cpu_quant, reference
+from moeflow.runtime import cpu_bf16, cpu_quant, reference
+from moeflow.runtime.cpu_bf16 import linear
 from moeflow.runtime.layers import silu_mlp
 from moeflow.runtime.model import Layer, SharedMLP
 from moeflow.store.layout import ExpertView
@@ -90,7 +91,7 @@ class Routing:
 def shared_mlp(mlp: SharedMLP, x: torch.Tensor) -> torch.Tensor:
     out = silu_mlp(x, mlp.gate_up, mlp.down)
     if mlp.gate is not None:
-        out = torch.sigmoid(F.linear(x, mlp.gate)) * out
+        out = torch.sigmoid(linear(x, mlp.gate)) * out
     return out
 
 
@@ -99,16 +100,19 @@ def clamped_swiglu_ffn(x: torch.Tensor, w: ExpertView, alpha: float, limit: floa
     stacked above up rows here), gate clamped above at limit, up to [-limit, limit],
     (up + 1) * gate * sigmoid(gate * alpha), then down + bias."""
     gate_up, gate_up_bias, down, down_bias = (_in(w[n], x) for n in ("gate_up", "gate_up_bias", "down", "down_bias"))
-    gate, up = F.linear(x, gate_up, gate_up_bias).chunk(2, dim=-1)
+    gate, up = linear(x, gate_up, gate_up_bias).chunk(2, dim=-1)
     gate = gate.clamp(max=limit)
     up = up.clamp(min=-limit, max=limit)
-    return F.linear((up + 1) * (gate * torch.sigmoid(gate * alpha)), down, down_bias)
+    return linear((up + 1) * (gate * torch.sigmoid(gate * alpha)), down, down_bias)
 
 
 def _in(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """A float expert weight in x's dtype: a store may keep another float dtype than the compute
-    (precision="bfloat16" with dtype="float32" halves the experts' bytes); cast per use."""
-    return weight if weight.dtype == x.dtype else weight.to(x.dtype)
+    (precision="bfloat16" with dtype="float32" halves the experts' bytes); cast per use, except
+    where runtime/cpu_bf16.py's kernel takes the bf16 weight with float32 rows as they are."""
+    if weight.dtype == x.dtype or cpu_bf16.takes_float32(weight, x):
+        return weight
+    return weight.to(x.dtype)
 
 
 DECODE_ROWS = 16  # an expert's rows up to which the GPU takes the decode kernel rather than the grouped one
@@ -137,8 +141,10 @@ def expert_ffn(weights: ExpertView, x: torch.Tensor) -> torch.Tensor:
     if weights.kind != "minmax":
         raise ValueError(f"no expert FFN computes {weights.kind} experts")
     if gpu_kernels(x):
-        from moeflow.runtime import gpu_decode, gpu_mma
+        from moeflow.runtime import gpu_decode, gpu_mma, kernel_choice
 
+        if kernel_choice.TABLES:  # a table measured on the device picks the path (runtime/kernel_choice.py)
+            return kernel_choice.expert_ffn(weights, x)
         offsets = [0, x.shape[0]]
         if x.shape[0] <= DECODE_ROWS:  # decode: kernels/moe_decode.cu reads each weight once per 8 rows
             return gpu_decode.expert_rows(x, offsets, [weights.tensors], weights.bits, weights.group).to(x.dtype)
@@ -219,9 +225,13 @@ def layer_launch(routing: Routing, resident: list[ExpertView], x: torch.Tensor,
     if any(w.kind != "minmax" or w.bits != first.bits or w.group != first.group for w in resident):
         return None
     parts = [_rows_and_weight(routing, e, x) for e in routing.experts]
-    if any(rows.shape[0] > DECODE_ROWS for rows, _ in parts):
+    from moeflow.runtime import gpu_decode, kernel_choice
+
+    if kernel_choice.TABLES:  # one launch only where each expert alone would take the decode kernel too
+        if any(kernel_choice.choose(w, rows) != kernel_choice.DECODE for w, (rows, _) in zip(resident, parts)):
+            return None
+    elif any(rows.shape[0] > DECODE_ROWS for rows, _ in parts):
         return None
-    from moeflow.runtime import gpu_decode
 
     offsets = [0]
     for rows, _ in parts:
