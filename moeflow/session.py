@@ -37,6 +37,7 @@ from moeflow.runtime.cpu_experts import (
     sim_link,
     worker_cpus,
 )
+from moeflow.runtime import kernel_choice
 from moeflow.runtime.moe import expert_ffn
 from moeflow.runtime.runner import ModelRunner
 from moeflow.runtime.moe import MissPrecision
@@ -283,6 +284,8 @@ async def open_session(path: Path, config: EngineConfig) -> Session:
                                                 progress=config.progress)
     model = await asyncio.to_thread(load_dense, ckpt, arch, dtype)
     compute = make_device(device, sim_bandwidth_gbps=config.sim_bandwidth_gbps, sim_latency_us=config.sim_latency_us)
+    if device == "cuda":  # the GPU's measured kernel table, if tuned: a malformed one fails the open, not a step
+        kernel_choice.open_for(compute.torch_device)
     if compute.torch_device.type != "cpu":
         model.to(compute.torch_device)
     tokenizer = _tokenizer(path)
