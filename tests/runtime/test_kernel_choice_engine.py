@@ -10,7 +10,7 @@ import asyncio
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import torch
@@ -52,7 +52,8 @@ def _install(paths: list[str], hidden: int = HIDDEN, tmp: Path = Path("table.jso
     kernel_choice.install(kernel_choice.parse(_doc(paths, hidden=hidden), tmp), torch.device("cpu"))
 
 
-async def _run(path: Path, budget: object, device: str = "cpu") -> tuple[torch.Tensor, list[int]]:
+async def _run(path: Path, budget: float | str | None,
+               device: Literal["cpu", "cuda"] = "cpu") -> tuple[torch.Tensor, list[int]]:
     if budget == "smallest":  # the top-k of one layer
         async with Engine.open(path, device=device, dtype="bfloat16", precision="int4-g64") as eng:
             budget = eng.plan.min_budget_bytes
@@ -78,7 +79,8 @@ def _count_paths(monkeypatch: pytest.MonkeyPatch) -> tuple[Counter[str], list[in
         monkeypatch.setitem(PATHS, name, counted)
     real = gpu_decode.expert_rows
 
-    def expert_rows(x, offsets, experts, bits, group, row_weight=None):  # type: ignore[no-untyped-def]
+    def expert_rows(x: torch.Tensor, offsets: list[int], experts: list[dict[str, torch.Tensor]], bits: int,
+                    group: int, row_weight: torch.Tensor | None = None) -> torch.Tensor:
         launches.append(len(experts))
         return real(x, offsets, experts, bits, group, row_weight)
 
