@@ -42,6 +42,17 @@ def record_cuda_event(stream: int, device: int = 0) -> CudaEvent:
     records one when it releases an expert, so the copy reusing the block waits for the
     kernels reading it). Raises CudaUnavailable without CUDA."""
 
+def bf16_linear(x: int, m: int, k: int, w: int, n: int, y: int, x_bf16: bool, y_bf16: bool, bias: int = 0,
+                threads: int = 1) -> None:
+    """y = x w^T (+ bias) on the CPU, by address: x [m, k] bfloat16 if x_bf16 else float32,
+    w [n, k] bfloat16, bias [n] float32 (0: none), y [m, n] bfloat16 if y_bf16 else float32,
+    all C-contiguous. For CPUs without bf16 instructions (AVX2 + FMA); each output's arithmetic
+    is fixed, whatever the rows. moeflow/runtime/cpu_bf16.py checks the tensors; raises
+    ValueError on a refusal."""
+
+def bf16_linear_available() -> bool:
+    """Whether this CPU runs bf16_linear (x86-64 with AVX2 and FMA)."""
+
 # Exceptions (created in Rust, re-exported by moeflow.errors)
 class MoeflowError(Exception): ...
 

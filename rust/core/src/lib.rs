@@ -6,6 +6,7 @@ pub mod arena;
 pub mod cuda;
 pub mod error;
 pub mod event;
+pub mod gemm;
 pub mod notify;
 pub mod pool;
 pub mod queue;

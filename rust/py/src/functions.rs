@@ -2,9 +2,9 @@
 
 use std::sync::Arc;
 
-use moeflow_core::{cuda, event};
+use moeflow_core::{cuda, event, gemm};
 use pyo3::buffer::PyUntypedBuffer;
-use pyo3::exceptions::PyBufferError;
+use pyo3::exceptions::{PyBufferError, PyValueError};
 use pyo3::prelude::*;
 
 use crate::completion::PyCudaEvent;
@@ -53,4 +53,72 @@ pub fn crc32(py: Python<'_>, data: &Bound<'_, PyAny>, value: u32) -> PyResult<u3
 pub fn record_cuda_event(py: Python<'_>, stream: usize, device: i32) -> PyCoreResult<PyCudaEvent> {
     let inner: Arc<_> = py.detach(|| event::record_cuda_event(stream, device))?;
     Ok(PyCudaEvent { inner })
+}
+
+/// y = x w^T (+ bias) for a CPU without bf16 instructions (`moeflow_core::gemm`): x [m, k]
+/// bfloat16 (`x_bf16`) or float32, w [n, k] bfloat16, bias [n] float32 or 0, y [m, n]
+/// bfloat16 (`y_bf16`) or float32, all C-contiguous, given by address. Releases the GIL for
+/// products of more than `DETACH_MACS` multiply-adds (below that, releasing and taking it back
+/// costs more than it lets others run).
+///
+/// The caller (moeflow/runtime/cpu_bf16.py, which checks dtypes, shapes, contiguity and
+/// device first) guarantees the addresses hold tensors of these shapes for the call.
+#[pyfunction]
+#[pyo3(signature = (x, m, k, w, n, y, x_bf16, y_bf16, bias = 0, threads = 1))]
+#[allow(clippy::too_many_arguments)]
+pub fn bf16_linear(
+    py: Python<'_>,
+    x: usize,
+    m: usize,
+    k: usize,
+    w: usize,
+    n: usize,
+    y: usize,
+    x_bf16: bool,
+    y_bf16: bool,
+    bias: usize,
+    threads: usize,
+) -> PyResult<()> {
+    if [x, w, y].contains(&0) {
+        return Err(PyValueError::new_err("bf16_linear: a null tensor address"));
+    }
+    let run = move || {
+        // SAFETY: the caller's contract above: each address holds a live, C-contiguous tensor
+        // of the stated shape and dtype, not written by anyone else during the call.
+        let (ws, bs) = unsafe {
+            (
+                std::slice::from_raw_parts(w as *const u16, n * k),
+                (bias != 0).then(|| std::slice::from_raw_parts(bias as *const f32, n)),
+            )
+        };
+        let widened: Vec<f32>;
+        let xs = if x_bf16 {
+            // SAFETY: as above.
+            let raw = unsafe { std::slice::from_raw_parts(x as *const u16, m * k) };
+            widened = raw.iter().map(|&b| gemm::bf16_to_f32(b)).collect();
+            &widened[..]
+        } else {
+            // SAFETY: as above.
+            unsafe { std::slice::from_raw_parts(x as *const f32, m * k) }
+        };
+        let out = if y_bf16 {
+            // SAFETY: as above; y is written only here.
+            gemm::Output::Bf16(unsafe { std::slice::from_raw_parts_mut(y as *mut u16, m * n) })
+        } else {
+            // SAFETY: as above.
+            gemm::Output::F32(unsafe { std::slice::from_raw_parts_mut(y as *mut f32, m * n) })
+        };
+        gemm::linear(xs, m, k, ws, n, bs, out, threads)
+    };
+    let done = if m * n * k > DETACH_MACS { py.detach(run) } else { run() };
+    done.map_err(|e| PyValueError::new_err(format!("bf16_linear: {e}")))
+}
+
+/// Products up to this many multiply-adds keep the GIL (tens of microseconds at most).
+const DETACH_MACS: usize = 1 << 20;
+
+/// Whether this CPU runs `bf16_linear` (x86-64 with AVX2 and FMA).
+#[pyfunction]
+pub fn bf16_linear_available() -> bool {
+    gemm::available()
 }

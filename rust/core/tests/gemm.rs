@@ -1,0 +1,134 @@
+//! The bf16 product against its plain reference, bit for bit, over shapes that cross every tile
+//! edge (4-row and 3/12-column tiles, 8-wide k steps, 128 KiB panels, threads), and row
+//! invariance: a row's outputs are the same bits alone or in any batch.
+
+use moeflow_core::gemm::{self, bf16_to_f32, f32_to_bf16, GemmError, Output};
+use proptest::prelude::*;
+
+/// Deterministic values in about [-2, 2) with varied exponents.
+fn values(seed: u64, count: usize) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..count)
+        .map(|_| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let unit = (state >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
+            (unit * 4.0 - 2.0) * if state & 0x100 != 0 { 0.01 } else { 1.0 }
+        })
+        .collect()
+}
+
+fn bf16s(seed: u64, count: usize) -> Vec<u16> {
+    values(seed, count).into_iter().map(f32_to_bf16).collect()
+}
+
+fn run_f32(x: &[f32], m: usize, k: usize, w: &[u16], n: usize, bias: Option<&[f32]>, threads: usize) -> Vec<f32> {
+    let mut y = vec![f32::NAN; m * n];
+    gemm::linear(x, m, k, w, n, bias, Output::F32(&mut y), threads).unwrap();
+    y
+}
+
+fn check_shape(m: usize, k: usize, n: usize, threads: usize, with_bias: bool) {
+    let x = values(1 + (m * 31 + k) as u64, m * k);
+    let w = bf16s(7 + (n * 17 + k) as u64, n * k);
+    let b = values(99, n);
+    let bias = with_bias.then_some(&b[..]);
+    let want = gemm::reference(&x, m, k, &w, n, bias);
+    let got = run_f32(&x, m, k, &w, n, bias, threads);
+    for (i, (g, r)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g.to_bits(), r.to_bits(), "m={m} k={k} n={n} threads={threads} output {i}: {g} != {r}");
+    }
+    let mut y16 = vec![0u16; m * n];
+    gemm::linear(&x, m, k, &w, n, bias, Output::Bf16(&mut y16), threads).unwrap();
+    for (i, (g, r)) in y16.iter().zip(&want).enumerate() {
+        assert_eq!(*g, f32_to_bf16(*r), "bf16 output {i} of m={m} k={k} n={n}");
+    }
+}
+
+#[test]
+fn matches_the_reference_across_tile_edges() {
+    if !gemm::available() {
+        return; // the kernel refuses such CPUs (tested below)
+    }
+    for m in [1, 2, 3, 4, 5, 7, 8, 9] {
+        for k in [1, 7, 8, 9, 16, 63, 200] {
+            for n in [1, 2, 3, 4, 11, 12, 13, 25, 40] {
+                check_shape(m, k, n, 1, (m + n) % 2 == 0);
+            }
+        }
+    }
+}
+
+#[test]
+fn panels_and_threads_give_the_same_bits() {
+    if !gemm::available() {
+        return;
+    }
+    // k = 1000: 65 columns a panel (rounded up to 72), so n = 300 spans 5 panels, the last partial
+    for threads in [1, 2, 3, 8] {
+        check_shape(6, 1000, 300, threads, true);
+    }
+    // a panel wider than n, and more threads than panels
+    check_shape(3, 64, 50, 4, false);
+}
+
+#[test]
+fn a_row_gives_the_same_bits_alone_or_in_any_batch() {
+    if !gemm::available() {
+        return;
+    }
+    let (m, k, n) = (13, 520, 37);
+    let x = values(5, m * k);
+    let w = bf16s(6, n * k);
+    let all = run_f32(&x, m, k, &w, n, None, 2);
+    for r in 0..m {
+        let alone = run_f32(&x[r * k..(r + 1) * k], 1, k, &w, n, None, 1);
+        assert_eq!(alone, all[r * n..(r + 1) * n], "row {r}");
+    }
+    // every prefix batch too (tile tails of 1-3 rows)
+    for rows in 1..m {
+        let part = run_f32(&x[..rows * k], rows, k, &w, n, None, 1);
+        assert_eq!(part, all[..rows * n], "first {rows} rows");
+    }
+}
+
+#[test]
+fn wrong_lengths_are_refused_and_nothing_is_written() {
+    if !gemm::available() {
+        return;
+    }
+    let x = vec![1.0f32; 6];
+    let w = vec![0x3f80u16; 6]; // 1.0
+    let mut y = vec![-1.0f32; 4];
+    let err = gemm::linear(&x, 2, 3, &w[..5], 2, None, Output::F32(&mut y), 1).unwrap_err();
+    assert_eq!(err, GemmError::Size { what: "w", got: 5, need: 6 });
+    let err = gemm::linear(&x, 2, 3, &w, 2, Some(&[0.0]), Output::F32(&mut y), 1).unwrap_err();
+    assert_eq!(err, GemmError::Size { what: "bias", got: 1, need: 2 });
+    let err = gemm::linear(&x, 2, 3, &w, 2, None, Output::F32(&mut y[..3]), 1).unwrap_err();
+    assert_eq!(err, GemmError::Size { what: "y", got: 3, need: 4 });
+    assert!(y.iter().all(|&v| v == -1.0));
+    gemm::linear(&x, 2, 3, &w, 2, None, Output::F32(&mut y), 1).unwrap();
+    assert_eq!(y, vec![3.0; 4]);
+}
+
+#[test]
+fn bf16_rounding_is_nearest_even() {
+    assert_eq!(f32_to_bf16(1.0), 0x3f80);
+    assert_eq!(bf16_to_f32(0x3f80), 1.0);
+    // halfway between 1.0 (0x3f80) and the next bf16 (0x3f81): ties go to the even 0x3f80
+    assert_eq!(f32_to_bf16(f32::from_bits(0x3f80_8000)), 0x3f80);
+    assert_eq!(f32_to_bf16(f32::from_bits(0x3f81_8000)), 0x3f82);
+    assert_eq!(f32_to_bf16(f32::from_bits(0x3f80_8001)), 0x3f81);
+    assert_eq!(f32_to_bf16(f32::INFINITY), 0x7f80);
+    assert!(bf16_to_f32(f32_to_bf16(f32::NAN)).is_nan());
+    assert_eq!(f32_to_bf16(f32::MAX), 0x7f80); // rounds up to infinity, as torch's cast does
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    #[test]
+    fn any_shape_matches_the_reference(m in 1usize..11, k in 1usize..90, n in 1usize..30, threads in 1usize..4) {
+        if gemm::available() {
+            check_shape(m, k, n, threads, n % 3 == 0);
+        }
+    }
+}
