@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from moeflow.models.base import AttentionSpec, LinearAttentionSpec
+from moeflow.runtime.cpu_bf16 import linear
 from moeflow.runtime.layers import GQAAttention, KVCache
 from moeflow.runtime.rope import Rotary
 
@@ -152,7 +153,7 @@ class GatedDeltaNet:
     def __call__(self, x: torch.Tensor, state: DeltaState) -> torch.Tensor:
         """x [T, H] of one sequence -> [T, H]; advances its state by T positions."""
         s, t = self.spec, x.shape[0]
-        q, k, v, z, b, a = F.linear(x, self.in_proj).split(self.splits, dim=-1)
+        q, k, v, z, b, a = linear(x, self.in_proj).split(self.splits, dim=-1)
         mixed = torch.cat((state.conv, torch.cat((q, k, v), dim=-1).t()), dim=-1)  # [C, K-1+T]
         state.conv = mixed[:, t:].contiguous()  # the last K-1 inputs (mixed holds >= K-1 + T columns)
         mixed = F.silu(F.conv1d(mixed.unsqueeze(0), self.conv, groups=s.conv_channels)[0]).t()  # [T, C]
@@ -165,7 +166,7 @@ class GatedDeltaNet:
         rule = recurrent_gated_delta_rule if t == 1 and state.length else chunk_gated_delta_rule
         out, state.recurrent = rule(q, k, v, g, beta, state.recurrent)
         state.length += t
-        return F.linear(self._gated_norm(out, z.reshape(t, s.num_v_heads, s.v_head_dim)).reshape(t, -1),
+        return linear(self._gated_norm(out, z.reshape(t, s.num_v_heads, s.v_head_dim)).reshape(t, -1),
                         self.out_proj)
 
     def _gated_norm(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from moeflow.models.base import AttentionSpec
+from moeflow.runtime.cpu_bf16 import linear
 from moeflow.runtime.rope import Rotary
 
 # Shape legend: T = new tokens, S = cached + new tokens, H = hidden, N = heads, D = head dim.
@@ -34,8 +35,8 @@ def norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: 
 
 def silu_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """down(silu(gate(x)) * up(x)) with gate and up stacked in one [2I, H] matrix."""
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, down)
+    gate, up = linear(x, gate_up).chunk(2, dim=-1)
+    return linear(F.silu(gate) * up, down)
 
 
 class KVCache:
@@ -237,7 +238,7 @@ class GQAAttention:
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """q, k and v of x [T, H] (one product for the tokens of every sequence of a step), with
         OLMoE's norms and clipping: [T, (N+2KV)*D]."""
-        qkv = F.linear(x, self.qkv, self.qkv_bias)
+        qkv = linear(x, self.qkv, self.qkv_bias)
         if self.spec.qk_norm == "proj" or self.spec.clip_qkv is not None:
             qkv = self._proj_norm_and_clip(qkv)
         return qkv
@@ -261,7 +262,7 @@ class GQAAttention:
 
     def output(self, out: torch.Tensor) -> torch.Tensor:
         """The output projection of `core`'s rows (of every sequence of a step at once)."""
-        return F.linear(out, self.o_proj, self.o_bias)
+        return linear(out, self.o_proj, self.o_bias)
 
 
 class MLAAttention:
@@ -286,13 +287,13 @@ class MLAAttention:
         t = x.shape[0]
         start = cache.length
         if s.q_lora_rank is None:
-            q = F.linear(x, w["q_proj"])
+            q = linear(x, w["q_proj"])
         else:
-            q_a = rms_norm(F.linear(x, w["q_a_proj"], w.get("q_a_bias")), w["q_a_layernorm"], 1e-6)
-            q = F.linear(q_a, w["q_b_proj"])
+            q_a = rms_norm(linear(x, w["q_a_proj"], w.get("q_a_bias")), w["q_a_layernorm"], 1e-6)
+            q = linear(q_a, w["q_b_proj"])
         q = q.view(t, s.num_heads, s.head_dim).transpose(0, 1)  # [N, T, nope+rope]
         q_nope, q_rot = q.split((s.qk_nope_head_dim, s.qk_rope_head_dim), dim=-1)
-        compressed = F.linear(x, w["kv_a_proj_with_mqa"], w.get("kv_a_bias"))
+        compressed = linear(x, w["kv_a_proj_with_mqa"], w.get("kv_a_bias"))
         latent, k_rot = compressed.split((s.kv_lora_rank, s.qk_rope_head_dim), dim=-1)
         latent = rms_norm(latent, w["kv_a_layernorm"], 1e-6)
         cos, sin = self.rotary.tables(start, t)
@@ -301,10 +302,10 @@ class MLAAttention:
         q_rot, k_rot = rotated.split((s.num_heads, 1))
         latents, k_rots = cache.append(latent, k_rot[0])  # [S, rank], [S, rope]
         total = latents.shape[0]
-        kv = F.linear(latents, w["kv_b_proj"]).view(total, s.num_heads, s.qk_nope_head_dim + s.v_head_dim)
+        kv = linear(latents, w["kv_b_proj"]).view(total, s.num_heads, s.qk_nope_head_dim + s.v_head_dim)
         k_nope, values = kv.transpose(0, 1).split((s.qk_nope_head_dim, s.v_head_dim), dim=-1)
         keys = torch.cat((k_nope, k_rots.unsqueeze(0).expand(s.num_heads, -1, -1)), dim=-1)
         query = torch.cat((q_nope, q_rot), dim=-1)
         out = attend(query, keys, values, attention_mask(start, t, None, x.device), s.scaling)  # [N, T, v]
         out = out.view(1, -1) if t == 1 else out.transpose(0, 1).reshape(t, -1)
-        return F.linear(out, w["o_proj"], w.get("o_bias"))
+        return linear(out, w["o_proj"], w.get("o_bias"))

@@ -8,11 +8,11 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from moeflow.memory.cache import USABLE_STATES, ExpertCache
 from moeflow.memory.fetch import LayerFetch
-from moeflow.runtime import cpu_quant, reference
+from moeflow.runtime import cpu_bf16, cpu_quant, reference
+from moeflow.runtime.cpu_bf16 import linear
 from moeflow.runtime.layers import silu_mlp
 from moeflow.runtime.model import Layer, SharedMLP
 from moeflow.store.layout import ExpertView
@@ -90,7 +90,7 @@ class Routing:
 def shared_mlp(mlp: SharedMLP, x: torch.Tensor) -> torch.Tensor:
     out = silu_mlp(x, mlp.gate_up, mlp.down)
     if mlp.gate is not None:
-        out = torch.sigmoid(F.linear(x, mlp.gate)) * out
+        out = torch.sigmoid(linear(x, mlp.gate)) * out
     return out
 
 
@@ -99,16 +99,19 @@ def clamped_swiglu_ffn(x: torch.Tensor, w: ExpertView, alpha: float, limit: floa
     stacked above up rows here), gate clamped above at limit, up to [-limit, limit],
     (up + 1) * gate * sigmoid(gate * alpha), then down + bias."""
     gate_up, gate_up_bias, down, down_bias = (_in(w[n], x) for n in ("gate_up", "gate_up_bias", "down", "down_bias"))
-    gate, up = F.linear(x, gate_up, gate_up_bias).chunk(2, dim=-1)
+    gate, up = linear(x, gate_up, gate_up_bias).chunk(2, dim=-1)
     gate = gate.clamp(max=limit)
     up = up.clamp(min=-limit, max=limit)
-    return F.linear((up + 1) * (gate * torch.sigmoid(gate * alpha)), down, down_bias)
+    return linear((up + 1) * (gate * torch.sigmoid(gate * alpha)), down, down_bias)
 
 
 def _in(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """A float expert weight in x's dtype: a store may keep another float dtype than the compute
-    (precision="bfloat16" with dtype="float32" halves the experts' bytes); cast per use."""
-    return weight if weight.dtype == x.dtype else weight.to(x.dtype)
+    (precision="bfloat16" with dtype="float32" halves the experts' bytes); cast per use, except
+    where runtime/cpu_bf16.py's kernel takes the bf16 weight with float32 rows as they are."""
+    if weight.dtype == x.dtype or cpu_bf16.takes_float32(weight, x):
+        return weight
+    return weight.to(x.dtype)
 
 
 DECODE_ROWS = 16  # an expert's rows up to which the GPU takes the decode kernel rather than the grouped one

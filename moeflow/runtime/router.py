@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from moeflow.models.base import RouterSpec
+from moeflow.runtime.cpu_bf16 import linear
 
 # T = tokens, E = routed experts, K = experts per token, G = groups.
 
@@ -26,7 +27,7 @@ class Router:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Gate logits [T, E] (float32 for DeepSeek, the compute dtype otherwise)."""
-        return F.linear(x.float() if self.spec.fp32_logits else x, self.weight, self.gate_bias)
+        return linear(x.float() if self.spec.fp32_logits else x, self.weight, self.gate_bias)
 
     def select(self, logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids [T, K], combine weights [T, K]) from gate logits [T, E]."""

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from moeflow.memory.cache import ExpertCache
 from moeflow.memory.device import ComputeDevice
 from moeflow.runtime.cpu_experts import CpuExperts
+from moeflow.runtime.cpu_bf16 import linear
 from moeflow.runtime.layers import GQAAttention, KVCache, norm, silu_mlp
 from moeflow.runtime.model import DenseModel
 from moeflow.runtime.moe import MissPrecision, PrecisionCounters, Routing, run_moe
@@ -274,7 +275,7 @@ class ModelRunner:
             return [None] * len(parts)
         picked = rows[0] if len(rows) == 1 else torch.cat(rows)
         with wide(m.lm_head.nbytes):
-            out = F.linear(norm(picked, m.final_norm, m.final_norm_bias, self.eps), m.lm_head, m.lm_head_bias).float()
+            out = linear(norm(picked, m.final_norm, m.final_norm_bias, self.eps), m.lm_head, m.lm_head_bias).float()
         return [None if span is None else out[span[0]:span[1]] for span in spans]
 
 
