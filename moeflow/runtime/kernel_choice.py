@@ -133,6 +133,8 @@ def expert_ffn(weights: ExpertView, x: torch.Tensor) -> torch.Tensor:
 def lookup(device: torch.device, bits: int, group: int, hidden: int, inter: int, dtype: torch.dtype,
            rows: int) -> str | None:
     """The installed table's path for these, or None where it has no entry (benches report it)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     paths = TABLES.get(device, {}).get((bits, group, hidden, inter, dtype))
     return None if paths is None else paths[bucket(rows)]
 

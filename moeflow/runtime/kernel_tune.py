@@ -156,19 +156,27 @@ def _start(file: Path, name: str) -> tuple[dict[str, Any], str | None]:
 
 def tune(shapes: Iterable[tuple[int, int]], bits: Iterable[int], group: int, dtypes: Iterable[torch.dtype],
          device: torch.device, reps: int, warmup: int, file: Path | None = None,
-         emit: Callable[[dict[str, Any]], None] = lambda line: None) -> tuple[Path, int]:
-    """Measure every (dtype, bits, shape) on `device` into its table file (kernel_choice.table_file
-    unless given), entries replacing the file's for the same key and the rest kept. `emit` gets
-    each entry (or {"error": ...}) as it is written. Returns the file and the number that failed."""
+         emit: Callable[[dict[str, Any]], None] = lambda line: None,
+         budget_s: float | None = None) -> tuple[Path, int]:
+    """Measure every (dtype, shape, bits), in that order, on `device` into its table file
+    (kernel_choice.table_file unless given), entries replacing the file's for the same key and the
+    rest kept. `emit` gets each entry (or {"error": ...}, {"skipped": ...}) as it is written. With
+    `budget_s`, no entry starts after that many seconds: the rest are reported skipped (a bounded
+    GPU run ends on its own rather than being killed). Returns the file and the number that failed."""
     name = kernel_choice.device_name(device)
     file = file if file is not None else kernel_choice.table_file(name)
     doc, note = _start(file, name)
     if note:
         emit({"note": note, "table": str(file)})
     failed = 0
+    stop = None if budget_s is None else time.perf_counter() + budget_s
     for dtype in dtypes:
-        for b in bits:
-            for hidden, inter in shapes:
+        for hidden, inter in shapes:
+            for b in bits:
+                if stop is not None and time.perf_counter() > stop:
+                    emit({"skipped": f"past the {budget_s} s budget", "bits": b, "group": group, "hidden": hidden,
+                          "inter": inter, "dtype": DTYPE_NAMES[dtype]})
+                    continue
                 try:
                     with torch.inference_mode():
                         entry = measure(hidden, inter, b, group, dtype, device, reps, warmup)
