@@ -2,6 +2,8 @@
 
     python benches/bench_kernels.py [--shapes mixtral,olmoe,qwen3_30b_a3b,deepseek_v2_lite]
                                     [--precisions bf16,int8,int4] [--reps 20] [--quick]
+    python benches/bench_kernels.py --tune [--quick] [--shapes ...] [--precisions int8,int4,int2]
+                                    [--dtypes bfloat16,float16] [--table FILE]
 
 Kernels (runtime/gpu.py launching kernels/*.cu), each against a torch baseline in the same run:
 - `decode_expert`: one expert, one token; baseline torch's bf16 F.linear (cuBLAS) on the same
@@ -23,8 +25,19 @@ of moe_decode.cu: its two launches alone, built once, so `us` minus it is the ho
 `max_err` (max |kernel - reference|
 / max |reference|, the reference being runtime/reference.py in float32 on the same weights), and
 `goal` / `goal_met` where issue 13 sets one (int4 decode 2.5x, int8 1.6x, bf16 decode layer 1.0x,
-prefill 0.8x, int4 prefill 0.7x). The weights cycle through enough copies to exceed twice the L2
+prefill 0.8x, int4 prefill 0.7x), and `table_path`: the path the device's measured kernel table
+(runtime/kernel_choice.py) chooses for an expert of the line's shape, precision and rows per expert
+(the engine's choice), or "untuned" where there is no table or no entry (float experts never have one). The weights cycle through enough copies to exceed twice the L2
 cache, so no figure is an L2 hit. Without a GPU it prints {"gpu": false} and exits 0.
+
+--tune measures that table instead (runtime/kernel_tune.py): every path of a min-max expert
+(moe_decode.cu, grouped_mma.cu, dequant.cu + torch's SiLU MLP) at every row bucket (1 to 512+), per
+shape, precision (default int8,int4; int2 too) and activation dtype (default bfloat16), checked
+against the reference, the fastest within tolerance chosen; written (atomically, after each
+entry) to $MOEFLOW_CACHE/kernels-<device>.json, or --table FILE, which the engine reads at open.
+One JSON line per entry ("bench": "kernel_table"), its times and errors per path and bucket.
+--quick: 5 reps after 2 warm-up calls (else --reps after 3); --budget-s S: no entry starts after S
+seconds (bench_gpu.py --all bounds it so).
 """
 
 from __future__ import annotations
@@ -54,6 +67,7 @@ SHAPES: dict[str, tuple[int, int, int]] = {
     "deepseek_v2_lite": (2048, 1408, 6),
 }
 BITS = {"bf16": 16, "int8": 8, "int4": 4}
+TUNE_BITS = {"int8": 8, "int4": 4, "int2": 2}  # the min-max precisions a kernel table covers
 GROUP = 64
 PREFILL_EXPERTS, PREFILL_ROWS = 8, 64
 GOALS: dict[tuple[str, str], float] = {
@@ -155,10 +169,42 @@ def record(shape: str, hidden: int, inter: int, kernel: str, precision: str, tok
         "baseline": baseline, "baseline_us": round(baseline_us, 2), "vs_baseline": round(baseline_us / us, 3),
         "max_err": err, **extra,
     }
+    line["table_path"] = table_path(hidden, inter, precision, tokens)
     goal = GOALS.get((kernel, precision)) if with_goal else None
     if goal is not None:
         line["goal"], line["goal_met"] = goal, line["vs_baseline"] >= goal
     return line
+
+
+def table_path(hidden: int, inter: int, precision: str, rows: int) -> str:
+    """The installed kernel table's path for an expert of this shape on `rows` rows (bfloat16
+    activations, as every line here), or "untuned"."""
+    from moeflow.runtime import kernel_choice
+
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    bits = BITS[precision]
+    found = None if bits == 16 else kernel_choice.lookup(device, bits, GROUP, hidden, inter, torch.bfloat16, rows)
+    return found or "untuned"
+
+
+def tune(shapes: list[str], precisions: list[str], dtypes: list[str], reps: int, warmup: int,
+         table: Path | None, budget_s: float | None = None) -> int:
+    """--tune: the kernel table of this GPU, one JSON line per entry; the number of entries that failed."""
+    from moeflow.runtime import kernel_choice, kernel_tune
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    name = torch.cuda.get_device_name(device)
+    names: dict[tuple[Any, Any], str] = {SHAPES[s][:2]: s for s in shapes}
+
+    def emit(line: dict[str, Any]) -> None:
+        shape = names.get((line.get("hidden"), line.get("inter")))
+        print(json.dumps({"bench": "kernel_table", "device": name, "shape": shape, **line}), flush=True)
+
+    by_size = sorted(shapes, key=lambda s: SHAPES[s][0] * SHAPES[s][1])  # within a budget the small ones first
+    _, failed = kernel_tune.tune([SHAPES[s][:2] for s in by_size], [TUNE_BITS[p] for p in precisions], GROUP,
+                                 [kernel_choice.DTYPES[d] for d in dtypes], device, reps, warmup, table, emit,
+                                 budget_s)
+    return failed
 
 
 def bench_shape(shape: str, precision: str, reps: int, device: torch.device) -> list[dict[str, Any]]:
@@ -286,21 +332,43 @@ def bench_shape(shape: str, precision: str, reps: int, device: torch.device) -> 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated: " + ", ".join(SHAPES))
-    ap.add_argument("--precisions", default=",".join(BITS), help="comma-separated: " + ", ".join(BITS))
+    ap.add_argument("--precisions", default=None,
+                    help="comma-separated: " + ", ".join(BITS) + " (--tune: " + ", ".join(TUNE_BITS) +
+                         "; default int8,int4)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="5 reps")
+    ap.add_argument("--tune", action="store_true", help="measure this GPU's kernel table (runtime/kernel_tune.py)")
+    ap.add_argument("--dtypes", default="bfloat16", help="--tune: activation dtypes, bfloat16 and/or float16")
+    ap.add_argument("--table", type=Path, default=None,
+                    help="--tune: write here rather than $MOEFLOW_CACHE/kernels-<device>.json")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="--tune: start no entry after this many seconds (the rest are reported skipped)")
     args = ap.parse_args(argv)
+    known = TUNE_BITS if args.tune else BITS
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
-    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
-    unknown = [s for s in shapes if s not in SHAPES] + [p for p in precisions if p not in BITS]
+    precisions = [p.strip() for p in (args.precisions or ("int8,int4" if args.tune else ",".join(BITS))).split(",")
+                  if p.strip()]
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    unknown = ([s for s in shapes if s not in SHAPES] + [p for p in precisions if p not in known] +
+               [d for d in dtypes if d not in ("bfloat16", "float16")])
     if unknown:
-        ap.error(f"unknown shape or precision: {', '.join(unknown)}")
+        ap.error(f"unknown shape, precision or dtype: {', '.join(unknown)}")
     if not torch.cuda.is_available():
         print(json.dumps({"bench": "kernels", "gpu": False, "reason": "no CUDA device: the kernels need one"}))
         return 0
+    if args.tune:
+        reps, warmup = (5, 2) if args.quick else (args.reps, 3)
+        return 1 if tune(shapes, precisions, dtypes, reps, warmup, args.table, args.budget_s) else 0
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(device)
     reps = 5 if args.quick else args.reps
+    from moeflow.errors import KernelTableError
+    from moeflow.runtime import kernel_choice
+
+    try:  # the engine's choice, reported beside each line (table_path)
+        kernel_choice.open_for(device)
+    except KernelTableError as e:
+        print(json.dumps({"bench": "kernels", "device": name, "table_error": str(e)[:400]}), flush=True)
     failed = 0
     with torch.inference_mode():
         for shape in shapes:
