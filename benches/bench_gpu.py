@@ -19,10 +19,12 @@
         (benches/gpu_runs.py).
 
     python benches/bench_gpu.py --all [--wheels .gpu-wheels]
-        the one prepared GPU run, under 8 minutes: --check, then benches/bench_kernels.py --quick,
-        then --placement --quick, each a time-limited subprocess whose JSON lines pass through; a
-        part that fails or runs out of time is reported ({"part": ..., "rc": ...}) and the next
-        still runs. Exits 1 if any part failed.
+        the one prepared GPU run, under 8 minutes: --check, then benches/bench_kernels.py --tune
+        --quick (this GPU's kernel table, runtime/kernel_choice.py, in $MOEFLOW_CACHE; its entries
+        print as JSON lines), then benches/bench_kernels.py --quick (its lines name the table's
+        choice), then --placement --quick, each a time-limited subprocess whose JSON lines pass
+        through; a part that fails or runs out of time is reported ({"part": ..., "rc": ...}) and
+        the next still runs. Exits 1 if any part failed.
 
     python benches/bench_gpu.py --placement [--quick] [--placement-device sim]
         a separate section, run only when asked (never by --check): where misses run, decode
@@ -76,9 +78,11 @@ def install_missing(wheels: Path) -> list[str]:
     return missing
 
 
-# (name, arguments after the interpreter, seconds): the --all parts, 450 s in all
+# (name, arguments after the interpreter, seconds): the --all parts, 480 s in all
 ALL_PARTS = (
     ("check", ["benches/bench_gpu.py", "--check"], 240),
+    # the small shapes first, no entry started after 20 s: what is measured by then is written
+    ("tune", ["benches/bench_kernels.py", "--tune", "--quick", "--budget-s", "20"], 30),
     ("kernels", ["benches/bench_kernels.py", "--quick"], 120),
     ("placement", ["benches/bench_gpu.py", "--placement", "--quick"], 90),
 )
