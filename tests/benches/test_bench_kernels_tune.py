@@ -1,0 +1,84 @@
+"""benches/bench_kernels.py's kernel table side: `--tune` and the `table_path` each line reports
+(the path the device's measured table, runtime/kernel_choice.py, chooses), and the tuning part of
+bench_gpu.py --all."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from benches import bench_gpu, bench_kernels as bk
+from moeflow.runtime import kernel_choice
+from moeflow.runtime.kernel_choice import BUCKETS, FORMAT, VERSION
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def no_tables() -> Iterator[None]:
+    kernel_choice.reset()
+    yield
+    kernel_choice.reset()
+
+
+def _line(kernel: str, precision: str, rows: int) -> dict[str, object]:
+    return bk.record("small", 128, 64, kernel, precision, rows, 2, us=1.0, weight_bytes=1, baseline="b",
+                     baseline_us=1.0, err=0.0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="installs the table of the CPU (the kernels' emulator)")
+def test_each_line_names_the_path_the_table_chooses(tmp_path: Path) -> None:
+    assert _line("prefill", "int4", 3)["table_path"] == "untuned"  # no table
+    paths = ["dequant_torch", "moe_decode", "grouped_mma"] + ["moe_decode"] * (len(BUCKETS) - 3)
+    doc = {"format": FORMAT, "version": VERSION, "device": "cpu", "buckets": list(BUCKETS),
+           "entries": [{"kind": "minmax", "bits": 4, "group": bk.GROUP, "hidden": 128, "inter": 64,
+                        "dtype": "bfloat16", "paths": paths}]}
+    kernel_choice.install(kernel_choice.parse(doc, tmp_path / "t.json"), torch.device("cpu"))
+    assert _line("decode_expert", "int4", 1)["table_path"] == "dequant_torch"
+    assert _line("prefill", "int4", 3)["table_path"] == "grouped_mma"  # rows per expert, bucket 4
+    assert _line("prefill", "int8", 3)["table_path"] == "untuned"  # no int8 entry
+    assert _line("prefill", "bf16", 3)["table_path"] == "untuned"  # float experts have no table
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU answer")
+def test_tune_without_a_gpu_says_so_and_exits_0() -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "benches" / "bench_kernels.py"), "--tune", "--quick"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["gpu"] is False
+
+
+@pytest.mark.parametrize("argv", [["--tune", "--precisions", "bf16"], ["--precisions", "int2"],
+                                  ["--tune", "--dtypes", "float32"]])
+def test_what_a_table_cannot_hold_is_refused(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as raised:
+        bk.main(argv)
+    assert raised.value.code == 2
+
+
+def test_the_prepared_gpu_run_tunes_before_the_kernel_lines_within_its_limit() -> None:
+    names = [name for name, _, _ in bench_gpu.ALL_PARTS]
+    assert names.index("tune") < names.index("kernels")  # so the kernel lines name the fresh table's choice
+    _, argv, limit = bench_gpu.ALL_PARTS[names.index("tune")]
+    assert argv[:3] == ["benches/bench_kernels.py", "--tune", "--quick"]
+    assert float(argv[argv.index("--budget-s") + 1]) <= limit - 10  # startup and the last entry's run
+
+
+@pytest.mark.gpu
+def test_tune_on_the_gpu_writes_the_table_the_lines_then_name(tmp_path: Path) -> None:
+    table = tmp_path / "kernels.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benches" / "bench_kernels.py"), "--tune", "--quick",
+                           "--shapes", "qwen3_30b_a3b", "--precisions", "int4", "--table", str(table)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(line["bench"], line["shape"], line["bits"]) for line in lines] == [("kernel_table", "qwen3_30b_a3b", 4)]
+    loaded = kernel_choice.load(table)
+    assert loaded.device == torch.cuda.get_device_name() and lines[0]["paths"] == list(
+        loaded.choices[(4, bk.GROUP, 2048, 768, torch.bfloat16)])
