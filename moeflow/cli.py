@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from moeflow import cli_batch, config
+from moeflow import cli_batch, cli_tune, config
 from moeflow.cli_checks import (
     MissingExtra,
     at_least,
@@ -303,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     cli_batch.add_parser(command, _common_engine_args, engine_options)
+    cli_tune.add_parser(command)
 
     p = command("serve", "an OpenAI-compatible HTTP server (needs the serve extra)")
     _common_engine_args(p, budget_default="auto")
