@@ -172,7 +172,8 @@ def _check_entry(entry: dict[str, Any]) -> None:
     for i in range(len(BUCKETS)):
         timed = {p: entry["us"][p][i] for p in PATHS}
         assert all(t is not None and math.isfinite(t) and t > 0 for t in timed.values()), timed
-        ok = [p for p in PATHS if entry["max_err"][p][i] <= kernel_tune.TOLERANCE]
+        errs = {p: entry["max_err"][p][i] for p in PATHS}
+        ok = [p for p in PATHS if errs[p] is not None and errs[p] <= kernel_tune.TOLERANCE]
         assert entry["paths"][i] == min(ok, key=timed.__getitem__)
 
 
