@@ -188,12 +188,13 @@ def table_path(hidden: int, inter: int, precision: str, rows: int) -> str:
 
 
 def tune(shapes: list[str], precisions: list[str], dtypes: list[str], reps: int, warmup: int,
-         table: Path | None, budget_s: float | None = None) -> int:
-    """--tune: the kernel table of this GPU, one JSON line per entry; the number of entries that failed."""
+         table: Path | None, budget_s: float | None = None, device: torch.device | None = None) -> int:
+    """--tune: the kernel table of this GPU (`device`: tests pass the CPU, whose kernels are
+    emulated), one JSON line per entry; the number of entries that failed."""
     from moeflow.runtime import kernel_choice, kernel_tune
 
-    device = torch.device("cuda", torch.cuda.current_device())
-    name = torch.cuda.get_device_name(device)
+    device = device or torch.device("cuda", torch.cuda.current_device())
+    name = kernel_choice.device_name(device)
     names: dict[tuple[Any, Any], str] = {SHAPES[s][:2]: s for s in shapes}
 
     def emit(line: dict[str, Any]) -> None:
