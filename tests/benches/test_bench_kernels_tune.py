@@ -70,26 +70,12 @@ def test_the_prepared_gpu_run_tunes_before_the_kernel_lines_within_its_limit() -
     assert float(argv[argv.index("--budget-s") + 1]) <= limit - 10  # startup and the last entry's run
 
 
-@pytest.mark.gpu
-def test_tune_on_the_gpu_writes_the_table_the_lines_then_name(tmp_path: Path) -> None:
-    table = tmp_path / "kernels.json"
-    done = subprocess.run([sys.executable, str(ROOT / "benches" / "bench_kernels.py"), "--tune", "--quick",
-                           "--shapes", "qwen3_30b_a3b", "--precisions", "int4", "--table", str(table)],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    lines = [json.loads(line) for line in done.stdout.splitlines()]
-    assert [(line["bench"], line["shape"], line["bits"]) for line in lines] == [("kernel_table", "qwen3_30b_a3b", 4)]
-    loaded = kernel_choice.load(table)
-    assert loaded.device == torch.cuda.get_device_name() and lines[0]["paths"] == list(
-        loaded.choices[(4, bk.GROUP, 2048, 768, torch.bfloat16)])
-
-
 @pytest.mark.slow  # ~10 s: the emulated decode kernel at 256 and 512 rows
 def test_tune_writes_one_line_per_entry_small_shapes_first(kernel_device: torch.device, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     if kernel_device.type != "cpu":
-        pytest.skip("the GPU's run is test_tune_on_the_gpu_writes_the_table_the_lines_then_name")
+        pytest.skip("on a GPU, bench_gpu.py --all runs --tune itself (its tune part)")
     monkeypatch.setitem(bk.SHAPES, "big", (128, 64, 2))  # the smallest sizes both kernels take
     monkeypatch.setitem(bk.SHAPES, "small", (64, 64, 2))
     table = tmp_path / "kernels.json"
