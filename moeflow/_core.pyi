@@ -50,6 +50,12 @@ def bf16_linear(x: int, m: int, k: int, w: int, n: int, y: int, x_bf16: bool, y_
     is fixed, whatever the rows. moeflow/runtime/cpu_bf16.py checks the tensors; raises
     ValueError on a refusal."""
 
+def mxfp4_linear(x: int, m: int, k: int, blocks: int, scales: int, n: int, y: int, x_bf16: bool, y_bf16: bool,
+                 bias: int = 0, threads: int = 1) -> None:
+    """bf16_linear with MXFP4 weights by address: blocks [n, k/32, 16] and scales [n, k/32] uint8
+    (store/mxfp4.py's layout), k a multiple of 32; the bits of bf16_linear over the dequantized
+    matrix."""
+
 def bf16_linear_available() -> bool:
     """Whether this CPU runs bf16_linear (x86-64 with AVX2 and FMA)."""
 

@@ -1,11 +1,13 @@
-//! A bf16-weight matrix product for CPUs without bf16 dot-product instructions (AVX2 + FMA,
-//! no AVX512-BF16 or AMX): y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]), w in bf16, x and
-//! the accumulation in f32, y in f32 or bf16.
+//! Matrix products with bf16 or MXFP4 weights on the CPU (AVX2 + FMA):
+//! y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]), x and the accumulation in f32, y in f32 or bf16.
 //!
 //! Why moeflow has its own: on such CPUs torch's bf16 product converts the weights again for
 //! every row, so 64 rows cost ~64x one row, and a batched decode step or a prefill chunk saves
 //! nothing on its experts. Here each weight is converted once per call, in registers, and serves
-//! every row of the step.
+//! every row of the step. MXFP4 weights (GPT-OSS's experts: e2m1 codes with a power-of-two
+//! scale per 32 inputs) are decoded the same way, in registers, so the CPU never writes a
+//! dequantized copy; each weight's value is exactly the one store/mxfp4.py's `dequantize` gives,
+//! so the product is bit for bit `linear` over the dequantized bf16 matrix.
 //!
 //! The arithmetic of one output never depends on the number of rows, their position in the call,
 //! the tile or the thread that computes it (batch invariance: a request's tokens do not depend
@@ -61,6 +63,8 @@ pub enum GemmError {
     Unsupported,
     #[error("{what} holds {got} values, the shape needs {need}")]
     Size { what: &'static str, got: usize, need: usize },
+    #[error("MXFP4 weights take inputs in blocks of 32; k = {k} is not a multiple of 32")]
+    Block { k: usize },
 }
 
 /// Columns (weight rows) per panel: about 128 KiB of bf16 weights, kept in L2 while every row
@@ -86,11 +90,72 @@ pub fn linear(
     out: Output<'_>,
     threads: usize,
 ) -> Result<(), GemmError> {
+    check("w", w.len(), n * k)?;
+    run(x, m, k, Bf16Rows { w: w.as_ptr() as usize, k }, n, bias, out, threads)
+}
+
+/// `linear` with MXFP4 weights: blocks [n, k/32, 16] (two e2m1 codes a byte, the even input in
+/// the low nibble) and scales [n, k/32] (e8m0: 2^(s - 127)); k a multiple of 32.
+#[allow(clippy::too_many_arguments)]
+pub fn mxfp4_linear(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    blocks: &[u8],
+    scales: &[u8],
+    n: usize,
+    bias: Option<&[f32]>,
+    out: Output<'_>,
+    threads: usize,
+) -> Result<(), GemmError> {
+    if k % MX_BLOCK != 0 {
+        return Err(GemmError::Block { k });
+    }
+    check("blocks", blocks.len(), n * k / 2)?;
+    check("scales", scales.len(), n * k / MX_BLOCK)?;
+    let rows = Mxfp4Rows { blocks: blocks.as_ptr() as usize, scales: scales.as_ptr() as usize, k };
+    run(x, m, k, rows, n, bias, out, threads)
+}
+
+/// Inputs per MXFP4 scale.
+pub const MX_BLOCK: usize = 32;
+
+/// The e2m1 magnitudes of codes 0-7 (bit 3 is the sign).
+const E2M1: [f32; 8] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
+
+/// 2^(s - 127) for an e8m0 byte, exactly (s = 0 is the subnormal 2^-127, s = 255 infinity, so a
+/// zero code times it is NaN, as torch.ldexp gives).
+pub fn e8m0(s: u8) -> f32 {
+    match s {
+        0 => f32::from_bits(0x0040_0000),
+        s => f32::from_bits(u32::from(s) << 23),
+    }
+}
+
+/// The value of MXFP4 weight (row, col) of a [.., k] matrix: e2m1 code times its block's scale.
+pub fn mxfp4_value(blocks: &[u8], scales: &[u8], k: usize, row: usize, col: usize) -> f32 {
+    let byte = blocks[row * k / 2 + col / 2];
+    let code = if col % 2 == 0 { byte & 0xf } else { byte >> 4 };
+    let magnitude = E2M1[usize::from(code & 7)];
+    let value = if code & 8 != 0 { -magnitude } else { magnitude };
+    value * e8m0(scales[row * k / MX_BLOCK + col / MX_BLOCK])
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run<W: Rows>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    rows: W,
+    n: usize,
+    bias: Option<&[f32]>,
+    out: Output<'_>,
+    threads: usize,
+) -> Result<(), GemmError> {
     if !available() {
         return Err(GemmError::Unsupported);
     }
     check("x", x.len(), m * k)?;
-    check("w", w.len(), n * k)?;
     if let Some(b) = bias {
         check("bias", b.len(), n)?;
     }
@@ -109,7 +174,7 @@ pub fn linear(
     let panels = n.div_ceil(panel);
     let threads = threads.clamp(1, panels);
     let per = panels.div_ceil(threads);
-    let job = Job { x: x.as_ptr() as usize, m, k, w: w.as_ptr() as usize, n, bias: bias.map(|b| b.as_ptr() as usize), dest };
+    let job = Job { x: x.as_ptr() as usize, m, k, rows, n, bias: bias.map(|b| b.as_ptr() as usize), dest };
     let run = |group: usize| {
         let first = group * per * panel;
         let last = ((group + 1) * per * panel).min(n);
@@ -117,7 +182,7 @@ pub fn linear(
         while start < last {
             let end = (start + panel).min(last);
             // SAFETY: `available()` checked AVX2 and FMA; `job`'s pointers come from slices
-            // whose lengths `check` verified, and groups write disjoint columns of y.
+            // whose lengths were checked, and groups write disjoint columns of y.
             unsafe { job.columns(start, end) };
             start = end;
         }
@@ -146,17 +211,17 @@ enum Dest {
 
 /// The product's raw parts, shared by the threads (addresses: each writes its own columns).
 #[derive(Clone, Copy)]
-struct Job {
+struct Job<W> {
     x: usize,
     m: usize,
     k: usize,
-    w: usize,
+    rows: W,
     n: usize,
     bias: Option<usize>,
     dest: Dest,
 }
 
-impl Job {
+impl<W: Rows> Job<W> {
     /// Columns start..end of y for every row.
     ///
     /// # Safety
@@ -201,9 +266,8 @@ impl Job {
     unsafe fn tile<const R: usize, const C: usize>(&self, row: usize, col: usize) {
         let mut sums = [[0f32; C]; R];
         let x = self.x as *const f32;
-        let w = self.w as *const u16;
         // SAFETY: the caller's contract.
-        unsafe { dots::<R, C>(x.add(row * self.k), w.add(col * self.k), self.k, &mut sums) };
+        unsafe { dots::<R, C, W>(x.add(row * self.k), &self.rows, col, self.k, &mut sums) };
         for (r, line) in sums.iter().enumerate() {
             for (c, &sum) in line.iter().enumerate() {
                 let j = col + c;
@@ -225,13 +289,100 @@ impl Job {
     }
 }
 
-/// sums[r][c] = the module doc's sum of x row r (stride k) times weight row c (stride k).
+/// Weight rows the tiles read: eight consecutive weights of a row as f32, or one.
+trait Rows: Copy + Send + Sync {
+    /// Weights i..i+8 of row `row`.
+    ///
+    /// # Safety
+    /// AVX2 present; row < n and i + 8 <= k.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(&self, row: usize, i: usize) -> std::arch::x86_64::__m256;
+
+    /// Weight j of row `row`.
+    ///
+    /// # Safety
+    /// row < n and j < k.
+    unsafe fn one(&self, row: usize, j: usize) -> f32;
+}
+
+/// bf16 weights [n, k].
+#[derive(Clone, Copy)]
+struct Bf16Rows {
+    w: usize,
+    k: usize,
+}
+
+impl Rows for Bf16Rows {
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(&self, row: usize, i: usize) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract: eight values inside row `row`.
+        unsafe {
+            let raw = _mm_loadu_si128((self.w as *const u16).add(row * self.k + i) as *const __m128i);
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(raw)))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn one(&self, row: usize, j: usize) -> f32 {
+        // SAFETY: the caller's contract.
+        bf16_to_f32(unsafe { *(self.w as *const u16).add(row * self.k + j) })
+    }
+}
+
+/// MXFP4 weights: blocks [n, k/2] bytes, scales [n, k/32].
+#[derive(Clone, Copy)]
+struct Mxfp4Rows {
+    blocks: usize,
+    scales: usize,
+    k: usize,
+}
+
+impl Rows for Mxfp4Rows {
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(&self, row: usize, i: usize) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract: i is a multiple of 8, so the 4 bytes of codes i..i+8
+        // and their one scale (i / 32) lie inside row `row`.
+        unsafe {
+            let at = (self.blocks as *const u8).add((row * self.k + i) / 2);
+            let raw = _mm_cvtsi32_si128(std::ptr::read_unaligned(at as *const i32));
+            // byte b to lanes 2b and 2b+1, then the low nibble to the even lane, the high to the odd
+            let pairs = _mm_shuffle_epi8(raw, _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, -1, -1, -1, -1, -1, -1, -1, -1));
+            let codes = _mm256_and_si256(
+                _mm256_srlv_epi32(_mm256_cvtepu8_epi32(pairs), _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4)),
+                _mm256_set1_epi32(0xf),
+            );
+            let table = _mm256_loadu_ps(E2M1.as_ptr());
+            let magnitude = _mm256_permutevar8x32_ps(table, codes); // uses the low 3 bits
+            let sign = _mm256_slli_epi32::<28>(_mm256_and_si256(codes, _mm256_set1_epi32(8)));
+            let value = _mm256_or_ps(magnitude, _mm256_castsi256_ps(sign));
+            let scale = *(self.scales as *const u8).add((row * self.k + i) / MX_BLOCK);
+            _mm256_mul_ps(value, _mm256_set1_ps(e8m0(scale)))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn one(&self, _row: usize, _j: usize) -> f32 {
+        unreachable!("MXFP4 rows are whole blocks of 32: no k % 8 tail")
+    }
+}
+
+/// sums[r][c] = the module doc's sum of x row r (stride k) times weight row col + c.
 ///
 /// # Safety
-/// AVX2 and FMA present; x valid for R rows and w for C rows of k values.
+/// AVX2 and FMA present; x valid for R rows of k values, rows col..col+C inside the weights.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dots<const R: usize, const C: usize>(x: *const f32, w: *const u16, k: usize, sums: &mut [[f32; C]; R]) {
+unsafe fn dots<const R: usize, const C: usize, W: Rows>(
+    x: *const f32,
+    weights: &W,
+    col: usize,
+    k: usize,
+    sums: &mut [[f32; C]; R],
+) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm256_setzero_ps(); C]; R];
     let body = k - k % 8;
@@ -242,8 +393,8 @@ unsafe fn dots<const R: usize, const C: usize>(x: *const f32, w: *const u16, k: 
         if R >= C {
             let mut wv = [_mm256_setzero_ps(); C];
             for (c, v) in wv.iter_mut().enumerate() {
-                // SAFETY: i + 8 <= k within weight row c.
-                *v = unsafe { load_bf16(w.add(c * k + i)) };
+                // SAFETY: i + 8 <= k within weight row col + c.
+                *v = unsafe { weights.load8(col + c, i) };
             }
             for (r, lanes) in acc.iter_mut().enumerate() {
                 // SAFETY: i + 8 <= k within x row r.
@@ -259,8 +410,8 @@ unsafe fn dots<const R: usize, const C: usize>(x: *const f32, w: *const u16, k: 
                 *v = unsafe { _mm256_loadu_ps(x.add(r * k + i)) };
             }
             for c in 0..C {
-                // SAFETY: i + 8 <= k within weight row c.
-                let wv = unsafe { load_bf16(w.add(c * k + i)) };
+                // SAFETY: i + 8 <= k within weight row col + c.
+                let wv = unsafe { weights.load8(col + c, i) };
                 for (r, lanes) in acc.iter_mut().enumerate() {
                     lanes[c] = _mm256_fmadd_ps(xv[r], wv, lanes[c]);
                 }
@@ -276,7 +427,7 @@ unsafe fn dots<const R: usize, const C: usize>(x: *const f32, w: *const u16, k: 
             let mut s = ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
             for j in body..k {
                 // SAFETY: j < k.
-                let (xv, wv) = unsafe { (*x.add(r * k + j), bf16_to_f32(*w.add(c * k + j))) };
+                let (xv, wv) = unsafe { (*x.add(r * k + j), weights.one(col + c, j)) };
                 s = xv.mul_add(wv, s);
             }
             sums[r][c] = s;
@@ -284,29 +435,21 @@ unsafe fn dots<const R: usize, const C: usize>(x: *const f32, w: *const u16, k: 
     }
 }
 
-/// Eight bf16 values at p as f32 (exact: the bits shifted into the high half).
-///
-/// # Safety
-/// AVX2 present; p valid for 8 values.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn load_bf16(p: *const u16) -> std::arch::x86_64::__m256 {
-    use std::arch::x86_64::*;
-    // SAFETY: the caller's contract.
-    unsafe {
-        let raw = _mm_loadu_si128(p as *const __m128i);
-        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(raw)))
-    }
-}
-
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn dots<const R: usize, const C: usize>(_: *const f32, _: *const u16, _: usize, _: &mut [[f32; C]; R]) {
-    unreachable!("linear refuses CPUs without AVX2 and FMA")
+unsafe fn dots<const R: usize, const C: usize, W: Rows>(_: *const f32, _: &W, _: usize, _: usize, _: &mut [[f32; C]; R]) {
+    unreachable!("the products refuse CPUs without AVX2 and FMA")
 }
 
-/// The module doc's arithmetic written plainly, one output at a time: the reference the tests
-/// hold the kernel to, bit for bit.
-pub fn reference(x: &[f32], m: usize, k: usize, w: &[u16], n: usize, bias: Option<&[f32]>) -> Vec<f32> {
+/// The module doc's arithmetic written plainly, one output at a time, over weights given as a
+/// function (row, col) -> f32: the reference the tests hold the kernels to, bit for bit.
+pub fn reference(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    bias: Option<&[f32]>,
+    weight: impl Fn(usize, usize) -> f32,
+) -> Vec<f32> {
     let body = k - k % 8;
     let mut y = vec![0f32; m * n];
     for r in 0..m {
@@ -314,12 +457,12 @@ pub fn reference(x: &[f32], m: usize, k: usize, w: &[u16], n: usize, bias: Optio
             let mut l = [0f32; 8];
             for i in (0..body).step_by(8) {
                 for (lane, v) in l.iter_mut().enumerate() {
-                    *v = x[r * k + i + lane].mul_add(bf16_to_f32(w[c * k + i + lane]), *v);
+                    *v = x[r * k + i + lane].mul_add(weight(c, i + lane), *v);
                 }
             }
             let mut s = ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
             for j in body..k {
-                s = x[r * k + j].mul_add(bf16_to_f32(w[c * k + j]), s);
+                s = x[r * k + j].mul_add(weight(c, j), s);
             }
             y[r * n + c] = s + bias.map_or(0.0, |b| b[c]);
         }

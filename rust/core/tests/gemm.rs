@@ -1,6 +1,7 @@
 //! The bf16 product against its plain reference, bit for bit, over shapes that cross every tile
 //! edge (4-row and 3/12-column tiles, 8-wide k steps, 128 KiB panels, threads), and row
-//! invariance: a row's outputs are the same bits alone or in any batch.
+//! invariance: a row's outputs are the same bits alone or in any batch. MXFP4 weights give the
+//! bits of the bf16 product over their dequantized values.
 
 use moeflow_core::gemm::{self, bf16_to_f32, f32_to_bf16, GemmError, Output};
 use proptest::prelude::*;
@@ -32,7 +33,7 @@ fn check_shape(m: usize, k: usize, n: usize, threads: usize, with_bias: bool) {
     let w = bf16s(7 + (n * 17 + k) as u64, n * k);
     let b = values(99, n);
     let bias = with_bias.then_some(&b[..]);
-    let want = gemm::reference(&x, m, k, &w, n, bias);
+    let want = gemm::reference(&x, m, k, n, bias, |r, c| bf16_to_f32(w[r * k + c]));
     let got = run_f32(&x, m, k, &w, n, bias, threads);
     for (i, (g, r)) in got.iter().zip(&want).enumerate() {
         assert_eq!(g.to_bits(), r.to_bits(), "m={m} k={k} n={n} threads={threads} output {i}: {g} != {r}");
@@ -131,4 +132,71 @@ proptest! {
             check_shape(m, k, n, threads, n % 3 == 0);
         }
     }
+}
+
+/// Random MXFP4 blocks and scales of [n, k]; scales around 2^0 (bytes 117-136) plus the
+/// subnormal byte 0 in every seventh block.
+fn mxfp4(seed: u64, n: usize, k: usize) -> (Vec<u8>, Vec<u8>) {
+    let codes = values(seed, n * k / 2);
+    let blocks = codes.iter().map(|v| (v.to_bits() >> 7) as u8).collect();
+    let scales = (0..n * k / 32)
+        .map(|i| if i % 7 == 3 { 0 } else { 117 + (i * 13 % 20) as u8 })
+        .collect();
+    (blocks, scales)
+}
+
+fn check_mxfp4(m: usize, k: usize, n: usize, threads: usize, with_bias: bool) {
+    let x = values(11 + (m * 7 + k) as u64, m * k);
+    let (blocks, scales) = mxfp4(3 + n as u64, n, k);
+    let b = values(5, n);
+    let bias = with_bias.then_some(&b[..]);
+    let value = |r: usize, c: usize| gemm::mxfp4_value(&blocks, &scales, k, r, c);
+    let want = gemm::reference(&x, m, k, n, bias, value);
+    let mut got = vec![f32::NAN; m * n];
+    gemm::mxfp4_linear(&x, m, k, &blocks, &scales, n, bias, Output::F32(&mut got), threads).unwrap();
+    for (i, (g, r)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g.to_bits(), r.to_bits(), "mxfp4 m={m} k={k} n={n} threads={threads} output {i}");
+    }
+    // the same bits as the bf16 product over the dequantized matrix (every value fits bf16 exactly)
+    let dense: Vec<u16> = (0..n * k).map(|i| f32_to_bf16(value(i / k, i % k))).collect();
+    assert!((0..n * k).all(|i| bf16_to_f32(dense[i]) == value(i / k, i % k)));
+    let mut as_bf16 = vec![f32::NAN; m * n];
+    gemm::linear(&x, m, k, &dense, n, bias, Output::F32(&mut as_bf16), 1).unwrap();
+    assert_eq!(got, as_bf16);
+}
+
+#[test]
+fn mxfp4_matches_the_reference_and_the_dequantized_product() {
+    if !gemm::available() {
+        return;
+    }
+    for (m, k, n) in [(1, 32, 1), (2, 64, 13), (4, 96, 12), (5, 320, 25), (9, 2048, 40)] {
+        check_mxfp4(m, k, n, 1, n % 2 == 1);
+    }
+    check_mxfp4(6, 2880, 200, 3, true); // GPT-OSS's hidden size: several panels and threads
+}
+
+#[test]
+fn mxfp4_values_follow_the_format() {
+    // byte 0x71: low nibble 1 (+0.5), high nibble 7 (+6.0); 0xf8: -0.0 and -6.0
+    let blocks = [0x71u8, 0xf8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    assert_eq!(gemm::mxfp4_value(&blocks, &[127], 32, 0, 0), 0.5);
+    assert_eq!(gemm::mxfp4_value(&blocks, &[127], 32, 0, 1), 6.0);
+    assert_eq!(gemm::mxfp4_value(&blocks, &[128], 32, 0, 3), -12.0);
+    assert_eq!(gemm::mxfp4_value(&blocks, &[0], 32, 0, 0), 0.5 * 2f32.powi(-127));
+    assert_eq!(gemm::e8m0(255), f32::INFINITY);
+    assert!(gemm::mxfp4_value(&blocks, &[255], 32, 0, 2).is_nan()); // 0 x 2^128, as torch.ldexp
+}
+
+#[test]
+fn mxfp4_refuses_a_partial_block_and_short_buffers() {
+    if !gemm::available() {
+        return;
+    }
+    let x = vec![0f32; 40];
+    let mut y = vec![0f32; 1];
+    let err = gemm::mxfp4_linear(&x, 1, 40, &[0; 20], &[0; 1], 1, None, Output::F32(&mut y), 1).unwrap_err();
+    assert_eq!(err, GemmError::Block { k: 40 });
+    let err = gemm::mxfp4_linear(&x[..32], 1, 32, &[0; 15], &[0; 1], 1, None, Output::F32(&mut y), 1).unwrap_err();
+    assert_eq!(err, GemmError::Size { what: "blocks", got: 15, need: 16 });
 }

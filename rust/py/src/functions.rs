@@ -79,39 +79,100 @@ pub fn bf16_linear(
     bias: usize,
     threads: usize,
 ) -> PyResult<()> {
-    if [x, w, y].contains(&0) {
-        return Err(PyValueError::new_err("bf16_linear: a null tensor address"));
+    let sides = Sides { x, m, k, n, y, x_bf16, y_bf16, bias };
+    sides.run(py, "bf16_linear", w, move |xs, bs, out| {
+        // SAFETY: the caller's contract: w holds n * k bf16 values.
+        let ws = unsafe { std::slice::from_raw_parts(w as *const u16, n * k) };
+        gemm::linear(xs, m, k, ws, n, bs, out, threads)
+    })
+}
+
+/// `bf16_linear` with MXFP4 weights by address: blocks [n, k/32, 16] and scales [n, k/32]
+/// uint8 (store/mxfp4.py's layout), k a multiple of 32. The same caller contract.
+#[pyfunction]
+#[pyo3(signature = (x, m, k, blocks, scales, n, y, x_bf16, y_bf16, bias = 0, threads = 1))]
+#[allow(clippy::too_many_arguments)]
+pub fn mxfp4_linear(
+    py: Python<'_>,
+    x: usize,
+    m: usize,
+    k: usize,
+    blocks: usize,
+    scales: usize,
+    n: usize,
+    y: usize,
+    x_bf16: bool,
+    y_bf16: bool,
+    bias: usize,
+    threads: usize,
+) -> PyResult<()> {
+    if scales == 0 {
+        return Err(PyValueError::new_err("mxfp4_linear: a null tensor address"));
     }
-    let run = move || {
-        // SAFETY: the caller's contract above: each address holds a live, C-contiguous tensor
-        // of the stated shape and dtype, not written by anyone else during the call.
-        let (ws, bs) = unsafe {
+    let sides = Sides { x, m, k, n, y, x_bf16, y_bf16, bias };
+    sides.run(py, "mxfp4_linear", blocks, move |xs, bs, out| {
+        // SAFETY: the caller's contract: blocks and scales hold the [n, k] matrix's bytes.
+        let (b, s) = unsafe {
             (
-                std::slice::from_raw_parts(w as *const u16, n * k),
-                (bias != 0).then(|| std::slice::from_raw_parts(bias as *const f32, n)),
+                std::slice::from_raw_parts(blocks as *const u8, n * k / 2),
+                std::slice::from_raw_parts(scales as *const u8, n * k / gemm::MX_BLOCK),
             )
         };
-        let widened: Vec<f32>;
-        let xs = if x_bf16 {
-            // SAFETY: as above.
-            let raw = unsafe { std::slice::from_raw_parts(x as *const u16, m * k) };
-            widened = raw.iter().map(|&b| gemm::bf16_to_f32(b)).collect();
-            &widened[..]
-        } else {
-            // SAFETY: as above.
-            unsafe { std::slice::from_raw_parts(x as *const f32, m * k) }
+        gemm::mxfp4_linear(xs, m, k, b, s, n, bs, out, threads)
+    })
+}
+
+/// The activations, bias and output of a product, by address.
+struct Sides {
+    x: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+    y: usize,
+    x_bf16: bool,
+    y_bf16: bool,
+    bias: usize,
+}
+
+impl Sides {
+    /// Runs `product` on x (widened to f32 if bf16), the bias and y, without the GIL when large.
+    fn run(
+        self,
+        py: Python<'_>,
+        name: &str,
+        weights: usize,
+        product: impl FnOnce(&[f32], Option<&[f32]>, gemm::Output<'_>) -> Result<(), gemm::GemmError> + Send,
+    ) -> PyResult<()> {
+        let Sides { x, m, k, n, y, x_bf16, y_bf16, bias } = self;
+        if [x, weights, y].contains(&0) {
+            return Err(PyValueError::new_err(format!("{name}: a null tensor address")));
+        }
+        let work = move || {
+            // SAFETY: the caller's contract above: each address holds a live, C-contiguous
+            // tensor of the stated shape and dtype, not written by anyone else during the call.
+            let bs = unsafe { (bias != 0).then(|| std::slice::from_raw_parts(bias as *const f32, n)) };
+            let widened: Vec<f32>;
+            let xs = if x_bf16 {
+                // SAFETY: as above.
+                let raw = unsafe { std::slice::from_raw_parts(x as *const u16, m * k) };
+                widened = raw.iter().map(|&b| gemm::bf16_to_f32(b)).collect();
+                &widened[..]
+            } else {
+                // SAFETY: as above.
+                unsafe { std::slice::from_raw_parts(x as *const f32, m * k) }
+            };
+            let out = if y_bf16 {
+                // SAFETY: as above; y is written only here.
+                gemm::Output::Bf16(unsafe { std::slice::from_raw_parts_mut(y as *mut u16, m * n) })
+            } else {
+                // SAFETY: as above.
+                gemm::Output::F32(unsafe { std::slice::from_raw_parts_mut(y as *mut f32, m * n) })
+            };
+            product(xs, bs, out)
         };
-        let out = if y_bf16 {
-            // SAFETY: as above; y is written only here.
-            gemm::Output::Bf16(unsafe { std::slice::from_raw_parts_mut(y as *mut u16, m * n) })
-        } else {
-            // SAFETY: as above.
-            gemm::Output::F32(unsafe { std::slice::from_raw_parts_mut(y as *mut f32, m * n) })
-        };
-        gemm::linear(xs, m, k, ws, n, bs, out, threads)
-    };
-    let done = if m * n * k > DETACH_MACS { py.detach(run) } else { run() };
-    done.map_err(|e| PyValueError::new_err(format!("bf16_linear: {e}")))
+        let done = if m * n * k > DETACH_MACS { py.detach(work) } else { work() };
+        done.map_err(|e| PyValueError::new_err(format!("{name}: {e}")))
+    }
 }
 
 /// Products up to this many multiply-adds keep the GIL (tens of microseconds at most).
