@@ -1,4 +1,5 @@
-"""Products with bfloat16 weights on CPUs without bf16 instructions, through moeflow's own kernel.
+"""Products with bfloat16 weights on CPUs without bf16 instructions, and with MXFP4 weights on any
+x86-64 CPU, through moeflow's own kernels.
 
 Without AVX512-BF16 or AMX, torch's bf16 product on the CPU converts the weights again for every
 row: 64 rows cost ~64x one row (benches/bench_cpu_bf16.py), so batching sequences or chunking a
@@ -11,6 +12,15 @@ rows of the call (batch invariance).
 other call (float32 weights, CUDA tensors, machines whose torch has native bf16) is F.linear.
 `MOEFLOW_CPU_BF16` chooses: "auto" (default: the kernel where the CPU lacks native bf16),
 "moeflow" (always the kernel where the CPU can run it) or "torch" (never).
+
+`mxfp4_expert_ffn` computes GPT-OSS's MXFP4 experts on the CPU with moeflow._core.mxfp4_linear,
+which decodes the e2m1 codes and their scales in registers: torch has no MXFP4 product, and the
+alternative, dequantizing the whole expert to bf16 for every call, writes 4x the packed bytes
+before the product reads them again. Each weight's value is exactly store/mxfp4.py's `dequantize`,
+so the result is bit for bit `linear` over the dequantized bf16 matrices: it takes bf16 rows
+where `linear` takes bf16 weights (ENABLED), and an MXFP4 model gives the same logits as its
+bf16-stored copy. Float32 rows keep torch's float32 product over the dequantized matrix, the
+same arithmetic as a float32-stored copy.
 """
 
 from __future__ import annotations
@@ -75,3 +85,46 @@ def _kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     _core.bf16_linear(rows.data_ptr(), rows.shape[0], k, weight.data_ptr(), n, y.data_ptr(), bf16, bf16, b,
                       torch.get_num_threads())
     return y.view(*lead, n)
+
+
+def mxfp4_linear(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [.., k] (bf16 or float32, on the CPU) times the MXFP4 matrix [n, k] given by blocks
+    [n, k/32, 16] and scales [n, k/32] (+ bias [n]), in x's dtype: the bits of
+    `linear(x, dequantize(blocks, scales, bfloat16), bias)`."""
+    n, k = scales.shape[0], scales.shape[-1] * 32
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or scales.dim() != 2:
+        raise TypeError(f"MXFP4 blocks and scales are uint8 and scales [n, k/32]; got {blocks.dtype} "
+                        f"{tuple(blocks.shape)} and {scales.dtype} {tuple(scales.shape)}")
+    if blocks.numel() != n * k // 2 or not blocks.is_contiguous() or not scales.is_contiguous():
+        raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not hold a contiguous [{n}, {k}] matrix")
+    if x.shape[-1] != k or x.dtype not in (_BF16, _F32) or x.is_cuda or blocks.is_cuda:
+        raise ValueError(f"mxfp4_linear takes CPU bf16/float32 rows of {k} features, got {x.dtype} "
+                         f"{tuple(x.shape)} on {x.device}")
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, k)
+    if not rows.is_contiguous():
+        rows = rows.contiguous()
+    y = torch.empty(rows.shape[0], n, dtype=x.dtype)
+    b = 0
+    if bias is not None:
+        bias = bias.to(x.dtype).to(_F32).contiguous()  # as `linear` gets it: in x's dtype
+        b = bias.data_ptr()
+    bf16 = x.dtype is _BF16
+    _core.mxfp4_linear(rows.data_ptr(), rows.shape[0], k, blocks.data_ptr(), scales.data_ptr(), n, y.data_ptr(),
+                       bf16, bf16, b, torch.get_num_threads())
+    return y.view(*lead, n)
+
+
+def mxfp4_expert_ffn(x: torch.Tensor, w: dict[str, torch.Tensor],
+                     swiglu: tuple[float, float] | None) -> torch.Tensor:
+    """runtime/reference.py's mxfp4_expert_ffn through mxfp4_linear: GPT-OSS's clamped SwiGLU
+    with biases (gate rows above up rows), or a SiLU MLP, in x's dtype."""
+    if swiglu is None:
+        gate, up = mxfp4_linear(x, w["gate_up.blocks"], w["gate_up.scales"]).chunk(2, dim=-1)
+        return mxfp4_linear(F.silu(gate) * up, w["down.blocks"], w["down.scales"])
+    alpha, limit = swiglu
+    gate, up = mxfp4_linear(x, w["gate_up.blocks"], w["gate_up.scales"], w["gate_up_bias"]).chunk(2, dim=-1)
+    gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+    return mxfp4_linear((up + 1) * (gate * torch.sigmoid(gate * alpha)), w["down.blocks"], w["down.scales"],
+                        w["down_bias"])

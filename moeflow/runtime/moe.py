@@ -124,6 +124,8 @@ def expert_ffn(weights: ExpertView, x: torch.Tensor) -> torch.Tensor:
             from moeflow.runtime import mxfp4_gpu
 
             return mxfp4_gpu.expert_ffn(weights.tensors, x, weights.swiglu).to(x.dtype)
+        if cpu_bf16.ENABLED and x.dtype is torch.bfloat16 and not x.is_cuda:  # decoded in registers (cpu_bf16.py)
+            return cpu_bf16.mxfp4_expert_ffn(x, weights.tensors, weights.swiglu)
         return reference.mxfp4_expert_ffn(x, weights.tensors, weights.swiglu)
     if weights.swiglu is not None:
         # GPT-OSS in a float store (biases, clamped SwiGLU): no CUDA kernel computes it, so every

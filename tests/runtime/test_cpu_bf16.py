@@ -155,3 +155,63 @@ def tiny_bf16_mixtral(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bf16") / "mixtral"
     synthesize(out, "mixtral", "tiny", dtype=torch.bfloat16, progress=False)
     return out
+
+
+def _mxfp4_matrix(g: torch.Generator, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from moeflow.store import mxfp4
+
+    return mxfp4.quantize(torch.randn(n, k, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 32, 1), (3, 64, 13), (5, 96, 24), (9, 2880, 40)])
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+def test_mxfp4_is_the_bf16_product_of_its_dequantized_matrix(m: int, k: int, n: int, x_dtype: torch.dtype) -> None:
+    from moeflow.store import mxfp4
+
+    g = torch.Generator().manual_seed(m + k + n)
+    blocks, scales = _mxfp4_matrix(g, n, k)
+    x = torch.randn(m, k, generator=g).to(x_dtype)
+    bias = torch.randn(n, generator=g)
+    dense = mxfp4.dequantize(blocks, scales, torch.bfloat16)
+    saved = cpu_bf16.ENABLED
+    cpu_bf16.ENABLED = True
+    try:
+        for b in (None, bias):
+            got = cpu_bf16.mxfp4_linear(x, blocks, scales, b)
+            want = cpu_bf16.linear(x, dense, None if b is None else b.to(x_dtype))
+            assert got.dtype == x_dtype and torch.equal(got, want)
+            assert rel_err(got, F.linear(x.double(), dense.double())
+                           + (0 if b is None else b.to(x_dtype).double())) < 8e-3
+    finally:
+        cpu_bf16.ENABLED = saved
+
+
+@pytest.mark.parametrize("swiglu", [None, (1.702, 7.0)])
+def test_an_mxfp4_expert_matches_the_reference(kernel_on: None, swiglu: tuple[float, float] | None) -> None:
+    from moeflow.runtime import reference
+
+    g = torch.Generator().manual_seed(8)
+    hidden, inter = 64, 96
+    w: dict[str, torch.Tensor] = {}
+    w["gate_up.blocks"], w["gate_up.scales"] = _mxfp4_matrix(g, 2 * inter, hidden)
+    w["down.blocks"], w["down.scales"] = _mxfp4_matrix(g, hidden, inter)
+    w["gate_up_bias"] = torch.randn(2 * inter, generator=g)
+    w["down_bias"] = torch.randn(hidden, generator=g)
+    x = torch.randn(5, hidden, generator=g).bfloat16()
+    got = cpu_bf16.mxfp4_expert_ffn(x, w, swiglu)
+    want = reference.mxfp4_expert_ffn(x, w, swiglu)  # dequantized weights, torch's products
+    assert got.dtype == x.dtype and got.shape == want.shape
+    assert rel_err(got, want) < 3e-2
+    for i in range(x.shape[0]):  # batch invariance
+        assert torch.equal(cpu_bf16.mxfp4_expert_ffn(x[i:i + 1], w, swiglu), got[i:i + 1])
+
+
+def test_mxfp4_refusals() -> None:
+    g = torch.Generator().manual_seed(9)
+    blocks, scales = _mxfp4_matrix(g, 4, 64)
+    with pytest.raises(ValueError, match="rows of 64 features"):
+        cpu_bf16.mxfp4_linear(torch.zeros(2, 32), blocks, scales)
+    with pytest.raises(ValueError, match="do not hold"):
+        cpu_bf16.mxfp4_linear(torch.zeros(2, 64), blocks[:2], scales)
+    with pytest.raises(TypeError, match="uint8"):
+        cpu_bf16.mxfp4_linear(torch.zeros(2, 64), blocks.to(torch.int32), scales)
