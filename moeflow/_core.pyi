@@ -56,8 +56,16 @@ def mxfp4_linear(x: int, m: int, k: int, blocks: int, scales: int, n: int, y: in
     (store/mxfp4.py's layout), k a multiple of 32; the bits of bf16_linear over the dequantized
     matrix."""
 
+def minmax_linear(x: int, m: int, k: int, q: int, scale: int, zero: int, bits: int, group: int, bf16_weights: bool,
+                  n: int, y: int, x_bf16: bool, y_bf16: bool, bias: int = 0, threads: int = 1) -> None:
+    """bf16_linear with group-wise min-max weights by address (store/quant.py's layout): codes
+    [n, k * bits / 8] uint8, scale and zero [n, k / group] float16; w = (q - zero) * scale in
+    float32, rounded to bf16 first when bf16_weights. bits 2, 4 or 8; the group a multiple of 8
+    dividing k."""
+
 def bf16_linear_available() -> bool:
-    """Whether this CPU runs bf16_linear (x86-64 with AVX2 and FMA)."""
+    """Whether this CPU runs bf16_linear, mxfp4_linear and minmax_linear (x86-64 with AVX2, FMA
+    and F16C)."""
 
 # Exceptions (created in Rust, re-exported by moeflow.errors)
 class MoeflowError(Exception): ...

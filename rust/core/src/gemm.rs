@@ -37,11 +37,13 @@ pub fn f32_to_bf16(value: f32) -> u16 {
     (bits.wrapping_add(round) >> 16) as u16
 }
 
-/// Whether this CPU runs the kernel (x86-64 with AVX2 and FMA).
+/// Whether this CPU runs the kernels (x86-64 with AVX2, FMA and F16C).
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -59,12 +61,14 @@ pub enum Output<'a> {
 /// Why a product was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GemmError {
-    #[error("this CPU lacks AVX2 and FMA, which the bf16 product needs")]
+    #[error("this CPU lacks AVX2, FMA or F16C, which the products need")]
     Unsupported,
     #[error("{what} holds {got} values, the shape needs {need}")]
     Size { what: &'static str, got: usize, need: usize },
     #[error("MXFP4 weights take inputs in blocks of 32; k = {k} is not a multiple of 32")]
     Block { k: usize },
+    #[error("min-max codes of {bits} bits in groups of {group} over k = {k}: bits must be 2, 4 or 8, the group a multiple of 8 dividing k")]
+    MinMax { bits: u32, group: usize, k: usize },
 }
 
 /// Columns (weight rows) per panel: about 128 KiB of bf16 weights, kept in L2 while every row
@@ -115,6 +119,92 @@ pub fn mxfp4_linear(
     check("scales", scales.len(), n * k / MX_BLOCK)?;
     let rows = Mxfp4Rows { blocks: blocks.as_ptr() as usize, scales: scales.as_ptr() as usize, k };
     run(x, m, k, rows, n, bias, out, threads)
+}
+
+/// `linear` with group-wise min-max weights (store/quant.py): codes of `bits` (2, 4, 8) packed
+/// lowest bits first along k, [n, k * bits / 8]; scale and zero [n, k / group] float16 bits;
+/// w = (q - zero) * scale in f32, rounded to bf16 when `bf16_weights` (the values store/quant.py's
+/// `dequantize` gives in that dtype, so the product is bit for bit `linear` over them).
+#[allow(clippy::too_many_arguments)]
+pub fn minmax_linear(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    q: &[u8],
+    scale: &[u16],
+    zero: &[u16],
+    bits: u32,
+    group: usize,
+    bf16_weights: bool,
+    n: usize,
+    bias: Option<&[f32]>,
+    out: Output<'_>,
+    threads: usize,
+) -> Result<(), GemmError> {
+    if !matches!(bits, 2 | 4 | 8) || group == 0 || group % 8 != 0 || k % group != 0 {
+        return Err(GemmError::MinMax { bits, group, k });
+    }
+    check("q", q.len(), n * k * bits as usize / 8)?;
+    check("scale", scale.len(), n * k / group)?;
+    check("zero", zero.len(), n * k / group)?;
+    let (q, scale, zero) = (q.as_ptr() as usize, scale.as_ptr() as usize, zero.as_ptr() as usize);
+    macro_rules! go {
+        ($bits:literal, $bf16:literal) => {
+            run(x, m, k, MinMaxRows::<$bits, $bf16> { q, scale, zero, k, group }, n, bias, out, threads)
+        };
+    }
+    match (bits, bf16_weights) {
+        (8, false) => go!(8, false),
+        (8, true) => go!(8, true),
+        (4, false) => go!(4, false),
+        (4, true) => go!(4, true),
+        (2, false) => go!(2, false),
+        _ => go!(2, true),
+    }
+}
+
+/// The f32 value of IEEE half-precision bits (exact).
+pub fn f16_to_f32(h: u16) -> f32 {
+    let sign = u32::from(h >> 15) << 31;
+    let exp = u32::from((h >> 10) & 0x1f);
+    let man = u32::from(h & 0x3ff);
+    let bits = match (exp, man) {
+        (0, 0) => sign,
+        (0, _) => {
+            // subnormal: man * 2^-24, exact in f32
+            let v = man as f32 * f32::from_bits(0x3380_0000); // 2^-24
+            return if sign != 0 { -v } else { v };
+        }
+        (0x1f, 0) => sign | 0x7f80_0000,
+        (0x1f, _) => sign | 0x7fc0_0000 | (man << 13),
+        _ => sign | ((exp + 112) << 23) | (man << 13),
+    };
+    f32::from_bits(bits)
+}
+
+/// The value of min-max weight (row, col) of a [.., k] matrix, as `minmax_linear` reads it.
+#[allow(clippy::too_many_arguments)]
+pub fn minmax_value(
+    q: &[u8],
+    scale: &[u16],
+    zero: &[u16],
+    k: usize,
+    bits: u32,
+    group: usize,
+    bf16_weights: bool,
+    row: usize,
+    col: usize,
+) -> f32 {
+    let per = 8 / bits as usize;
+    let byte = q[(row * k + col) / per];
+    let code = (byte >> ((col % per) as u32 * bits)) & ((1u16 << bits) - 1) as u8;
+    let at = row * k / group + col / group;
+    let w = (f32::from(code) - f16_to_f32(zero[at])) * f16_to_f32(scale[at]);
+    if bf16_weights {
+        bf16_to_f32(f32_to_bf16(w))
+    } else {
+        w
+    }
 }
 
 /// Inputs per MXFP4 scale.
@@ -225,49 +315,80 @@ impl<W: Rows> Job<W> {
     /// Columns start..end of y for every row.
     ///
     /// # Safety
-    /// AVX2 and FMA present; the pointers valid for the shapes; no other thread writes these columns.
+    /// AVX2, FMA and F16C present; the pointers valid for the shapes; no other thread writes
+    /// these columns.
     unsafe fn columns(&self, start: usize, end: usize) {
+        if W::DECODES && self.m > MR {
+            // Several row blocks: decode each weight once into f32, then every block reads that.
+            // The values and each output's order are the same, so the bits are too.
+            let mut buf = vec![0f32; NR * self.k];
+            let mut col = start;
+            while col < end {
+                let c = NR.min(end - col);
+                for j in 0..c {
+                    // SAFETY: the caller's contract; buf holds NR rows of k.
+                    unsafe { decode_row(&self.rows, col + j, self.k, buf.as_mut_ptr().add(j * self.k)) };
+                }
+                let f32_rows = F32Rows { w: buf.as_ptr() as usize, k: self.k };
+                // SAFETY: as above, the decoded rows standing for weight rows col..col+c.
+                unsafe { self.block(&f32_rows, 0, col, c) };
+                col += c;
+            }
+            return;
+        }
+        let mut col = start;
+        while col < end {
+            let c = NR_WIDE.min(end - col);
+            // SAFETY: the caller's contract.
+            unsafe { self.block(&self.rows, col, col, c) };
+            col += c;
+        }
+    }
+
+    /// Every row against weight rows wrow..wrow+c of `weights`, written to columns col..col+c.
+    ///
+    /// # Safety
+    /// As `columns`; c <= NR_WIDE, and c <= NR when m > MR.
+    unsafe fn block<V: Rows>(&self, weights: &V, wrow: usize, col: usize, c: usize) {
         let mut row = 0;
         while row + MR <= self.m {
-            let mut col = start;
-            while col + NR <= end {
-                // SAFETY: the caller's contract; the tile lies inside x, w and y.
-                unsafe { self.tile::<MR, NR>(row, col) };
-                col += NR;
+            let mut j = 0;
+            while j + NR <= c {
+                // SAFETY: the caller's contract; the tile lies inside x, the weights and y.
+                unsafe { self.tile::<MR, NR, V>(weights, row, wrow + j, col + j) };
+                j += NR;
             }
-            while col < end {
+            while j < c {
                 // SAFETY: as above.
-                unsafe { self.tile::<MR, 1>(row, col) };
-                col += 1;
+                unsafe { self.tile::<MR, 1, V>(weights, row, wrow + j, col + j) };
+                j += 1;
             }
             row += MR;
         }
         while row < self.m {
-            let mut col = start;
-            while col + NR_WIDE <= end {
+            if c == NR_WIDE {
                 // SAFETY: as above.
-                unsafe { self.tile::<1, NR_WIDE>(row, col) };
-                col += NR_WIDE;
-            }
-            while col < end {
-                // SAFETY: as above.
-                unsafe { self.tile::<1, 1>(row, col) };
-                col += 1;
+                unsafe { self.tile::<1, NR_WIDE, V>(weights, row, wrow, col) };
+            } else {
+                for j in 0..c {
+                    // SAFETY: as above.
+                    unsafe { self.tile::<1, 1, V>(weights, row, wrow + j, col + j) };
+                }
             }
             row += 1;
         }
     }
 
-    /// Outputs rows row..row+R, columns col..col+C.
+    /// Outputs rows row..row+R, columns col..col+C, from weight rows wrow..wrow+C.
     ///
     /// # Safety
     /// As `columns`.
     #[inline(always)]
-    unsafe fn tile<const R: usize, const C: usize>(&self, row: usize, col: usize) {
+    unsafe fn tile<const R: usize, const C: usize, V: Rows>(&self, weights: &V, row: usize, wrow: usize, col: usize) {
         let mut sums = [[0f32; C]; R];
         let x = self.x as *const f32;
         // SAFETY: the caller's contract.
-        unsafe { dots::<R, C, W>(x.add(row * self.k), &self.rows, col, self.k, &mut sums) };
+        unsafe { dots::<R, C, V>(x.add(row * self.k), weights, wrow, self.k, &mut sums) };
         for (r, line) in sums.iter().enumerate() {
             for (c, &sum) in line.iter().enumerate() {
                 let j = col + c;
@@ -289,16 +410,59 @@ impl<W: Rows> Job<W> {
     }
 }
 
-/// Weight rows the tiles read: eight consecutive weights of a row as f32, or one.
+/// Weight row `row` (k values, k a multiple of 8 for decoding rows) as f32 into out.
+///
+/// # Safety
+/// AVX2, FMA and F16C present; row inside the weights; out valid for k floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn decode_row<W: Rows>(weights: &W, row: usize, k: usize, out: *mut f32) {
+    use std::arch::x86_64::*;
+    let mut i = 0;
+    while i < k {
+        // SAFETY: the caller's contract.
+        let g = unsafe { weights.group(row, i) };
+        let end = (i + weights.span()).min(k);
+        while i < end {
+            // SAFETY: i + 8 <= k: decoding rows hold whole groups of a multiple of 8.
+            unsafe { _mm256_storeu_ps(out.add(i), weights.load8(row, i, g)) };
+            i += 8;
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn decode_row<W: Rows>(_: &W, _: usize, _: usize, _: *mut f32) {
+    unreachable!("the products refuse CPUs without AVX2 and FMA")
+}
+
+/// Weight rows the tiles read: eight consecutive weights of a row as f32, or one. Quantized
+/// rows share per-group constants (scale, zero) over `span()` consecutive weights; a tile reads
+/// them once per group, not once per eight weights.
 trait Rows: Copy + Send + Sync {
-    /// Weights i..i+8 of row `row`.
+    /// Whether reading a weight costs more than a load and a conversion (so that, for several
+    /// row blocks, decoding each weight once and keeping it in f32 pays).
+    const DECODES: bool;
+    /// What a row's group holds for its weights (scale, zero), decoded once.
+    type Group: Copy;
+
+    /// Weights per group: a multiple of 8 (k for ungrouped rows).
+    fn span(&self) -> usize;
+
+    /// The group of weight i of row `row` (i a multiple of span()).
     ///
     /// # Safety
-    /// AVX2 present; row < n and i + 8 <= k.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn load8(&self, row: usize, i: usize) -> std::arch::x86_64::__m256;
+    /// AVX2 and F16C present; row < n and i < k.
+    unsafe fn group(&self, row: usize, i: usize) -> Self::Group;
 
-    /// Weight j of row `row`.
+    /// Weights i..i+8 of row `row`, whose group is g.
+    ///
+    /// # Safety
+    /// AVX2 present; row < n, i + 8 <= k, i in g's group.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(&self, row: usize, i: usize, g: Self::Group) -> std::arch::x86_64::__m256;
+
+    /// Weight j of row `row` (the k % 8 tail; only ungrouped rows have one).
     ///
     /// # Safety
     /// row < n and j < k.
@@ -313,9 +477,18 @@ struct Bf16Rows {
 }
 
 impl Rows for Bf16Rows {
+    const DECODES: bool = false;
+    type Group = ();
+
+    fn span(&self) -> usize {
+        self.k.max(8)
+    }
+
+    unsafe fn group(&self, _row: usize, _i: usize) {}
+
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn load8(&self, row: usize, i: usize) -> std::arch::x86_64::__m256 {
+    unsafe fn load8(&self, row: usize, i: usize, _g: ()) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
         // SAFETY: the caller's contract: eight values inside row `row`.
         unsafe {
@@ -331,6 +504,37 @@ impl Rows for Bf16Rows {
     }
 }
 
+/// f32 weights [n, k]: quantized rows decoded once (see `Job::columns`).
+#[derive(Clone, Copy)]
+struct F32Rows {
+    w: usize,
+    k: usize,
+}
+
+impl Rows for F32Rows {
+    const DECODES: bool = false;
+    type Group = ();
+
+    fn span(&self) -> usize {
+        self.k.max(8)
+    }
+
+    unsafe fn group(&self, _row: usize, _i: usize) {}
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(&self, row: usize, i: usize, _g: ()) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller's contract: eight values inside row `row`.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps((self.w as *const f32).add(row * self.k + i)) }
+    }
+
+    #[inline(always)]
+    unsafe fn one(&self, row: usize, j: usize) -> f32 {
+        // SAFETY: the caller's contract.
+        unsafe { *(self.w as *const f32).add(row * self.k + j) }
+    }
+}
+
 /// MXFP4 weights: blocks [n, k/2] bytes, scales [n, k/32].
 #[derive(Clone, Copy)]
 struct Mxfp4Rows {
@@ -340,12 +544,36 @@ struct Mxfp4Rows {
 }
 
 impl Rows for Mxfp4Rows {
+    const DECODES: bool = true;
+    #[cfg(target_arch = "x86_64")]
+    type Group = std::arch::x86_64::__m256;
+    #[cfg(not(target_arch = "x86_64"))]
+    type Group = f32;
+
+    fn span(&self) -> usize {
+        MX_BLOCK
+    }
+
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn load8(&self, row: usize, i: usize) -> std::arch::x86_64::__m256 {
+    unsafe fn group(&self, row: usize, i: usize) -> Self::Group {
+        // SAFETY: the caller's contract: the block's scale lies inside row `row`.
+        let scale = unsafe { *(self.scales as *const u8).add((row * self.k + i) / MX_BLOCK) };
+        // SAFETY: AVX is part of the caller's contract.
+        unsafe { std::arch::x86_64::_mm256_set1_ps(e8m0(scale)) }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn group(&self, _row: usize, _i: usize) -> f32 {
+        unreachable!("the products refuse CPUs without AVX2 and FMA")
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(&self, row: usize, i: usize, scale: Self::Group) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
         // SAFETY: the caller's contract: i is a multiple of 8, so the 4 bytes of codes i..i+8
-        // and their one scale (i / 32) lie inside row `row`.
+        // lie inside row `row`.
         unsafe {
             let at = (self.blocks as *const u8).add((row * self.k + i) / 2);
             let raw = _mm_cvtsi32_si128(std::ptr::read_unaligned(at as *const i32));
@@ -359,8 +587,7 @@ impl Rows for Mxfp4Rows {
             let magnitude = _mm256_permutevar8x32_ps(table, codes); // uses the low 3 bits
             let sign = _mm256_slli_epi32::<28>(_mm256_and_si256(codes, _mm256_set1_epi32(8)));
             let value = _mm256_or_ps(magnitude, _mm256_castsi256_ps(sign));
-            let scale = *(self.scales as *const u8).add((row * self.k + i) / MX_BLOCK);
-            _mm256_mul_ps(value, _mm256_set1_ps(e8m0(scale)))
+            _mm256_mul_ps(value, scale)
         }
     }
 
@@ -370,12 +597,108 @@ impl Rows for Mxfp4Rows {
     }
 }
 
+/// Min-max weights: codes [n, k * BITS / 8], scale and zero [n, k / group] float16 bits.
+#[derive(Clone, Copy)]
+struct MinMaxRows<const BITS: u32, const BF16: bool> {
+    q: usize,
+    scale: usize,
+    zero: usize,
+    k: usize,
+    group: usize,
+}
+
+impl<const BITS: u32, const BF16: bool> Rows for MinMaxRows<BITS, BF16> {
+    const DECODES: bool = true;
+    #[cfg(target_arch = "x86_64")]
+    type Group = (std::arch::x86_64::__m256, std::arch::x86_64::__m256);
+    #[cfg(not(target_arch = "x86_64"))]
+    type Group = (f32, f32);
+
+    fn span(&self) -> usize {
+        self.group
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn group(&self, row: usize, i: usize) -> Self::Group {
+        use std::arch::x86_64::*;
+        let g = (row * self.k + i) / self.group;
+        // SAFETY: the caller's contract: the group's scale and zero lie inside row `row`; F16C
+        // and AVX are part of it.
+        unsafe {
+            let halves = _mm_setr_epi16(
+                *(self.scale as *const u16).add(g) as i16,
+                *(self.zero as *const u16).add(g) as i16,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+            );
+            let sz = _mm_cvtph_ps(halves);
+            (_mm256_broadcastss_ps(sz), _mm256_broadcastss_ps(_mm_shuffle_ps::<0b01>(sz, sz)))
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn group(&self, _row: usize, _i: usize) -> (f32, f32) {
+        unreachable!("the products refuse CPUs without AVX2 and FMA")
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(&self, row: usize, i: usize, (scale, zero): Self::Group) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract: i is a multiple of 8, so codes i..i+8 (BITS bytes)
+        // lie inside row `row`.
+        unsafe {
+            let at = (self.q as *const u8).add((row * self.k + i) * BITS as usize / 8);
+            let codes = match BITS {
+                8 => _mm256_cvtepu8_epi32(_mm_loadl_epi64(at as *const __m128i)),
+                4 => {
+                    let raw = _mm_cvtsi32_si128(std::ptr::read_unaligned(at as *const i32));
+                    let pairs = _mm_shuffle_epi8(raw, _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, -1, -1, -1, -1, -1, -1, -1, -1));
+                    _mm256_and_si256(
+                        _mm256_srlv_epi32(_mm256_cvtepu8_epi32(pairs), _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4)),
+                        _mm256_set1_epi32(0xf),
+                    )
+                }
+                _ => {
+                    let raw = _mm_cvtsi32_si128(i32::from(std::ptr::read_unaligned(at as *const u16)));
+                    let quads = _mm_shuffle_epi8(raw, _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1, -1));
+                    _mm256_and_si256(
+                        _mm256_srlv_epi32(_mm256_cvtepu8_epi32(quads), _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6)),
+                        _mm256_set1_epi32(3),
+                    )
+                }
+            };
+            // (q - zero) * scale: two roundings, as store/quant.py's dequantize (no fused multiply-add)
+            let w = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(codes), zero), scale);
+            if BF16 {
+                // round to the nearest bf16, ties to even (the values are finite)
+                let b = _mm256_castps_si256(w);
+                let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(1));
+                let rounded = _mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7fff)), lsb);
+                _mm256_castsi256_ps(_mm256_and_si256(rounded, _mm256_set1_epi32(0xffff_0000u32 as i32)))
+            } else {
+                w
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn one(&self, _row: usize, _j: usize) -> f32 {
+        unreachable!("min-max rows are whole groups of a multiple of 8: no k % 8 tail")
+    }
+}
+
 /// sums[r][c] = the module doc's sum of x row r (stride k) times weight row col + c.
 ///
 /// # Safety
-/// AVX2 and FMA present; x valid for R rows of k values, rows col..col+C inside the weights.
+/// AVX2, FMA and F16C present; x valid for R rows of k values, rows col..col+C inside the weights.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dots<const R: usize, const C: usize, W: Rows>(
     x: *const f32,
     weights: &W,
@@ -388,36 +711,44 @@ unsafe fn dots<const R: usize, const C: usize, W: Rows>(
     let body = k - k % 8;
     let mut i = 0;
     while i < body {
-        // Whichever operand is fewer stays in registers while the other streams past it: the
-        // accumulators plus one of them fit the 16 vector registers (4x3, 1x12).
-        if R >= C {
-            let mut wv = [_mm256_setzero_ps(); C];
-            for (c, v) in wv.iter_mut().enumerate() {
-                // SAFETY: i + 8 <= k within weight row col + c.
-                *v = unsafe { weights.load8(col + c, i) };
-            }
-            for (r, lanes) in acc.iter_mut().enumerate() {
-                // SAFETY: i + 8 <= k within x row r.
-                let xv = unsafe { _mm256_loadu_ps(x.add(r * k + i)) };
-                for (c, a) in lanes.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(xv, wv[c], *a);
-                }
-            }
-        } else {
-            let mut xv = [_mm256_setzero_ps(); R];
-            for (r, v) in xv.iter_mut().enumerate() {
-                // SAFETY: i + 8 <= k within x row r.
-                *v = unsafe { _mm256_loadu_ps(x.add(r * k + i)) };
-            }
-            for c in 0..C {
-                // SAFETY: i + 8 <= k within weight row col + c.
-                let wv = unsafe { weights.load8(col + c, i) };
-                for (r, lanes) in acc.iter_mut().enumerate() {
-                    lanes[c] = _mm256_fmadd_ps(xv[r], wv, lanes[c]);
-                }
-            }
+        let mut groups = [None; C];
+        for (c, g) in groups.iter_mut().enumerate() {
+            // SAFETY: i < k inside weight row col + c.
+            *g = Some(unsafe { weights.group(col + c, i) });
         }
-        i += 8;
+        let end = (i + weights.span()).min(body);
+        while i < end {
+            // Whichever operand is fewer stays in registers while the other streams past it: the
+            // accumulators plus one of them fit the 16 vector registers (4x3, 1x12).
+            if R >= C {
+                let mut wv = [_mm256_setzero_ps(); C];
+                for (c, v) in wv.iter_mut().enumerate() {
+                    // SAFETY: i + 8 <= k within weight row col + c, in its group.
+                    *v = unsafe { weights.load8(col + c, i, groups[c].unwrap_unchecked()) };
+                }
+                for (r, lanes) in acc.iter_mut().enumerate() {
+                    // SAFETY: i + 8 <= k within x row r.
+                    let xv = unsafe { _mm256_loadu_ps(x.add(r * k + i)) };
+                    for (c, a) in lanes.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(xv, wv[c], *a);
+                    }
+                }
+            } else {
+                let mut xv = [_mm256_setzero_ps(); R];
+                for (r, v) in xv.iter_mut().enumerate() {
+                    // SAFETY: i + 8 <= k within x row r.
+                    *v = unsafe { _mm256_loadu_ps(x.add(r * k + i)) };
+                }
+                for c in 0..C {
+                    // SAFETY: i + 8 <= k within weight row col + c, in its group.
+                    let wv = unsafe { weights.load8(col + c, i, groups[c].unwrap_unchecked()) };
+                    for (r, lanes) in acc.iter_mut().enumerate() {
+                        lanes[c] = _mm256_fmadd_ps(xv[r], wv, lanes[c]);
+                    }
+                }
+            }
+            i += 8;
+        }
     }
     for (r, lanes) in acc.iter().enumerate() {
         for (c, a) in lanes.iter().enumerate() {

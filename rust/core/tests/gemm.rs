@@ -200,3 +200,74 @@ fn mxfp4_refuses_a_partial_block_and_short_buffers() {
     let err = gemm::mxfp4_linear(&x[..32], 1, 32, &[0; 15], &[0; 1], 1, None, Output::F32(&mut y), 1).unwrap_err();
     assert_eq!(err, GemmError::Size { what: "blocks", got: 15, need: 16 });
 }
+
+/// Random min-max codes (all byte patterns) with float16 scales and zeros like store/quant.py's.
+fn minmax(seed: u64, n: usize, k: usize, bits: u32, group: usize) -> (Vec<u8>, Vec<u16>, Vec<u16>) {
+    let q = values(seed, n * k * bits as usize / 8).iter().map(|v| (v.to_bits() >> 5) as u8).collect();
+    let groups = n * k / group;
+    let f16 = |v: f32| -> u16 {
+        // v in [2^-14, 2^15): the half whose value is v truncated to 10 mantissa bits
+        let b = v.to_bits();
+        ((((b >> 23) & 0xff) - 112) << 10 | ((b >> 13) & 0x3ff)) as u16
+    };
+    let scale = values(seed + 1, groups).iter().map(|v| f16(v.abs() * 0.01 + 1e-3)).collect();
+    let zero = values(seed + 2, groups).iter().map(|v| f16(v.abs() * 4.0 + 0.25)).collect();
+    (q, scale, zero)
+}
+
+fn check_minmax(m: usize, k: usize, n: usize, bits: u32, group: usize, bf16: bool, threads: usize) {
+    let x = values(21 + (m + k + n) as u64, m * k);
+    let (q, scale, zero) = minmax(bits as u64 * 100 + group as u64, n, k, bits, group);
+    let b = values(8, n);
+    let bias = (n % 2 == 0).then_some(&b[..]);
+    let value = |r: usize, c: usize| gemm::minmax_value(&q, &scale, &zero, k, bits, group, bf16, r, c);
+    let want = gemm::reference(&x, m, k, n, bias, value);
+    let mut got = vec![f32::NAN; m * n];
+    gemm::minmax_linear(&x, m, k, &q, &scale, &zero, bits, group, bf16, n, bias, Output::F32(&mut got), threads)
+        .unwrap();
+    for (i, (g, r)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g.to_bits(), r.to_bits(), "int{bits} g{group} bf16={bf16} m={m} k={k} n={n} output {i}");
+    }
+}
+
+#[test]
+fn minmax_matches_the_reference() {
+    if !gemm::available() {
+        return;
+    }
+    for bits in [2, 4, 8] {
+        for bf16 in [false, true] {
+            for (m, k, n, group) in [(1, 8, 1, 8), (2, 64, 13, 32), (5, 128, 12, 64), (4, 256, 25, 128)] {
+                check_minmax(m, k, n, bits, group, bf16, 1);
+            }
+            check_minmax(7, 2048, 150, bits, 64, bf16, 3);
+        }
+    }
+}
+
+#[test]
+fn minmax_values_and_refusals() {
+    assert_eq!(gemm::f16_to_f32(0x3c00), 1.0);
+    assert_eq!(gemm::f16_to_f32(0xc000), -2.0);
+    assert_eq!(gemm::f16_to_f32(0x0001), 2f32.powi(-24)); // smallest subnormal
+    assert_eq!(gemm::f16_to_f32(0x03ff), 1023.0 * 2f32.powi(-24));
+    assert_eq!(gemm::f16_to_f32(0x7bff), 65504.0);
+    assert_eq!(gemm::f16_to_f32(0x7c00), f32::INFINITY);
+    // int4: byte 0x5a holds code 10 (column 0) and 5 (column 1); w = (q - 2) * 0.5
+    let (scale, zero) = ([0x3800u16], [0x4000u16]);
+    assert_eq!(gemm::minmax_value(&[0x5a, 0, 0, 0], &scale, &zero, 8, 4, 8, false, 0, 0), 4.0);
+    assert_eq!(gemm::minmax_value(&[0x5a, 0, 0, 0], &scale, &zero, 8, 4, 8, false, 0, 1), 1.5);
+    // int2: byte 0b11_10_01_00 holds codes 0, 1, 2, 3
+    assert_eq!(gemm::minmax_value(&[0xe4, 0], &scale, &zero, 8, 2, 8, false, 0, 3), 0.5);
+    if !gemm::available() {
+        return;
+    }
+    let x = vec![0f32; 24];
+    let mut y = vec![0f32; 1];
+    for (bits, group, k) in [(3, 8, 24), (4, 12, 24), (4, 16, 24), (4, 0, 24)] {
+        let err = gemm::minmax_linear(&x[..k], 1, k, &[0; 12], &[0; 3], &[0; 3], bits, group, true, 1, None,
+                                      Output::F32(&mut y), 1)
+            .unwrap_err();
+        assert_eq!(err, GemmError::MinMax { bits, group, k });
+    }
+}

@@ -122,6 +122,51 @@ pub fn mxfp4_linear(
     })
 }
 
+/// `bf16_linear` with group-wise min-max weights by address (store/quant.py's layout): codes
+/// [n, k * bits / 8] uint8, scale and zero [n, k / group] float16; the weights rounded to bf16
+/// first when `bf16_weights` (as `dequantize` to bfloat16 gives them). The same caller contract.
+#[pyfunction]
+#[pyo3(signature = (x, m, k, q, scale, zero, bits, group, bf16_weights, n, y, x_bf16, y_bf16, bias = 0, threads = 1))]
+#[allow(clippy::too_many_arguments)]
+pub fn minmax_linear(
+    py: Python<'_>,
+    x: usize,
+    m: usize,
+    k: usize,
+    q: usize,
+    scale: usize,
+    zero: usize,
+    bits: u32,
+    group: usize,
+    bf16_weights: bool,
+    n: usize,
+    y: usize,
+    x_bf16: bool,
+    y_bf16: bool,
+    bias: usize,
+    threads: usize,
+) -> PyResult<()> {
+    if scale == 0 || zero == 0 || group == 0 || !matches!(bits, 2 | 4 | 8) {
+        return Err(PyValueError::new_err(format!(
+            "minmax_linear: bits {bits} (2, 4 or 8), group {group} and non-null scale and zero are needed"
+        )));
+    }
+    let sides = Sides { x, m, k, n, y, x_bf16, y_bf16, bias };
+    sides.run(py, "minmax_linear", q, move |xs, bs, out| {
+        let groups = if k % group == 0 { n * k / group } else { 0 };
+        // SAFETY: the caller's contract: q, scale and zero hold the [n, k] matrix's codes and
+        // groups (a k that groups do not divide is refused by the product before any read).
+        let (qs, ss, zs) = unsafe {
+            (
+                std::slice::from_raw_parts(q as *const u8, n * k * bits as usize / 8),
+                std::slice::from_raw_parts(scale as *const u16, groups),
+                std::slice::from_raw_parts(zero as *const u16, groups),
+            )
+        };
+        gemm::minmax_linear(xs, m, k, qs, ss, zs, bits, group, bf16_weights, n, bs, out, threads)
+    })
+}
+
 /// The activations, bias and output of a product, by address.
 struct Sides {
     x: usize,

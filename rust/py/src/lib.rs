@@ -26,6 +26,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(functions::record_cuda_event, m)?)?;
     m.add_function(wrap_pyfunction!(functions::bf16_linear, m)?)?;
     m.add_function(wrap_pyfunction!(functions::mxfp4_linear, m)?)?;
+    m.add_function(wrap_pyfunction!(functions::minmax_linear, m)?)?;
     m.add_function(wrap_pyfunction!(functions::bf16_linear_available, m)?)?;
     m.add_class::<arena::PyArenaBuffer>()?;
     m.add_class::<arena::PyHostArena>()?;
