@@ -18,6 +18,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ SHAPES = {  # name: (hidden, expert intermediate)
 }
 
 
-def timed(fn, reps: int) -> list[float]:  # type: ignore[no-untyped-def]
+def timed(fn: Callable[[], object], reps: int) -> list[float]:
     out = []
     for _ in range(reps):
         start = time.perf_counter()

@@ -128,3 +128,47 @@ def mxfp4_expert_ffn(x: torch.Tensor, w: dict[str, torch.Tensor],
     gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
     return mxfp4_linear((up + 1) * (gate * torch.sigmoid(gate * alpha)), w["down.blocks"], w["down.scales"],
                         w["down_bias"])
+
+
+def minmax_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                  group: int) -> torch.Tensor:
+    """x [.., k] (bf16 or float32, on the CPU) times the min-max matrix [n, k] of store/quant.py
+    (codes q [n, k * bits / 8], float16 scale and zero [n, k / group]), in x's dtype: the bits of
+    `linear(x, dequantize(q, scale, zero, bits, group, x.dtype))` for bf16 rows (the weights are
+    rounded to bf16 as dequantize rounds them)."""
+    n, k = q.shape[0], q.shape[-1] * 8 // bits
+    if q.dtype != torch.uint8 or scale.dtype != torch.float16 or zero.dtype != torch.float16:
+        raise TypeError(f"min-max codes are uint8 and scale/zero float16, got {q.dtype}, {scale.dtype}, {zero.dtype}")
+    if scale.shape != (n, k // group) or zero.shape != scale.shape or k % group:
+        raise ValueError(f"min-max scale {tuple(scale.shape)} / zero {tuple(zero.shape)} do not fit a [{n}, {k}] "
+                         f"matrix in groups of {group}")
+    if not (q.is_contiguous() and scale.is_contiguous() and zero.is_contiguous()):
+        raise ValueError("min-max codes, scale and zero must be contiguous")
+    if x.shape[-1] != k or x.dtype not in (_BF16, _F32) or x.is_cuda or q.is_cuda:
+        raise ValueError(f"minmax_linear takes CPU bf16/float32 rows of {k} features, got {x.dtype} "
+                         f"{tuple(x.shape)} on {x.device}")
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, k)
+    if not rows.is_contiguous():
+        rows = rows.contiguous()
+    y = torch.empty(rows.shape[0], n, dtype=x.dtype)
+    bf16 = x.dtype is _BF16
+    _core.minmax_linear(rows.data_ptr(), rows.shape[0], k, q.data_ptr(), scale.data_ptr(), zero.data_ptr(), bits,
+                        group, bf16, n, y.data_ptr(), bf16, bf16, 0, torch.get_num_threads())
+    return y.view(*lead, n)
+
+
+def minmax_takes(w: dict[str, torch.Tensor], bits: int, group: int, x: torch.Tensor) -> bool:
+    """Whether `minmax_expert_ffn` computes this expert on x: bf16 or float32 rows on the CPU
+    where `linear` takes bf16 weights, codes of 2, 4 or 8 bits in groups of a multiple of 8. For
+    bf16 rows the result is the dequantizing reference's, bit for bit; for float32 rows the
+    same weight values, summed in this kernel's order rather than torch's."""
+    return (ENABLED and x.dtype in (_BF16, _F32) and not x.is_cuda and bits in (2, 4, 8) and group % 8 == 0
+            and w["gate_up.q"].shape[-1] * 8 // bits % group == 0 and w["down.q"].shape[-1] * 8 // bits % group == 0)
+
+
+def minmax_expert_ffn(x: torch.Tensor, w: dict[str, torch.Tensor], bits: int, group: int) -> torch.Tensor:
+    """runtime/reference.py's quantized_expert_ffn through minmax_linear: the SiLU MLP over the
+    expert's codes, decoded in registers rather than dequantized whole for each call."""
+    gate, up = minmax_linear(x, w["gate_up.q"], w["gate_up.scale"], w["gate_up.zero"], bits, group).chunk(2, dim=-1)
+    return minmax_linear(F.silu(gate) * up, w["down.q"], w["down.scale"], w["down.zero"], bits, group)

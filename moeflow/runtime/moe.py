@@ -151,6 +151,8 @@ def expert_ffn(weights: ExpertView, x: torch.Tensor) -> torch.Tensor:
             return gpu_decode.expert_rows(x, offsets, [weights.tensors], weights.bits, weights.group).to(x.dtype)
         # prefill: tensor cores (kernels/grouped_mma.cu)
         return gpu_mma.grouped_expert_ffn(x, offsets, [weights.tensors], weights.bits, weights.group).to(x.dtype)
+    if cpu_bf16.minmax_takes(weights.tensors, weights.bits, weights.group, x):  # codes decoded in registers
+        return cpu_bf16.minmax_expert_ffn(x, weights.tensors, weights.bits, weights.group)
     if weights.bits in (4, 2) and cpu_quant.available() and cpu_quant.fits(weights.tensors, weights.group, x.dtype):
         return cpu_quant.int4_expert_ffn(x, weights.tensors, weights.group, weights.bits)  # torch's int4 kernel
     return reference.quantized_expert_ffn(x, weights.tensors, weights.bits, weights.group)

@@ -215,3 +215,64 @@ def test_mxfp4_refusals() -> None:
         cpu_bf16.mxfp4_linear(torch.zeros(2, 64), blocks[:2], scales)
     with pytest.raises(TypeError, match="uint8"):
         cpu_bf16.mxfp4_linear(torch.zeros(2, 64), blocks.to(torch.int32), scales)
+
+
+def _minmax_expert(g: torch.Generator, hidden: int, inter: int, bits: int, group: int) -> dict[str, torch.Tensor]:
+    from moeflow.store import quant
+
+    w: dict[str, torch.Tensor] = {}
+    for name, (n, k) in (("gate_up", (2 * inter, hidden)), ("down", (hidden, inter))):
+        w[f"{name}.q"], w[f"{name}.scale"], w[f"{name}.zero"] = quant.quantize(
+            torch.randn(n, k, generator=g) * 0.05, bits, group)
+    return w
+
+
+@pytest.mark.parametrize("bits,group", [(8, 64), (4, 64), (4, 32), (2, 32), (4, 8)])
+@pytest.mark.parametrize("rows", [1, 3, 5, 17])
+def test_minmax_is_the_product_of_its_dequantized_matrix(kernel_on: None, bits: int, group: int, rows: int) -> None:
+    """bf16 rows: bit for bit the reference (dequantize to bf16, then the bf16 product), with one
+    row block (decoding as it goes) or several (each weight decoded once); float32 rows: the
+    float32 weights, within float32 rounding of torch's product."""
+    from moeflow.store import quant
+
+    g = torch.Generator().manual_seed(bits * 100 + group + rows)
+    n, k = 40, 256
+    q, scale, zero = quant.quantize(torch.randn(n, k, generator=g) * 0.05, bits, group)
+    x = torch.randn(rows, k, generator=g)
+    got = cpu_bf16.minmax_linear(x.bfloat16(), q, scale, zero, bits, group)
+    want = cpu_bf16.linear(x.bfloat16(), quant.dequantize(q, scale, zero, bits, group, torch.bfloat16))
+    assert torch.equal(got, want)
+    got32 = cpu_bf16.minmax_linear(x, q, scale, zero, bits, group)
+    want32 = F.linear(x, quant.dequantize(q, scale, zero, bits, group, torch.float32))
+    assert got32.dtype == torch.float32 and rel_err(got32, want32) < 1e-5
+    for i in range(rows):  # batch invariance, across the decode-once path and the direct one
+        assert torch.equal(cpu_bf16.minmax_linear(x[i:i + 1].bfloat16(), q, scale, zero, bits, group), got[i:i + 1])
+
+
+@pytest.mark.parametrize("bits,group", [(4, 64), (8, 32), (2, 32)])
+def test_a_minmax_expert_on_the_cpu_is_the_reference(kernel_on: None, bits: int, group: int) -> None:
+    from moeflow.runtime import moe, reference
+    from moeflow.store.layout import ExpertView
+
+    g = torch.Generator().manual_seed(bits + group)
+    w = _minmax_expert(g, 64, 128, bits, group)
+    x = torch.randn(6, 64, generator=g).bfloat16()
+    assert cpu_bf16.minmax_takes(w, bits, group, x)
+    assert torch.equal(cpu_bf16.minmax_expert_ffn(x, w, bits, group), reference.quantized_expert_ffn(x, w, bits, group))
+    view = ExpertView(tensors=w, kind="minmax", bits=bits, group=group)
+    assert torch.equal(moe.expert_ffn(view, x), reference.quantized_expert_ffn(x, w, bits, group))
+
+
+def test_minmax_refusals(kernel_on: None) -> None:
+    from moeflow.store import quant
+
+    q, scale, zero = quant.quantize(torch.randn(8, 64), 4, 32)
+    with pytest.raises(ValueError, match="rows of 64 features"):
+        cpu_bf16.minmax_linear(torch.zeros(1, 32), q, scale, zero, 4, 32)
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu_bf16.minmax_linear(torch.zeros(1, 64), q, scale, zero, 4, 16)
+    with pytest.raises(TypeError, match="float16"):
+        cpu_bf16.minmax_linear(torch.zeros(1, 64), q, scale.float(), zero, 4, 32)
+    with pytest.raises(ValueError, match="groups of 12 over k = 48"):  # the core: not a multiple of 8
+        q12, s12, z12 = quant.quantize(torch.randn(8, 48), 4, 12)
+        cpu_bf16.minmax_linear(torch.zeros(1, 48), q12, s12, z12, 4, 12)

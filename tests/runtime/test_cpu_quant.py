@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moeflow.runtime import cpu_quant, moe, reference
+from moeflow.runtime import cpu_bf16, cpu_quant, moe, reference
 from moeflow.store import quant
 from moeflow.store.layout import ExpertView
 
@@ -60,7 +60,10 @@ def test_each_row_does_not_depend_on_the_others() -> None:
         assert (alone[0] - batch[i]).abs().max() <= 1e-6 * batch.abs().max()
 
 
-def test_the_engine_takes_it_only_where_the_kernel_fits() -> None:
+def test_the_engine_takes_it_only_where_the_kernel_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    # where moeflow's own CPU kernels are off (CPUs with native bf16, or MOEFLOW_CPU_BF16=torch);
+    # with them on, runtime/cpu_bf16.py computes min-max experts (tests/runtime/test_cpu_bf16.py)
+    monkeypatch.setattr(cpu_bf16, "ENABLED", False)
     fits = _expert(256, 128, 64)
     assert cpu_quant.fits(fits, 64, torch.float32)
     assert not cpu_quant.fits(fits, 64, torch.float64)
@@ -78,7 +81,8 @@ def test_int2_codes_widen_to_the_same_int4_codes() -> None:
     assert torch.equal(cpu_quant.widen_int2(quant.pack(codes, 2)), quant.pack(codes, 4))
 
 
-def test_int2_experts_take_the_int4_kernel_with_the_references_values() -> None:
+def test_int2_experts_take_the_int4_kernel_with_the_references_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_bf16, "ENABLED", False)  # as above
     w = _expert(256, 128, 32, seed=7, bits=2)
     x = torch.randn(3, 256, generator=torch.Generator().manual_seed(4))
     want = reference.quantized_expert_ffn(x, w, 2, 32)
