@@ -309,14 +309,35 @@ def upcast_ffn(weights: ExpertView, x: torch.Tensor) -> torch.Tensor:
     return silu_mlp(x.float(), weights["gate_up"].float(), weights["down"].float()).to(x.dtype)
 
 
+def own_path_name(weights: ExpertView, dtype: torch.dtype) -> str:
+    """What expert_ffn runs for these weights and rows on the CPU, as stats() names it:
+    "<format>_moeflow" for moeflow's kernels (runtime/cpu_bf16.py), "int4_torch" for torch's
+    int4 kernel, "<format>_dequant" for dequantize-then-F.linear, "<dtype>_linear" for torch's
+    float product."""
+    from moeflow.runtime import cpu_bf16, cpu_quant
+
+    if weights.kind == "dense":
+        ours = cpu_bf16.ENABLED and weights["gate_up"].dtype == torch.bfloat16
+        return "bfloat16_moeflow" if ours else f"{str(dtype).removeprefix('torch.')}_linear"
+    if weights.kind == "minmax":
+        x = torch.empty(0, 1, dtype=dtype)
+        if cpu_bf16.minmax_takes(weights.tensors, weights.bits, weights.group, x):
+            return f"int{weights.bits}_moeflow"
+        if weights.bits in (4, 2) and cpu_quant.available() and cpu_quant.fits(weights.tensors, weights.group, dtype):
+            return f"int{weights.bits}_torch"
+        return f"int{weights.bits}_dequant"
+    if weights.kind == "mxfp4" and cpu_bf16.ENABLED and dtype == torch.bfloat16:
+        return "mxfp4_moeflow"
+    return f"{weights.kind}_dequant"
+
+
 def pick_path(weights: ExpertView, hidden: int, dtype: torch.dtype, expert_ffn: ExpertFfn,
               threads: int) -> tuple[str, ExpertFfn, CpuSpeed]:
     """For a GPU's CPU experts: the faster of the device path's own arithmetic (bf16 F.linear, or
     the dequantizing reference for quantized stores) and, for 16-bit weights, float32 upcast;
     compared on one decode row of a real expert (the case the CPU takes)."""
     dense = weights.kind == "dense"
-    name = f"{str(dtype).removeprefix('torch.')}_linear" if dense else (
-        f"int{weights.bits}_dequant" if weights.kind == "minmax" else f"{weights.kind}_dequant")
+    name = own_path_name(weights, dtype)
     candidates: list[tuple[str, ExpertFfn]] = [(name, expert_ffn)]
     if dense and dtype in (torch.bfloat16, torch.float16) and weights.swiglu is None:  # SiLU only
         candidates.append(("fp32_upcast", upcast_ffn))

@@ -15,6 +15,7 @@ import torch
 
 from moeflow import Engine
 from moeflow.errors import ConfigError
+from moeflow.runtime import cpu_bf16
 from moeflow.memory.device import SimDevice
 
 PROMPT = [5, 17, 42, 3, 77, 12, 9, 60, 31, 8]
@@ -187,7 +188,8 @@ def test_the_gpus_cpu_path_is_the_faster_of_two_that_agree() -> None:
     assert got.dtype == torch.bfloat16
     assert ((got.float() - want).abs().max() / want.abs().max()).item() < 2e-2
     path, ffn, speed = pick_path(weights, 256, torch.bfloat16, expert_ffn, threads=1)
-    assert (path, ffn) in (("bfloat16_linear", expert_ffn), ("fp32_upcast", upcast_ffn))
+    own = "bfloat16_moeflow" if cpu_bf16.ENABLED else "bfloat16_linear"  # runtime/cpu_bf16.py's kernel, or torch's
+    assert (path, ffn) in ((own, expert_ffn), ("fp32_upcast", upcast_ffn))
     assert speed.seconds(1) > 0
 
 
@@ -233,3 +235,21 @@ async def test_batched_requests_get_the_all_copy_tokens_with_misses_on_the_cpu(h
     assert cpu_tokens == tokens
     assert torch.allclose(torch.tensor(cpu_logprobs), torch.tensor(logprobs), rtol=0, atol=1e-6)
     assert stats["cpu_expert_uses"] > 0 and stats["pinned_blocks"] == 0
+
+
+def test_the_cpu_path_is_named_for_what_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from moeflow.runtime.cpu_experts import own_path_name
+    from moeflow.store import quant
+    from moeflow.store.layout import ExpertView
+
+    dense = ExpertView({"gate_up": torch.zeros(8, 8, dtype=torch.bfloat16), "down": torch.zeros(8, 4, dtype=torch.bfloat16)})
+    w: dict[str, torch.Tensor] = {}
+    for name, (n, k) in (("gate_up", (64, 64)), ("down", (64, 32))):
+        w[f"{name}.q"], w[f"{name}.scale"], w[f"{name}.zero"] = quant.quantize(torch.randn(n, k), 4, 32)
+    int4 = ExpertView(w, 4, 32, kind="minmax")
+    monkeypatch.setattr(cpu_bf16, "ENABLED", True)
+    assert own_path_name(dense, torch.bfloat16) == "bfloat16_moeflow"
+    assert own_path_name(int4, torch.bfloat16) == "int4_moeflow"
+    monkeypatch.setattr(cpu_bf16, "ENABLED", False)
+    assert own_path_name(dense, torch.bfloat16) == "bfloat16_linear"
+    assert own_path_name(int4, torch.bfloat16) in ("int4_torch", "int4_dequant")
