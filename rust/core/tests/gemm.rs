@@ -262,7 +262,7 @@ fn minmax_values_and_refusals() {
     if !gemm::available() {
         return;
     }
-    let x = vec![0f32; 24];
+    let x = [0f32; 24];
     let mut y = vec![0f32; 1];
     for (bits, group, k) in [(3, 8, 24), (4, 12, 24), (4, 16, 24), (4, 0, 24)] {
         let err = gemm::minmax_linear(&x[..k], 1, k, &[0; 12], &[0; 3], &[0; 3], bits, group, true, 1, None,
