@@ -8,6 +8,7 @@ pub mod error;
 pub mod event;
 pub mod gemm;
 pub mod notify;
+pub mod ops;
 pub mod pool;
 pub mod queue;
 pub mod sim;
