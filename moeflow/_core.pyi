@@ -67,6 +67,14 @@ def bf16_linear_available() -> bool:
     """Whether this CPU runs bf16_linear, mxfp4_linear and minmax_linear (x86-64 with AVX2, FMA
     and F16C)."""
 
+def rms_norm(x: int, rows: int, dim: int, w: int, y: int, eps: float, x_bf16: bool, w_bf16: bool, lanes: int = 8,
+             threads: int = 1) -> None:
+    """RMSNorm on the CPU, by address: x [rows, dim] bfloat16 if x_bf16 else float32, w [dim]
+    bfloat16 if w_bf16 else float32, y [rows, dim] bfloat16 when both are, else float32, all
+    C-contiguous; the bits of torch's `w * F.rms_norm(x.float(), (dim,), None, eps).to(x.dtype)`
+    where torch sums floats in vectors of `lanes` (8 or 16). moeflow/runtime/cpu_ops.py checks
+    the tensors; raises ValueError on a refusal."""
+
 # Exceptions (created in Rust, re-exported by moeflow.errors)
 class MoeflowError(Exception): ...
 

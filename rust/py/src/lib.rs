@@ -5,6 +5,7 @@ mod arena;
 mod completion;
 mod errors;
 mod functions;
+mod ops;
 mod sim;
 mod slab;
 mod transfer;
@@ -28,6 +29,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(functions::mxfp4_linear, m)?)?;
     m.add_function(wrap_pyfunction!(functions::minmax_linear, m)?)?;
     m.add_function(wrap_pyfunction!(functions::bf16_linear_available, m)?)?;
+    m.add_function(wrap_pyfunction!(ops::rms_norm, m)?)?;
     m.add_class::<arena::PyArenaBuffer>()?;
     m.add_class::<arena::PyHostArena>()?;
     m.add_class::<arena::PyDeviceArena>()?;

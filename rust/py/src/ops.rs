@@ -1,0 +1,63 @@
+//! Row-wise operations of a decode step on the CPU (`moeflow_core::ops`), by tensor address.
+
+use moeflow_core::gemm::Output;
+use moeflow_core::ops::{self, Values};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+/// Norms of up to this many values keep the GIL (a few microseconds at most).
+const DETACH_VALUES: usize = 1 << 16;
+
+/// RMSNorm of x [rows, dim] (bfloat16 if `x_bf16` else float32) with weight [dim] (bfloat16 if
+/// `w_bf16` else float32) into y [rows, dim] (bfloat16 when both are, else float32), all
+/// C-contiguous, given by address: the bits of torch's `weight * F.rms_norm(x.float(), (dim,),
+/// None, eps).to(x.dtype)` where torch sums floats in vectors of `lanes` (8 or 16).
+///
+/// The caller (moeflow/runtime/cpu_ops.py, which checks dtypes, shapes, contiguity and device
+/// first) guarantees the addresses hold tensors of these shapes for the call.
+#[pyfunction]
+#[pyo3(signature = (x, rows, dim, w, y, eps, x_bf16, w_bf16, lanes = 8, threads = 1))]
+#[allow(clippy::too_many_arguments)]
+pub fn rms_norm(
+    py: Python<'_>,
+    x: usize,
+    rows: usize,
+    dim: usize,
+    w: usize,
+    y: usize,
+    eps: f64,
+    x_bf16: bool,
+    w_bf16: bool,
+    lanes: usize,
+    threads: usize,
+) -> PyResult<()> {
+    if [x, w, y].contains(&0) {
+        return Err(PyValueError::new_err("rms_norm: a null tensor address"));
+    }
+    let n = rows * dim;
+    let work = move || {
+        // SAFETY: the caller's contract above: each address holds a live, C-contiguous tensor
+        // of the stated shape and dtype, y written by nobody else during the call.
+        let (xs, ws, out) = unsafe {
+            let xs = if x_bf16 {
+                Values::Bf16(std::slice::from_raw_parts(x as *const u16, n))
+            } else {
+                Values::F32(std::slice::from_raw_parts(x as *const f32, n))
+            };
+            let ws = if w_bf16 {
+                Values::Bf16(std::slice::from_raw_parts(w as *const u16, dim))
+            } else {
+                Values::F32(std::slice::from_raw_parts(w as *const f32, dim))
+            };
+            let out = if x_bf16 && w_bf16 {
+                Output::Bf16(std::slice::from_raw_parts_mut(y as *mut u16, n))
+            } else {
+                Output::F32(std::slice::from_raw_parts_mut(y as *mut f32, n))
+            };
+            (xs, ws, out)
+        };
+        ops::rms_norm(xs, rows, dim, ws, eps as f32, lanes, out, threads)
+    };
+    let done = if n > DETACH_VALUES { py.detach(work) } else { work() };
+    done.map_err(|e| PyValueError::new_err(format!("rms_norm: {e}")))
+}
