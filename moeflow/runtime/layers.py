@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from moeflow.models.base import AttentionSpec
+from moeflow.runtime import cpu_ops
 from moeflow.runtime.cpu_bf16 import linear
 from moeflow.runtime.rope import Rotary
 
@@ -19,7 +20,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     then scale by weight [D] (or any [..., D] that broadcasts: one call for several norms). One
     F.rms_norm call (one kernel on a GPU): in float32 it is the same arithmetic; at lower
     precision transformers rounds the normalized x before scaling, so the weight multiplies after
-    the cast."""
+    the cast. On the CPU, one call of moeflow's kernel gives the same bits (runtime/cpu_ops.py)."""
+    if (cpu_ops.NATIVE and weight.dim() == 1 and x.is_cpu and x.dtype in cpu_ops.DTYPES
+            and weight.dtype in cpu_ops.DTYPES):
+        return cpu_ops.norm_rows(x, weight, eps)
     if weight.dim() == 1 and x.dtype == torch.float32 and weight.dtype == torch.float32:
         return F.rms_norm(x, weight.shape, weight, eps)
     return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)

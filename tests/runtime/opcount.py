@@ -17,6 +17,11 @@ from moeflow.runtime.layers import KVCache, norm
 from moeflow.runtime.model import DenseModel, Layer, load_dense
 
 
+# Methods that read a tensor's metadata and dispatch no op (a fraction of a microsecond each):
+# not what the count measures. runtime/cpu_ops.py reads addresses and contiguity this way.
+METADATA = frozenset(("dim", "size", "__get__", "data_ptr", "is_contiguous", "numel", "stride"))
+
+
 class CallCounter(TorchFunctionMode):
     """Counts torch calls made from Python (functions, methods, tensor properties excluded): what
     the host pays in argument parsing and dispatch, once per call."""
@@ -27,7 +32,7 @@ class CallCounter(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         name = getattr(func, "__name__", str(func))
-        if not name.startswith("__get__") and name not in ("dim", "size", "__get__"):
+        if not name.startswith("__get__") and name not in METADATA:
             self.calls[name] += 1
         return func(*args, **(kwargs or {}))
 
