@@ -3,14 +3,18 @@
     python benches/bench_cpu_experts.py [--shapes 2048x1024,4096x3584] [--tokens 1,4,16] [--reps 5]
                                         [--threads N]
 
-What a miss computed on the CPU (runtime/cpu_experts.py) costs, for each way torch can run it here:
-- `bf16_linear`: the baseline, plain F.linear (down(silu(gate(x)) * up(x))) on the bf16 weights as
-  stored (oneDNN's bf16 matmul where the CPU has AVX512-BF16/AMX, else torch's fallback);
+What a miss computed on the CPU (runtime/cpu_experts.py) costs, for each way torch can run it here,
+and for moeflow's own CPU kernels (runtime/cpu_bf16.py):
+- `bf16_linear`: the baseline, plain torch F.linear (down(silu(gate(x)) * up(x))) on the bf16
+  weights as stored (oneDNN's bf16 matmul where the CPU has AVX512-BF16/AMX, else torch's fallback);
+- `bf16_moeflow`, `int8_moeflow`, `int4_moeflow`: moeflow's kernels on the same bf16 weights and
+  quantized experts (what the engine runs where torch lacks native bf16); the quantized ones give
+  the dequantizing reference's bits (max_err_vs_dequant 0);
 - `fp32_upcast`: the same bf16 weights upcast to float32 on every call, then F.linear in float32;
 - `int8_dequant` / `int4_dequant`: the store's quantized expert (group 64) through the dequantizing
-  reference (runtime/reference.py quantized_expert_ffn: dequantize to bf16, then F.linear), which is
-  what the engine runs for int8 stores on the CPU;
-- `int4_repack`: what the engine runs for int4 stores on the CPU (runtime/cpu_quant.py): torch's own
+  reference (runtime/reference.py quantized_expert_ffn: dequantize to bf16, then torch's F.linear);
+- `int4_repack`: what the engine runs for int4 stores where moeflow's kernels are off
+  (runtime/cpu_quant.py): torch's own
   CPU int4 matmul (aten._weight_int4pack_mm_for_cpu) on the store's codes repacked on every call
   (a few byte operations, no float pass), the store's zero points folded into its float zeros;
 - `int4_tinygemm`: the same kernel on weights repacked once (the bound a kept repacked copy of each
@@ -41,7 +45,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moeflow.runtime import cpu_quant  # noqa: E402
+from moeflow import _core  # noqa: E402
+from moeflow.runtime import cpu_bf16, cpu_quant  # noqa: E402
 from moeflow.runtime.layers import silu_mlp  # noqa: E402
 from moeflow.runtime.reference import quantized_expert_ffn  # noqa: E402
 from moeflow.store.quant import quantize, unpack  # noqa: E402
@@ -88,6 +93,17 @@ def _int4_mm(x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor]) -> torc
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed[0], GROUP, packed[1])
 
 
+def torch_only(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """fn with moeflow's CPU kernels off: torch's own products."""
+    def run(x: torch.Tensor) -> torch.Tensor:
+        saved, cpu_bf16.ENABLED = cpu_bf16.ENABLED, False
+        try:
+            return fn(x)
+        finally:
+            cpu_bf16.ENABLED = saved
+    return run
+
+
 def bench_shape(hidden: int, inter: int, tokens: list[int], reps: int) -> dict[str, Any]:
     torch.manual_seed(0)
     gate_up = (torch.randn(2 * inter, hidden) / hidden**0.5).to(torch.bfloat16)
@@ -95,11 +111,19 @@ def bench_shape(hidden: int, inter: int, tokens: list[int], reps: int) -> dict[s
     int8 = _expert_tensors(gate_up, down, 8)
     int4 = _expert_tensors(gate_up, down, 4)
     paths: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-        "bf16_linear": lambda x: silu_mlp(x, gate_up, down),
+        "bf16_linear": torch_only(lambda x: silu_mlp(x, gate_up, down)),
         "fp32_upcast": lambda x: silu_mlp(x.float(), gate_up.float(), down.float()).to(x.dtype),
-        "int8_dequant": lambda x: quantized_expert_ffn(x, int8, 8, GROUP),
-        "int4_dequant": lambda x: quantized_expert_ffn(x, int4, 4, GROUP),
+        "int8_dequant": torch_only(lambda x: quantized_expert_ffn(x, int8, 8, GROUP)),
+        "int4_dequant": torch_only(lambda x: quantized_expert_ffn(x, int4, 4, GROUP)),
     }
+    if _core.bf16_linear_available():
+        def bf16_moeflow(x: torch.Tensor) -> torch.Tensor:
+            gate, up = cpu_bf16.linear(x, gate_up).chunk(2, dim=-1)
+            return cpu_bf16.linear(F.silu(gate) * up, down)
+
+        paths["bf16_moeflow"] = bf16_moeflow
+        paths["int8_moeflow"] = lambda x: cpu_bf16.minmax_expert_ffn(x, int8, 8, GROUP)
+        paths["int4_moeflow"] = lambda x: cpu_bf16.minmax_expert_ffn(x, int4, 4, GROUP)
     if cpu_quant.available():
         paths["int4_repack"] = lambda x: cpu_quant.int4_expert_ffn(x, int4, GROUP)
     notes: dict[str, str] = {}
@@ -127,7 +151,7 @@ def bench_shape(hidden: int, inter: int, tokens: list[int], reps: int) -> dict[s
             for name in per:
                 per[name]["vs_bf16_linear"] = base / per[name]["us"]
             want = paths["int4_dequant"](x).float()
-            for name in ("int4_repack", "int4_tinygemm"):
+            for name in ("int4_repack", "int4_tinygemm", "int4_moeflow"):
                 if name in per:
                     got = paths[name](x).float()
                     per[name]["max_err_vs_dequant"] = ((got - want).abs().max() / want.abs().max()).item()
