@@ -20,13 +20,15 @@ from typing import Any
 
 from moeflow.errors import CudaUnavailable
 
-SOURCES = ("dequant.cu", "expert_ffn.cu", "grouped_ffn.cu", "fp8.cu", "mxfp4.cu", "moe_decode.cu", "grouped_mma.cu")
+SOURCES = ("dequant.cu", "expert_ffn.cu", "grouped_ffn.cu", "fp8.cu", "mxfp4.cu", "moe_decode.cu", "grouped_mma.cu",
+           "moe_decode_kslice.cu")
 COMMON = "common.cuh"
 OPTIONS = ("-std=c++17",)
 _ENTRY = re.compile(r'extern "C" __global__ void (\w+)\(')
 _DECLARATION = re.compile(r'extern "C" __global__ void ([\w#]+)\(([^)]*)\)')
 _MACRO_PARAM = re.compile(r"[A-Z][A-Z0-9_]*")
-_MACRO_USE = re.compile(r"^(DEQUANT|EXPERT_FFN|GROUPED|MOE_DECODE|GROUPED_MMA)\((\w+), (\w+), (\w+)\)", re.M)
+_MACRO_USE = re.compile(r"^(DEQUANT|EXPERT_FFN|GROUPED|MOE_DECODE|GROUPED_MMA|MOE_DECODE_KSLICE)"
+                        r"\((\w+), (\w+), (\w+)\)", re.M)
 
 
 def kernel_dir() -> Path:
@@ -55,6 +57,8 @@ def entry_points(name: str) -> list[str]:
             names.append(f"expert_ffn_decode_{suffix}")
         elif macro == "MOE_DECODE":
             names += [f"decode_gate_up_{suffix}", f"decode_down_{suffix}"]
+        elif macro == "MOE_DECODE_KSLICE":
+            names += [f"kslice_{phase}_{suffix}_t{tok}" for phase in ("gate_up", "down") for tok in (1, 4)]
         elif macro == "GROUPED_MMA":
             names += [f"mma_gate_up_{suffix}", f"mma_down_{suffix}"]
         else:
