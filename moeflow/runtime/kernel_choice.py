@@ -5,7 +5,10 @@ use it; the choice is measured").
 Paths of one expert's FFN on x [n, H] (each returns [n, H] in x's dtype):
 - `moe_decode`: kernels/moe_decode.cu, weights dequantized in registers, read once per 8 rows;
 - `grouped_mma`: kernels/grouped_mma.cu, tensor cores, weights dequantized tile by tile;
-- `dequant_torch`: kernels/dequant.cu into x's dtype, then torch's SiLU MLP (cuBLAS on a GPU).
+- `dequant_torch`: kernels/dequant.cu into x's dtype, then torch's SiLU MLP (cuBLAS on a GPU);
+- `moe_decode_kslice`: kernels/moe_decode_kslice.cu (runtime/gpu_kslice.py), a decode candidate:
+  8 weight rows per block share each chunk's activations, K split over its warps. Only a table
+  ever picks it (it raises for shapes it cannot take, so the tuner never picks it there).
 
 Without a table the engine runs moe_decode up to moe.DECODE_ROWS rows and grouped_mma above.
 `benches/bench_kernels.py --tune` (runtime/kernel_tune.py) times every path per (device,
@@ -35,7 +38,7 @@ from typing import Any
 import torch
 
 from moeflow.errors import KernelTableError
-from moeflow.runtime import gpu, gpu_decode, gpu_mma
+from moeflow.runtime import gpu, gpu_decode, gpu_kslice, gpu_mma
 from moeflow.runtime.layers import silu_mlp
 from moeflow.runtime.moe import DECODE_ROWS
 from moeflow.store.layout import ExpertView
@@ -68,12 +71,18 @@ def _dequant_torch(w: Tensors, bits: int, group: int, x: torch.Tensor) -> torch.
     return silu_mlp(x, gate_up, down)
 
 
+def _moe_decode_kslice(w: Tensors, bits: int, group: int, x: torch.Tensor) -> torch.Tensor:
+    return gpu_kslice.expert_rows(x, [0, x.shape[0]], [w], bits, group).to(x.dtype)
+
+
 PATHS: dict[str, Callable[[Tensors, int, int, torch.Tensor], torch.Tensor]] = {
     "moe_decode": _moe_decode,
     "grouped_mma": _grouped_mma,
     "dequant_torch": _dequant_torch,
+    "moe_decode_kslice": _moe_decode_kslice,
 }
 DECODE = "moe_decode"
+KSLICE = "moe_decode_kslice"
 
 
 def bucket(rows: int) -> int:
