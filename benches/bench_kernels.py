@@ -12,7 +12,8 @@ Kernels (runtime/gpu.py launching kernels/*.cu), each against a torch baseline i
   the same experts.
   Both run twice, `kernel_source` naming the kernel: kernels/moe_decode.cu (what the engine runs,
   all of a layer's experts in one launch per phase; the goals are its) and kernels/expert_ffn.cu
-  (the per-expert kernel with atomics it replaced).
+  (the per-expert kernel with atomics it replaced); for int8/int4, last in the shape's lines, a
+  third time through kernels/moe_decode_kslice.cu (the decode candidate a kernel table may pick).
 - `prefill`: 8 experts x 64 rows, one launch per phase, through kernels/grouped_mma.cu (tensor
   cores, what the engine runs; the goals are its) and grouped_ffn.cu (the fp32 tiles it replaced);
   baseline the torch bf16 per-expert loop, and torch._grouped_mm on the bf16 weights where torch
@@ -31,8 +32,9 @@ prefill 0.8x, int4 prefill 0.7x), and `table_path`: the path the device's measur
 cache, so no figure is an L2 hit. Without a GPU it prints {"gpu": false} and exits 0.
 
 --tune measures that table instead (runtime/kernel_tune.py): every path of a min-max expert
-(moe_decode.cu, grouped_mma.cu, dequant.cu + torch's SiLU MLP) at every row bucket (1 to 512+), per
-shape, precision (default int8,int4; int2 too) and activation dtype (default bfloat16), checked
+(moe_decode.cu, grouped_mma.cu, dequant.cu + torch's SiLU MLP, moe_decode_kslice.cu) at every
+row bucket (1 to 512+), per shape, precision (default int8,int4; int2 too) and activation dtype
+(default bfloat16), checked
 against the reference, the fastest within tolerance chosen; written (atomically, after each
 entry) to $MOEFLOW_CACHE/kernels-<device>.json, or --table FILE, which the engine reads at open.
 One JSON line per entry ("bench": "kernel_table"), its times and errors per path and bucket.
@@ -325,9 +327,55 @@ def bench_shape(shape: str, precision: str, reps: int, device: torch.device) -> 
                             time_us(fn, reps, copies), one.nbytes * PREFILL_EXPERTS, "torch_bf16_loop", base_prefill,
                             max_err(fn(0), want), kernel_source=source, with_goal=source == "grouped_mma.cu",
                             **(extra if source == "grouped_mma.cu" else {})))
+    lines += kslice_lines(shape, precision, reps, copies, sets, x1, xk, want_one, want_layer, base_one, base_layer)
     del sets
     torch.cuda.empty_cache()
     return lines
+
+
+def kslice_lines(shape: str, precision: str, reps: int, copies: int, sets: list[list[Expert]], x1: torch.Tensor,
+                 xk: torch.Tensor, want_one: torch.Tensor, want_layer: torch.Tensor, base_one: float,
+                 base_layer: float) -> list[dict[str, Any]]:
+    """kernels/moe_decode_kslice.cu, the decode candidate a kernel table may pick
+    (runtime/gpu_kslice.py): moe_decode.cu's two decode lines and its kernels-only time, against
+    the same baselines, where it takes the shape (quantized; the goals stay the engine's kernel's)."""
+    from moeflow.runtime import gpu, gpu_kslice
+
+    hidden, inter, top_k = SHAPES[shape]
+    bits = BITS[precision]
+    if bits == 16 or not gpu_kslice.shape_fits(bits, GROUP, hidden, inter):
+        return []
+    device = x1.device
+    offsets = list(range(top_k + 1))
+
+    def one(i: int) -> torch.Tensor:
+        return gpu_kslice.expert_rows(x1, [0, 1], [sets[i][0].stored], bits, GROUP)
+
+    def layer(i: int) -> torch.Tensor:
+        return gpu_kslice.expert_rows(xk, offsets, [e.stored for e in sets[i][:top_k]], bits, GROUP).sum(0)
+
+    launches, alive = [], []  # the launches hold raw pointers: their tensors must outlive them
+    for c in range(copies):
+        lc = [gpu.launcher(sets[c][0].stored, bits, GROUP)]
+        a = gpu.grouped_args(x1, [0, 1], lc, None)
+        h, y = torch.empty(1, inter, device=device), torch.empty(1, hidden, device=device)
+        alive.append((a, h, y))
+        launches.append(gpu_kslice.decode_launches(a.x, a.offsets, lc, a.table, h, a.row_weight, y, a.longest)
+                        if gpu_kslice.fits(lc, a.x) else ())
+
+    def launches_only(i: int) -> None:
+        for launch in launches[i]:
+            gpu.run(launch, device)
+
+    only = {"kernels_only_us": round(time_us(launches_only, reps, copies), 2)} if launches[0] else {}
+    nbytes = sets[0][0].nbytes
+    source = "moe_decode_kslice.cu"
+    return [record(shape, hidden, inter, "decode_expert", precision, 1, 1, time_us(one, reps, copies), nbytes,
+                   "torch_bf16_linear", base_one, max_err(one(0), want_one), kernel_source=source, with_goal=False,
+                   **only),
+            record(shape, hidden, inter, "decode_layer", precision, 1, top_k, time_us(layer, reps, copies),
+                   nbytes * top_k, "torch_bf16_loop", base_layer, max_err(layer(0).view(1, -1), want_layer),
+                   kernel_source=source, with_goal=False)]
 
 
 def main(argv: list[str] | None = None) -> int:

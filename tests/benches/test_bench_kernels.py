@@ -95,11 +95,13 @@ def test_a_whole_shape_runs_on_the_emulated_kernels(kernel_device: torch.device,
     kinds = [(line["kernel"], line.get("kernel_source")) for line in lines]
     assert kinds == [("decode_expert", "moe_decode.cu"), ("decode_layer", "moe_decode.cu"),
                      ("decode_expert", "expert_ffn.cu"), ("decode_layer", "expert_ffn.cu"),
-                     ("prefill", "grouped_mma.cu"), ("prefill", "grouped_ffn.cu")]
+                     ("prefill", "grouped_mma.cu"), ("prefill", "grouped_ffn.cu"),
+                     ("decode_expert", "moe_decode_kslice.cu"), ("decode_layer", "moe_decode_kslice.cu")]
     for line in lines:
         assert line["max_err"] < 1e-2, line
         assert line["us"] > 0 and line["baseline_us"] > 0
     assert "goal" in lines[0] and "goal" not in lines[2]  # the goals are the engine's kernel's
     assert lines[0]["kernels_only_us"] > 0
+    assert lines[6]["kernels_only_us"] > 0 and "goal" not in lines[6]  # the candidate: timed, not held to the goals
     prefill = lines[4]  # 2 experts x 3 rows each: `tokens` is per expert, so the flops count 6 rows, not 2 x 6
     assert prefill["tokens"] == 3 and prefill["experts"] == 2
