@@ -40,11 +40,14 @@ def warps_for(cols: int, bits: int) -> int:
 
 def shape_fits(bits: int, group: int, hidden: int, inter: int) -> bool:
     """Whether the kernels take experts of this encoding and shape: quantized, every row whole
-    16-byte chunks, each chunk inside one quantization group."""
+    16-byte chunks, each chunk inside one quantization group, and whole tiles of rows (ROWS down
+    rows, PAIRS gate/up pairs per block: implied by the chunks, stated because the kernels rely
+    on it)."""
     if bits not in (8, 4, 2):
         return False
     codes = codes_per_chunk(bits)
-    return hidden % codes == 0 and inter % codes == 0 and group % codes == 0
+    return (hidden % codes == 0 and inter % codes == 0 and group % codes == 0 and hidden % ROWS == 0
+            and inter % PAIRS == 0)
 
 
 def fits(experts: Sequence[ExpertLauncher], x: torch.Tensor) -> bool:
