@@ -85,6 +85,7 @@ fn panel_columns(k: usize) -> usize {
 const MR: usize = 4; // rows of x per tile
 const NR: usize = 3; // weight rows per tile with MR rows
 const NR_WIDE: usize = 12; // weight rows per tile with one row: 12 chains in flight, and a multiple of NR
+const NR_DECODE: usize = 4; // weight rows per one-row tile of decoding (quantized) rows; divides NR_WIDE
 
 /// y = x w^T (+ bias) with x [m, k] f32, w [n, k] bf16 bits, bias [n] f32, on up to `threads`
 /// threads of rayon's pool. See the module doc for the arithmetic of each output.
@@ -303,14 +304,25 @@ impl<W: Rows> Job<W> {
             row += MR;
         }
         while row < self.m {
-            if c == NR_WIDE {
+            let mut j = 0;
+            if V::DECODES {
+                // decoding a weight takes more registers than loading one: 4 rows a tile keep
+                // the accumulators, the rows' group constants and the decode's temporaries in
+                // the 16 vector registers
+                while j + NR_DECODE <= c {
+                    // SAFETY: as above.
+                    unsafe { self.tile::<1, NR_DECODE, V>(weights, row, wrow + j, col + j) };
+                    j += NR_DECODE;
+                }
+            } else if c == NR_WIDE {
                 // SAFETY: as above.
                 unsafe { self.tile::<1, NR_WIDE, V>(weights, row, wrow, col) };
-            } else {
-                for j in 0..c {
-                    // SAFETY: as above.
-                    unsafe { self.tile::<1, 1, V>(weights, row, wrow + j, col + j) };
-                }
+                j = c;
+            }
+            while j < c {
+                // SAFETY: as above.
+                unsafe { self.tile::<1, 1, V>(weights, row, wrow + j, col + j) };
+                j += 1;
             }
             row += 1;
         }

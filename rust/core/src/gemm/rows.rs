@@ -212,11 +212,12 @@ impl Rows for Mxfp4Rows {
         // lie inside row `row`.
         unsafe {
             let at = (self.blocks as *const u8).add((row * self.k + i) / 2);
-            let raw = _mm_cvtsi32_si128(std::ptr::read_unaligned(at as *const i32));
-            // byte b to lanes 2b and 2b+1, then the low nibble to the even lane, the high to the odd
-            let pairs = _mm_shuffle_epi8(raw, _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, -1, -1, -1, -1, -1, -1, -1, -1));
+            // code j (even inputs in the low nibble) is (little-endian word >> 4 * j) & 0xf
             let codes = _mm256_and_si256(
-                _mm256_srlv_epi32(_mm256_cvtepu8_epi32(pairs), _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4)),
+                _mm256_srlv_epi32(
+                    _mm256_set1_epi32(std::ptr::read_unaligned(at as *const i32)),
+                    _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28),
+                ),
                 _mm256_set1_epi32(0xf),
             );
             let table = _mm256_loadu_ps(E2M1.as_ptr());
@@ -245,6 +246,8 @@ pub(super) struct MinMaxRows<const BITS: u32, const BF16: bool> {
 
 impl<const BITS: u32, const BF16: bool> Rows for MinMaxRows<BITS, BF16> {
     const DECODES: bool = true;
+    /// int8: (scale, zero) broadcast; int4 and int2: the group's weight for every code, as a
+    /// table (codes 0-7, codes 8-15), computed once per group with the same arithmetic.
     #[cfg(target_arch = "x86_64")]
     type Group = (std::arch::x86_64::__m256, std::arch::x86_64::__m256);
     #[cfg(not(target_arch = "x86_64"))]
@@ -273,7 +276,13 @@ impl<const BITS: u32, const BF16: bool> Rows for MinMaxRows<BITS, BF16> {
                 0,
             );
             let sz = _mm_cvtph_ps(halves);
-            (_mm256_broadcastss_ps(sz), _mm256_broadcastss_ps(_mm_shuffle_ps::<0b01>(sz, sz)))
+            let (scale, zero) = (_mm256_broadcastss_ps(sz), _mm256_broadcastss_ps(_mm_shuffle_ps::<0b01>(sz, sz)));
+            if BITS == 8 {
+                return (scale, zero);
+            }
+            let low = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            let high = _mm256_add_epi32(low, _mm256_set1_epi32(8));
+            (weights::<BF16>(low, scale, zero), weights::<BF16>(high, scale, zero))
         }
     }
 
@@ -284,41 +293,35 @@ impl<const BITS: u32, const BF16: bool> Rows for MinMaxRows<BITS, BF16> {
 
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn load8(&self, row: usize, i: usize, (scale, zero): Self::Group) -> std::arch::x86_64::__m256 {
+    unsafe fn load8(&self, row: usize, i: usize, (a, b): Self::Group) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
         // SAFETY: the caller's contract: i is a multiple of 8, so codes i..i+8 (BITS bytes)
         // lie inside row `row`.
         unsafe {
             let at = (self.q as *const u8).add((row * self.k + i) * BITS as usize / 8);
-            let codes = match BITS {
-                8 => _mm256_cvtepu8_epi32(_mm_loadl_epi64(at as *const __m128i)),
+            match BITS {
+                8 => weights::<BF16>(_mm256_cvtepu8_epi32(_mm_loadl_epi64(at as *const __m128i)), a, b),
+                // codes lowest bits first: code j of the little-endian word is (word >> BITS * j)
                 4 => {
-                    let raw = _mm_cvtsi32_si128(std::ptr::read_unaligned(at as *const i32));
-                    let pairs = _mm_shuffle_epi8(raw, _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, -1, -1, -1, -1, -1, -1, -1, -1));
-                    _mm256_and_si256(
-                        _mm256_srlv_epi32(_mm256_cvtepu8_epi32(pairs), _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4)),
+                    let codes = _mm256_and_si256(
+                        _mm256_srlv_epi32(
+                            _mm256_set1_epi32(std::ptr::read_unaligned(at as *const i32)),
+                            _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28),
+                        ),
                         _mm256_set1_epi32(0xf),
-                    )
+                    );
+                    // the permutes read the low 3 bits; bit 3 picks the table's half
+                    let pick = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(codes));
+                    _mm256_blendv_ps(_mm256_permutevar8x32_ps(a, codes), _mm256_permutevar8x32_ps(b, codes), pick)
                 }
                 _ => {
-                    let raw = _mm_cvtsi32_si128(i32::from(std::ptr::read_unaligned(at as *const u16)));
-                    let quads = _mm_shuffle_epi8(raw, _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1, -1));
-                    _mm256_and_si256(
-                        _mm256_srlv_epi32(_mm256_cvtepu8_epi32(quads), _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6)),
-                        _mm256_set1_epi32(3),
-                    )
+                    let codes = _mm256_srlv_epi32(
+                        _mm256_set1_epi32(i32::from(std::ptr::read_unaligned(at as *const u16))),
+                        _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14),
+                    );
+                    // codes 0-3: the table's low half, indexed by the low 3 bits (bit 2 cleared)
+                    _mm256_permutevar8x32_ps(a, _mm256_and_si256(codes, _mm256_set1_epi32(3)))
                 }
-            };
-            // (q - zero) * scale: two roundings, as store/quant.py's dequantize (no fused multiply-add)
-            let w = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(codes), zero), scale);
-            if BF16 {
-                // round to the nearest bf16, ties to even (the values are finite)
-                let b = _mm256_castps_si256(w);
-                let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(1));
-                let rounded = _mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7fff)), lsb);
-                _mm256_castsi256_ps(_mm256_and_si256(rounded, _mm256_set1_epi32(0xffff_0000u32 as i32)))
-            } else {
-                w
             }
         }
     }
@@ -326,5 +329,32 @@ impl<const BITS: u32, const BF16: bool> Rows for MinMaxRows<BITS, BF16> {
     #[inline(always)]
     unsafe fn one(&self, _row: usize, _j: usize) -> f32 {
         unreachable!("min-max rows are whole groups of a multiple of 8: no k % 8 tail")
+    }
+}
+
+/// (codes - zero) * scale in f32 (two roundings, as store/quant.py's dequantize: no fused
+/// multiply-add), rounded to the nearest bf16 (ties to even) when BF16.
+///
+/// # Safety
+/// AVX2 present.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn weights<const BF16: bool>(
+    codes: std::arch::x86_64::__m256i,
+    scale: std::arch::x86_64::__m256,
+    zero: std::arch::x86_64::__m256,
+) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    // SAFETY: AVX2 is the caller's contract.
+    unsafe {
+        let w = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(codes), zero), scale);
+        if !BF16 {
+            return w;
+        }
+        // the values are finite: add half an ulp of bf16 (less one, plus the kept bit for ties)
+        let b = _mm256_castps_si256(w);
+        let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(1));
+        let rounded = _mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7fff)), lsb);
+        _mm256_castsi256_ps(_mm256_and_si256(rounded, _mm256_set1_epi32(0xffff_0000u32 as i32)))
     }
 }
