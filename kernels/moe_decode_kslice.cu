@@ -39,6 +39,28 @@ struct KslicePtrs {
     const uint16_t* const* zero;
 };
 
+// Weight reads: read-only for the kernel's life (the non-coherent path), and volatile so that
+// the compiler keeps them in program order, before the arithmetic: left to itself it sank the
+// scale/zero loads below the first row's dot products, exposing their latency once more per chunk.
+__device__ __forceinline__ uint4 load_weights(const uint8_t* p) {
+#ifdef MOEFLOW_EMU
+    return *reinterpret_cast<const uint4*>(p);
+#else
+    uint4 v;
+    asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+#endif
+}
+__device__ __forceinline__ uint16_t load_half(const uint16_t* p) {
+#ifdef MOEFLOW_EMU
+    return *p;
+#else
+    uint16_t v;
+    asm volatile("ld.global.nc.u16 %0, [%1];" : "=h"(v) : "l"(p));
+    return v;
+#endif
+}
+
 __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
@@ -114,14 +136,20 @@ __device__ __forceinline__ void kslice_dot(const RowTile& t, int cols, int group
         float a[KS_ROWS], b[KS_ROWS];
 #pragma unroll
         for (int w = 0; w < KS_ROWS; ++w)  // every row's codes requested before any is used
-            code[w] = reinterpret_cast<const uint4*>(t.q[w / KS_PAIRS] + (w % KS_PAIRS) * t.row_bytes)[c];
+            code[w] = load_weights(t.q[w / KS_PAIRS] + (w % KS_PAIRS) * t.row_bytes + (long)c * 16);
         const int g = c * CODES / group;
+        uint16_t sh[KS_ROWS], zh[KS_ROWS];
 #pragma unroll
         for (int w = 0; w < KS_ROWS; ++w) {
             const long at = (long)(w % KS_PAIRS) * t.groups + g;
-            const float s = half_to_float(t.s[w / KS_PAIRS][at]), z = half_to_float(t.z[w / KS_PAIRS][at]);
+            sh[w] = load_half(t.s[w / KS_PAIRS] + at);
+            zh[w] = load_half(t.z[w / KS_PAIRS] + at);
+        }
+#pragma unroll
+        for (int w = 0; w < KS_ROWS; ++w) {
+            const float s = half_to_float(sh[w]);
             a[w] = s * LEVELS;
-            b[w] = s * (LEVELS + z);
+            b[w] = s * (LEVELS + half_to_float(zh[w]));
         }
 #pragma unroll
         for (int r = 0; r < TOK; ++r) {
