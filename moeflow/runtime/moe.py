@@ -218,7 +218,8 @@ def _rows_and_weight(routing: Routing, e: int, x: torch.Tensor) -> tuple[torch.T
 def layer_launch(routing: Routing, resident: list[ExpertView], x: torch.Tensor,
                  wide: Callable[[int], AbstractContextManager[None]]) -> dict[int, torch.Tensor] | None:
     """A decode step's resident quantized experts all in one launch per phase
-    (kernels/moe_decode.cu) rather than one per expert, or None where that does not apply (not
+    (kernels/moe_decode.cu, or moe_decode_kslice.cu where the kernel table picks it for each of
+    them) rather than one per expert, or None where that does not apply (not
     the GPU kernels, other encodings, more rows than decode, Llama-4's input scaling). Each
     expert's output is rounded and weighted exactly as expert_out does it, and the kernel's rows
     do not depend on each other, so the result is the same bits as running them one by one."""
@@ -228,10 +229,14 @@ def layer_launch(routing: Routing, resident: list[ExpertView], x: torch.Tensor,
     if any(w.kind != "minmax" or w.bits != first.bits or w.group != first.group for w in resident):
         return None
     parts = [_rows_and_weight(routing, e, x) for e in routing.experts]
-    from moeflow.runtime import gpu_decode, kernel_choice
+    from moeflow.runtime import gpu_decode, gpu_kslice, kernel_choice
 
-    if kernel_choice.TABLES:  # one launch only where each expert alone would take the decode kernel too
-        if any(kernel_choice.choose(w, rows) != kernel_choice.DECODE for w, (rows, _) in zip(resident, parts)):
+    launch = gpu_decode.expert_rows
+    if kernel_choice.TABLES:  # one launch only where each expert alone would take that decode kernel too
+        chosen = {kernel_choice.choose(w, rows) for w, (rows, _) in zip(resident, parts)}
+        if chosen == {kernel_choice.KSLICE}:  # the table's decode candidate (kernels/moe_decode_kslice.cu)
+            launch = gpu_kslice.expert_rows
+        elif chosen != {kernel_choice.DECODE}:
             return None
     elif any(rows.shape[0] > DECODE_ROWS for rows, _ in parts):
         return None
@@ -240,8 +245,8 @@ def layer_launch(routing: Routing, resident: list[ExpertView], x: torch.Tensor,
     for rows, _ in parts:
         offsets.append(offsets[-1] + rows.shape[0])
     with wide(sum(w.nbytes for w in resident)):
-        y = gpu_decode.expert_rows(torch.cat([rows for rows, _ in parts]), offsets, [w.tensors for w in resident],
-                                   first.bits, first.group)
+        y = launch(torch.cat([rows for rows, _ in parts]), offsets, [w.tensors for w in resident], first.bits,
+                   first.group)
     return {e: (y[offsets[i]:offsets[i + 1]].to(x.dtype) * w).to(x.dtype)
             for i, (e, (_, w)) in enumerate(zip(routing.experts, parts))}
 
