@@ -6,6 +6,8 @@ batch; the launches' arguments against the kernels' signatures; the shapes it re
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -126,3 +128,49 @@ def test_a_misaligned_view_goes_to_the_grouped_kernel(monkeypatch: pytest.Monkey
     x = torch.zeros(2 * 256 + 1, dtype=torch.bfloat16)[1:].view(2, 256)
     gpu_kslice.expert_rows(x, [0, 2], [_expert(256, 64, 4, 64, 0)], 4, 64)
     assert len(calls) == 1
+
+
+def test_a_table_of_kslice_runs_a_steps_experts_in_one_launch_with_their_own_bits(
+        kernel_device: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
+    """moe.layer_launch takes this kernel for all of a step's experts where the table picks it
+    for each, and gives each expert the bits expert_out gives it alone."""
+    import contextlib
+
+    from moeflow.runtime import kernel_choice, moe
+    from moeflow.store.layout import ExpertView
+
+    if kernel_device.type != "cpu":
+        pytest.skip("the emulator's run: the table is the CPU's")
+    hidden, inter, group = SMALL
+    monkeypatch.setattr(moe, "gpu_kernels", lambda x: True)
+    doc = {"format": kernel_choice.FORMAT, "version": kernel_choice.VERSION, "device": "cpu",
+           "buckets": list(kernel_choice.BUCKETS),
+           "entries": [{"kind": "minmax", "bits": 4, "group": group, "hidden": hidden, "inter": inter,
+                        "dtype": "bfloat16", "paths": [kernel_choice.KSLICE] * len(kernel_choice.BUCKETS)}]}
+    kernel_choice.install(kernel_choice.parse(doc, Path("table.json")), torch.device("cpu"))
+    launches: list[int] = []
+    real = gpu_kslice.expert_rows
+
+    def counted(x: torch.Tensor, offsets: list[int], experts: list[dict[str, torch.Tensor]], *a: object,
+                **k: object) -> torch.Tensor:
+        launches.append(len(experts))
+        return real(x, offsets, experts, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(gpu_kslice, "expert_rows", counted)
+    try:
+        gen = torch.Generator().manual_seed(9)
+        for tokens in (1, 3):
+            ids = torch.tensor([[0, 2], [2, 1], [0, 1]][:tokens])
+            weights = torch.rand(tokens, 2, generator=gen).to(torch.bfloat16)
+            routing = moe.Routing.group(ids, weights, ids.tolist(), weights.tolist())
+            views = {e: ExpertView(w, 4, group, sum(t.nbytes for t in w.values()), kind="minmax")
+                     for e, w in enumerate(_experts(hidden, inter, 4, group, 3, kernel_device))}
+            x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16)
+            wide = lambda n: contextlib.nullcontext()  # noqa: E731
+            launches.clear()
+            together = moe.layer_launch(routing, [views[e] for e in routing.experts], x, wide)
+            assert together is not None and launches == [len(routing.experts)]
+            for e in routing.experts:
+                assert torch.equal(together[e], moe.expert_out(routing, e, views[e], x, wide)), (tokens, e)
+    finally:
+        kernel_choice.reset()
