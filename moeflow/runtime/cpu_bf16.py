@@ -75,6 +75,8 @@ def _kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     if not rows.is_contiguous():
         rows = rows.contiguous()
     y = torch.empty(rows.shape[0], n, dtype=x.dtype)
+    if y.numel() == 0:  # no rows (or no outputs): nothing to compute, and an empty tensor may have no address
+        return y.view(*lead, n)
     b = 0
     if bias is not None:
         bias = bias.to(_F32).contiguous()  # added to the float32 sum before the one rounding
@@ -106,6 +108,8 @@ def mxfp4_linear(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
     if not rows.is_contiguous():
         rows = rows.contiguous()
     y = torch.empty(rows.shape[0], n, dtype=x.dtype)
+    if y.numel() == 0:  # no rows (or no outputs): nothing to compute, and an empty tensor may have no address
+        return y.view(*lead, n)
     b = 0
     if bias is not None:
         bias = bias.to(x.dtype).to(_F32).contiguous()  # as `linear` gets it: in x's dtype
@@ -152,6 +156,8 @@ def minmax_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: t
     if not rows.is_contiguous():
         rows = rows.contiguous()
     y = torch.empty(rows.shape[0], n, dtype=x.dtype)
+    if y.numel() == 0:  # no rows (or no outputs): nothing to compute, and an empty tensor may have no address
+        return y.view(*lead, n)
     bf16 = x.dtype is _BF16
     _core.minmax_linear(rows.data_ptr(), rows.shape[0], k, q.data_ptr(), scale.data_ptr(), zero.data_ptr(), bits,
                         group, bf16, n, y.data_ptr(), bf16, bf16, 0, torch.get_num_threads())

@@ -276,3 +276,14 @@ def test_minmax_refusals(kernel_on: None) -> None:
     with pytest.raises(ValueError, match="groups of 12 over k = 48"):  # the core: not a multiple of 8
         q12, s12, z12 = quant.quantize(torch.randn(8, 48), 4, 12)
         cpu_bf16.minmax_linear(torch.zeros(1, 48), q12, s12, z12, 4, 12)
+
+
+def test_no_rows_give_an_empty_result(kernel_on: None) -> None:
+    from moeflow.store import mxfp4, quant
+
+    w = torch.randn(8, 64).bfloat16()
+    assert cpu_bf16.linear(torch.zeros(0, 64).bfloat16(), w).shape == (0, 8)
+    blocks, scales = mxfp4.quantize(torch.randn(8, 64))
+    assert cpu_bf16.mxfp4_linear(torch.zeros(2, 0, 64).bfloat16(), blocks, scales).shape == (2, 0, 8)
+    q, scale, zero = quant.quantize(torch.randn(8, 64), 4, 32)
+    assert cpu_bf16.minmax_linear(torch.zeros(0, 64), q, scale, zero, 4, 32).shape == (0, 8)
