@@ -32,10 +32,12 @@ def codes_per_chunk(bits: int) -> int:
 
 
 def warps_for(cols: int, bits: int) -> int:
-    """Warps splitting a row of `cols` codes: one per 32 chunks, 1 to MAX_WARPS, so that every lane
-    has a chunk where the row is long enough and short rows leave no warp idle. A function of
-    the shape alone: the order of the block's sums (and so the bits) never changes with the rows."""
-    return max(1, min(MAX_WARPS, cols // codes_per_chunk(bits) // 32))
+    """Warps splitting a row of `cols` codes: one per 64 chunks (two chunks per lane), 1 to
+    MAX_WARPS. Fewer chunks per lane spend more of a block on its setup and reduction (about a
+    third of it at one chunk per lane, by the sm_90 instruction count); more leave fewer warps to
+    spread over the GPU. A function of the shape alone: the order of the block's sums (and so the
+    bits) never changes with the rows. Unmeasured: the next GPU run may move the 64."""
+    return max(1, min(MAX_WARPS, cols // codes_per_chunk(bits) // 64))
 
 
 def shape_fits(bits: int, group: int, hidden: int, inter: int) -> bool:

@@ -15,12 +15,13 @@ import torch
 from moeflow.runtime import gpu, gpu_kslice, kernels, reference
 from tests.runtime.test_kernels import _expert
 
-# (hidden, inter, group) per bits; per phase, K's 16-byte chunks and the warps splitting them:
-# int4: gate/up 66 chunks over 2 warps (2 left past 64: two lanes take a second chunk), down 10
+# (hidden, inter, group) per bits; per phase, K's 16-byte chunks and the warps splitting them (one
+# per 64 chunks):
+# int4: gate/up 130 chunks over 2 warps (2 left past 128: two lanes take a third chunk), down 10
 #       chunks over 1 warp (fewer chunks than lanes);
-# int8: gate/up 12 chunks over 1 warp, down 260 chunks over 8 warps (4 left past 256);
+# int8: gate/up 12 chunks over 1 warp, down 516 chunks over 8 warps (4 left past 512);
 # int2: gate/up 4 chunks, down 2 chunks, group 128 (two chunks per group).
-SHAPES = {4: (2112, 320, 64), 8: (192, 4160, 64), 2: (256, 128, 128)}
+SHAPES = {4: (4160, 320, 64), 8: (192, 8256, 64), 2: (256, 128, 128)}
 SMALL = (256, 64, 64)  # int4: the many-launch tests
 
 
@@ -98,14 +99,14 @@ def test_launches_pack_their_arguments_in_signature_order() -> None:
             for ctype, arg in zip(params, launch.args):
                 assert type(arg) is (np.uint64 if "*" in ctype else np.int32), (launch.entry, ctype)
         assert gate_up.entry == f"kslice_gate_up_int4_bf16_t{tok}" and down.entry == f"kslice_down_int4_bf16_t{tok}"
-    assert gate_up.grid == (inter // 4, 2) and gate_up.block == (64,)  # 66 chunks: 2 warps
+    assert gate_up.grid == (inter // 4, 2) and gate_up.block == (64,)  # 130 chunks: 2 warps
     assert down.grid == (hidden // 8, 2) and down.block == (32,)  # 10 chunks: 1 warp
     assert int(gate_up.args[5]) == table.data_ptr() and int(down.args[5]) == table.data_ptr() + 3 * 2 * 8
 
 
 def test_warps_depend_on_the_shape_alone() -> None:
-    assert [gpu_kslice.warps_for(cols, 4) for cols in (64, 1024, 2048, 4096, 14336, 65536)] == [1, 1, 2, 4, 8, 8]
-    assert gpu_kslice.warps_for(4096, 8) == 8 and gpu_kslice.warps_for(4096, 2) == 2
+    assert [gpu_kslice.warps_for(cols, 4) for cols in (64, 2048, 4096, 14336, 65536)] == [1, 1, 2, 7, 8]
+    assert gpu_kslice.warps_for(4096, 8) == 4 and gpu_kslice.warps_for(4096, 2) == 1
 
 
 def test_what_the_kernels_cannot_take() -> None:
