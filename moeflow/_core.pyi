@@ -75,6 +75,12 @@ def rms_norm(x: int, rows: int, dim: int, w: int, y: int, eps: float, x_bf16: bo
     where torch sums floats in vectors of `lanes` (8 or 16). moeflow/runtime/cpu_ops.py checks
     the tensors; raises ValueError on a refusal."""
 
+def rope_half(x: int, cos: int, sin: int, n: int, dim: int, y: int, bf16: bool) -> None:
+    """Rotary embedding with half-split pairs, by address: x, cos, sin and y hold n values (rows
+    of dim, dim even), all bfloat16 if bf16 else float32, C-contiguous; the bits of torch's
+    `x * cos + x.roll(dim // 2, -1) * sin`. moeflow/runtime/cpu_ops.py checks the tensors; raises
+    ValueError on a refusal."""
+
 # Exceptions (created in Rust, re-exported by moeflow.errors)
 class MoeflowError(Exception): ...
 

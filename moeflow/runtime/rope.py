@@ -7,6 +7,7 @@ import math
 import torch
 
 from moeflow.models.base import RopeSpec, yarn_mscale
+from moeflow.runtime import cpu_ops
 
 
 def inverse_frequencies(spec: RopeSpec) -> tuple[torch.Tensor, float]:
@@ -148,4 +149,7 @@ class Rotary:
         if self.spec.interleaved:
             pairs = x.unflatten(-1, (self.half, 2)).transpose(-1, -2)  # [..., T, 2, dim/2]
             return (pairs * cos + pairs.flip(-2) * sin).flatten(-2)
+        rotated = cpu_ops.rotate_half(x, cos, sin)  # one call on the CPU where x and the tables match
+        if rotated is not None:
+            return rotated
         return x * cos + x.roll(self.half, -1) * sin

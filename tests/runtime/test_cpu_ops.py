@@ -1,6 +1,6 @@
 """moeflow's row-wise CPU ops (runtime/cpu_ops.py over rust/core/src/ops.rs): RMSNorm bit for bit
-torch's and transformers', the same bits alone or batched, its refusals, its switch, and the
-engine's logits with it and without it."""
+torch's and transformers', the same bits alone or batched, the decode rope bit for bit torch's,
+their refusals, the switch, and the engine's logits with them and without them."""
 
 from __future__ import annotations
 
@@ -139,6 +139,46 @@ def test_layers_take_it_on_the_cpu_only_where_it_applies(monkeypatch: pytest.Mon
     assert calls == [1]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotate_half_is_torchs_bits(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(11)
+    for heads in (1, 3, 12):
+        for d in (2, 6, 16, 18, 64, 80, 128, 130):  # halves crossing vector widths and their tails
+            x, cos, sin = (torch.randn(heads, 1, d, generator=gen).to(dtype) for _ in range(3))
+            x[0, 0, 0] = -0.0  # the identity rows of v: -0 * 1 + swap * 0 rounds as torch rounds it
+            got = cpu_ops.rotate_half(x, cos, sin)
+            assert got is not None and got.dtype == dtype
+            assert torch.equal(got, x * cos + x.roll(d // 2, -1) * sin), (heads, d)
+            assert got[0, 0, 0].item() == (x * cos + x.roll(d // 2, -1) * sin)[0, 0, 0].item()
+
+
+def test_rotate_half_with_the_decode_tables() -> None:
+    from moeflow.models.base import RopeSpec
+    from moeflow.runtime.rope import Rotary
+
+    rot = Rotary(RopeSpec(kind="default", theta=10000.0, dim=16, interleaved=False), torch.float32)
+    cos, sin = rot.decode_tables(37, 6, 2)  # q and k heads rotate, v heads pass
+    x = torch.randn(8, 1, 16)
+    got = rot.apply(x, cos, sin)
+    assert torch.equal(got, x * cos + x.roll(8, -1) * sin)
+    assert torch.equal(got[6:], x[6:])  # v passes unchanged
+
+
+def test_rotate_half_declines_what_it_does_not_take() -> None:
+    x = torch.randn(4, 1, 16)
+    assert cpu_ops.rotate_half(x, x[:1], x) is None  # broadcast tables: torch
+    assert cpu_ops.rotate_half(x.half(), x.half(), x.half()) is None
+    assert cpu_ops.rotate_half(x, x.bfloat16(), x) is None
+    assert cpu_ops.rotate_half(torch.randn(16, 4).t().unsqueeze(1), x, x) is None  # not contiguous
+    assert cpu_ops.rotate_half(x[..., :15], x[..., :15], x[..., :15]) is None  # odd
+    assert cpu_ops.rotate_half(x[:0], x[:0], x[:0]) is None
+    y = torch.empty(4, 1, 15)
+    with pytest.raises(ValueError, match="even number"):
+        _core.rope_half(y.data_ptr(), y.data_ptr(), y.data_ptr(), 60, 15, torch.empty_like(y).data_ptr(), False)
+    with pytest.raises(ValueError, match="null tensor address"):
+        _core.rope_half(0, y.data_ptr(), y.data_ptr(), 60, 16, y.data_ptr(), False)
+
+
 async def _logits_and_tokens(path: Path) -> tuple[torch.Tensor, list[int]]:
     prompt = [5, 17, 99, 3, 42, 7, 250, 11]
     async with Engine.open(path, expert_budget=1.0, device="cpu", prefetch="none") as eng:
@@ -153,7 +193,18 @@ def test_the_engine_gives_the_same_bits_with_it_and_without(tmp_path: Path, dtyp
     from moeflow.models.synth import synthesize
 
     synthesize(tmp_path / "m", "olmoe", "tiny", dtype=dtype, progress=False)  # q/k norms too
+    calls: list[int] = []
+    kernel = cpu_ops.rotate_half
+
+    def counted(*args: torch.Tensor) -> torch.Tensor | None:
+        out = kernel(*args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(cpu_ops, "rotate_half", counted)
     native, native_tokens = asyncio.run(_logits_and_tokens(tmp_path / "m"))
+    assert sum(calls) > 0  # the decode steps' rope took it
     monkeypatch.setattr(cpu_ops, "NATIVE", False)
+    monkeypatch.setattr(cpu_ops, "ENABLED", False)
     plain, plain_tokens = asyncio.run(_logits_and_tokens(tmp_path / "m"))
     assert torch.equal(native, plain) and native_tokens == plain_tokens

@@ -60,6 +60,10 @@ pub enum OpsError {
     Empty,
     #[error("lanes = {0}: torch sums floats in vectors of 8 or 16 lanes")]
     Lanes(usize),
+    #[error("rope rows of {0} values: the pairs need an even number")]
+    OddDim(usize),
+    #[error("rope takes x, cos, sin and y all f32 or all bf16")]
+    MixedTypes,
     #[error("the output is {got}, but {x} rows with a {w} weight give {need}")]
     OutputType { got: &'static str, need: &'static str, x: &'static str, w: &'static str },
 }
@@ -177,6 +181,51 @@ impl Norm<'_> {
             }
         }
     }
+}
+
+/// Rotary embedding of rows of `dim` values with half-split pairs, as torch computes
+/// `x * cos + x.roll(dim / 2, -1) * sin` over tensors of one shape: y[i] = x[i] * cos[i] +
+/// x[(i + dim/2) % dim] * sin[i], each product and the sum rounded on its own (no fused
+/// multiply-add, as three separate torch ops round them; bf16 rounds each to bf16), so the bits
+/// are torch's. x, cos, sin and y are all f32 or all bf16; `dim` is even.
+pub fn rope_half(x: Values<'_>, cos: Values<'_>, sin: Values<'_>, dim: usize, out: Output<'_>) -> Result<(), OpsError> {
+    if dim == 0 || dim % 2 != 0 {
+        return Err(OpsError::OddDim(dim));
+    }
+    let n = x.len();
+    if n % dim != 0 {
+        return Err(OpsError::Size { what: "x", got: n, need: n.next_multiple_of(dim) });
+    }
+    check("cos", cos.len(), n)?;
+    check("sin", sin.len(), n)?;
+    let half = dim / 2;
+    match (x, cos, sin, out) {
+        (Values::F32(x), Values::F32(c), Values::F32(s), Output::F32(y)) => {
+            check("y", y.len(), n)?;
+            for (r, yr) in y.chunks_exact_mut(dim).enumerate() {
+                let (xr, cr, sr) = (&x[r * dim..][..dim], &c[r * dim..][..dim], &s[r * dim..][..dim]);
+                for i in 0..dim {
+                    let swapped = xr[if i < half { i + half } else { i - half }];
+                    yr[i] = xr[i] * cr[i] + swapped * sr[i];
+                }
+            }
+        }
+        (Values::Bf16(x), Values::Bf16(c), Values::Bf16(s), Output::Bf16(y)) => {
+            check("y", y.len(), n)?;
+            let round = |v: f32| bf16_to_f32(f32_to_bf16(v));
+            for (r, yr) in y.chunks_exact_mut(dim).enumerate() {
+                let (xr, cr, sr) = (&x[r * dim..][..dim], &c[r * dim..][..dim], &s[r * dim..][..dim]);
+                for i in 0..dim {
+                    let swapped = bf16_to_f32(xr[if i < half { i + half } else { i - half }]);
+                    let a = round(bf16_to_f32(xr[i]) * bf16_to_f32(cr[i]));
+                    let b = round(swapped * bf16_to_f32(sr[i]));
+                    yr[i] = f32_to_bf16(a + b);
+                }
+            }
+        }
+        _ => return Err(OpsError::MixedTypes),
+    }
+    Ok(())
 }
 
 /// Levels of partial sums of aten's cascade sum.
@@ -338,6 +387,38 @@ mod tests {
             let want = f32_to_bf16(bf16_to_f32(f32_to_bf16(n[i])) * bf16_to_f32(w[i]));
             assert_eq!(y[i], want);
         }
+    }
+
+    #[test]
+    fn rope_rounds_each_product_and_the_sum() {
+        let dim = 10;
+        let (x, c, s) = (values(3 * dim, 1), values(3 * dim, 2), values(3 * dim, 3));
+        let mut y = vec![0f32; 3 * dim];
+        rope_half(Values::F32(&x), Values::F32(&c), Values::F32(&s), dim, Output::F32(&mut y)).unwrap();
+        for r in 0..3 {
+            for i in 0..dim {
+                let swapped = x[r * dim + (i + dim / 2) % dim];
+                let (a, b) = (x[r * dim + i] * c[r * dim + i], swapped * s[r * dim + i]);
+                assert_eq!(y[r * dim + i].to_bits(), (a + b).to_bits());
+            }
+        }
+        let bf = |v: &[f32]| v.iter().map(|&f| f32_to_bf16(f)).collect::<Vec<u16>>();
+        let (xb, cb, sb) = (bf(&x), bf(&c), bf(&s));
+        let mut yb = vec![0u16; 3 * dim];
+        rope_half(Values::Bf16(&xb), Values::Bf16(&cb), Values::Bf16(&sb), dim, Output::Bf16(&mut yb)).unwrap();
+        let w = |b: u16| bf16_to_f32(b);
+        let round = |v: f32| w(f32_to_bf16(v));
+        for i in 0..3 * dim {
+            let j = i - i % dim + (i % dim + dim / 2) % dim;
+            let want = f32_to_bf16(round(w(xb[i]) * w(cb[i])) + round(w(xb[j]) * w(sb[i])));
+            assert_eq!(yb[i], want);
+        }
+        let err = rope_half(Values::F32(&x[..9]), Values::F32(&c[..9]), Values::F32(&s[..9]), 9, Output::F32(&mut y[..9]));
+        assert_eq!(err.unwrap_err(), OpsError::OddDim(9));
+        let err = rope_half(Values::F32(&x), Values::Bf16(&cb), Values::F32(&s), dim, Output::F32(&mut y));
+        assert_eq!(err.unwrap_err(), OpsError::MixedTypes);
+        let err = rope_half(Values::F32(&x), Values::F32(&c[..dim]), Values::F32(&s), dim, Output::F32(&mut y));
+        assert_eq!(err.unwrap_err(), OpsError::Size { what: "cos", got: dim, need: 3 * dim });
     }
 
     #[test]

@@ -30,6 +30,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(functions::minmax_linear, m)?)?;
     m.add_function(wrap_pyfunction!(functions::bf16_linear_available, m)?)?;
     m.add_function(wrap_pyfunction!(ops::rms_norm, m)?)?;
+    m.add_function(wrap_pyfunction!(ops::rope_half, m)?)?;
     m.add_class::<arena::PyArenaBuffer>()?;
     m.add_class::<arena::PyHostArena>()?;
     m.add_class::<arena::PyDeviceArena>()?;

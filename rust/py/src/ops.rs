@@ -61,3 +61,36 @@ pub fn rms_norm(
     let done = if n > DETACH_VALUES { py.detach(work) } else { work() };
     done.map_err(|e| PyValueError::new_err(format!("rms_norm: {e}")))
 }
+
+/// Rotary embedding with half-split pairs of x [n / dim, dim] by tables cos and sin of the same
+/// shape into y, all bfloat16 if `bf16` else float32, all C-contiguous, given by address: the
+/// bits of torch's `x * cos + x.roll(dim // 2, -1) * sin`. The same caller contract as
+/// `rms_norm`; always keeps the GIL (one decode step's heads: well under a microsecond).
+#[pyfunction]
+pub fn rope_half(x: usize, cos: usize, sin: usize, n: usize, dim: usize, y: usize, bf16: bool) -> PyResult<()> {
+    if [x, cos, sin, y].contains(&0) {
+        return Err(PyValueError::new_err("rope_half: a null tensor address"));
+    }
+    // SAFETY: the caller's contract above: each address holds a live, C-contiguous tensor of
+    // n values of the stated dtype, y written by nobody else during the call.
+    let done = unsafe {
+        if bf16 {
+            ops::rope_half(
+                Values::Bf16(std::slice::from_raw_parts(x as *const u16, n)),
+                Values::Bf16(std::slice::from_raw_parts(cos as *const u16, n)),
+                Values::Bf16(std::slice::from_raw_parts(sin as *const u16, n)),
+                dim,
+                Output::Bf16(std::slice::from_raw_parts_mut(y as *mut u16, n)),
+            )
+        } else {
+            ops::rope_half(
+                Values::F32(std::slice::from_raw_parts(x as *const f32, n)),
+                Values::F32(std::slice::from_raw_parts(cos as *const f32, n)),
+                Values::F32(std::slice::from_raw_parts(sin as *const f32, n)),
+                dim,
+                Output::F32(std::slice::from_raw_parts_mut(y as *mut f32, n)),
+            )
+        }
+    };
+    done.map_err(|e| PyValueError::new_err(format!("rope_half: {e}")))
+}
