@@ -15,8 +15,8 @@ moeflow's own overhead, `floor_vs_transformers` the best any eager engine can re
 The three alternate over --repeats rounds and the medians are printed, of wall
 time (`us_per_layer`) and, steadier on a shared machine, of the process's CPU time
 (`cpu_us_per_layer`; equal to the wall time on an idle machine with one thread).
---profile adds, on stderr, where moeflow's decode time goes per layer (a sampling profiler:
-every 200 us it charges the innermost moeflow frame), split by source file.
+--profile adds, on stderr, where moeflow's decode time goes per layer (a sampling profiler on
+the engine's thread: every 200 us it charges the innermost moeflow frame), split by source file.
 Prints one JSON line.
 """
 
@@ -25,15 +25,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import statistics
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import torch
@@ -110,28 +109,34 @@ async def moeflow_decode_seconds(eng: Engine, tokens: int) -> tuple[float, float
 
 
 @contextmanager
-def sampled(interval_s: float = 2e-4) -> Iterator[Counter[tuple[str, str]]]:
-    """Samples the main thread every interval of CPU time; each sample is charged to the innermost
-    frame in moeflow/ (file, function), or ('other', name) when no moeflow frame is on the stack."""
+def sampled(thread_id: int, interval_s: float = 2e-4) -> Iterator[Counter[tuple[str, str]]]:
+    """Samples the engine's thread (`thread_id`: the engine runs on its own thread, which a SIGPROF
+    handler, always run on the main thread, never sees) every interval from a sampler thread;
+    each sample is charged to the innermost frame in moeflow/ (file, function), or ('other',
+    name) when no moeflow frame is on the stack. The sampler takes the GIL for each sample, so
+    the profiled run is slower than the timed ones; the shares are what it reports."""
     samples: Counter[tuple[str, str]] = Counter()
     package = str(ROOT / "moeflow") + "/"
+    stop = threading.Event()
 
-    def tick(signum: int, frame: FrameType | None) -> None:
-        f = frame
-        while f is not None and not f.f_code.co_filename.startswith(package):
-            f = f.f_back
-        if f is None:
-            samples[("other", frame.f_code.co_name if frame else "?")] += 1
-        else:
-            samples[(f.f_code.co_filename[len(package):], f.f_code.co_name)] += 1
+    def sample() -> None:
+        while not stop.wait(interval_s):
+            frame = sys._current_frames().get(thread_id)
+            f = frame
+            while f is not None and not f.f_code.co_filename.startswith(package):
+                f = f.f_back
+            if f is None:
+                samples[("other", frame.f_code.co_name if frame else "?")] += 1
+            else:
+                samples[(f.f_code.co_filename[len(package):], f.f_code.co_name)] += 1
 
-    previous = signal.signal(signal.SIGPROF, tick)
-    signal.setitimer(signal.ITIMER_PROF, interval_s, interval_s)
+    sampler = threading.Thread(target=sample, name="bench-overhead-sampler", daemon=True)
+    sampler.start()
     try:
         yield samples
     finally:
-        signal.setitimer(signal.ITIMER_PROF, 0, 0)
-        signal.signal(signal.SIGPROF, previous)
+        stop.set()
+        sampler.join()
 
 
 def report_profile(samples: Counter[tuple[str, str]], us_per_layer: float) -> None:
@@ -190,7 +195,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             if floor is not None:
                 floors.append(floor_decode_seconds(floor, args.tokens))
         if args.profile:
-            with sampled() as samples:
+            with sampled(await eng.call(threading.get_ident)) as samples:
                 seconds, _ = await moeflow_decode_seconds(eng, args.tokens)
             report_profile(samples, seconds / args.tokens / LAYERS * 1e6)
         stats = eng.stats()
