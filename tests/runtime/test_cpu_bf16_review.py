@@ -137,3 +137,31 @@ def test_sizes_whose_products_overflow_are_refused() -> None:
     run = subprocess.run([sys.executable, "-c", _OVERFLOW], capture_output=True, timeout=120,
                          preexec_fn=_no_core_file)
     assert run.returncode == 0, f"exit {run.returncode}: {run.stderr.decode()[-500:]}"
+
+
+_FORK = """
+import os, time, torch
+from moeflow.runtime import cpu_bf16
+cpu_bf16.ENABLED = True
+torch.set_num_threads(2)
+x, w = torch.randn(1, 2048).bfloat16(), torch.randn(512, 2048).bfloat16()  # 16 panels: rayon's threads
+cpu_bf16.linear(x, w)
+pid = os.fork()
+if pid == 0:
+    cpu_bf16.linear(x, w)
+    os._exit(0)
+for _ in range(50):
+    if os.waitpid(pid, os.WNOHANG)[0]:
+        raise SystemExit(0)
+    time.sleep(0.1)
+os.kill(pid, 9)
+os.waitpid(pid, 0)
+raise SystemExit(4)
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="rayon's global pool (gemm::run's into_par_iter) has no threads in a forked "
+                                       "child: its first product over several panels waits forever")
+def test_a_forked_child_can_still_compute() -> None:
+    run = subprocess.run([sys.executable, "-c", _FORK], capture_output=True, timeout=120, preexec_fn=_no_core_file)
+    assert run.returncode == 0, f"exit {run.returncode} (4: the child hung): {run.stderr.decode()[-500:]}"
