@@ -54,9 +54,26 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     float32) through the kernel when ENABLED."""
     if not ENABLED or weight.dtype is not _BF16 or weight.is_cuda:
         return F.linear(x, weight, bias)
-    if x.dtype not in (_BF16, _F32) or weight.dim() != 2 or not weight.is_contiguous() or x.is_cuda:
+    if (x.dtype not in (_BF16, _F32) or weight.dim() != 2 or not weight.is_contiguous() or not _on_cpu(x, weight)
+            or weight.shape[1] == 0):
         return F.linear(x, weight, bias)
     return _kernel(x, weight, bias)
+
+
+def _on_cpu(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" for t in tensors)
+
+
+def _bias(bias: torch.Tensor | None, n: int, dtype: torch.dtype, what: str) -> tuple[torch.Tensor | None, int]:
+    """(the bias as float32 [n] in `dtype`'s values, its address) for the core: added to the
+    float32 sum before the one rounding, as F.linear adds a bias in its input's dtype; (None, 0)
+    without one. Refused unless on the CPU with exactly n values (the core reads n floats)."""
+    if bias is None:
+        return None, 0
+    if bias.device.type != "cpu" or bias.shape != (n,):
+        raise ValueError(f"{what}: bias of shape {tuple(bias.shape)} on {bias.device} for {n} outputs on the cpu")
+    bias = bias.to(dtype).to(_F32).contiguous()
+    return bias, bias.data_ptr()
 
 
 def takes_float32(weight: torch.Tensor, x: torch.Tensor) -> bool:
@@ -77,12 +94,7 @@ def _kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     y = torch.empty(rows.shape[0], n, dtype=x.dtype)
     if y.numel() == 0:  # no rows (or no outputs): nothing to compute, and an empty tensor may have no address
         return y.view(*lead, n)
-    b = 0
-    if bias is not None:
-        bias = bias.to(_F32).contiguous()  # added to the float32 sum before the one rounding
-        if bias.shape != (n,):
-            raise ValueError(f"linear: bias of shape {tuple(bias.shape)} for {n} outputs")
-        b = bias.data_ptr()
+    kept, b = _bias(bias, n, bias.dtype if bias is not None else _F32, "linear")  # noqa: F841 (alive for the call)
     bf16 = x.dtype is _BF16
     _core.bf16_linear(rows.data_ptr(), rows.shape[0], k, weight.data_ptr(), n, y.data_ptr(), bf16, bf16, b,
                       torch.get_num_threads())
@@ -100,7 +112,7 @@ def mxfp4_linear(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
                         f"{tuple(blocks.shape)} and {scales.dtype} {tuple(scales.shape)}")
     if blocks.numel() != n * k // 2 or not blocks.is_contiguous() or not scales.is_contiguous():
         raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not hold a contiguous [{n}, {k}] matrix")
-    if x.shape[-1] != k or x.dtype not in (_BF16, _F32) or x.is_cuda or blocks.is_cuda:
+    if x.shape[-1] != k or x.dtype not in (_BF16, _F32) or not _on_cpu(x, blocks, scales):
         raise ValueError(f"mxfp4_linear takes CPU bf16/float32 rows of {k} features, got {x.dtype} "
                          f"{tuple(x.shape)} on {x.device}")
     lead = x.shape[:-1]
@@ -110,10 +122,7 @@ def mxfp4_linear(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
     y = torch.empty(rows.shape[0], n, dtype=x.dtype)
     if y.numel() == 0:  # no rows (or no outputs): nothing to compute, and an empty tensor may have no address
         return y.view(*lead, n)
-    b = 0
-    if bias is not None:
-        bias = bias.to(x.dtype).to(_F32).contiguous()  # as `linear` gets it: in x's dtype
-        b = bias.data_ptr()
+    kept, b = _bias(bias, n, x.dtype, "mxfp4_linear")  # noqa: F841 (in x's dtype, as `linear` gets it)
     bf16 = x.dtype is _BF16
     _core.mxfp4_linear(rows.data_ptr(), rows.shape[0], k, blocks.data_ptr(), scales.data_ptr(), n, y.data_ptr(),
                        bf16, bf16, b, torch.get_num_threads())
@@ -140,6 +149,9 @@ def minmax_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: t
     (codes q [n, k * bits / 8], float16 scale and zero [n, k / group]), in x's dtype: the bits of
     `linear(x, dequantize(q, scale, zero, bits, group, x.dtype))` for bf16 rows (the weights are
     rounded to bf16 as dequantize rounds them)."""
+    if q.dim() != 2 or bits not in (2, 4, 8):
+        raise ValueError(f"min-max codes are a [n, k * bits / 8] matrix of 2, 4 or 8 bits, got {tuple(q.shape)} "
+                         f"of {bits} bits")
     n, k = q.shape[0], q.shape[-1] * 8 // bits
     if q.dtype != torch.uint8 or scale.dtype != torch.float16 or zero.dtype != torch.float16:
         raise TypeError(f"min-max codes are uint8 and scale/zero float16, got {q.dtype}, {scale.dtype}, {zero.dtype}")
@@ -148,7 +160,7 @@ def minmax_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: t
                          f"matrix in groups of {group}")
     if not (q.is_contiguous() and scale.is_contiguous() and zero.is_contiguous()):
         raise ValueError("min-max codes, scale and zero must be contiguous")
-    if x.shape[-1] != k or x.dtype not in (_BF16, _F32) or x.is_cuda or q.is_cuda:
+    if x.shape[-1] != k or x.dtype not in (_BF16, _F32) or not _on_cpu(x, q, scale, zero):
         raise ValueError(f"minmax_linear takes CPU bf16/float32 rows of {k} features, got {x.dtype} "
                          f"{tuple(x.shape)} on {x.device}")
     lead = x.shape[:-1]

@@ -1,7 +1,7 @@
 """Review of runtime/cpu_bf16.py and rust/core/src/gemm (2026-11-28): inputs the wrappers pass on
 unchecked, so that the core reads memory outside the tensors it was given or gives other bits
-than its documented arithmetic. Each test states what should happen; those that fail today are
-strict xfails naming the defect, so the fix turns them into passes (and pytest says so)."""
+than its documented arithmetic. Each test states what should happen; each failed when written
+(strict xfails naming the defect) and passes since the fixes that followed the review."""
 
 from __future__ import annotations
 
@@ -25,9 +25,6 @@ def kernel_on(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cpu_bf16, "ENABLED", True)
 
 
-@pytest.mark.xfail(strict=True, reason="mxfp4_linear checks neither the bias's shape nor its length: the core reads "
-                                       "n floats from wherever the bias starts (here its base tensor's next values; "
-                                       "for a copied bias, heap memory past it)")
 def test_mxfp4_refuses_a_bias_that_is_not_n_values() -> None:
     g = torch.Generator().manual_seed(1)
     blocks, scales = mxfp4.quantize(torch.randn(8, 64, generator=g) * 0.1)
@@ -41,8 +38,6 @@ def test_mxfp4_refuses_a_bias_that_is_not_n_values() -> None:
         assert not torch.allclose(got, want)
 
 
-@pytest.mark.xfail(strict=True, reason="minmax_linear does not check q.dim() == 2: a 1-D q of L bytes is taken as "
-                                       "[L, 8L/bits] codes and the core reads L * L bytes")
 def test_minmax_refuses_codes_that_are_not_a_matrix(kernel_on: None) -> None:
     g = torch.Generator().manual_seed(2)
     q, scale, zero = quant.quantize(torch.randn(16, 16, generator=g), 8, 16)
@@ -51,9 +46,6 @@ def test_minmax_refuses_codes_that_are_not_a_matrix(kernel_on: None) -> None:
         cpu_bf16.minmax_linear(torch.randn(1, 16, generator=g).bfloat16(), codes, scale, zero, 8, 16)
 
 
-@pytest.mark.xfail(strict=True, reason="linear/mxfp4_linear check no device for the bias (nor mxfp4 scales, minmax "
-                                       "scale/zero): a meta bias has address 0, which the core takes as 'no bias'; "
-                                       "a CUDA one would be dereferenced on the CPU")
 @pytest.mark.parametrize("product", ["linear", "mxfp4"])
 def test_a_bias_off_the_cpu_is_refused(kernel_on: None, product: str) -> None:
     g = torch.Generator().manual_seed(3)
@@ -66,8 +58,6 @@ def test_a_bias_off_the_cpu_is_refused(kernel_on: None, product: str) -> None:
             cpu_bf16.mxfp4_linear(x, *mxfp4.quantize(torch.randn(8, 64, generator=g)), bias)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="_kernel's x.reshape(-1, k) cannot infer -1 when k == 0; F.linear gives zeros (+ bias)")
 def test_no_features_is_what_f_linear_gives(kernel_on: None) -> None:
     x = torch.randn(3, 0).bfloat16()
     w = torch.empty(4, 0, dtype=torch.bfloat16)
@@ -75,9 +65,6 @@ def test_no_features_is_what_f_linear_gives(kernel_on: None) -> None:
     assert torch.equal(cpu_bf16.linear(x, w, bias), F.linear(x, w, bias))
 
 
-@pytest.mark.xfail(strict=True, reason="rows.rs weights::<BF16> rounds by integer add, assuming finite values: a NaN "
-                                       "whose mantissa's top 7 bits are all ones carries into the sign and becomes "
-                                       "+-0.0, so the NaN scale vanishes (dequantize keeps it NaN)")
 @pytest.mark.parametrize("bits", [8, 4, 2])
 def test_a_nan_scale_stays_nan_with_bf16_weights(kernel_on: None, bits: int) -> None:
     g = torch.Generator().manual_seed(bits)
@@ -90,9 +77,6 @@ def test_a_nan_scale_stays_nan_with_bf16_weights(kernel_on: None, bits: int) -> 
     assert torch.equal(got.isnan(), want.isnan())
 
 
-@pytest.mark.xfail(strict=True, reason="gemm::run runs one thread's work on the caller and several on rayon's "
-                                       "threads, whose MXCSR is not the caller's: under torch.set_flush_denormal(True) "
-                                       "an output's bits depend on torch.get_num_threads()")
 def test_the_thread_count_does_not_change_bits_under_flush_denormal(kernel_on: None) -> None:
     k, n = 8, 16400  # k = 8: 8196 columns a panel, so 3 panels and up to 3 groups of them
     x = torch.full((1, k), 1e-39)  # float32 subnormals
@@ -129,10 +113,6 @@ def _no_core_file() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-@pytest.mark.xfail(strict=True, reason="the core's length checks multiply in wrapping usize (functions.rs builds the "
-                                       "slices with the same products, gemm::check compares them): m*k and m*n of "
-                                       "2**64 pass as 0 and the kernel reads far outside x (SIGSEGV); checked_mul "
-                                       "would refuse them")
 def test_sizes_whose_products_overflow_are_refused() -> None:
     run = subprocess.run([sys.executable, "-c", _OVERFLOW], capture_output=True, timeout=120,
                          preexec_fn=_no_core_file)
@@ -160,8 +140,6 @@ raise SystemExit(4)
 """
 
 
-@pytest.mark.xfail(strict=True, reason="rayon's global pool (gemm::run's into_par_iter) has no threads in a forked "
-                                       "child: its first product over several panels waits forever")
 def test_a_forked_child_can_still_compute() -> None:
     run = subprocess.run([sys.executable, "-c", _FORK], capture_output=True, timeout=120, preexec_fn=_no_core_file)
     assert run.returncode == 0, f"exit {run.returncode} (4: the child hung): {run.stderr.decode()[-500:]}"

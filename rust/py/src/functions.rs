@@ -80,9 +80,10 @@ pub fn bf16_linear(
     threads: usize,
 ) -> PyResult<()> {
     let sides = Sides { x, m, k, n, y, x_bf16, y_bf16, bias };
+    let wn = length("bf16_linear", "w", &[n, k], 2)?;
     sides.run(py, "bf16_linear", w, move |xs, bs, out| {
         // SAFETY: the caller's contract: w holds n * k bf16 values.
-        let ws = unsafe { std::slice::from_raw_parts(w as *const u16, n * k) };
+        let ws = unsafe { std::slice::from_raw_parts(w as *const u16, wn) };
         gemm::linear(xs, m, k, ws, n, bs, out, threads)
     })
 }
@@ -110,12 +111,13 @@ pub fn mxfp4_linear(
         return Err(PyValueError::new_err("mxfp4_linear: a null tensor address"));
     }
     let sides = Sides { x, m, k, n, y, x_bf16, y_bf16, bias };
+    let codes = length("mxfp4_linear", "blocks", &[n, k], 1)?;
     sides.run(py, "mxfp4_linear", blocks, move |xs, bs, out| {
         // SAFETY: the caller's contract: blocks and scales hold the [n, k] matrix's bytes.
         let (b, s) = unsafe {
             (
-                std::slice::from_raw_parts(blocks as *const u8, n * k / 2),
-                std::slice::from_raw_parts(scales as *const u8, n * k / gemm::MX_BLOCK),
+                std::slice::from_raw_parts(blocks as *const u8, codes / 2),
+                std::slice::from_raw_parts(scales as *const u8, codes / gemm::MX_BLOCK),
             )
         };
         gemm::mxfp4_linear(xs, m, k, b, s, n, bs, out, threads)
@@ -152,13 +154,15 @@ pub fn minmax_linear(
         )));
     }
     let sides = Sides { x, m, k, n, y, x_bf16, y_bf16, bias };
+    let codes = length("minmax_linear", "q", &[n, k, bits as usize], 1)? / 8;
+    let weights = length("minmax_linear", "scale", &[n, k], 2)?;
     sides.run(py, "minmax_linear", q, move |xs, bs, out| {
-        let groups = if k % group == 0 { n * k / group } else { 0 };
+        let groups = if k % group == 0 { weights / group } else { 0 };
         // SAFETY: the caller's contract: q, scale and zero hold the [n, k] matrix's codes and
         // groups (a k that groups do not divide is refused by the product before any read).
         let (qs, ss, zs) = unsafe {
             (
-                std::slice::from_raw_parts(q as *const u8, n * k * bits as usize / 8),
+                std::slice::from_raw_parts(q as *const u8, codes),
                 std::slice::from_raw_parts(scale as *const u16, groups),
                 std::slice::from_raw_parts(zero as *const u16, groups),
             )
@@ -192,6 +196,9 @@ impl Sides {
         if [x, weights, y].contains(&0) {
             return Err(PyValueError::new_err(format!("{name}: a null tensor address")));
         }
+        let xn = length(name, "x", &[m, k], if x_bf16 { 2 } else { 4 })?;
+        let yn = length(name, "y", &[m, n], if y_bf16 { 2 } else { 4 })?;
+        let macs = length(name, "the product", &[m, n, k], 1)?;
         let work = move || {
             // SAFETY: the caller's contract above: each address holds a live, C-contiguous
             // tensor of the stated shape and dtype, not written by anyone else during the call.
@@ -199,24 +206,34 @@ impl Sides {
             let widened: Vec<f32>;
             let xs = if x_bf16 {
                 // SAFETY: as above.
-                let raw = unsafe { std::slice::from_raw_parts(x as *const u16, m * k) };
+                let raw = unsafe { std::slice::from_raw_parts(x as *const u16, xn) };
                 widened = raw.iter().map(|&b| gemm::bf16_to_f32(b)).collect();
                 &widened[..]
             } else {
                 // SAFETY: as above.
-                unsafe { std::slice::from_raw_parts(x as *const f32, m * k) }
+                unsafe { std::slice::from_raw_parts(x as *const f32, xn) }
             };
             let out = if y_bf16 {
                 // SAFETY: as above; y is written only here.
-                gemm::Output::Bf16(unsafe { std::slice::from_raw_parts_mut(y as *mut u16, m * n) })
+                gemm::Output::Bf16(unsafe { std::slice::from_raw_parts_mut(y as *mut u16, yn) })
             } else {
                 // SAFETY: as above.
-                gemm::Output::F32(unsafe { std::slice::from_raw_parts_mut(y as *mut f32, m * n) })
+                gemm::Output::F32(unsafe { std::slice::from_raw_parts_mut(y as *mut f32, yn) })
             };
             product(xs, bs, out)
         };
-        let done = if m * n * k > DETACH_MACS { py.detach(work) } else { work() };
+        let done = if macs > DETACH_MACS { py.detach(work) } else { work() };
         done.map_err(|e| PyValueError::new_err(format!("{name}: {e}")))
+    }
+}
+
+/// The element count of a shape (the product of `dims`), refused where it, or its size in bytes
+/// at `elem` bytes each, exceeds what a slice may hold (isize::MAX bytes).
+fn length(name: &str, what: &str, dims: &[usize], elem: usize) -> PyResult<usize> {
+    let count = dims.iter().try_fold(1usize, |a, &b| a.checked_mul(b));
+    match count {
+        Some(c) if c.checked_mul(elem).is_some_and(|bytes| bytes <= isize::MAX as usize) => Ok(c),
+        _ => Err(PyValueError::new_err(format!("{name}: {what} of shape {dims:?} is too large"))),
     }
 }
 

@@ -70,6 +70,8 @@ pub enum GemmError {
     Unsupported,
     #[error("{what} holds {got} values, the shape needs {need}")]
     Size { what: &'static str, got: usize, need: usize },
+    #[error("the size of {what} overflows")]
+    Overflow { what: &'static str },
     #[error("MXFP4 weights take inputs in blocks of 32; k = {k} is not a multiple of 32")]
     Block { k: usize },
     #[error("min-max codes of {bits} bits in groups of {group} over k = {k}: bits must be 2, 4 or 8, the group a multiple of 8 dividing k")]
@@ -100,7 +102,7 @@ pub fn linear(
     out: Output<'_>,
     threads: usize,
 ) -> Result<(), GemmError> {
-    check("w", w.len(), n * k)?;
+    check("w", w.len(), size("w", &[n, k])?)?;
     run(x, m, k, Bf16Rows { w: w.as_ptr() as usize, k }, n, bias, out, threads)
 }
 
@@ -121,8 +123,8 @@ pub fn mxfp4_linear(
     if k % MX_BLOCK != 0 {
         return Err(GemmError::Block { k });
     }
-    check("blocks", blocks.len(), n * k / 2)?;
-    check("scales", scales.len(), n * k / MX_BLOCK)?;
+    check("blocks", blocks.len(), size("blocks", &[n, k])? / 2)?;
+    check("scales", scales.len(), size("scales", &[n, k])? / MX_BLOCK)?;
     let rows = Mxfp4Rows { blocks: blocks.as_ptr() as usize, scales: scales.as_ptr() as usize, k };
     run(x, m, k, rows, n, bias, out, threads)
 }
@@ -150,9 +152,9 @@ pub fn minmax_linear(
     if !matches!(bits, 2 | 4 | 8) || group == 0 || group % 8 != 0 || k % group != 0 {
         return Err(GemmError::MinMax { bits, group, k });
     }
-    check("q", q.len(), n * k * bits as usize / 8)?;
-    check("scale", scale.len(), n * k / group)?;
-    check("zero", zero.len(), n * k / group)?;
+    check("q", q.len(), size("q", &[n, k, bits as usize])? / 8)?;
+    check("scale", scale.len(), size("scale", &[n, k])? / group)?;
+    check("zero", zero.len(), size("zero", &[n, k])? / group)?;
     let (q, scale, zero) = (q.as_ptr() as usize, scale.as_ptr() as usize, zero.as_ptr() as usize);
     macro_rules! go {
         ($bits:literal, $bf16:literal) => {
@@ -183,13 +185,13 @@ fn run<W: Rows>(
     if !available() {
         return Err(GemmError::Unsupported);
     }
-    check("x", x.len(), m * k)?;
+    check("x", x.len(), size("x", &[m, k])?)?;
     if let Some(b) = bias {
         check("bias", b.len(), n)?;
     }
     match &out {
-        Output::F32(y) => check("y", y.len(), m * n)?,
-        Output::Bf16(y) => check("y", y.len(), m * n)?,
+        Output::F32(y) => check("y", y.len(), size("y", &[m, n])?)?,
+        Output::Bf16(y) => check("y", y.len(), size("y", &[m, n])?)?,
     }
     if m == 0 || n == 0 {
         return Ok(());
@@ -218,9 +220,76 @@ fn run<W: Rows>(
     if threads == 1 {
         run(0);
     } else {
-        (0..threads).into_par_iter().for_each(run);
+        // rayon's threads compute with the caller's floating-point modes (torch.set_flush_denormal
+        // sets the caller's MXCSR only), so the bits do not depend on the thread count
+        let modes = mxcsr::get();
+        pool().install(|| {
+            (0..threads).into_par_iter().for_each(|group| {
+                let saved = mxcsr::get();
+                mxcsr::set(modes);
+                run(group);
+                mxcsr::set(saved);
+            })
+        });
     }
     Ok(())
+}
+
+/// This process's thread pool for the products. rayon's global pool would do, but a forked child
+/// (multiprocessing, a server's workers) inherits it without its threads, and its first parallel
+/// product would wait forever: a child gets its own pool, made on its first use.
+fn pool() -> std::sync::Arc<rayon::ThreadPool> {
+    static POOL: std::sync::Mutex<Option<(u32, std::sync::Arc<rayon::ThreadPool>)>> = std::sync::Mutex::new(None);
+    let pid = std::process::id();
+    let mut held = POOL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    match held.as_ref() {
+        Some((owner, pool)) if *owner == pid => pool.clone(),
+        _ => {
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let pool = std::sync::Arc::new(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(|i| format!("moeflow-gemm-{i}"))
+                    .build()
+                    .expect("a thread pool for the CPU products"),
+            );
+            // the parent's pool has no threads here: forget it rather than run its drop
+            if let Some(inherited) = held.replace((pid, pool.clone())) {
+                std::mem::forget(inherited);
+            }
+            pool
+        }
+    }
+}
+
+/// The product of a shape's sizes, refused where it overflows.
+fn size(what: &'static str, dims: &[usize]) -> Result<usize, GemmError> {
+    dims.iter().try_fold(1usize, |a, &b| a.checked_mul(b)).ok_or(GemmError::Overflow { what })
+}
+
+/// The SSE control and status register: rounding, flush-to-zero and denormals-are-zero modes.
+mod mxcsr {
+    #[cfg(target_arch = "x86_64")]
+    pub(super) fn get() -> u32 {
+        let mut value = 0u32;
+        // SAFETY: stmxcsr stores the 32-bit register to the given address, a local.
+        unsafe { std::arch::asm!("stmxcsr [{}]", in(reg) &mut value, options(nostack, preserves_flags)) };
+        value
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    pub(super) fn set(value: u32) {
+        // SAFETY: ldmxcsr loads a value read by `get` on an x86-64 CPU: valid modes, no reserved bits.
+        unsafe { std::arch::asm!("ldmxcsr [{}]", in(reg) &value, options(nostack, preserves_flags)) };
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub(super) fn get() -> u32 {
+        0
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub(super) fn set(_: u32) {}
 }
 
 fn check(what: &'static str, got: usize, need: usize) -> Result<(), GemmError> {

@@ -351,10 +351,14 @@ unsafe fn weights<const BF16: bool>(
         if !BF16 {
             return w;
         }
-        // the values are finite: add half an ulp of bf16 (less one, plus the kept bit for ties)
+        // add half an ulp of bf16 (less one, plus the kept bit for ties) and cut; a NaN (a corrupt
+        // scale or zero) would carry into its sign that way, so it is kept a quiet NaN instead
         let b = _mm256_castps_si256(w);
         let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(1));
         let rounded = _mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7fff)), lsb);
-        _mm256_castsi256_ps(_mm256_and_si256(rounded, _mm256_set1_epi32(0xffff_0000u32 as i32)))
+        let high = _mm256_set1_epi32(0xffff_0000u32 as i32);
+        let quiet = _mm256_and_si256(_mm256_or_si256(b, _mm256_set1_epi32(0x0040_0000)), high);
+        let nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(w, w);
+        _mm256_blendv_ps(_mm256_castsi256_ps(_mm256_and_si256(rounded, high)), _mm256_castsi256_ps(quiet), nan)
     }
 }
