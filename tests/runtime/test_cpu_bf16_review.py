@@ -165,9 +165,6 @@ raise SystemExit(4)
 """
 
 
-@pytest.mark.xfail(strict=True, reason="ops.rs rms_norm still splits large inputs with par_chunks_mut on rayon's "
-                                       "global pool, which has no threads in a forked child (the products' own "
-                                       "pool, gemm::pool, is made again there; the norm does not use it)")
 def test_a_forked_child_can_still_normalize() -> None:
     run = subprocess.run([sys.executable, "-c", _FORK_NORM], capture_output=True, timeout=120,
                          preexec_fn=_no_core_file)

@@ -135,14 +135,25 @@ pub fn rms_norm(
             if threads == 1 {
                 norm.rows(0, y, |v| v);
             } else {
-                y.par_chunks_mut(per * dim).enumerate().for_each(|(i, part)| norm.rows(i * per, part, |v| v));
+                // gemm's per-process pool (rayon's global one hangs in a forked child), with the caller's modes
+                let caller = crate::gemm::modes();
+                crate::gemm::pool().install(|| {
+                    y.par_chunks_mut(per * dim).enumerate().for_each(|(i, part)| {
+                        crate::gemm::with_modes(caller, || norm.rows(i * per, part, |v| v))
+                    })
+                });
             }
         }
         Output::Bf16(y) => {
             if threads == 1 {
                 norm.rows(0, y, f32_to_bf16);
             } else {
-                y.par_chunks_mut(per * dim).enumerate().for_each(|(i, part)| norm.rows(i * per, part, f32_to_bf16));
+                let caller = crate::gemm::modes();
+                crate::gemm::pool().install(|| {
+                    y.par_chunks_mut(per * dim).enumerate().for_each(|(i, part)| {
+                        crate::gemm::with_modes(caller, || norm.rows(i * per, part, f32_to_bf16))
+                    })
+                });
             }
         }
     }
@@ -266,10 +277,10 @@ fn torch_sum_squares<const W: usize>(row: &[f32]) -> f32 {
             i += 1;
         }
         for j in 1..LEVELS {
-            for k in 0..ILP {
-                let lower = acc[j - 1][k];
-                add(&mut acc[j][k], &lower);
-                acc[j - 1][k] = [0f32; W];
+            let (lower, upper) = acc.split_at_mut(j);
+            for (up, low) in upper[0].iter_mut().zip(lower[j - 1].iter_mut()) {
+                add(up, low);
+                *low = [0f32; W];
             }
             if i & (level_mask << (j * level_power)) != 0 {
                 break;
@@ -282,10 +293,10 @@ fn torch_sum_squares<const W: usize>(row: &[f32]) -> f32 {
         }
         i += 1;
     }
-    for j in 1..LEVELS {
-        for k in 0..ILP {
-            let upper = acc[j][k];
-            add(&mut acc[0][k], &upper);
+    let (first, upper) = acc.split_at_mut(1);
+    for level in upper.iter() {
+        for (a, u) in first[0].iter_mut().zip(level) {
+            add(a, u);
         }
     }
     // row_sum: the vectors past the last whole chain go to the first, then the chains are added

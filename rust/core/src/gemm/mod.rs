@@ -222,15 +222,8 @@ fn run<W: Rows>(
     } else {
         // rayon's threads compute with the caller's floating-point modes (torch.set_flush_denormal
         // sets the caller's MXCSR only), so the bits do not depend on the thread count
-        let modes = mxcsr::get();
-        pool().install(|| {
-            (0..threads).into_par_iter().for_each(|group| {
-                let saved = mxcsr::get();
-                mxcsr::set(modes);
-                run(group);
-                mxcsr::set(saved);
-            })
-        });
+        let caller = modes();
+        pool().install(|| (0..threads).into_par_iter().for_each(|group| with_modes(caller, || run(group))));
     }
     Ok(())
 }
@@ -238,7 +231,7 @@ fn run<W: Rows>(
 /// This process's thread pool for the products. rayon's global pool would do, but a forked child
 /// (multiprocessing, a server's workers) inherits it without its threads, and its first parallel
 /// product would wait forever: a child gets its own pool, made on its first use.
-fn pool() -> std::sync::Arc<rayon::ThreadPool> {
+pub(crate) fn pool() -> std::sync::Arc<rayon::ThreadPool> {
     static POOL: std::sync::Mutex<Option<(u32, std::sync::Arc<rayon::ThreadPool>)>> = std::sync::Mutex::new(None);
     let pid = std::process::id();
     let mut held = POOL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -260,6 +253,21 @@ fn pool() -> std::sync::Arc<rayon::ThreadPool> {
             pool
         }
     }
+}
+
+/// The caller's floating-point modes (MXCSR), to run pool tasks with (`with_modes`).
+pub(crate) fn modes() -> u32 {
+    mxcsr::get()
+}
+
+/// f run with the floating-point modes `modes`, the thread's own restored after: a pool task
+/// computes as the thread that asked for the work would have.
+pub(crate) fn with_modes<R>(modes: u32, f: impl FnOnce() -> R) -> R {
+    let saved = mxcsr::get();
+    mxcsr::set(modes);
+    let out = f();
+    mxcsr::set(saved);
+    out
 }
 
 /// The product of a shape's sizes, refused where it overflows.
