@@ -3,7 +3,7 @@ x86-64 CPU, through moeflow's own kernels.
 
 Without AVX512-BF16 or AMX, torch's bf16 product on the CPU converts the weights again for every
 row: 64 rows cost ~64x one row (benches/bench_cpu_bf16.py), so batching sequences or chunking a
-prompt saves nothing on the bf16 matrices. moeflow._core.bf16_linear (rust/core/src/gemm.rs,
+prompt saves nothing on the bf16 matrices. moeflow._core.bf16_linear (rust/core/src/gemm/,
 AVX2 + FMA) converts each weight once, in registers, for all rows, and accumulates in float32 as
 torch does; each output's summation order is fixed, so a row's result never depends on the other
 rows of the call (batch invariance).
@@ -64,6 +64,18 @@ def _on_cpu(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" for t in tensors)
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """t, or a copy where its address is not a multiple of its element size (a view made at an
+    odd byte offset): the core reads its elements in place, as aligned values."""
+    return t if t.data_ptr() % t.element_size() == 0 else t.clone()
+
+
+def _rows(x: torch.Tensor, k: int) -> tuple[torch.Size, torch.Tensor]:
+    """(x's leading shape, x as contiguous aligned rows [R, k])."""
+    rows = x.reshape(-1, k)
+    return x.shape[:-1], _aligned(rows if rows.is_contiguous() else rows.contiguous())
+
+
 def _bias(bias: torch.Tensor | None, n: int, dtype: torch.dtype, what: str) -> tuple[torch.Tensor | None, int]:
     """(the bias as float32 [n] in `dtype`'s values, its address) for the core: added to the
     float32 sum before the one rounding, as F.linear adds a bias in its input's dtype; (None, 0)
@@ -87,14 +99,12 @@ def _kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"linear: x has {x.shape[-1]} features, the weight [{n}, {k}] takes {k}")
-    lead = x.shape[:-1]
-    rows = x.reshape(-1, k)
-    if not rows.is_contiguous():
-        rows = rows.contiguous()
+    lead, rows = _rows(x, k)
     y = torch.empty(rows.shape[0], n, dtype=x.dtype)
     if y.numel() == 0:  # no rows (or no outputs): nothing to compute, and an empty tensor may have no address
         return y.view(*lead, n)
     kept, b = _bias(bias, n, bias.dtype if bias is not None else _F32, "linear")  # noqa: F841 (alive for the call)
+    weight = _aligned(weight)
     bf16 = x.dtype is _BF16
     _core.bf16_linear(rows.data_ptr(), rows.shape[0], k, weight.data_ptr(), n, y.data_ptr(), bf16, bf16, b,
                       torch.get_num_threads())
@@ -112,13 +122,10 @@ def mxfp4_linear(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
                         f"{tuple(blocks.shape)} and {scales.dtype} {tuple(scales.shape)}")
     if blocks.numel() != n * k // 2 or not blocks.is_contiguous() or not scales.is_contiguous():
         raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not hold a contiguous [{n}, {k}] matrix")
-    if x.shape[-1] != k or x.dtype not in (_BF16, _F32) or not _on_cpu(x, blocks, scales):
-        raise ValueError(f"mxfp4_linear takes CPU bf16/float32 rows of {k} features, got {x.dtype} "
+    if k == 0 or x.shape[-1] != k or x.dtype not in (_BF16, _F32) or not _on_cpu(x, blocks, scales):
+        raise ValueError(f"mxfp4_linear takes CPU bf16/float32 rows of {k} (> 0) features, got {x.dtype} "
                          f"{tuple(x.shape)} on {x.device}")
-    lead = x.shape[:-1]
-    rows = x.reshape(-1, k)
-    if not rows.is_contiguous():
-        rows = rows.contiguous()
+    lead, rows = _rows(x, k)
     y = torch.empty(rows.shape[0], n, dtype=x.dtype)
     if y.numel() == 0:  # no rows (or no outputs): nothing to compute, and an empty tensor may have no address
         return y.view(*lead, n)
@@ -149,9 +156,9 @@ def minmax_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: t
     (codes q [n, k * bits / 8], float16 scale and zero [n, k / group]), in x's dtype: the bits of
     `linear(x, dequantize(q, scale, zero, bits, group, x.dtype))` for bf16 rows (the weights are
     rounded to bf16 as dequantize rounds them)."""
-    if q.dim() != 2 or bits not in (2, 4, 8):
-        raise ValueError(f"min-max codes are a [n, k * bits / 8] matrix of 2, 4 or 8 bits, got {tuple(q.shape)} "
-                         f"of {bits} bits")
+    if q.dim() != 2 or bits not in (2, 4, 8) or group <= 0:
+        raise ValueError(f"min-max codes are a [n, k * bits / 8] matrix of 2, 4 or 8 bits in groups of a positive "
+                         f"size, got {tuple(q.shape)} of {bits} bits, group {group}")
     n, k = q.shape[0], q.shape[-1] * 8 // bits
     if q.dtype != torch.uint8 or scale.dtype != torch.float16 or zero.dtype != torch.float16:
         raise TypeError(f"min-max codes are uint8 and scale/zero float16, got {q.dtype}, {scale.dtype}, {zero.dtype}")
@@ -160,13 +167,11 @@ def minmax_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: t
                          f"matrix in groups of {group}")
     if not (q.is_contiguous() and scale.is_contiguous() and zero.is_contiguous()):
         raise ValueError("min-max codes, scale and zero must be contiguous")
-    if x.shape[-1] != k or x.dtype not in (_BF16, _F32) or not _on_cpu(x, q, scale, zero):
-        raise ValueError(f"minmax_linear takes CPU bf16/float32 rows of {k} features, got {x.dtype} "
+    if k == 0 or x.shape[-1] != k or x.dtype not in (_BF16, _F32) or not _on_cpu(x, q, scale, zero):
+        raise ValueError(f"minmax_linear takes CPU bf16/float32 rows of {k} (> 0) features, got {x.dtype} "
                          f"{tuple(x.shape)} on {x.device}")
-    lead = x.shape[:-1]
-    rows = x.reshape(-1, k)
-    if not rows.is_contiguous():
-        rows = rows.contiguous()
+    lead, rows = _rows(x, k)
+    scale, zero = _aligned(scale), _aligned(zero)
     y = torch.empty(rows.shape[0], n, dtype=x.dtype)
     if y.numel() == 0:  # no rows (or no outputs): nothing to compute, and an empty tensor may have no address
         return y.view(*lead, n)

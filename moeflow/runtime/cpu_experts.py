@@ -317,7 +317,7 @@ def own_path_name(weights: ExpertView, dtype: torch.dtype) -> str:
     from moeflow.runtime import cpu_bf16, cpu_quant
 
     if weights.kind == "dense":
-        ours = cpu_bf16.ENABLED and weights["gate_up"].dtype == torch.bfloat16
+        ours = cpu_bf16.ENABLED and weights["gate_up"].dtype == torch.bfloat16 and dtype in (torch.bfloat16, torch.float32)
         return "bfloat16_moeflow" if ours else f"{str(dtype).removeprefix('torch.')}_linear"
     if weights.kind == "minmax":
         x = torch.empty(0, 1, dtype=dtype)

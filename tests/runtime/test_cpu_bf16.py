@@ -1,5 +1,5 @@
 """moeflow's bf16 product for CPUs without bf16 instructions (runtime/cpu_bf16.py over
-rust/core/src/gemm.rs): against torch, bit-exact against itself across batches, its fallbacks,
+rust/core/src/gemm/): against torch, bit-exact against itself across batches, its fallbacks,
 its switch, and the engine on a bf16 model with it and without it."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from moeflow import Engine, _core
 from moeflow.errors import ConfigError
 from moeflow.runtime import cpu_bf16
 
-pytestmark = pytest.mark.skipif(not _core.bf16_linear_available(), reason="the kernel needs AVX2 and FMA")
+pytestmark = pytest.mark.skipif(not _core.bf16_linear_available(), reason="the kernels need AVX2, FMA and F16C")
 
 
 @pytest.fixture
@@ -209,7 +209,7 @@ def test_an_mxfp4_expert_matches_the_reference(kernel_on: None, swiglu: tuple[fl
 def test_mxfp4_refusals() -> None:
     g = torch.Generator().manual_seed(9)
     blocks, scales = _mxfp4_matrix(g, 4, 64)
-    with pytest.raises(ValueError, match="rows of 64 features"):
+    with pytest.raises(ValueError, match="rows of 64 "):
         cpu_bf16.mxfp4_linear(torch.zeros(2, 32), blocks, scales)
     with pytest.raises(ValueError, match="do not hold"):
         cpu_bf16.mxfp4_linear(torch.zeros(2, 64), blocks[:2], scales)
@@ -267,7 +267,7 @@ def test_minmax_refusals(kernel_on: None) -> None:
     from moeflow.store import quant
 
     q, scale, zero = quant.quantize(torch.randn(8, 64), 4, 32)
-    with pytest.raises(ValueError, match="rows of 64 features"):
+    with pytest.raises(ValueError, match="rows of 64 "):
         cpu_bf16.minmax_linear(torch.zeros(1, 32), q, scale, zero, 4, 32)
     with pytest.raises(ValueError, match="do not fit"):
         cpu_bf16.minmax_linear(torch.zeros(1, 64), q, scale, zero, 4, 16)
@@ -287,3 +287,16 @@ def test_no_rows_give_an_empty_result(kernel_on: None) -> None:
     assert cpu_bf16.mxfp4_linear(torch.zeros(2, 0, 64).bfloat16(), blocks, scales).shape == (2, 0, 8)
     q, scale, zero = quant.quantize(torch.randn(8, 64), 4, 32)
     assert cpu_bf16.minmax_linear(torch.zeros(0, 64), q, scale, zero, 4, 32).shape == (0, 8)
+
+
+def test_views_at_odd_byte_offsets_are_copied_not_misread(kernel_on: None) -> None:
+    """A tensor made at an odd byte offset (torch.frombuffer) is not aligned to its element
+    size; the wrappers hand the core an aligned copy, with the same values."""
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(8, 64, generator=g).bfloat16()
+    x = torch.randn(3, 64, generator=g)
+    raw = bytearray(1 + w.numel() * 2)
+    odd = torch.frombuffer(raw, dtype=torch.bfloat16, offset=1, count=w.numel()).view(8, 64)
+    odd.copy_(w)
+    assert odd.data_ptr() % 2 == 1
+    assert torch.equal(cpu_bf16.linear(x, odd), cpu_bf16.linear(x, w))

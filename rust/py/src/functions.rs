@@ -79,7 +79,7 @@ pub fn bf16_linear(
     bias: usize,
     threads: usize,
 ) -> PyResult<()> {
-    let sides = Sides { x, m, k, n, y, x_bf16, y_bf16, bias };
+    let sides = Sides { x, m, k, n, y, x_bf16, y_bf16, bias, threads };
     let wn = length("bf16_linear", "w", &[n, k], 2)?;
     sides.run(py, "bf16_linear", w, move |xs, bs, out| {
         // SAFETY: the caller's contract: w holds n * k bf16 values.
@@ -110,7 +110,7 @@ pub fn mxfp4_linear(
     if scales == 0 {
         return Err(PyValueError::new_err("mxfp4_linear: a null tensor address"));
     }
-    let sides = Sides { x, m, k, n, y, x_bf16, y_bf16, bias };
+    let sides = Sides { x, m, k, n, y, x_bf16, y_bf16, bias, threads };
     let codes = length("mxfp4_linear", "blocks", &[n, k], 1)?;
     sides.run(py, "mxfp4_linear", blocks, move |xs, bs, out| {
         // SAFETY: the caller's contract: blocks and scales hold the [n, k] matrix's bytes.
@@ -153,7 +153,7 @@ pub fn minmax_linear(
             "minmax_linear: bits {bits} (2, 4 or 8), group {group} and non-null scale and zero are needed"
         )));
     }
-    let sides = Sides { x, m, k, n, y, x_bf16, y_bf16, bias };
+    let sides = Sides { x, m, k, n, y, x_bf16, y_bf16, bias, threads };
     let codes = length("minmax_linear", "q", &[n, k, bits as usize], 1)? / 8;
     let weights = length("minmax_linear", "scale", &[n, k], 2)?;
     sides.run(py, "minmax_linear", q, move |xs, bs, out| {
@@ -181,6 +181,7 @@ struct Sides {
     x_bf16: bool,
     y_bf16: bool,
     bias: usize,
+    threads: usize,
 }
 
 impl Sides {
@@ -192,7 +193,7 @@ impl Sides {
         weights: usize,
         product: impl FnOnce(&[f32], Option<&[f32]>, gemm::Output<'_>) -> Result<(), gemm::GemmError> + Send,
     ) -> PyResult<()> {
-        let Sides { x, m, k, n, y, x_bf16, y_bf16, bias } = self;
+        let Sides { x, m, k, n, y, x_bf16, y_bf16, bias, threads } = self;
         if [x, weights, y].contains(&0) {
             return Err(PyValueError::new_err(format!("{name}: a null tensor address")));
         }
@@ -222,7 +223,9 @@ impl Sides {
             };
             product(xs, bs, out)
         };
-        let done = if macs > DETACH_MACS { py.detach(work) } else { work() };
+        // with more than one thread the work may queue on the shared pool behind another
+        // caller's: never wait there holding the GIL
+        let done = if macs > DETACH_MACS || threads > 1 { py.detach(work) } else { work() };
         done.map_err(|e| PyValueError::new_err(format!("{name}: {e}")))
     }
 }
@@ -240,7 +243,7 @@ fn length(name: &str, what: &str, dims: &[usize], elem: usize) -> PyResult<usize
 /// Products up to this many multiply-adds keep the GIL (tens of microseconds at most).
 const DETACH_MACS: usize = 1 << 20;
 
-/// Whether this CPU runs `bf16_linear` (x86-64 with AVX2 and FMA).
+/// Whether this CPU runs the products (x86-64 with AVX2, FMA and F16C).
 #[pyfunction]
 pub fn bf16_linear_available() -> bool {
     gemm::available()

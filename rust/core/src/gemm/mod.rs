@@ -211,7 +211,7 @@ fn run<W: Rows>(
         let mut start = first;
         while start < last {
             let end = (start + panel).min(last);
-            // SAFETY: `available()` checked AVX2 and FMA; `job`'s pointers come from slices
+            // SAFETY: `available()` checked AVX2, FMA and F16C; `job`'s pointers come from slices
             // whose lengths were checked, and groups write disjoint columns of y.
             unsafe { job.columns(start, end) };
             start = end;
@@ -238,11 +238,19 @@ pub(crate) fn pool() -> std::sync::Arc<rayon::ThreadPool> {
     match held.as_ref() {
         Some((owner, pool)) if *owner == pid => pool.clone(),
         _ => {
-            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            // sized and placed by the main thread's CPUs, whichever thread asks first (a pinned
+            // worker's own affinity would otherwise shrink the pool to its CPUs for good)
+            let cpus = main_thread_cpus();
+            let threads = cpus.as_ref().map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), |c| c.len());
             let pool = std::sync::Arc::new(
                 rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
                     .thread_name(|i| format!("moeflow-gemm-{i}"))
+                    .start_handler(move |_| {
+                        if let Some(set) = &cpus {
+                            pin_to(set);
+                        }
+                    })
                     .build()
                     .expect("a thread pool for the CPU products"),
             );
@@ -254,6 +262,42 @@ pub(crate) fn pool() -> std::sync::Arc<rayon::ThreadPool> {
         }
     }
 }
+
+/// The CPUs the process's main thread may run on (its affinity mask), None where unknown.
+#[cfg(target_os = "linux")]
+fn main_thread_cpus() -> Option<Vec<usize>> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity writes at most its size.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let pid = std::process::id() as libc::pid_t; // the main thread's id is the process's
+    // SAFETY: set is a valid cpu_set_t of the size passed.
+    if unsafe { libc::sched_getaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
+        return None;
+    }
+    // SAFETY: CPU_ISSET reads the set for indices below CPU_SETSIZE.
+    let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect();
+    (!cpus.is_empty()).then_some(cpus)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn main_thread_cpus() -> Option<Vec<usize>> {
+    None
+}
+
+/// Pins the calling thread to `cpus` (best effort: a refusal leaves it as it was).
+#[cfg(target_os = "linux")]
+fn pin_to(cpus: &[usize]) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes indices below CPU_SETSIZE.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus {
+        // SAFETY: c came from CPU_ISSET over indices below CPU_SETSIZE.
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    // SAFETY: set is a valid cpu_set_t of the size passed; 0 is the calling thread.
+    unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+}
+
+#[cfg(not(target_os = "linux"))]
+fn pin_to(_: &[usize]) {}
 
 /// The caller's floating-point modes (MXCSR), to run pool tasks with (`with_modes`).
 pub(crate) fn modes() -> u32 {
@@ -459,7 +503,7 @@ unsafe fn decode_row<W: Rows>(weights: &W, row: usize, k: usize, out: *mut f32) 
 
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn decode_row<W: Rows>(_: &W, _: usize, _: usize, _: *mut f32) {
-    unreachable!("the products refuse CPUs without AVX2 and FMA")
+    unreachable!("the products refuse CPUs without AVX2, FMA and F16C")
 }
 
 /// sums[r][c] = the module doc's sum of x row r (stride k) times weight row col + c.
@@ -537,7 +581,7 @@ unsafe fn dots<const R: usize, const C: usize, W: Rows>(
 
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn dots<const R: usize, const C: usize, W: Rows>(_: *const f32, _: &W, _: usize, _: usize, _: &mut [[f32; C]; R]) {
-    unreachable!("the products refuse CPUs without AVX2 and FMA")
+    unreachable!("the products refuse CPUs without AVX2, FMA and F16C")
 }
 
 /// The module doc's arithmetic written plainly, one output at a time, over weights given as a
@@ -564,7 +608,7 @@ pub fn reference(
             for j in body..k {
                 s = x[r * k + j].mul_add(weight(c, j), s);
             }
-            y[r * n + c] = s + bias.map_or(0.0, |b| b[c]);
+            y[r * n + c] = bias.map_or(s, |b| s + b[c]); // no bias: s itself (a -0.0 stays -0.0)
         }
     }
     y
