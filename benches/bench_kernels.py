@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -59,6 +58,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from moeflow.runtime import kernel_tune  # noqa: E402
 from moeflow.runtime.layers import silu_mlp  # noqa: E402
 
 # name: (hidden, expert intermediate, experts per token)
@@ -135,27 +135,11 @@ def max_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def time_us(fn: Callable[[int], Any], reps: int, copies: int) -> float:
-    """Median microseconds of fn(i) over `reps` calls, i cycling through the weight copies; CUDA
-    events on the current stream, each call synchronized (what a decode step pays)."""
-    for i in range(min(copies, 3)):
-        fn(i)  # warm-up: module load, cuBLAS heuristics, the launcher tables
-    if not torch.cuda.is_available():  # the CPU emulator of the kernels (tests): wall clock
-        times = []
-        for r in range(reps):
-            started = time.perf_counter()
-            fn(r % copies)
-            times.append((time.perf_counter() - started) * 1e6)
-        return statistics.median(times)
-    torch.cuda.synchronize()
-    times = []
-    for r in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(r % copies)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
+    """Median microseconds of fn(i) over `reps` calls, i cycling through the weight copies: the
+    tuner's timer (CUDA events on the current stream, each call synchronized, what a decode step
+    pays; wall clock on the CPU emulator of the kernels), after min(copies, 3) warm-up calls."""
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return kernel_tune.time_us(fn, copies, reps, min(copies, 3), device)
 
 
 def record(shape: str, hidden: int, inter: int, kernel: str, precision: str, tokens: int, experts: int, us: float,
@@ -193,7 +177,7 @@ def tune(shapes: list[str], precisions: list[str], dtypes: list[str], reps: int,
          table: Path | None, budget_s: float | None = None, device: torch.device | None = None) -> int:
     """--tune: the kernel table of this GPU (`device`: tests pass the CPU, whose kernels are
     emulated), one JSON line per entry; the number of entries that failed."""
-    from moeflow.runtime import kernel_choice, kernel_tune
+    from moeflow.runtime import kernel_choice
 
     device = device or torch.device("cuda", torch.cuda.current_device())
     name = kernel_choice.device_name(device)

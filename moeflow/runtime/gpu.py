@@ -232,6 +232,15 @@ def check_grouped(x: torch.Tensor, offsets: torch.Tensor, experts: Sequence[Expe
         raise ValueError(f"row_weight must be float32 [{rows}], got {row_weight.dtype} {tuple(row_weight.shape)}")
 
 
+def check_decode_outputs(x: torch.Tensor, experts: Sequence[ExpertLauncher], h: torch.Tensor, y: torch.Tensor) -> None:
+    """What the decode kernels' launches (moe_decode.cu, moe_decode_kslice.cu) check of their
+    scratch and output: h [R, I] and y [R, H], contiguous float32."""
+    first, rows = experts[0], x.shape[0]
+    if h.shape != (rows, first.inter) or y.shape != (rows, first.hidden) or h.dtype != torch.float32 or \
+            y.dtype != torch.float32 or not (h.is_contiguous() and y.is_contiguous()):
+        raise ValueError(f"h {tuple(h.shape)} / y {tuple(y.shape)} must be contiguous float32 for {rows} rows")
+
+
 def table_rows(table: torch.Tensor) -> list[np.uint64]:
     """The six rows of a [6, E] pointer table as kernel arguments (row i: part i of every expert)."""
     return [np.uint64(table.data_ptr() + i * table.shape[1] * 8) for i in range(6)]

@@ -74,9 +74,7 @@ def decode_launches(x: torch.Tensor, offsets: torch.Tensor, experts: Sequence[Ex
     expert."""
     gpu.check_grouped(x, offsets, experts, table, row_weight)
     first, rows, n = experts[0], x.shape[0], len(experts)
-    if h.shape != (rows, first.inter) or y.shape != (rows, first.hidden) or h.dtype != torch.float32 or \
-            y.dtype != torch.float32 or not (h.is_contiguous() and y.is_contiguous()):
-        raise ValueError(f"h {tuple(h.shape)} / y {tuple(y.shape)} must be contiguous float32 for {rows} rows")
+    gpu.check_decode_outputs(x, experts, h, y)
     if not fits(experts, x) or h.data_ptr() % _ALIGN:
         raise ValueError(f"kernels/{SOURCE} needs int8/4/2 experts with 16-byte aligned rows of whole 16-byte "
                          f"chunks, each inside one group (hidden {first.hidden}, inter {first.inter}, group "

@@ -121,14 +121,12 @@ def test_sizes_whose_products_overflow_are_refused() -> None:
 
 _FORK = """
 import os, time, torch
-from moeflow.runtime import cpu_bf16
-cpu_bf16.ENABLED = True
-torch.set_num_threads(2)
-x, w = torch.randn(1, 2048).bfloat16(), torch.randn(512, 2048).bfloat16()  # 16 panels: rayon's threads
-cpu_bf16.linear(x, w)
+from moeflow.runtime import cpu_bf16, cpu_ops
+{setup}
+{call}  # the parent's pool exists before the fork, as in a running engine
 pid = os.fork()
 if pid == 0:
-    cpu_bf16.linear(x, w)
+    {call}
     os._exit(0)
 for _ in range(50):
     if os.waitpid(pid, os.WNOHANG)[0]:
@@ -138,34 +136,21 @@ os.kill(pid, 9)
 os.waitpid(pid, 0)
 raise SystemExit(4)
 """
+
+
+def _child_finishes(setup: str, call: str) -> None:
+    script = _FORK.format(setup=setup, call=call)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120, preexec_fn=_no_core_file)
+    assert run.returncode == 0, f"exit {run.returncode} (4: the child hung): {run.stderr.decode()[-500:]}"
 
 
 def test_a_forked_child_can_still_compute() -> None:
-    run = subprocess.run([sys.executable, "-c", _FORK], capture_output=True, timeout=120, preexec_fn=_no_core_file)
-    assert run.returncode == 0, f"exit {run.returncode} (4: the child hung): {run.stderr.decode()[-500:]}"
-
-
-_FORK_NORM = """
-import os, time, torch
-from moeflow.runtime import cpu_ops
-torch.set_num_threads(2)
-x, w = torch.randn(256, 1024), torch.ones(1024)  # 2**18 values: rows split over rayon's threads
-cpu_ops.rms_norm(x, w, 1e-6)
-pid = os.fork()
-if pid == 0:
-    cpu_ops.rms_norm(x, w, 1e-6)
-    os._exit(0)
-for _ in range(50):
-    if os.waitpid(pid, os.WNOHANG)[0]:
-        raise SystemExit(0)
-    time.sleep(0.1)
-os.kill(pid, 9)
-os.waitpid(pid, 0)
-raise SystemExit(4)
-"""
+    _child_finishes("cpu_bf16.ENABLED = True\ntorch.set_num_threads(2)\n"
+                    "x, w = torch.randn(1, 2048).bfloat16(), torch.randn(512, 2048).bfloat16()  # 16 panels",
+                    "cpu_bf16.linear(x, w)")
 
 
 def test_a_forked_child_can_still_normalize() -> None:
-    run = subprocess.run([sys.executable, "-c", _FORK_NORM], capture_output=True, timeout=120,
-                         preexec_fn=_no_core_file)
-    assert run.returncode == 0, f"exit {run.returncode} (4: the child hung): {run.stderr.decode()[-500:]}"
+    _child_finishes("torch.set_num_threads(2)\n"
+                    "x, w = torch.randn(256, 1024), torch.ones(1024)  # 2**18 values: rows split over threads",
+                    "cpu_ops.rms_norm(x, w, 1e-6)")
