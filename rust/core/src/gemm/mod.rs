@@ -78,8 +78,8 @@ pub enum GemmError {
     MinMax { bits: u32, group: usize, k: usize },
 }
 
-/// Columns (weight rows) per panel: about 128 KiB of bf16 weights, kept in L2 while every row
-/// block of x passes over them.
+/// Columns (weight rows) per panel, the unit the threads share out: about 128 KiB of bf16
+/// weights, so a thread's share is never smaller. A thread walks its panels as one range.
 fn panel_columns(k: usize) -> usize {
     (128 * 1024 / 2 / k.max(1)).max(NR_WIDE).next_multiple_of(NR_WIDE)
 }
@@ -208,13 +208,10 @@ fn run<W: Rows>(
     let run = |group: usize| {
         let first = group * per * panel;
         let last = ((group + 1) * per * panel).min(n);
-        let mut start = first;
-        while start < last {
-            let end = (start + panel).min(last);
+        if first < last {
             // SAFETY: `available()` checked AVX2, FMA and F16C; `job`'s pointers come from slices
             // whose lengths were checked, and groups write disjoint columns of y.
-            unsafe { job.columns(start, end) };
-            start = end;
+            unsafe { job.columns(first, last) };
         }
     };
     if threads == 1 {
