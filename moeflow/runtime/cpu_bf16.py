@@ -26,6 +26,7 @@ same arithmetic as a float32-stored copy.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -52,12 +53,19 @@ ENABLED = _choose(os.environ.get("MOEFLOW_CPU_BF16", "auto"))
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), in x's dtype; with a bf16 weight on the CPU (and x bf16 or
     float32) through the kernel when ENABLED."""
-    if not ENABLED or weight.dtype is not _BF16 or weight.is_cuda:
-        return F.linear(x, weight, bias)
-    if (x.dtype not in (_BF16, _F32) or weight.dim() != 2 or not weight.is_contiguous() or not _on_cpu(x, weight)
-            or weight.shape[1] == 0):
-        return F.linear(x, weight, bias)
-    return _kernel(x, weight, bias)
+    # _takes inlined: this runs for every product of a step, float32 models included
+    if (ENABLED and weight.dtype is _BF16 and x.dtype in (_BF16, _F32) and weight.dim() == 2 and weight.shape[1] != 0
+            and weight.is_contiguous() and x.device.type == "cpu" and weight.device.type == "cpu"):
+        return _kernel(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def _takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the kernel takes this product: a contiguous 2-D bf16 weight with features (k = 0
+    is F.linear's zeros), bf16 or float32 rows, both on the CPU. The dtype is read first: most
+    calls of a float32 model leave here."""
+    return (weight.dtype is _BF16 and x.dtype in (_BF16, _F32) and weight.dim() == 2 and weight.shape[1] != 0
+            and weight.is_contiguous() and _on_cpu(x, weight))
 
 
 def _on_cpu(*tensors: torch.Tensor) -> bool:
@@ -76,23 +84,36 @@ def _rows(x: torch.Tensor, k: int) -> tuple[torch.Size, torch.Tensor]:
     return x.shape[:-1], _aligned(rows if rows.is_contiguous() else rows.contiguous())
 
 
-def _bias(bias: torch.Tensor | None, n: int, dtype: torch.dtype, what: str) -> tuple[torch.Tensor | None, int]:
-    """(the bias as float32 [n] in `dtype`'s values, its address) for the core: added to the
-    float32 sum before the one rounding, as F.linear adds a bias in its input's dtype; (None, 0)
-    without one. Refused unless on the CPU with exactly n values (the core reads n floats)."""
+def _bias(bias: torch.Tensor | None, n: int, dtype: torch.dtype | None, what: str) -> torch.Tensor | None:
+    """The bias as float32 [n] for the core, its values first rounded to `dtype` (None: its own):
+    added to the float32 sum before the one rounding, as F.linear adds a bias in its input's
+    dtype. Refused unless on the CPU with exactly n values (the core reads n floats)."""
     if bias is None:
-        return None, 0
+        return None
     if bias.device.type != "cpu" or bias.shape != (n,):
         raise ValueError(f"{what}: bias of shape {tuple(bias.shape)} on {bias.device} for {n} outputs on the cpu")
-    bias = bias.to(dtype).to(_F32).contiguous()
-    return bias, bias.data_ptr()
+    return (bias if dtype is None else bias.to(dtype)).to(_F32).contiguous()
+
+
+def _product(x: torch.Tensor, k: int, n: int, bias: torch.Tensor | None,
+             core: Callable[[int, int, int, bool, int, int], None]) -> torch.Tensor:
+    """y [.., n] in x's dtype from x [.., k] through `core(rows address, rows, y address, bf16 rows
+    and output, bias address or 0, threads)` (the quantized products; `_kernel` calls its core
+    directly, being on every step's path); every tensor the core reads stays referenced here
+    until it returns. No rows (or no outputs): an empty result without the core (an empty tensor
+    may have no address)."""
+    lead, rows = _rows(x, k)
+    y = torch.empty(rows.shape[0], n, dtype=x.dtype)
+    if y.numel() != 0:
+        core(rows.data_ptr(), rows.shape[0], y.data_ptr(), x.dtype is _BF16, 0 if bias is None else bias.data_ptr(),
+             torch.get_num_threads())
+    return y.view(*lead, n)
 
 
 def takes_float32(weight: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether `linear` takes this bf16 weight with float32 rows x as they are (no cast of the
     weight per use, which on the CPU writes a float32 copy of it first)."""
-    return (ENABLED and weight.dtype is _BF16 and x.dtype is _F32 and weight.dim() == 2
-            and weight.is_contiguous() and not weight.is_cuda and not x.is_cuda)
+    return ENABLED and x.dtype is _F32 and _takes(x, weight)
 
 
 def _kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -103,11 +124,11 @@ def _kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     y = torch.empty(rows.shape[0], n, dtype=x.dtype)
     if y.numel() == 0:  # no rows (or no outputs): nothing to compute, and an empty tensor may have no address
         return y.view(*lead, n)
-    kept, b = _bias(bias, n, bias.dtype if bias is not None else _F32, "linear")  # noqa: F841 (alive for the call)
-    weight = _aligned(weight)
+    weight, b = _aligned(weight), _bias(bias, n, None, "linear")
     bf16 = x.dtype is _BF16
-    _core.bf16_linear(rows.data_ptr(), rows.shape[0], k, weight.data_ptr(), n, y.data_ptr(), bf16, bf16, b,
-                      torch.get_num_threads())
+    # the core called directly, not through _product: this is every bf16 product of a step
+    _core.bf16_linear(rows.data_ptr(), rows.shape[0], k, weight.data_ptr(), n, y.data_ptr(), bf16, bf16,
+                      0 if b is None else b.data_ptr(), torch.get_num_threads())
     return y.view(*lead, n)
 
 
@@ -125,15 +146,9 @@ def mxfp4_linear(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
     if k == 0 or x.shape[-1] != k or x.dtype not in (_BF16, _F32) or not _on_cpu(x, blocks, scales):
         raise ValueError(f"mxfp4_linear takes CPU bf16/float32 rows of {k} (> 0) features, got {x.dtype} "
                          f"{tuple(x.shape)} on {x.device}")
-    lead, rows = _rows(x, k)
-    y = torch.empty(rows.shape[0], n, dtype=x.dtype)
-    if y.numel() == 0:  # no rows (or no outputs): nothing to compute, and an empty tensor may have no address
-        return y.view(*lead, n)
-    kept, b = _bias(bias, n, x.dtype, "mxfp4_linear")  # noqa: F841 (in x's dtype, as `linear` gets it)
-    bf16 = x.dtype is _BF16
-    _core.mxfp4_linear(rows.data_ptr(), rows.shape[0], k, blocks.data_ptr(), scales.data_ptr(), n, y.data_ptr(),
-                       bf16, bf16, b, torch.get_num_threads())
-    return y.view(*lead, n)
+    b = _bias(bias, n, x.dtype, "mxfp4_linear")  # in x's dtype, as `linear` gets it
+    return _product(x, k, n, b, lambda xp, m, yp, bf16, bp, threads: _core.mxfp4_linear(
+        xp, m, k, blocks.data_ptr(), scales.data_ptr(), n, yp, bf16, bf16, bp, threads))
 
 
 def mxfp4_expert_ffn(x: torch.Tensor, w: dict[str, torch.Tensor],
@@ -170,15 +185,9 @@ def minmax_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: t
     if k == 0 or x.shape[-1] != k or x.dtype not in (_BF16, _F32) or not _on_cpu(x, q, scale, zero):
         raise ValueError(f"minmax_linear takes CPU bf16/float32 rows of {k} (> 0) features, got {x.dtype} "
                          f"{tuple(x.shape)} on {x.device}")
-    lead, rows = _rows(x, k)
     scale, zero = _aligned(scale), _aligned(zero)
-    y = torch.empty(rows.shape[0], n, dtype=x.dtype)
-    if y.numel() == 0:  # no rows (or no outputs): nothing to compute, and an empty tensor may have no address
-        return y.view(*lead, n)
-    bf16 = x.dtype is _BF16
-    _core.minmax_linear(rows.data_ptr(), rows.shape[0], k, q.data_ptr(), scale.data_ptr(), zero.data_ptr(), bits,
-                        group, bf16, n, y.data_ptr(), bf16, bf16, 0, torch.get_num_threads())
-    return y.view(*lead, n)
+    return _product(x, k, n, None, lambda xp, m, yp, bf16, bp, threads: _core.minmax_linear(
+        xp, m, k, q.data_ptr(), scale.data_ptr(), zero.data_ptr(), bits, group, bf16, n, yp, bf16, bf16, bp, threads))
 
 
 def minmax_takes(w: dict[str, torch.Tensor], bits: int, group: int, x: torch.Tensor) -> bool:
