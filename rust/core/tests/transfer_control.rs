@@ -259,9 +259,10 @@ fn device_work_without_cuda_is_cuda_unavailable() {
 }
 
 #[test]
-fn one_worker_stays_free_for_demand_parts() {
-    // Three workers and a queue of long background copies: at most two run at once, so a
-    // demand part submitted behind them starts at once on the third.
+fn a_demand_part_waits_behind_at_most_one_speculative_part() {
+    // Three workers and a queue of long background copies: one runs at a time, so a demand
+    // part submitted behind them starts at once on a free worker, and a device serving
+    // requests in order would have at most one speculative part ahead of it.
     let (alloc, class) = host_allocator(512 * MIB, 64 * MIB, 64 * MIB);
     let engine = TransferEngine::new(3, 512 * MIB, None).unwrap();
     let a = alloc.lock().alloc(class).unwrap();
@@ -285,11 +286,13 @@ fn one_worker_stays_free_for_demand_parts() {
     let finals = all_finals(&engine);
     assert!(finals.iter().all(|(_, status)| *status == Status::Done));
     let high = engine.speculative_high_water();
-    assert!((1..=2).contains(&high), "{high} speculative parts ran at once on 3 workers");
+    assert_eq!(high, 1, "{high} speculative parts ran at once on 3 workers");
     let at = finals.iter().position(|(done, _)| *done == id).unwrap();
-    let after = finals[at + 1..]
+    let before = finals[..at]
         .iter()
         .filter(|(done, _)| background.contains(done))
         .count();
-    assert!(after > 0, "the demand copy finished behind every background copy");
+    // 2 ms of 64 MiB copies before it was submitted: at most the one running then and the
+    // one after (a loaded machine), never the queue of twelve
+    assert!(before <= 3, "the demand copy finished behind {before} background copies");
 }

@@ -65,7 +65,9 @@ pub(crate) struct Shared {
     pub(crate) pending: AtomicU64,
     pub(crate) next_id: AtomicU64,
     /// Workers running a speculative (prefetch or background) part, at most
-    /// `speculative_limit`: one worker stays free for demand parts.
+    /// `speculative_limit` (one): the other workers stay free for demand parts, and a
+    /// device that serves requests in order (a disk queue) has at most one speculative part
+    /// ahead of a demand part.
     pub(crate) speculative_running: AtomicUsize,
     pub(crate) speculative_limit: usize,
     /// The most speculative parts ever running at once (for tests).

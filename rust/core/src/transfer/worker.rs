@@ -25,9 +25,10 @@ pub(crate) struct Job {
 
 /// Main loop of worker `index`: runs parts until shutdown and empty lanes.
 ///
-/// Demand parts first; a speculative part only while fewer than `speculative_limit`
+/// Demand parts first; a speculative part only while fewer than `speculative_limit` (one)
 /// workers run one, so with several workers one is always free when a demand read
-/// arrives (it never waits behind a prefetch read for a worker, only for the disk).
+/// arrives (it never waits behind a prefetch read for a worker), and at the disk it waits
+/// behind at most one speculative part.
 pub(crate) fn run(shared: Arc<Shared>, index: usize, parker: Parker) {
     loop {
         if let Some(job) = shared.lanes.pop_lane(PRIORITY_DEMAND) {
