@@ -239,10 +239,18 @@ class ExpertCache:
     # ---- loading ---------------------------------------------------------------------------
     def apply(self, plan: PrefetchPlan) -> set[ExpertKey]:
         """Carry out a scheduler's plan; returns the keys whose loads started."""
+        self.settle(plan)
+        return self.load(plan)
+
+    def settle(self, plan: PrefetchPlan) -> None:
+        """The plan's cancellations and quotas only (before a layer's demand loads)."""
         for key in plan.cancel:
             self.cancel_load(key)
         if plan.quotas is not None:
             self.quotas = dict(plan.quotas)
+
+    def load(self, plan: PrefetchPlan) -> set[ExpertKey]:
+        """The plan's loads only (after a layer's demand loads); returns the keys whose loads started."""
         started: set[ExpertKey] = set()
         protect = set(plan.protect)
         host_layers = self.host_layers

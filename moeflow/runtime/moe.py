@@ -299,9 +299,8 @@ async def _run_fetch(
     outputs: dict[int, torch.Tensor],
     wide: Callable[[int], AbstractContextManager[None]],
 ) -> None:
-    """Run the fetch's experts as they become usable; each is released once run, making room
-    for the rest of the layer."""
-    fetch.start()
+    """Run the (started) fetch's experts as they become usable; each is released once run,
+    making room for the rest of the layer."""
     while (item := await fetch.next()) is not None:
         e, weights = item
         outputs[e] = expert_out(routing, e, weights, x, wide)
@@ -318,9 +317,12 @@ async def run_moe(
     counters: PrecisionCounters | None = None,
     residual: torch.Tensor | None = None,
     cpu: CpuExperts | None = None,
+    prefetch: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """residual + the routed-experts output of `layer` for x [T, H] (plus its shared expert);
-    `residual` (default zeros) is the step's own tensor and is consumed.
+    `residual` (default zeros) is the step's own tensor and is consumed. `prefetch` issues the
+    speculative loads for the coming layers: called once this layer's demand loads are queued
+    (ahead of them on the device), before any of its experts run.
 
     Experts run in whatever order they become available, but their outputs are summed in
     ascending expert order, so the result is the same bits at every budget and prefetch
@@ -334,6 +336,8 @@ async def run_moe(
         residual = torch.zeros_like(x)
     resident = cache.take_resident(index, routing.experts) if miss is None else None
     if resident is not None:  # every expert landed: run them now, no waiting, no task switch
+        if prefetch is not None:
+            prefetch()
         try:
             launched = layer_launch(routing, resident, x, wide)
             if launched is not None:
@@ -352,10 +356,13 @@ async def run_moe(
         # resident, a hit, and never degraded to a low-precision copy or skipped.
         cache.transfers.poll()
         if cpu is not None:
-            out = await _run_placed(index, x, routing, cache, wide, miss, counters, residual, cpu)
+            out = await _run_placed(index, x, routing, cache, wide, miss, counters, residual, cpu, prefetch)
         elif miss is None:
             fetch = cache.fetch(index, routing.experts)
             try:
+                fetch.start()
+                if prefetch is not None:
+                    prefetch()
                 await _run_fetch(fetch, x, routing, outputs, wide)
                 out = _combine(residual, routing, outputs)
             finally:
@@ -364,8 +371,11 @@ async def run_moe(
             high, low, skipped = _split_by_precision(index, routing, cache, miss)
             high_fetch = cache.fetch(index, high)
             low_fetch = miss.low_cache.fetch(index, low)
-            low_fetch.start()  # low copies load while the high-precision experts run
             try:
+                high_fetch.start()
+                low_fetch.start()  # low copies load while the high-precision experts run
+                if prefetch is not None:
+                    prefetch()
                 await _run_fetch(high_fetch, x, routing, outputs, wide)
                 await _run_fetch(low_fetch, x, routing, outputs, wide)
                 out = _combine(residual, routing, outputs)
@@ -393,6 +403,7 @@ async def _run_placed(
     counters: PrecisionCounters | None,
     residual: torch.Tensor,
     cpu: CpuExperts,
+    prefetch: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """A layer whose misses may run on the CPU: the CPU's experts start on its worker first, then
     the device runs the rest as they land (HOBBIT's low copies too), then the CPU's outputs are
@@ -411,8 +422,11 @@ async def _run_placed(
     high_fetch = cache.fetch(index, high)
     low_fetch = miss.low_cache.fetch(index, low) if miss is not None else None
     try:
+        high_fetch.start()
         if low_fetch is not None:
             low_fetch.start()  # low copies load while the high-precision experts run
+        if prefetch is not None:
+            prefetch()
         await _run_fetch(high_fetch, x, routing, outputs, wide)
         if low_fetch is not None:
             await _run_fetch(low_fetch, x, routing, outputs, wide)

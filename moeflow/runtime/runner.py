@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from moeflow.memory.cache import ExpertCache
+from moeflow.memory.entries import PrefetchPlan
 from moeflow.memory.device import ComputeDevice
 from moeflow.runtime.cpu_experts import CpuExperts
 from moeflow.runtime.cpu_bf16 import linear
@@ -239,12 +240,15 @@ class ModelRunner:
             # the layer's one blocking read: the router's choice and every predictor's guess
             host_ids, host_weights, *host_guesses = device.readback(expert_ids, weights, *guesses)
             routing = Routing.group(expert_ids, weights, host_ids, host_weights)
+            speculative: list[tuple[SequenceSchedule, PrefetchPlan]] = []
             for (i, schedule), host_guess in zip(scheduled, host_guesses, strict=True):
                 a, b = bounds[i]
                 mine = host_ids[a:b]
                 plan = schedule.on_route(layer.index, mine, host_guess, {e for row in mine for e in row})
-                if plan.loads or plan.cancel or plan.quotas is not None:
-                    schedule.started(cache.apply(plan))
+                if plan.cancel or plan.quotas is not None:  # now: cancelling frees the queue for the demand reads
+                    cache.settle(plan)
+                if plan.loads:
+                    speculative.append((schedule, plan))
             for i in traced:
                 a, b = bounds[i]
                 routes[i][layer.index] = torch.tensor(host_ids[a:b])  # host copy: traces never read the device
@@ -253,8 +257,11 @@ class ModelRunner:
                 for i, (_, b) in enumerate(bounds):
                     for e in host_ids[b - 1]:
                         paths[i] |= 1 << (base + e)
+            # the speculative loads for the coming layers go in once this layer's demand loads
+            # have: a device that serves reads in order (a disk queue, a copy stream) then
+            # never makes the layer wait behind a guess
             h = await run_moe(layer, x, routing, cache, wide, self.miss, self.precision_counters, residual=h,
-                              cpu=self.cpu_experts)
+                              cpu=self.cpu_experts, prefetch=_applier(cache, speculative) if speculative else None)
         if self.track_routes:
             for p, path in zip(parts, paths, strict=True):
                 p.seq.route = path
@@ -277,6 +284,13 @@ class ModelRunner:
         with wide(m.lm_head.nbytes):
             out = linear(norm(picked, m.final_norm, m.final_norm_bias, self.eps), m.lm_head, m.lm_head_bias).float()
         return [None if span is None else out[span[0]:span[1]] for span in spans]
+
+
+def _applier(cache: ExpertCache, plans: list[tuple[SequenceSchedule, PrefetchPlan]]) -> Callable[[], None]:
+    def apply() -> None:
+        for schedule, plan in plans:
+            schedule.started(cache.load(plan))
+    return apply
 
 
 def pick_token(sampler: Sampler, logits: torch.Tensor, device: ComputeDevice) -> int:
