@@ -83,10 +83,8 @@ async def measure(model: Path, test_prompts: list[str], new_tokens: int, **optio
             "stall_seconds_per_token": round(stall / tokens, 6) if tokens else 0.0,
             "hit_rate": round((after["hits"] - before["hits"]) / uses, 4) if uses else 0.0,
             "bytes_loaded_per_token": round(loaded / tokens) if tokens else 0,
-            "precision_1_ahead": after["precision_1_ahead"],
-            "recall_1_ahead": after["recall_1_ahead"],
-            "precision_2_ahead": after["precision_2_ahead"],
-            "recall_2_ahead": after["recall_2_ahead"],
+            # a prefetch_depth of 1 reports no second layer
+            **{f"{m}_{d}_ahead": after.get(f"{m}_{d}_ahead", 0.0) for d in (1, 2) for m in ("precision", "recall")},
             "precision_next_token": after["precision_next_token"],
             "recall_next_token": after["recall_next_token"],
             "prefetch_issued": after["prefetch_issued"] - before["prefetch_issued"],

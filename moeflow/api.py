@@ -116,8 +116,10 @@ class Engine(GenerationMixin):
             gate-lookahead; "predictor" is "auto"; "none" turns prefetching off.
         policy: the fast tier's eviction policy.
         prefetch_depth: MoE layers ahead the predictor looks.
-        prefetch_width: guesses loaded for the next layer (None: the model's top-k).
-        max_speculative_loads: speculative loads in flight at once (None: the model's top-k).
+        prefetch_width: guesses loaded for the next layer (None: top-k + 1 where 2k+1 experts fit in
+            one io_chunk, else the model's top-k).
+        max_speculative_loads: speculative loads in flight at once (None: 2k+1 where they fit in one
+            io_chunk, else the model's top-k).
         budget_split: "pooled" (one budget for all layers) or "plec" (per-layer shares in
             proportion to smoothed demand, ExpertFlow's PLEC).
         predictor_dir: where a trained routing predictor lives (None: the model folder).

@@ -190,8 +190,10 @@ class EngineConfig:
     prefetch: str = "auto"  # auto: expertflow when a trained predictor is present, else gate-lookahead
     policy: str = "lru"
     prefetch_depth: int = 2  # MoE layers ahead
-    prefetch_width: int | None = None  # guesses loaded for the next layer (default top_k)
-    max_speculative_loads: int | None = None  # speculative loads in flight at once (default top_k)
+    # guesses loaded for the next layer, speculative loads in flight: default top_k + 1 and
+    # 2 top_k + 1 where that many experts fit in one io_chunk, else top_k (scheduler.speculation)
+    prefetch_width: int | None = None
+    max_speculative_loads: int | None = None
     budget_split: str = "pooled"
     predictor_dir: str | None = None  # where a trained routing predictor lives (default: the model dir)
     dtype: torch.dtype | None = None  # compute dtype; None = the checkpoint's

@@ -43,6 +43,8 @@ from moeflow.runtime.runner import ModelRunner
 from moeflow.runtime.moe import MissPrecision
 from moeflow.runtime.model import DenseModel, load_dense
 from moeflow.scheduling import Predictor, Scheduler, make_predictor, router_table
+from moeflow.scheduling.scheduler import speculation
+from moeflow.scheduling.routers import EntryInputs
 from moeflow.scheduling.placement import resolve_cpu_layers
 from moeflow.stats import EngineStats, counters_dict, expert_use_share
 from moeflow.store import ExpertStore, codec_for, located_store, open_or_convert_async
@@ -293,18 +295,22 @@ async def open_session(path: Path, config: EngineConfig) -> Session:
         config.policy, moe_layers=arch.moe_layers, num_layers=arch.num_layers, num_experts=arch.num_experts,
         top_k=arch.top_k, slots=tiers.fast.slots,
     )
+    first = model.layers[arch.moe_layers[0]]
     routers = router_table(
         {layer.index: layer.router.weight for layer in model.layers if layer.router is not None},
         top_k=arch.top_k, scoring=arch.router.scoring, dtype=model.dtype,
+        entry=EntryInputs(model.embed, first.post_norm, first.post_norm_bias, arch.rms_norm_eps),
     )
+    width, in_flight = speculation(arch.top_k, tiers.fast.block_bytes, config.io_chunk)
+    width, in_flight = config.prefetch_width or width, config.max_speculative_loads or in_flight
     predictor = make_predictor(
         config.prefetch, routers, config.prefetch_depth, Path(config.predictor_dir or path),
-        model_signature(ckpt, arch),
+        model_signature(ckpt, arch), width,
     )
     memory = await build_memory(config, tiers, compute, store, low_store, policy, arch.moe_layers, arch.num_experts)
     try:
         session = _assemble(config, ckpt, arch, dtype, device, store, tiers, model, memory, policy, predictor,
-                            tokenizer)
+                            tokenizer, (width, in_flight))
         session.store_root, session.store_note = root, location.note
         session.runner.cpu_experts = await _cpu_experts(config, arch, device, store, tiers, memory, dtype)
         log.info("%s", session.plan_line())
@@ -327,8 +333,10 @@ def _assemble(
     policy: EvictionPolicy,
     predictor: Predictor,
     tokenizer: Tokenizer | None,
+    speculate: tuple[int, int],
 ) -> Session:
     cache, low_cache = memory.cache, memory.low_cache
+    width, in_flight = speculate  # guesses loaded for the next layer, speculative loads in flight
     scheduler = Scheduler(
         predictor,
         tiers.fast.slots,
@@ -336,8 +344,8 @@ def _assemble(
         arch.top_k,
         config.prefetch_depth,
         split_budget=config.budget_split == "plec",
-        next_width=config.prefetch_width or arch.top_k,
-        max_speculative=config.max_speculative_loads or arch.top_k,
+        next_width=width,
+        max_speculative=in_flight,
     )
     if isinstance(policy, PredictedPolicy):
         policy.upcoming = scheduler.upcoming

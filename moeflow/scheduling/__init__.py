@@ -19,7 +19,8 @@ from moeflow.scheduling.scheduler import Scheduler
 __all__ = ["Predictor", "RouterTable", "Scheduler", "make_predictor", "router_table"]
 
 
-def make_predictor(name: str, routers: RouterTable, depth: int, predictor_dir: Path, signature: str) -> Predictor:
+def make_predictor(name: str, routers: RouterTable, depth: int, predictor_dir: Path, signature: str,
+                   width: int | None = None) -> Predictor:
     """The predictor called `name`; 'auto' is the trained routing predictor when one is saved
     in `predictor_dir`, else the gate lookahead."""
     if name == "none":
@@ -27,7 +28,7 @@ def make_predictor(name: str, routers: RouterTable, depth: int, predictor_dir: P
     if name == "last-token":
         return LastTokenPredictor()
     if name == "gate-lookahead":
-        return GateLookaheadPredictor(routers, depth)
+        return GateLookaheadPredictor(routers, depth, width)
     if name == "eam":
         return EAMPredictor(routers, depth)
     if name in ("expertflow", "auto"):
@@ -35,7 +36,7 @@ def make_predictor(name: str, routers: RouterTable, depth: int, predictor_dir: P
         if trained is not None:
             return expertflow.ExpertFlowPredictor(trained, str(predictor_dir / expertflow.WEIGHTS))
         if name == "auto":
-            return GateLookaheadPredictor(routers, depth)
+            return GateLookaheadPredictor(routers, depth, width)
         raise PredictorError(
             f"{predictor_dir / expertflow.WEIGHTS}: no trained routing predictor; record traces with "
             f"`moeflow trace` and train one with `moeflow train-predictor`"

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from moeflow.scheduling.routers import RouterTable
+from moeflow.scheduling.routers import EntryInputs, RouterTable
 
 Prediction = dict[int, list[tuple[int, float]]]  # layer -> [(expert, score)], best first
 
@@ -93,15 +93,81 @@ class LastTokenPredictor:
         return _LastToken()
 
 
+class EntryTable:
+    """Per token, the first MoE layer's top-`width` experts and scores as its router ranks the
+    token's normalized embedding (routers.EntryInputs): a guess known when the step's tokens
+    are, before the layers below that router run, where the lookahead from a hidden state
+    has nothing to go on (the first MoE layer of every step). Early layers route largely by
+    the token itself, so it guesses well (README: prefetch).
+
+    Built on the host: where the embedding lives on a device, the whole vocabulary's table is
+    made at once when the engine opens (no device read in a step); on the CPU, a token's row
+    is made the first time it is seen (no cost at open for a large vocabulary)."""
+
+    CHUNK = 4096  # tokens normalized and routed at once
+
+    def __init__(self, entry: EntryInputs, router: torch.Tensor, width: int) -> None:
+        self.entry = entry
+        self.router = router
+        self.width = min(width, router.shape[0])
+        vocab = entry.embed.shape[0]
+        self.experts = torch.zeros(vocab, self.width, dtype=torch.int32)
+        self.scores = torch.zeros(vocab, self.width, dtype=torch.float32)
+        self.known = torch.zeros(vocab, dtype=torch.bool)
+        self.vocab = vocab
+        if entry.embed.device.type != "cpu":
+            for start in range(0, vocab, self.CHUNK):
+                self._fill(torch.arange(start, min(start + self.CHUNK, vocab)))
+
+    def _fill(self, tokens: torch.Tensor) -> None:
+        e = self.entry
+        x = e.embed[tokens.to(e.embed.device)].float()
+        if e.norm_bias is None:
+            x = F.rms_norm(x, (x.shape[-1],), e.norm_weight.float(), e.eps)
+        else:
+            x = F.layer_norm(x, (x.shape[-1],), e.norm_weight.float(), e.norm_bias.float(), e.eps)
+        top = torch.topk(F.linear(x, self.router.float()), self.width, dim=-1)  # the ranking of any scoring
+        self.experts[tokens] = top.indices.to("cpu", torch.int32)
+        self.scores[tokens] = torch.softmax(top.values, dim=-1).to("cpu")
+        self.known[tokens] = True
+
+    def votes(self, ids: list[int]) -> list[tuple[int, float]]:
+        """The experts the step's tokens guess, best first: one token's ranking, or several
+        tokens' summed scores (every expert some token guesses)."""
+        ids = [t for t in ids if 0 <= t < self.vocab]  # an id the embedding refuses fails in the step, not here
+        if not ids:
+            return []
+        if len(ids) == 1:
+            (t,) = ids
+            if not self.known[t]:
+                self._fill(torch.tensor([t]))
+            return list(zip(self.experts[t].tolist(), self.scores[t].tolist(), strict=True))
+        tokens = torch.tensor(ids)
+        todo = tokens[~self.known[tokens]].unique()
+        if todo.numel():
+            self._fill(todo)
+        summed = torch.zeros(self.router.shape[0]).index_add_(0, self.experts[tokens].flatten().long(),
+                                                             self.scores[tokens].flatten())
+        return [(e, score) for e, score in enumerate(summed.tolist()) if score > 0]
+
+
 class _GateLookahead(_Nothing):
     def __init__(self, owner: GateLookaheadPredictor) -> None:
         self.owner = owner
 
+    def begin_step(self, ids: list[int]) -> Prediction:
+        table = self.owner.entry
+        if table is None:
+            return {}
+        votes = table.votes(ids)
+        return {self.owner.first: sorted(votes, key=lambda p: -p[1])} if votes else {}
+
     def guess(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
-        """One token: [1, d, 2(k+1)], per coming layer the top-(k+1) experts then their scores
-        (expert ids are small integers, exact in float32: one tensor, one read). Several tokens
+        """One token: [1, d, 2g], per coming layer the top-g experts then their scores (g =
+        `guesses`, at least k+1; expert ids are small integers, exact in float32: one tensor,
+        one read). Several tokens
         (a prompt, a batch): [d, E], each expert's summed score over the tokens that have it in
-        their top-(k+1), voted on the device so the read stays small whatever the token count."""
+        their top-g, voted on the device so the read stays small whatever the token count."""
         o = self.owner
         targets = o.next_layers.get(layer, ())
         if not targets:
@@ -109,7 +175,7 @@ class _GateLookahead(_Nothing):
         weight = o.stacked[layer]  # [d*E, H]: the next d routers in one matrix
         logits = F.linear(x.to(weight.dtype), weight).float().view(x.shape[0], len(targets), -1)  # [T, d, E]
         scores = torch.sigmoid(logits) if o.sigmoid else torch.softmax(logits, dim=-1)
-        top = torch.topk(scores, min(o.k + 1, scores.shape[-1]), dim=-1)
+        top = torch.topk(scores, min(o.guesses, scores.shape[-1]), dim=-1)
         if x.shape[0] == 1:
             return torch.cat([top.indices.float(), top.values], dim=-1)
         d = len(targets)
@@ -127,7 +193,7 @@ class _GateLookahead(_Nothing):
                 voted = [(e, score) for e, score in enumerate(guess[i]) if score > 0]
                 out[target] = sorted(voted, key=lambda p: -p[1])
             return out
-        (token,) = guess  # [d][2(k+1)]
+        (token,) = guess  # [d][2g]
         for i, target in enumerate(targets):
             width = len(token[i]) // 2
             out[target] = _votes([[int(e) for e in token[i][:width]]], [token[i][width:]])
@@ -136,15 +202,21 @@ class _GateLookahead(_Nothing):
 
 class GateLookaheadPredictor:
     """prefetch='gate-lookahead' (Fate / HOBBIT): apply the next layers' routers to this layer's
-    gate input, top-(k+1) per token, experts ordered by votes. No training."""
+    gate input, top-g per token (g = the prefetch width, at least k+1), experts ordered by
+    votes; the first MoE layer of a step, which no layer precedes, from the step's tokens
+    (EntryTable). No training."""
 
     name = "gate-lookahead"
     wraps = False
 
-    def __init__(self, routers: RouterTable, depth: int) -> None:
+    def __init__(self, routers: RouterTable, depth: int, width: int | None = None) -> None:
         self.k = routers.top_k
+        self.guesses = max(self.k + 1, width or 0)  # ranked guesses per token and layer
         self.sigmoid = routers.scoring == "sigmoid"
         moe = list(routers.moe_layers)
+        self.first = moe[0]
+        self.entry = (EntryTable(routers.entry, routers.weights[self.first], self.guesses)
+                      if routers.entry is not None else None)
         self.next_layers: dict[int, tuple[int, ...]] = {}
         self.stacked: dict[int, torch.Tensor] = {}
         for pos, layer in enumerate(moe):

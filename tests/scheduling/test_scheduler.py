@@ -169,3 +169,62 @@ async def test_a_prefetch_finished_before_its_layer_counts_as_a_hit(trained_mode
             assert cache.counters.prefetch_used == 1 and eng.stats()["pinned_blocks"] == 0
 
         await eng.call(body)
+
+
+def _spy_loads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, bool]]:
+    """Records, in order, each layer's routing ('route', layer, False) and each load the cache
+    submits ('load', layer, speculative)."""
+    from moeflow.memory.cache import ExpertCache
+    from moeflow.scheduling.scheduler import SequenceSchedule
+
+    events: list[tuple[str, int, bool]] = []
+    submit, on_route = ExpertCache._submit, SequenceSchedule.on_route
+
+    def spy_submit(self, key, priority, *, prefetched):  # type: ignore[no-untyped-def]
+        events.append(("load", key[0], prefetched))
+        return submit(self, key, priority, prefetched=prefetched)
+
+    def spy_route(self, layer, ids, guess, actual):  # type: ignore[no-untyped-def]
+        events.append(("route", layer, False))
+        return on_route(self, layer, ids, guess, actual)
+
+    monkeypatch.setattr(ExpertCache, "_submit", spy_submit)
+    monkeypatch.setattr(SequenceSchedule, "on_route", spy_route)
+    return events
+
+
+@pytest.mark.asyncio
+async def test_a_layers_demand_loads_go_in_before_the_guesses_for_the_next_layers(
+        trained_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A device serving reads in order (a disk, a copy stream) then never makes a layer wait
+    # behind a guess made at its own routing.
+    events = _spy_loads(monkeypatch)
+    async with Engine.open(trained_model, device="cpu", expert_budget="40%", prefetch="gate-lookahead") as eng:
+        for p in PROMPTS[:3]:
+            await eng.generate(eng.encode(p), 16, stop_at_eos=False)
+    both = 0
+    for i, (kind, layer, _) in enumerate(events):
+        if kind != "route":
+            continue
+        end = next((j for j in range(i + 1, len(events)) if events[j][0] == "route"), len(events))
+        segment = events[i + 1:end]
+        demand = [j for j, (_, lay, spec) in enumerate(segment) if lay == layer and not spec]
+        guesses = [j for j, (_, _, spec) in enumerate(segment) if spec]
+        if demand and guesses:
+            both += 1
+            assert demand[0] < guesses[0], f"layer {layer}: a guess was queued before the layer's own demand load"
+    assert both > 0  # the case arose
+
+
+@pytest.mark.asyncio
+async def test_the_gate_lookahead_prefetches_the_first_moe_layer_of_each_step(
+        trained_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No hidden state precedes the first MoE layer; its guesses come from the step's tokens.
+    events = _spy_loads(monkeypatch)
+    async with Engine.open(trained_model, device="cpu", expert_budget="40%", prefetch="gate-lookahead") as eng:
+        first = eng.session.arch.moe_layers[0]
+        for p in PROMPTS[:3]:
+            await eng.generate(eng.encode(p), 16, stop_at_eos=False)
+        s = eng.stats()
+    assert any(kind == "load" and layer == first and spec for kind, layer, spec in events)
+    assert s["prefetch_used"] > 0
