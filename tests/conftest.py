@@ -69,3 +69,17 @@ class HFCheckpoints:
         from tests.hf_models import save_tiny
 
         return save_tiny(family, self.root / family)
+
+
+@pytest.fixture
+def few_buckets(monkeypatch: pytest.MonkeyPatch) -> tuple[int, ...]:
+    """The kernel table's row buckets cut to 1-16 rows (the same powers of two, so `bucket()` and
+    the file format keep their meaning): an emulated tuner run then skips the decode kernel at
+    32-512 rows, ~20 s of CI, while every path is still timed and checked at each bucket."""
+    from moeflow.runtime import kernel_choice, kernel_tune
+
+    few = kernel_choice.BUCKETS[:5]
+    for module in (kernel_choice, kernel_tune):
+        monkeypatch.setattr(module, "BUCKETS", few)
+    monkeypatch.setattr(kernel_choice, "_LAST", len(few) - 1)
+    return few
