@@ -317,7 +317,10 @@ def own_path_name(weights: ExpertView, dtype: torch.dtype) -> str:
     from moeflow.runtime import cpu_bf16, cpu_quant
 
     if weights.kind == "dense":
-        ours = cpu_bf16.ENABLED and weights["gate_up"].dtype == torch.bfloat16 and dtype in (torch.bfloat16, torch.float32)
+        # moe._in casts the weights to the rows' dtype, except bf16 weights with float32 rows, which
+        # the kernel takes as they are: bf16 rows always get bf16 weights
+        ours = cpu_bf16.ENABLED and (dtype == torch.bfloat16
+                                     or (dtype == torch.float32 and weights["gate_up"].dtype == torch.bfloat16))
         return "bfloat16_moeflow" if ours else f"{str(dtype).removeprefix('torch.')}_linear"
     if weights.kind == "minmax":
         x = torch.empty(0, 1, dtype=dtype)

@@ -253,3 +253,51 @@ def test_the_cpu_path_is_named_for_what_runs(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(cpu_bf16, "ENABLED", False)
     assert own_path_name(dense, torch.bfloat16) == "bfloat16_linear"
     assert own_path_name(int4, torch.bfloat16) in ("int4_torch", "int4_dequant")
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("encoding", ["dense-bf16", "dense-f32", "int8", "int4", "int2"])
+def test_the_named_cpu_path_is_the_one_expert_ffn_takes(monkeypatch: pytest.MonkeyPatch, enabled: bool,
+                                                        dtype: torch.dtype, encoding: str) -> None:
+    # own_path_name mirrors moe.expert_ffn's CPU dispatch to name it in stats(); spy on each
+    # implementation expert_ffn may call and check the name is the one that ran.
+    from moeflow.runtime import cpu_quant, moe, reference
+    from moeflow.runtime.cpu_experts import own_path_name
+    from moeflow.store import quant
+    from moeflow.store.layout import ExpertView
+
+    gen = torch.Generator().manual_seed(0)
+    if encoding.startswith("dense"):
+        wdtype = torch.bfloat16 if encoding == "dense-bf16" else torch.float32
+        view = ExpertView({"gate_up": torch.randn(128, 64, generator=gen).to(wdtype),
+                           "down": torch.randn(64, 64, generator=gen).to(wdtype)})
+    else:
+        bits = int(encoding.removeprefix("int"))
+        w: dict[str, torch.Tensor] = {}
+        for name, (n, k) in (("gate_up", (128, 64)), ("down", (64, 64))):
+            w[f"{name}.q"], w[f"{name}.scale"], w[f"{name}.zero"] = quant.quantize(torch.randn(n, k, generator=gen),
+                                                                                   bits, 32)
+        view = ExpertView(w, bits, 32, kind="minmax")
+    monkeypatch.setattr(cpu_bf16, "ENABLED", enabled)
+    ran: list[str] = []
+
+    def spy(module: object, attr: str, label: str) -> None:
+        real = getattr(module, attr)
+
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            ran.append(label)
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, attr, wrapped)
+
+    spy(cpu_bf16, "_kernel", "moeflow")  # every bf16 product of cpu_bf16.linear
+    spy(cpu_bf16, "minmax_expert_ffn", "moeflow")
+    spy(cpu_quant, "int4_expert_ffn", "torch")
+    spy(reference, "quantized_expert_ffn", "dequant")
+    moe.expert_ffn(view, torch.randn(3, 64, generator=gen).to(dtype))
+    name = own_path_name(view, dtype)
+    if encoding.startswith("dense"):
+        want = "bfloat16_moeflow" if "moeflow" in ran else f"{str(dtype).removeprefix('torch.')}_linear"
+    else:  # the first spy hit is expert_ffn's choice (the dequantizing reference's own products come after)
+        want = f"{encoding}_{ran[0]}"
+    assert name == want, (name, ran)
