@@ -336,9 +336,9 @@ async def run_moe(
         residual = torch.zeros_like(x)
     resident = cache.take_resident(index, routing.experts) if miss is None else None
     if resident is not None:  # every expert landed: run them now, no waiting, no task switch
-        if prefetch is not None:
-            prefetch()
-        try:
+        try:  # (prefetch inside: a failing load still releases the experts taken)
+            if prefetch is not None:
+                prefetch()
             launched = layer_launch(routing, resident, x, wide)
             if launched is not None:
                 outputs = launched

@@ -228,3 +228,29 @@ async def test_the_gate_lookahead_prefetches_the_first_moe_layer_of_each_step(
         s = eng.stats()
     assert any(kind == "load" and layer == first and spec for kind, layer, spec in events)
     assert s["prefetch_used"] > 0
+
+
+@pytest.mark.asyncio
+async def test_a_failing_guess_load_releases_the_layers_experts(trained_model: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # The guesses are issued inside the layer's own try: a load that raises there (all experts
+    # resident, the path with no fetch) leaves no expert pinned, and the engine goes on.
+    from moeflow.memory.cache import ExpertCache
+
+    async with Engine.open(trained_model, device="cpu", prefetch="gate-lookahead") as eng:
+        ids = eng.encode(PROMPTS[0])
+        want = (await eng.generate(ids, 8, stop_at_eos=False)).tokens
+        real, calls = ExpertCache.load, []
+
+        def failing(self, plan):  # type: ignore[no-untyped-def]
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("injected")
+            return real(self, plan)
+
+        monkeypatch.setattr(ExpertCache, "load", failing)
+        with pytest.raises(RuntimeError, match="injected"):
+            await eng.generate(ids, 8, stop_at_eos=False)
+        assert eng.session.cache.pinned_blocks() == 0
+        monkeypatch.setattr(ExpertCache, "load", real)
+        assert (await eng.generate(ids, 8, stop_at_eos=False)).tokens == want
