@@ -71,10 +71,15 @@ class LayerFetch:
         return None
 
     def _raise_failed(self) -> None:
-        """Raise the typed error of a watched load that failed; forget one that was cancelled
-        or evicted meanwhile (the expert is loaded again)."""
+        """Raise the typed error of a watched demand load that failed; forget a guess's load
+        that failed (a prefetch never fails a request: the layer loads the expert itself, and
+        only that load's failure is the request's) and one cancelled or evicted meanwhile (the
+        expert is loaded again)."""
         for e, entry in list(self._watch.items()):
             if e in self.pending and entry.error is not None:
+                if entry.submitted_speculative:
+                    del self._watch[e]
+                    continue
                 raise entry.error
             if e in self.pending and self.cache.entry(self._key(e)) is not entry:
                 del self._watch[e]

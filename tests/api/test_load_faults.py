@@ -362,3 +362,43 @@ async def test_random_requests_cancels_and_closes_under_faults_end_typed_or_righ
     finally:
         await asyncio.wait_for(eng.aclose(), 10)
     assert outcomes["typed error"] > 0 and outcomes["right"] > 0 and outcomes["cancelled"] > 0, outcomes
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.asyncio
+async def test_a_guess_whose_load_fails_under_a_layer_waiting_for_it_is_loaded_again(hf_checkpoints: Any) -> None:
+    # A layer that finds its expert being prefetched waits for that load; when it fails, the
+    # layer loads the expert itself, and only that load's failure would be the request's (a
+    # guess made for an earlier request never fails a later one).
+    from moeflow import _core
+    from moeflow.memory.entries import PrefetchPlan
+
+    path = hf_checkpoints.path("mixtral")
+    eng = await _open(path, "cpu")
+    try:
+        source, layer, expert = _store_source(eng), eng.session.arch.moe_layers[0], 1
+        base, size = source.store.offset(layer, expert), eng.plan.block_bytes
+        transfers = eng.session.transfers.engine
+        # the guess's first part waits, its last fails: the layer starts waiting on it meanwhile
+        transfers.add_test_fault("delay", file_id=source.file_id, offset=base + 100, delay=0.3)
+        transfers.add_test_fault("errno", file_id=source.file_id, offset=base + size - 100)
+
+        async def guess_then_need() -> tuple[int, int]:
+            cache = eng.session.cache
+            cache.apply(PrefetchPlan(loads=[((layer, expert), _core.PRIORITY_PREFETCH)]))
+            fetch = cache.fetch(layer, [expert])
+            try:
+                fetch.start()  # finds the guess in flight, and waits on it
+                item = await asyncio.wait_for(fetch.next(), 30)
+                assert item is not None and item[0] == expert
+                fetch.release(expert)
+            finally:
+                fetch.close()
+            return cache.counters.load_errors, transfers.test_fault_hits()
+
+        errors, hits = await eng.call(guess_then_need)
+        assert errors == 1 and hits == 2  # the guess failed; the layer's own load did not
+        assert _pinned(eng) == 0
+        assert_equal(await _outputs(eng, [0]), {0: (await _reference(path))[0]})
+    finally:
+        await asyncio.wait_for(eng.aclose(), 10)
