@@ -346,6 +346,7 @@ def _assemble(
         split_budget=config.budget_split == "plec",
         next_width=width,
         max_speculative=in_flight,
+        experts_total=len(arch.moe_layers) * arch.num_experts,
     )
     if isinstance(policy, PredictedPolicy):
         policy.upcoming = scheduler.upcoming

@@ -62,9 +62,11 @@ class Scheduler:
         split_budget: bool = False,
         next_width: int | None = None,
         max_speculative: int | None = None,
+        experts_total: int | None = None,
     ) -> None:
         self.predictor = predictor
         self.slots = slots  # experts the fast tier holds (PLEC splits them)
+        self.experts_total = experts_total  # of every MoE layer (None: not known, assume they do not all fit)
         self.moe_layers = moe_layers
         self.position = {layer: i for i, layer in enumerate(moe_layers)}
         self.top_k = top_k
@@ -80,9 +82,13 @@ class Scheduler:
 
     @property
     def active(self) -> bool:
-        """False when it can never ask for anything (no predictor, no per-layer quotas): the
-        runner then skips its hooks on the hot path."""
-        return self.predictor.name != "none" or self.split_budget
+        """False when it can never ask for anything useful: no predictor, or a fast tier that
+        holds every expert (each stays once loaded, so a guess could only ever find it there),
+        and no per-layer quotas. The runner then skips its hooks on the hot path."""
+        if self.split_budget:
+            return True
+        fits = self.experts_total is not None and self.slots >= self.experts_total
+        return self.predictor.name != "none" and not fits
 
     def track(self, prompt: list[int]) -> SequenceSchedule:
         schedule = SequenceSchedule(self, self.predictor.track(prompt))

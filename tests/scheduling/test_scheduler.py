@@ -234,23 +234,57 @@ async def test_the_gate_lookahead_prefetches_the_first_moe_layer_of_each_step(
 async def test_a_failing_guess_load_releases_the_layers_experts(trained_model: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     # The guesses are issued inside the layer's own try: a load that raises there (all experts
-    # resident, the path with no fetch) leaves no expert pinned, and the engine goes on.
+    # resident, the path with no fetch, the common one at this budget once warm) leaves no
+    # expert pinned, and the engine goes on.
     from moeflow.memory.cache import ExpertCache
 
-    async with Engine.open(trained_model, device="cpu", prefetch="gate-lookahead") as eng:
+    async with Engine.open(trained_model, device="cpu", expert_budget="90%", prefetch="gate-lookahead") as eng:
         ids = eng.encode(PROMPTS[0])
         want = (await eng.generate(ids, 8, stop_at_eos=False)).tokens
-        real, calls = ExpertCache.load, []
+        real, take, resident = ExpertCache.load, ExpertCache.take_resident, [False]
+
+        def taking(self, layer, experts):  # type: ignore[no-untyped-def]
+            taken = take(self, layer, experts)
+            resident[0] = taken is not None
+            return taken
 
         def failing(self, plan):  # type: ignore[no-untyped-def]
-            calls.append(1)
-            if len(calls) == 3:
+            if resident[0]:  # issued by a layer that took all its experts resident
                 raise RuntimeError("injected")
             return real(self, plan)
 
+        monkeypatch.setattr(ExpertCache, "take_resident", taking)
         monkeypatch.setattr(ExpertCache, "load", failing)
         with pytest.raises(RuntimeError, match="injected"):
             await eng.generate(ids, 8, stop_at_eos=False)
         assert eng.session.cache.pinned_blocks() == 0
         monkeypatch.setattr(ExpertCache, "load", real)
         assert (await eng.generate(ids, 8, stop_at_eos=False)).tokens == want
+
+
+@pytest.mark.asyncio
+async def test_a_budget_holding_every_expert_runs_no_predictor(trained_model: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every expert stays once loaded, so a guess could only find it there: the predictor's device
+    # work and the scheduler's hooks are skipped, and the tokens are those of prefetch='none'.
+    from moeflow.scheduling.predictors import _GateLookahead
+
+    guesses: list[int] = []
+    real = _GateLookahead.guess
+
+    def counted(self, layer, x):  # type: ignore[no-untyped-def]
+        guesses.append(layer)
+        return real(self, layer, x)
+
+    monkeypatch.setattr(_GateLookahead, "guess", counted)
+    ids = [1, 5, 9, 14]
+    async with Engine.open(trained_model, device="cpu", prefetch="none") as eng:
+        want = (await eng.generate(ids, 8, stop_at_eos=False)).tokens
+    async with Engine.open(trained_model, device="cpu", prefetch="gate-lookahead") as eng:
+        assert not eng.session.scheduler.active
+        assert (await eng.generate(ids, 8, stop_at_eos=False)).tokens == want
+    assert guesses == []
+    async with Engine.open(trained_model, device="cpu", expert_budget="90%", prefetch="gate-lookahead") as eng:
+        assert eng.session.scheduler.active
+        await eng.generate(ids, 8, stop_at_eos=False)
+    assert guesses
