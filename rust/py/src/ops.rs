@@ -38,24 +38,8 @@ pub fn rms_norm(
     let work = move || {
         // SAFETY: the caller's contract above: each address holds a live, C-contiguous tensor
         // of the stated shape and dtype, y written by nobody else during the call.
-        let (xs, ws, out) = unsafe {
-            let xs = if x_bf16 {
-                Values::Bf16(std::slice::from_raw_parts(x as *const u16, n))
-            } else {
-                Values::F32(std::slice::from_raw_parts(x as *const f32, n))
-            };
-            let ws = if w_bf16 {
-                Values::Bf16(std::slice::from_raw_parts(w as *const u16, dim))
-            } else {
-                Values::F32(std::slice::from_raw_parts(w as *const f32, dim))
-            };
-            let out = if x_bf16 && w_bf16 {
-                Output::Bf16(std::slice::from_raw_parts_mut(y as *mut u16, n))
-            } else {
-                Output::F32(std::slice::from_raw_parts_mut(y as *mut f32, n))
-            };
-            (xs, ws, out)
-        };
+        let (xs, ws, out) =
+            unsafe { (values(x, n, x_bf16), values(w, dim, w_bf16), output(y, n, x_bf16 && w_bf16)) };
         ops::rms_norm(xs, rows, dim, ws, eps as f32, lanes, out, threads)
     };
     let done = if n > DETACH_VALUES { py.detach(work) } else { work() };
@@ -74,23 +58,37 @@ pub fn rope_half(x: usize, cos: usize, sin: usize, n: usize, dim: usize, y: usiz
     // SAFETY: the caller's contract above: each address holds a live, C-contiguous tensor of
     // n values of the stated dtype, y written by nobody else during the call.
     let done = unsafe {
-        if bf16 {
-            ops::rope_half(
-                Values::Bf16(std::slice::from_raw_parts(x as *const u16, n)),
-                Values::Bf16(std::slice::from_raw_parts(cos as *const u16, n)),
-                Values::Bf16(std::slice::from_raw_parts(sin as *const u16, n)),
-                dim,
-                Output::Bf16(std::slice::from_raw_parts_mut(y as *mut u16, n)),
-            )
-        } else {
-            ops::rope_half(
-                Values::F32(std::slice::from_raw_parts(x as *const f32, n)),
-                Values::F32(std::slice::from_raw_parts(cos as *const f32, n)),
-                Values::F32(std::slice::from_raw_parts(sin as *const f32, n)),
-                dim,
-                Output::F32(std::slice::from_raw_parts_mut(y as *mut f32, n)),
-            )
-        }
+        ops::rope_half(values(x, n, bf16), values(cos, n, bf16), values(sin, n, bf16), dim, output(y, n, bf16))
     };
     done.map_err(|e| PyValueError::new_err(format!("rope_half: {e}")))
+}
+
+/// The `n` values at address `at`: bfloat16 bits if `bf16`, else float32.
+///
+/// # Safety
+/// `at` holds `n` live, aligned values of that type for the lifetime the caller gives them.
+unsafe fn values<'a>(at: usize, n: usize, bf16: bool) -> Values<'a> {
+    // SAFETY: the caller's contract above.
+    unsafe {
+        if bf16 {
+            Values::Bf16(std::slice::from_raw_parts(at as *const u16, n))
+        } else {
+            Values::F32(std::slice::from_raw_parts(at as *const f32, n))
+        }
+    }
+}
+
+/// `values` for the output: `n` values at `at` that nothing else reads or writes meanwhile.
+///
+/// # Safety
+/// As `values`, and the memory is written by nobody else for that lifetime.
+unsafe fn output<'a>(at: usize, n: usize, bf16: bool) -> Output<'a> {
+    // SAFETY: the caller's contract above.
+    unsafe {
+        if bf16 {
+            Output::Bf16(std::slice::from_raw_parts_mut(at as *mut u16, n))
+        } else {
+            Output::F32(std::slice::from_raw_parts_mut(at as *mut f32, n))
+        }
+    }
 }
